@@ -1,0 +1,39 @@
+# The two commands of README.md: `make demo` (the main job) and `make test`.
+# Both create .venv (seeing the system's packages, so a torch you already have is kept),
+# install torch==2.13.0 only when no torch can be imported, then install this package.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-igpt
+
+.PHONY: install test test-fast lint format bench demo gpu-check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: install
+	$(VENV)/bin/igpt bench
+
+demo: install
+	$(VENV)/bin/igpt demo --out runs/demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs .pytest_cache

@@ -1,0 +1,282 @@
+"""Plain-PyTorch reference of every op, with the exact signatures of the public ops.
+
+These functions define what the kernels must compute. Tests compare kernels against them
+(run in float64), benchmarks use them as the "eager PyTorch" baseline, and the public ops
+fall back to them where no kernel can run (``backend="torch"``). Each one validates its
+inputs with the same checks as the public op, so a bad call fails the same way everywhere.
+
+The ``check_*`` functions are shared with the public ops in ``attention.py``, ``ln_mlp.py``
+and ``palette.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from igpt_kernels._dispatch import check_tensor
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HEAD_DIMS = (32, 64, 96, 128)
+NORMS = ("rms", "layer")
+ACTIVATIONS = ("quick_gelu", "gelu")
+MAX_COLORS = 65536
+
+
+# --------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------
+
+
+def check_attention(q, k, v, causal, key_padding_mask, sm_scale) -> None:
+    """Validate the arguments of ``attention``; raise TypeError/ValueError naming the culprit."""
+    check_tensor("q", q, dims=4, dtypes=FLOATS)
+    check_tensor("k", k, dims=4, dtypes=(q.dtype,), device=q.device)
+    check_tensor("v", v, dims=4, dtypes=(q.dtype,), device=q.device)
+    B, H, Nq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(
+            f"k must be (B, H, Nk, D) = ({B}, {H}, Nk, {D}) to match q, got {tuple(k.shape)}"
+        )
+    Nk = k.shape[2]
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported; use one of {HEAD_DIMS}")
+    if Nq > Nk:
+        raise ValueError(f"q has more positions than k (Nq={Nq} > Nk={Nk}); need Nq <= Nk")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if key_padding_mask is not None:
+        check_tensor(
+            "key_padding_mask", key_padding_mask, dims=2, dtypes=(torch.bool,), device=q.device
+        )
+        if tuple(key_padding_mask.shape) != (B, Nk):
+            raise ValueError(
+                f"key_padding_mask must be (B, Nk) = ({B}, {Nk}), got "
+                f"{tuple(key_padding_mask.shape)}"
+            )
+    if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a positive number or None, got {sm_scale!r}")
+
+
+def attention_mask(Nq, Nk, causal, key_padding_mask, device):
+    """The boolean (B or 1, 1, Nq, Nk) mask of visible keys, or None when all are visible.
+
+    Causal masking is bottom-right aligned: query i sees key j iff j <= i + (Nk - Nq).
+    """
+    mask = None
+    if causal:
+        i = torch.arange(Nq, device=device)[:, None]
+        j = torch.arange(Nk, device=device)[None, :]
+        mask = (j <= i + (Nk - Nq))[None, None]  # (1, 1, Nq, Nk)
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, None, :]  # (B, 1, 1, Nk)
+        mask = pad if mask is None else mask & pad
+    return mask
+
+
+def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, backend="auto"):
+    """Reference scaled dot-product attention: softmax(q k^T * sm_scale + mask) v.
+
+    q: (B, H, Nq, D); k, v: (B, H, Nk, D) with Nq <= Nk; returns o: (B, H, Nq, D) in q's
+    dtype. Scores and softmax are computed in float32 (float64 for float64 inputs). A query
+    that sees no key (all its keys padded) gets a zero output and zero gradients, as the
+    flash kernel does. ``backend`` is accepted for signature parity and must be "auto" or
+    "torch".
+    """
+    check_attention(q, k, v, causal, key_padding_mask, sm_scale)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"the reference attention only runs backend='torch', got {backend!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
+    mask = attention_mask(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if mask is not None:
+        p = p.masked_fill(~mask, 0.0)  # rows with no visible key are NaN after softmax
+    return torch.matmul(p, v.to(compute)).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# norm -> fc -> activation -> proj (+ residual)
+# --------------------------------------------------------------------------------------
+
+
+def check_ln_mlp(
+    x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, norm, eps, activation
+) -> None:
+    """Validate the arguments of ``ln_mlp``; raise TypeError/ValueError naming the culprit."""
+    check_tensor("x", x, dtypes=FLOATS)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be (..., d) with d >= 1, got shape {tuple(x.shape)}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    d = x.shape[-1]
+    check_tensor("fc_weight", fc_weight, dims=2, dtypes=(x.dtype,), device=x.device)
+    h = fc_weight.shape[0]
+    expect = {
+        "norm_weight": (d,),
+        "norm_bias": (d,),
+        "fc_weight": (h, d),
+        "fc_bias": (h,),
+        "proj_weight": (d, h),
+        "proj_bias": (d,),
+    }
+    given = {
+        "norm_weight": norm_weight,
+        "norm_bias": norm_bias,
+        "fc_weight": fc_weight,
+        "fc_bias": fc_bias,
+        "proj_weight": proj_weight,
+        "proj_bias": proj_bias,
+    }
+    for name, t in given.items():
+        if t is None and name not in ("fc_weight", "proj_weight"):
+            continue
+        check_tensor(name, t, dtypes=(x.dtype,), device=x.device)
+        if tuple(t.shape) != expect[name]:
+            raise ValueError(
+                f"{name} must have shape {expect[name]} (nn.Linear layout, "
+                f"d={d}, h={h}), got {tuple(t.shape)}"
+            )
+    if norm == "rms" and norm_bias is not None:
+        raise ValueError(
+            "norm_bias must be None for norm='rms' (RMS norm has no bias); "
+            "use norm='layer' for a biased LayerNorm"
+        )
+
+
+def normalize(x, weight, bias, norm, eps):
+    """RMS norm (x / sqrt(mean(x^2) + eps) * w) or LayerNorm over the last dim, in fp32."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    w = None if weight is None else weight.to(xf.dtype)
+    b = None if bias is None else bias.to(xf.dtype)
+    d = x.shape[-1]
+    if norm == "rms":
+        y = F.rms_norm(xf, (d,), w, eps)
+    else:
+        y = F.layer_norm(xf, (d,), w, b, eps)
+    return y.to(x.dtype)
+
+
+def activate(x, activation):
+    """iGPT's quick GELU, x * sigmoid(1.702 x), or the exact (erf) GELU."""
+    if activation == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    return F.gelu(x)
+
+
+def ln_mlp(
+    x,
+    norm_weight,
+    norm_bias,
+    fc_weight,
+    fc_bias,
+    proj_weight,
+    proj_bias,
+    *,
+    norm="rms",
+    eps=1e-5,
+    activation="quick_gelu",
+    residual=True,
+    backend="auto",
+):
+    """Reference y = x + proj(act(fc(norm(x)))) (without ``x +`` when residual=False).
+
+    x: (..., d); norm_weight, norm_bias: (d,) or None; fc_weight: (h, d), fc_bias: (h,) or
+    None; proj_weight: (d, h), proj_bias: (d,) or None, all in x's dtype and device.
+    Returns (..., d). The norm's statistics are computed in fp32; the GEMMs run in x's dtype,
+    as eager PyTorch would.
+    """
+    check_ln_mlp(
+        x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, norm, eps, activation
+    )
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"the reference ln_mlp only runs backend='torch', got {backend!r}")
+    n = normalize(x, norm_weight, norm_bias, norm, eps)
+    y = F.linear(activate(F.linear(n, fc_weight, fc_bias), activation), proj_weight, proj_bias)
+    return x + y if residual else y
+
+
+# --------------------------------------------------------------------------------------
+# palette quantization
+# --------------------------------------------------------------------------------------
+
+
+def check_palette(palette) -> None:
+    """Validate a (K, 3) float32 palette of finite RGB values, 1 <= K <= 65536."""
+    check_tensor("palette", palette, dims=2, dtypes=(torch.float32,))
+    if palette.shape[1] != 3 or not 1 <= palette.shape[0] <= MAX_COLORS:
+        raise ValueError(
+            f"palette must be (K, 3) with 1 <= K <= {MAX_COLORS}, got {tuple(palette.shape)}"
+        )
+    if not torch.isfinite(palette).all():
+        raise ValueError("palette contains NaN or infinite values")
+
+
+def check_quantize(pixels, palette) -> None:
+    """Validate the arguments of ``quantize``."""
+    check_tensor("pixels", pixels, dtypes=(torch.uint8,))
+    if pixels.dim() < 1 or pixels.shape[-1] != 3:
+        raise ValueError(f"pixels must be uint8 (..., 3) RGB, got shape {tuple(pixels.shape)}")
+    check_palette(palette)
+    if palette.device != pixels.device:
+        raise ValueError(f"palette is on {palette.device} but pixels are on {pixels.device}")
+
+
+def check_dequantize(tokens, palette) -> None:
+    """Validate the arguments of ``dequantize``, including the range of the token ids."""
+    check_palette(palette)
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be an integer tensor, got {str(tokens.dtype)[6:]}")
+    if tokens.device != palette.device:
+        raise ValueError(f"tokens are on {tokens.device} but palette is on {palette.device}")
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= palette.shape[0]:
+            raise ValueError(
+                f"tokens must lie in [0, {palette.shape[0]}) for a palette of "
+                f"{palette.shape[0]} colours, got values in [{lo}, {hi}]"
+            )
+
+
+def quantize(pixels, palette, *, backend="auto"):
+    """Reference nearest-colour quantization.
+
+    pixels: uint8 (..., 3) RGB; palette: float32 (K, 3) in 0..255. Returns int64 (...): the
+    index of the palette colour at the smallest squared Euclidean distance, the lowest index
+    on exact ties. Distances are exact differences squared in float32, in chunks so memory
+    stays bounded for any input size.
+    """
+    check_quantize(pixels, palette)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"the reference quantize only runs backend='torch', got {backend!r}")
+    flat = pixels.reshape(-1, 3)
+    out = torch.empty(flat.shape[0], dtype=torch.int64, device=pixels.device)
+    chunk = max(1, (1 << 22) // palette.shape[0])
+    for start in range(0, flat.shape[0], chunk):
+        p = flat[start : start + chunk].float()  # (n, 3)
+        dist = torch.zeros(p.shape[0], palette.shape[0], device=p.device)  # (n, K)
+        for c in range(3):
+            dist += (p[:, c, None] - palette[None, :, c]).square()
+        out[start : start + chunk] = dist.argmin(dim=1)
+    return out.reshape(pixels.shape[:-1])
+
+
+def dequantize(tokens, palette):
+    """Map token ids (...) back to uint8 RGB (..., 3) through the palette (rounded, clamped)."""
+    check_dequantize(tokens, palette)
+    return palette.round().clamp(0, 255).to(torch.uint8)[tokens.long()]

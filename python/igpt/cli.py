@@ -1,0 +1,117 @@
+"""The ``igpt`` command. Each sub-command lives in the module that does the work.
+
+A command module defines ``add_arguments(parser)`` and ``run(args)``; ``COMMANDS`` maps the
+command's name to ``(module, one-line help)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("igpt.cli", "print versions, devices and which kernel backends can run"),
+}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *names: str) -> None:
+    """Add the flags shared across commands (DESIGN.md), by name, with one meaning each."""
+    specs = {
+        "model": (
+            ("--model",),
+            dict(
+                default="igpt-tiny",
+                help="named size: igpt-tiny, igpt-s, igpt-m, igpt-l, igpt-xl (default %(default)s)",
+            ),
+        ),
+        "n_px": (("--n-px",), dict(type=int, default=None, help="image side in pixels")),
+        "data": (
+            ("--data",),
+            dict(
+                default="digits",
+                help="digits (bundled), cifar10:DIR, "
+                "cifar100:DIR, folder:DIR or npz:FILE (default %(default)s)",
+            ),
+        ),
+        "objective": (
+            ("--objective",),
+            dict(
+                choices=("ar", "bert"),
+                default="ar",
+                help="generative objective (default %(default)s)",
+            ),
+        ),
+        "steps": (("--steps",), dict(type=int, default=None, help="optimizer steps")),
+        "batch_size": (("--batch-size",), dict(type=int, default=None, help="batch size")),
+        "lr": (("--lr",), dict(type=float, default=None, help="peak learning rate")),
+        "out": (("--out",), dict(default=None, help="output directory")),
+        "resume": (
+            ("--resume",),
+            dict(action="store_true", help="continue from the latest checkpoint in --out"),
+        ),
+        "checkpoint": (
+            ("--checkpoint",),
+            dict(
+                default=None, help="checkpoint file, or a run directory for its latest checkpoint"
+            ),
+        ),
+        "device": (
+            ("--device",),
+            dict(default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
+        ),
+        "seed": (("--seed",), dict(type=int, default=0, help="random seed (default 0)")),
+    }
+    for name in names:
+        flags, kwargs = specs[name]
+        parser.add_argument(*flags, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="igpt",
+        description="Image GPT: train, probe, fine-tune and sample on hand-written kernels.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``igpt info`` (none)."""
+
+
+def run(args) -> None:
+    """``igpt info``: what is installed and which backend each op would use here."""
+    import platform
+
+    import torch
+
+    import igpt
+    import igpt_kernels
+    from igpt_kernels._triton import HAS_TRITON
+
+    rows = [
+        ("igpt", igpt.__version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("triton", "yes" if HAS_TRITON else "not installed"),
+        ("cuda", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
+        ("ops", ", ".join(igpt_kernels.__all__)),
+    ]
+    for key, value in rows:
+        print(f"{key:>8}: {value}")
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    importlib.import_module(args._module).run(args)
