@@ -12,6 +12,7 @@ import logging
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("igpt.cli", "print versions, devices and which kernel backends can run"),
+    "bench": ("igpt.bench", "run benchmarks against the PyTorch baselines"),
 }
 
 
