@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from igpt import IGPT, IGPTConfig
 from igpt.hf import from_hf, to_hf
 
