@@ -1,0 +1,187 @@
+"""Colour palettes: k-means fitting, the ``Palette`` object, and ``igpt fit-palette``.
+
+iGPT shortens sequences 3x by replacing every RGB pixel with the index of the nearest of K
+(512) k-means colours (paper sec. 3.2). A ``Palette`` holds those K colours as float32
+(K, 3) in 0..255 RGB and maps images to tokens and back through ``igpt_kernels.quantize``.
+
+transformers' ``ImageGPTImageProcessor.clusters`` and OpenAI's ``kmeans_centers.npy`` store
+the same colours in [-1, 1] space (x / 127.5 - 1); ``Palette.from_hf`` / ``to_hf`` convert.
+
+    palette = fit_palette(images, k=512, seed=0)   # images: uint8 (..., 3)
+    tokens = palette.quantize(images)              # int64 (...)
+    rgb = palette.dequantize(tokens)               # uint8 (..., 3)
+    palette.save("palette.npy"); Palette.load("palette.npy")
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import igpt_kernels
+from igpt_kernels.reference import MAX_COLORS
+
+log = logging.getLogger(__name__)
+
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        x = np.ascontiguousarray(x)
+        return torch.from_numpy(x if x.flags.writeable else x.copy())
+    raise TypeError(f"{name} must be a numpy array or torch.Tensor, got {type(x).__name__}")
+
+
+class Palette:
+    """K colours, float32 (K, 3) in 0..255 RGB, that pixels are quantized to.
+
+    Args:
+        centroids: (K, 3) float tensor or numpy array in 0..255 RGB, 1 <= K <= 65536,
+            finite. Stored as a float32 CPU tensor in ``.centroids``.
+    """
+
+    def __init__(self, centroids):
+        c = _as_tensor(centroids, "centroids").detach()
+        if c.dtype.is_complex or not (c.dtype.is_floating_point or c.dtype == torch.uint8):
+            raise TypeError(f"centroids must be a float array, got {c.dtype}")
+        c = c.to("cpu", torch.float32).contiguous()
+        if c.dim() != 2 or c.shape[1] != 3 or not 1 <= c.shape[0] <= MAX_COLORS:
+            raise ValueError(
+                f"centroids must be (K, 3) with 1 <= K <= {MAX_COLORS}, got {tuple(c.shape)}"
+            )
+        if not torch.isfinite(c).all():
+            raise ValueError("centroids contain NaN or infinite values")
+        lo, hi = float(c.min()), float(c.max())
+        if lo < -1e-3 or hi > 255 + 1e-3:
+            hint = " (they look like [-1, 1] values: use Palette.from_hf)" if hi <= 1 else ""
+            raise ValueError(f"centroids must lie in 0..255 RGB, got [{lo:g}, {hi:g}]{hint}")
+        self.centroids = c.clamp_(0, 255)
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.centroids.shape[0]
+
+    def __repr__(self) -> str:
+        return f"Palette(K={len(self)})"
+
+    def on(self, device) -> torch.Tensor:
+        """The centroids as a float32 tensor on ``device`` (cached per device)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.centroids
+        if device not in self._on_device:
+            self._on_device[device] = self.centroids.to(device)
+        return self._on_device[device]
+
+    def quantize(self, images, *, backend: str = "auto") -> torch.Tensor:
+        """Nearest-colour token of every pixel.
+
+        Args:
+            images: uint8 numpy array or torch tensor (..., 3) RGB. Runs on the tensor's
+                device (numpy arrays on the CPU).
+            backend: passed to ``igpt_kernels.quantize``.
+
+        Returns:
+            int64 tensor (...) of indices in [0, K), on the input's device.
+        """
+        pixels = _as_tensor(images, "images")
+        return igpt_kernels.quantize(pixels, self.on(pixels.device), backend=backend)
+
+    def dequantize(self, tokens) -> torch.Tensor:
+        """The colour of each token: integer (...) -> uint8 tensor (..., 3), rounded."""
+        tokens = _as_tensor(tokens, "tokens")
+        return igpt_kernels.dequantize(tokens, self.on(tokens.device))
+
+    def save(self, path) -> None:
+        """Write the centroids as a float32 (K, 3) .npy file in 0..255 RGB."""
+        np.save(Path(path), self.centroids.numpy())
+
+    @classmethod
+    def load(cls, path) -> Palette:
+        """Read a palette written by ``save`` (a (K, 3) .npy in 0..255 RGB).
+
+        OpenAI's ``kmeans_centers.npy`` is in [-1, 1] space: use
+        ``Palette.from_hf(np.load(path))`` for it.
+        """
+        return cls(np.load(Path(path)))
+
+    @classmethod
+    def from_hf(cls, clusters) -> Palette:
+        """From [-1, 1] clusters (HF ``ImageGPTImageProcessor.clusters``, OpenAI's file)."""
+        c = _as_tensor(np.asarray(clusters, dtype=np.float64), "clusters")
+        return cls(((c + 1.0) * 127.5).clamp(0, 255))
+
+    def to_hf(self) -> np.ndarray:
+        """The centroids in [-1, 1] space (x / 127.5 - 1), float32 (K, 3) numpy array."""
+        return (self.centroids.double() / 127.5 - 1.0).float().numpy()
+
+
+def _pixel_array(pixels_or_images) -> np.ndarray:
+    """Flatten uint8 (..., 3) images (numpy, torch or a list of arrays) to (N, 3) uint8."""
+    if isinstance(pixels_or_images, (list, tuple)):
+        parts = [_pixel_array(p) for p in pixels_or_images]
+        return np.concatenate(parts) if parts else np.zeros((0, 3), np.uint8)
+    if isinstance(pixels_or_images, torch.Tensor):
+        pixels_or_images = pixels_or_images.detach().cpu().numpy()
+    if not isinstance(pixels_or_images, np.ndarray):
+        raise TypeError(
+            "pixels_or_images must be a uint8 numpy array, torch tensor or a list of them, "
+            f"got {type(pixels_or_images).__name__}"
+        )
+    a = pixels_or_images
+    if a.dtype != np.uint8:
+        raise TypeError(f"pixels_or_images must be uint8 RGB, got dtype {a.dtype}")
+    if a.ndim < 1 or a.shape[-1] != 3:
+        raise ValueError(f"pixels_or_images must be (..., 3) RGB, got shape {a.shape}")
+    return a.reshape(-1, 3)
+
+
+def fit_palette(
+    pixels_or_images, k: int = 512, *, sample: int = 1_000_000, seed: int = 0, device=None
+) -> Palette:
+    """Fit a K-colour palette with k-means (k-means++ seeding, then Lloyd iterations).
+
+    Args:
+        pixels_or_images: uint8 (..., 3) RGB pixels or images (numpy, torch, or a list).
+        k: number of colours, 1 <= k <= 65536.
+        sample: at most this many pixels, drawn at random (without replacement), are fitted.
+        seed: the fit is deterministic for a given seed and input.
+        device: None or "cpu" fits with scikit-learn's KMeans on the CPU.
+
+    Identical colours are merged with their counts as sample weights, which gives the same
+    k-means objective as fitting every pixel and is much faster on real images. With fewer
+    than k distinct colours the palette holds each of them once and repeats the last one to
+    make up k entries (quantize never picks a repeat: the lowest index wins ties); a warning
+    says so. Centroids are never NaN.
+    """
+    if not isinstance(k, int) or not 1 <= k <= MAX_COLORS:
+        raise ValueError(f"k must be an int in [1, {MAX_COLORS}], got {k!r}")
+    if sample < 1:
+        raise ValueError(f"sample must be >= 1, got {sample}")
+    pixels = _pixel_array(pixels_or_images)
+    if pixels.shape[0] == 0:
+        raise ValueError("pixels_or_images holds no pixels")
+    rng = np.random.default_rng(seed)
+    if pixels.shape[0] > sample:
+        pixels = pixels[rng.choice(pixels.shape[0], size=sample, replace=False)]
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    if len(colours) <= k:
+        if len(colours) < k:
+            log.warning(
+                "only %d distinct colours for k=%d: the palette repeats the last one",
+                len(colours),
+                k,
+            )
+        pad = np.repeat(colours[-1:], k - len(colours), axis=0)
+        return Palette(np.concatenate([colours, pad]).astype(np.float32))
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"device={device!r}: only the CPU fit is implemented so far")
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=k, init="k-means++", n_init=1, random_state=seed)
+    km.fit(colours.astype(np.float64), sample_weight=counts.astype(np.float64))
+    return Palette(np.clip(km.cluster_centers_, 0, 255).astype(np.float32))
