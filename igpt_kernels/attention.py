@@ -1,23 +1,936 @@
-"""Attention for iGPT: causal (AR), bidirectional (BERT) and key-padded.
+"""Attention for iGPT: causal (AR), bidirectional (BERT) and key-padded, as Triton kernels.
 
     o = softmax(q k^T * sm_scale + mask) v
 
-q: (B, H, Nq, D); k, v: (B, H, Nk, D), Nq <= Nk, D in {32, 64, 96, 128}. Causal masking is
-bottom-right aligned (query i sees keys j <= i + Nk - Nq), which makes a block of new queries
-over a KV cache correct. ``key_padding_mask`` (B, Nk) bool marks the keys to attend (True).
+q: (B, H, Nq, D); k, v: (B, H, Nk, D), Nq <= Nk, D in {32, 64, 96, 128}; any strides (the
+model passes transposed views of one (B, n, 3d) tensor). Causal masking is bottom-right
+aligned (query i sees key j iff j <= i + Nk - Nq), which makes a block of new queries over
+a KV cache correct. ``key_padding_mask`` (B, Nk) bool marks the keys to attend (True). A
+query that sees no key gets a zero output and zero gradients, as in ``reference.attention``.
 
-Backends: "torch" (``reference.attention``). The Triton flash-attention kernel is not built
-yet; asking for backend="triton" raises a ValueError that says so.
+Algorithm (FlashAttention-2). One program owns BLOCK_M queries of one (batch, head) and
+streams the keys in blocks of BLOCK_N, keeping a running row maximum m, a running sum l
+and an fp32 accumulator, so no Nq x Nk matrix is ever stored. Scores are kept in base 2:
+
+    s = q k^T * sm_scale * log2(e)
+    m' = max(m, rowmax(s));  p = 2^(s - m');  l' = l 2^(m - m') + rowsum(p)
+    acc' = acc 2^(m - m') + p v;   o = acc / l;   lse = m + log2(l)   (fp32, base 2)
+
+For a causal run the key loop has two phases: blocks every query of the program sees in
+full (no mask arithmetic at all), then the few blocks on the diagonal (and the ragged last
+block of any run) with the mask applied; blocks above the diagonal are never visited.
+The key padding mask is one (BLOCK_N,) load per key block.
+
+Backward, deterministic and without atomics, in three kernels:
+    Delta = rowsum(dO * O)                                      (fp32, one pass)
+    dK, dV: one program per key block, looping over query blocks: with
+        p = 2^(s - lse),  dV += p^T dO,  dP = dO v^T,  dS = p (dP - Delta),  dK += dS^T q
+    dQ: one program per query block, looping over key blocks: dQ += dS k
+both with the same skip-and-mask-the-diagonal structure as the forward, and dS, dK, dQ
+scaled by sm_scale at the end. Empty rows store lse = +inf, so their p is exactly 0.
+
+Decode (flash-decoding). For a few queries (Nq <= 16) over many keys with few (batch, head)
+pairs, one program per head would leave most of the GPU idle, so the keys are split into
+chunks, one program per (head, chunk) writes a partial output and partial lse in fp32, and
+a second kernel merges the chunks by their lse. This path is forward-only: inputs that
+require grad take the main kernel.
+
+Head dim 96 (iGPT-L) runs as 128 in registers with the extra columns masked on every load
+and store: one code path, 25% wasted MMA work on that shape. The alternative, two dots of
+64 + 32, is not implemented, so it is unmeasured against this.
+
+dtypes: float16 and bfloat16 (fp32 accumulation, p and dS rounded to the input dtype for
+the second matmul, as FlashAttention does) and float32 (IEEE fp32 dots, no TF32). Under
+``TRITON_INTERPRET=1`` (CPU tests) one small config runs, float32/float16 only: the
+interpreter computes bfloat16 wrongly. Limits: B * H <= 65535 (the grid's second axis).
+
+Backends: "triton" (these kernels; the "auto" choice for CUDA tensors) and "torch"
+(``reference.attention``; "auto" on any other device).
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
+
 from igpt_kernels import reference
-from igpt_kernels._dispatch import resolve
+from igpt_kernels._dispatch import resolve, triton_interpreting
+from igpt_kernels._triton import HAS_TRITON, tl, triton
+
+LOG2E = 1.4426950408889634
+MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis, which indexes (batch, head)
+DECODE_MAX_Q = 16  # the flash-decoding path takes Nq up to this (one BLOCK_M of 16)
+MAX_SPLITS = 64
+
+# Tests set this to True so that any output element a kernel fails to write reads as NaN.
+POISON_OUTPUTS = False
+
+
+# --------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    pad_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_pn,
+    offs_m,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    qk_scale,
+    N_CTX_K,
+    causal_offset,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Fold the key blocks [lo, hi) into (acc, l_i, m_i); MASKED applies causal and bounds."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if MASKED:
+            kv_ok = (cols[:, None] < N_CTX_K) & d_ok
+        else:
+            kv_ok = d_ok
+        k = tl.load(
+            k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            keep = cols[None, :] < N_CTX_K
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
+            s = tl.where(keep, s, float("-inf"))
+        if HAS_PAD:
+            pad = tl.load(pad_base + cols * stride_pn, mask=cols < N_CTX_K, other=0)
+            s = tl.where(pad[None, :] != 0, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED or HAS_PAD:
+            # a row with no visible key so far keeps m = -inf; subtract 0 instead (no NaN)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0
+        )
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    Pad,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_pb,
+    stride_pn,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_om,
+    stride_od,
+    H,
+    N_CTX_Q,
+    N_CTX_K,
+    SPLIT_KEYS,
+    qk_scale,
+    N_KEY,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(Nq, BLOCK_M), B * H, splits). Keys [split * SPLIT_KEYS, +SPLIT_KEYS).
+
+    SPLIT=False: writes o in Out's dtype and lse (+inf for a row with no key).
+    SPLIT=True: writes this chunk's normalised partial o (fp32) and lse (-inf if empty).
+    N_KEY only feeds the autotuner's key (a power-of-two bucket of the sequence length).
+    """
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_CTX_Q
+    d_ok = offs_d < HEAD_DIM
+
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    pad_base = Pad + off_b * stride_pb
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+
+    # Key ranges: [lo, full) is visible to every query of this block and in bounds;
+    # [max(lo, full), hi) needs the mask. Above hi every key is in the causal future.
+    causal_offset = N_CTX_K - N_CTX_Q
+    if CAUSAL:
+        hi = tl.minimum(N_CTX_K, start_m + BLOCK_M + causal_offset)
+        full = tl.minimum((start_m + causal_offset + 1) // BLOCK_N, N_CTX_K // BLOCK_N) * BLOCK_N
+    else:
+        hi = N_CTX_K
+        full = (N_CTX_K // BLOCK_N) * BLOCK_N
+    lo = split * SPLIT_KEYS
+    hi = tl.minimum(hi, lo + SPLIT_KEYS)
+    full = tl.maximum(tl.minimum(full, hi), lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, pad_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+        offs_m, offs_n, offs_d, lo, full, qk_scale, N_CTX_K, causal_offset,
+        False, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, pad_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+        offs_m, offs_n, offs_d, full, hi, qk_scale, N_CTX_K, causal_offset,
+        True, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION,
+    )  # fmt: skip
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]  # acc is 0 on empty rows, so o is 0
+    if SPLIT:
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+    else:
+        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    o_base = Out + off_b * stride_ob + off_h * stride_oh + split * stride_os
+    tl.store(
+        o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        o.to(Out.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
+    num_splits = tl.num_programs(2)
+    tl.store(Lse + (off_bh * num_splits + split) * N_CTX_Q + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_combine_kernel(
+    OutPart,
+    LsePart,
+    Out,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_pm,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    H,
+    N_CTX_Q,
+    NUM_SPLITS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Merge the flash-decoding chunks: o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_CTX_Q
+    mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    part_base = OutPart + off_b * stride_pb + off_h * stride_ph
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        lse = tl.load(LsePart + (off_bh * NUM_SPLITS + s) * N_CTX_Q + offs_m, mask=m_ok, other=0.0)
+        o = tl.load(
+            part_base + s * stride_ps + offs_m[:, None] * stride_pm + offs_d[None, :],
+            mask=mask,
+            other=0.0,
+        )
+        m_new = tl.maximum(m_i, lse)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        w = tl.math.exp2(lse - m_use)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + o * w[:, None]
+        m_i = m_new
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        Out + off_b * stride_ob + off_h * stride_oh
+        + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        o.to(Out.dtype.element_ty),
+        mask=mask,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out,
+    DO,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    H,
+    N_CTX_Q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Delta[bh, i] = sum_d dO[i, d] * O[i, d] in fp32. Grid (cdiv(Nq, BLOCK_M), B * H)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_CTX_Q
+    mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(
+        Out + off_b * stride_ob + off_h * stride_oh
+        + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    )  # fmt: skip
+    do = tl.load(
+        DO + off_b * stride_dob + off_h * stride_doh
+        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        mask=mask,
+        other=0.0,
+    )  # fmt: skip
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + off_bh * N_CTX_Q + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    pad,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_qm,
+    stride_qd,
+    stride_dom,
+    stride_dod,
+    offs_m,
+    cols,
+    offs_d,
+    lo,
+    hi,
+    qk_scale,
+    N_CTX_Q,
+    causal_offset,
+    MASKED: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Accumulate dK, dV of one key block over the query blocks [lo, hi).
+
+    Works on transposed tiles (keys x queries). Query rows past N_CTX_Q load lse = +inf and
+    dO = 0, so they add nothing; MASKED applies the causal mask.
+    """
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        m_ok = rows < N_CTX_Q
+        q = tl.load(
+            q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            mask=m_ok[:, None] & d_ok,
+            other=0.0,
+        )
+        lse = tl.load(lse_base + rows, mask=m_ok, other=float("inf"))
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if MASKED:
+            s_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, s_t, float("-inf"))
+        if HAS_PAD:
+            s_t = tl.where(pad[:, None] != 0, s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        do = tl.load(
+            do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+            mask=m_ok[:, None] & d_ok,
+            other=0.0,
+        )
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        delta = tl.load(delta_base + rows, mask=m_ok, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    Pad,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_pb,
+    stride_pn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_gb,
+    stride_gh,
+    stride_gn,
+    stride_gd,
+    H,
+    N_CTX_Q,
+    N_CTX_K,
+    sm_scale,
+    qk_scale,
+    N_KEY,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dK, dV for BLOCK_N keys of one (batch, head). Grid (cdiv(Nk, BLOCK_N), B * H).
+
+    DK and DV share one (contiguous) layout, stride_g*.
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_m = tl.arange(0, BLOCK_M)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = cols < N_CTX_K
+    kv_mask = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(
+        K + off_b * stride_kb + off_h * stride_kh
+        + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=kv_mask,
+        other=0.0,
+    )  # fmt: skip
+    v = tl.load(
+        V + off_b * stride_vb + off_h * stride_vh
+        + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        mask=kv_mask,
+        other=0.0,
+    )  # fmt: skip
+    if HAS_PAD:
+        pad = tl.load(Pad + off_b * stride_pb + cols * stride_pn, mask=n_ok, other=0)
+    else:
+        pad = n_ok
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    lse_base = Lse + off_bh * N_CTX_Q
+    delta_base = Delta + off_bh * N_CTX_Q
+
+    # Query ranges: [lo, full) straddles the diagonal (masked), [full, end) sees every key
+    # of this block. Queries before lo are all in this block's past.
+    causal_offset = N_CTX_K - N_CTX_Q
+    end = tl.cdiv(N_CTX_Q, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
+        full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
+        full = tl.minimum(full, end)
+    else:
+        lo = 0
+        full = 0
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, pad, q_base, do_base, lse_base, delta_base,
+        stride_qm, stride_qd, stride_dom, stride_dod,
+        offs_m, cols, offs_d, lo, full, qk_scale, N_CTX_Q, causal_offset,
+        True, HAS_PAD, HEAD_DIM, BLOCK_M, PRECISION,
+    )  # fmt: skip
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, pad, q_base, do_base, lse_base, delta_base,
+        stride_qm, stride_qd, stride_dom, stride_dod,
+        offs_m, cols, offs_d, tl.maximum(full, lo), end, qk_scale, N_CTX_Q, causal_offset,
+        False, HAS_PAD, HEAD_DIM, BLOCK_M, PRECISION,
+    )  # fmt: skip
+    g_offs = off_b * stride_gb + off_h * stride_gh + cols[:, None] * stride_gn
+    g_offs += offs_d[None, :] * stride_gd
+    tl.store(DK + g_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    pad_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_pn,
+    offs_m,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    qk_scale,
+    N_CTX_K,
+    causal_offset,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Accumulate dQ of one query block over the key blocks [lo, hi) (as the forward)."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if MASKED:
+            kv_ok = (cols[:, None] < N_CTX_K) & d_ok
+        else:
+            kv_ok = d_ok
+        k = tl.load(
+            k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0
+        )
+        v = tl.load(
+            v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            keep = cols[None, :] < N_CTX_K
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
+            s = tl.where(keep, s, float("-inf"))
+        if HAS_PAD:
+            pad = tl.load(pad_base + cols * stride_pn, mask=cols < N_CTX_K, other=0)
+            s = tl.where(pad[None, :] != 0, s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    Pad,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_pb,
+    stride_pn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    H,
+    N_CTX_Q,
+    N_CTX_K,
+    sm_scale,
+    qk_scale,
+    N_KEY,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dQ for BLOCK_M queries of one (batch, head). Grid (cdiv(Nq, BLOCK_M), B * H)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_CTX_Q
+    mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(
+        Q + off_b * stride_qb + off_h * stride_qh
+        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=mask,
+        other=0.0,
+    )  # fmt: skip
+    do = tl.load(
+        DO + off_b * stride_dob + off_h * stride_doh
+        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        mask=mask,
+        other=0.0,
+    )  # fmt: skip
+    lse = tl.load(Lse + off_bh * N_CTX_Q + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(Delta + off_bh * N_CTX_Q + offs_m, mask=m_ok, other=0.0)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    pad_base = Pad + off_b * stride_pb
+
+    causal_offset = N_CTX_K - N_CTX_Q
+    if CAUSAL:
+        hi = tl.minimum(N_CTX_K, start_m + BLOCK_M + causal_offset)
+        full = tl.minimum((start_m + causal_offset + 1) // BLOCK_N, N_CTX_K // BLOCK_N) * BLOCK_N
+    else:
+        hi = N_CTX_K
+        full = (N_CTX_K // BLOCK_N) * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, pad_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+        offs_m, offs_n, offs_d, 0, full, qk_scale, N_CTX_K, causal_offset,
+        False, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION,
+    )  # fmt: skip
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, pad_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+        offs_m, offs_n, offs_d, full, hi, qk_scale, N_CTX_K, causal_offset,
+        True, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION,
+    )  # fmt: skip
+    tl.store(
+        DQ + off_b * stride_gb + off_h * stride_gh
+        + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=mask,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# autotuning: one config under the interpreter, a small Ampere/Hopper sweep on the GPU
+# --------------------------------------------------------------------------------------
+
+_TUNE_KEY = ["N_KEY", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
+
+
+def _configs(sweep):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in sweep
+    ]
+
+
+if HAS_TRITON and triton_interpreting():
+    # BLOCK_M != BLOCK_N on purpose: the tests then cover diagonals spanning several blocks.
+    _FWD_CONFIGS = _configs([(32, 16, 4, 1)])
+    _BWD_DKDV_CONFIGS = _configs([(16, 32, 4, 1)])
+    _BWD_DQ_CONFIGS = _configs([(32, 16, 4, 1)])
+    _DECODE_BLOCK_N = 16
+    _SMALL_BLOCK = 16
+else:
+    _FWD_CONFIGS = _configs(
+        [
+            (128, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (128, 32, 4, 4),
+            (64, 64, 4, 3),
+            (64, 32, 4, 4),
+        ]
+    )
+    _BWD_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)])
+    _BWD_DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)])
+    _DECODE_BLOCK_N = 64
+    _SMALL_BLOCK = 64
+
+if HAS_TRITON:
+    _attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd_kernel)
+    _attn_bwd_dkdv_tuned = triton.autotune(_BWD_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+    _attn_bwd_dq_tuned = triton.autotune(_BWD_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+
+
+def _empty(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _block_d(D):
+    return triton.next_power_of_2(D)  # 96 runs as 128 with masked columns
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _n_key(Nq, Nk):
+    return triton.next_power_of_2(max(Nq, Nk))
+
+
+def _pad_args(pad, q):
+    """(pointer tensor, stride_b, stride_n) for the int8 padding mask, or a dummy."""
+    if pad is None:
+        return q, 0, 0
+    return pad, pad.stride(0), pad.stride(1)
+
+
+def _sm_count(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: small, so tests at tiny shapes exercise the split path
+
+
+def decode_splits(B, H, Nq, Nk, device) -> int:
+    """How many key chunks the flash-decoding forward uses (1: no split).
+
+    Split only when one program per (batch, head) would leave SMs idle: aim at two
+    programs per SM, each chunk at least two key blocks long, at most MAX_SPLITS chunks.
+    """
+    if Nq > DECODE_MAX_Q:
+        return 1
+    programs = B * H
+    sms = _sm_count(device)
+    if programs >= sms:
+        return 1
+    blocks = triton.cdiv(Nk, _DECODE_BLOCK_N)
+    return max(1, min(triton.cdiv(2 * sms, programs), blocks // 2, MAX_SPLITS))
+
+
+def _attn_fwd(q, k, v, pad, causal, sm_scale, *, num_splits=None):
+    """Forward launcher. Returns (o, lse) with lse (B, H, Nq) fp32 in base 2.
+
+    num_splits=None: the main, autotuned kernel (lse usable by the backward). An integer
+    takes the flash-decoding path with that many key chunks (lse not returned: None).
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    if B * H > MAX_GRID_Y:
+        raise ValueError(
+            f"q has B * H = {B * H} (batch, head) pairs; the Triton attention grid takes at "
+            f"most {MAX_GRID_Y}: split the batch, or use backend='torch'"
+        )
+    o = _empty((B, H, Nq, D), q.dtype, q.device)
+    pad_t, stride_pb, stride_pn = _pad_args(pad, q)
+    qk_scale = sm_scale * LOG2E
+    common = dict(
+        HEAD_DIM=D,
+        BLOCK_D=_block_d(D),
+        CAUSAL=causal,
+        HAS_PAD=pad is not None,
+        PRECISION=_precision(q.dtype),
+    )
+    strides_in = (*q.stride(), *k.stride(), *v.stride(), stride_pb, stride_pn)
+    if num_splits is None:
+        lse = _empty((B, H, Nq), torch.float32, q.device)
+        grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H, 1)
+        _attn_fwd_tuned[grid](
+            q, k, v, pad_t, o, lse, *strides_in,
+            o.stride(0), o.stride(1), 0, o.stride(2), o.stride(3),
+            H, Nq, Nk, triton.cdiv(Nk, 16) * 16, qk_scale, _n_key(Nq, Nk),
+            SPLIT=False, **common,
+        )  # fmt: skip
+        return o, lse
+
+    block_m, block_n = 16, _DECODE_BLOCK_N
+    if Nq > block_m:
+        raise ValueError(f"the decode path takes at most {block_m} queries, got Nq={Nq}")
+    chunk = triton.cdiv(triton.cdiv(Nk, max(1, num_splits)), block_n) * block_n
+    splits = triton.cdiv(Nk, chunk)
+    warps = 4
+    if splits == 1:
+        lse = _empty((B, H, Nq), torch.float32, q.device)
+        _attn_fwd_kernel[(1, B * H, 1)](
+            q, k, v, pad_t, o, lse, *strides_in,
+            o.stride(0), o.stride(1), 0, o.stride(2), o.stride(3),
+            H, Nq, Nk, chunk, qk_scale, 0, SPLIT=False, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, **common,
+        )  # fmt: skip
+        return o, None
+    part = _empty((B, H, splits, Nq, D), torch.float32, q.device)
+    lse_part = _empty((B, H, splits, Nq), torch.float32, q.device)
+    _attn_fwd_kernel[(1, B * H, splits)](
+        q, k, v, pad_t, part, lse_part, *strides_in,
+        *part.stride()[:4], part.stride(4),
+        H, Nq, Nk, chunk, qk_scale, 0, SPLIT=True, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, **common,
+    )  # fmt: skip
+    _attn_combine_kernel[(1, B * H)](
+        part, lse_part, o, *part.stride()[:4], *o.stride(), H, Nq, splits,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, num_warps=warps,
+    )  # fmt: skip
+    return o, None
+
+
+def _attn_bwd(do, q, k, v, o, lse, pad, causal, sm_scale):
+    """Backward launcher: (dq, dk, dv), contiguous, in q's dtype."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    delta = _empty((B, H, Nq), torch.float32, q.device)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Nq, _SMALL_BLOCK), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, Nq,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_SMALL_BLOCK,
+    )  # fmt: skip
+    dq = _empty((B, H, Nq, D), q.dtype, q.device)
+    dk = _empty((B, H, Nk, D), q.dtype, q.device)
+    dv = _empty((B, H, Nk, D), q.dtype, q.device)
+    pad_t, stride_pb, stride_pn = _pad_args(pad, q)
+    args = (q, k, v, pad_t, do, lse, delta)
+    strides_in = (*q.stride(), *k.stride(), *v.stride(), stride_pb, stride_pn, *do.stride())
+    scalars = (H, Nq, Nk, sm_scale, sm_scale * LOG2E, _n_key(Nq, Nk))
+    common = dict(
+        HEAD_DIM=D,
+        BLOCK_D=_block_d(D),
+        CAUSAL=causal,
+        HAS_PAD=pad is not None,
+        PRECISION=_precision(q.dtype),
+    )
+    grid = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * H)
+    _attn_bwd_dkdv_tuned[grid](*args, dk, dv, *strides_in, *dk.stride(), *scalars, **common)
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+    _attn_bwd_dq_tuned[grid](*args, dq, *strides_in, *dq.stride(), *scalars, **common)
+    return dq, dk, dv
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pad, causal, sm_scale):
+        o, lse = _attn_fwd(q, k, v, pad, causal, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse, pad)
+        ctx.causal = causal
+        ctx.sm_scale = sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, pad = ctx.saved_tensors
+        dq, dk, dv = _attn_bwd(do, q, k, v, o, lse, pad, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None, None
+
+
+# --------------------------------------------------------------------------------------
+# public op
+# --------------------------------------------------------------------------------------
 
 
 def _triton_unavailable(q) -> str | None:
-    return "the Triton attention kernel is not implemented yet"
+    """None if the Triton kernel can run on q, else why not (for ``resolve``)."""
+    if not HAS_TRITON:
+        return "Triton is not installed (pip install triton; Linux only)"
+    if q.dtype == torch.float64:
+        return "float64 is not a Triton dtype; use float32, float16 or bfloat16, or backend='torch'"
+    if q.is_cuda:
+        return None
+    if triton_interpreting() and q.device.type == "cpu":
+        if q.dtype == torch.bfloat16:
+            return (
+                "Triton's interpreter (TRITON_INTERPRET=1) computes bfloat16 wrongly; "
+                "use float32 or float16 on the CPU, or a CUDA tensor"
+            )
+        return None
+    return (
+        f"the Triton kernel needs CUDA tensors, got q on {q.device} (on the CPU it runs only "
+        "under TRITON_INTERPRET=1, for tests)"
+    )
 
 
 def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, backend="auto"):
@@ -25,17 +938,27 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
 
     Args:
         q: (B, H, Nq, D) float16, bfloat16 or float32 (float64 on the "torch" backend).
-        k, v: (B, H, Nk, D), same dtype and device as q, Nq <= Nk.
+        k, v: (B, H, Nk, D), same dtype and device as q, Nq <= Nk. Any strides.
         causal: True for the AR model (bottom-right aligned), False for BERT.
         key_padding_mask: optional (B, Nk) bool, True where a key may be attended.
         sm_scale: softmax scale, default 1/sqrt(D).
-        backend: "auto", "triton" or "torch".
+        backend: "auto" (Triton for CUDA tensors, else the reference), "triton" or "torch".
 
     Returns:
-        o: (B, H, Nq, D) in q's dtype. A query that sees no key gets zeros.
+        o: (B, H, Nq, D) in q's dtype, contiguous. A query that sees no key gets zeros.
     """
     reference.check_attention(q, k, v, causal, key_padding_mask, sm_scale)
-    name = resolve("attention", backend, {"triton": _triton_unavailable(q)}, ("triton",))
-    return reference.attention(
-        q, k, v, causal=causal, key_padding_mask=key_padding_mask, sm_scale=sm_scale, backend=name
-    )
+    auto_order = ("triton",) if q.is_cuda else ()
+    name = resolve("attention", backend, {"triton": _triton_unavailable(q)}, auto_order)
+    if name == "torch" or q.numel() == 0 or k.shape[2] == 0:
+        return reference.attention(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, sm_scale=sm_scale
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    pad = None if key_padding_mask is None else key_padding_mask.to(torch.int8)
+    B, H, Nq, _ = q.shape
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not needs_grad and Nq <= DECODE_MAX_Q:
+        splits = decode_splits(B, H, Nq, k.shape[2], q.device)
+        return _attn_fwd(q, k, v, pad, causal, scale, num_splits=splits)[0]
+    return _Attention.apply(q, k, v, pad, causal, scale)
