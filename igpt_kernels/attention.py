@@ -68,73 +68,130 @@ POISON_OUTPUTS = False
 
 
 # --------------------------------------------------------------------------------------
+# tile helpers shared by the kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _batch_head(H):
+    """(bh, b, h) of this program, as int64 so that base offsets may pass 2^31."""
+    off_bh = tl.program_id(1).to(tl.int64)
+    return off_bh, off_bh // H, off_bh % H
+
+
+@triton.jit
+def _tile_mask(rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Which elements of a (rows, BLOCK_D) tile exist: columns < HEAD_DIM, rows < n_rows."""
+    mask = offs_d[None, :] < HEAD_DIM
+    if CHECK_ROWS:
+        mask = mask & (rows[:, None] < n_rows)
+    return mask
+
+
+@triton.jit
+def _load_tile(
+    base, rows, stride_r, stride_d, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr
+):
+    """base[rows, :] as a (rows, BLOCK_D) tile; missing rows and padding columns read 0."""
+    return tl.load(
+        base + rows[:, None] * stride_r + offs_d[None, :] * stride_d,
+        mask=_tile_mask(rows, n_rows, offs_d, HEAD_DIM, CHECK_ROWS),
+        other=0.0,
+    )
+
+
+@triton.jit
+def _store_tile(base, rows, stride_r, stride_d, n_rows, offs_d, value, HEAD_DIM: tl.constexpr):
+    """Store a (rows, BLOCK_D) tile to base[rows, :HEAD_DIM] for rows < n_rows."""
+    tl.store(
+        base + rows[:, None] * stride_r + offs_d[None, :] * stride_d,
+        value.to(base.dtype.element_ty),
+        mask=_tile_mask(rows, n_rows, offs_d, HEAD_DIM, True),
+    )
+
+
+@triton.jit
+def _key_range(
+    start_m, N_CTX_Q, N_CTX_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """(full, hi) for the queries [start_m, start_m + BLOCK_M).
+
+    Key blocks in [0, full) are in bounds and visible to every one of these queries (no
+    mask needed); [full, hi) straddle the causal diagonal or the end of the keys (masked);
+    keys from hi on are in the causal future of all of them and are skipped.
+    """
+    if CAUSAL:
+        offset = N_CTX_K - N_CTX_Q
+        hi = tl.minimum(N_CTX_K, start_m + BLOCK_M + offset)
+        full = tl.minimum((start_m + offset + 1) // BLOCK_N, N_CTX_K // BLOCK_N) * BLOCK_N
+    else:
+        hi = N_CTX_K
+        full = (N_CTX_K // BLOCK_N) * BLOCK_N
+    return full, hi
+
+
+@triton.jit
+def _scores(
+    q,
+    k,
+    rows,
+    cols,
+    pad_base,
+    stride_pn,
+    qk_scale,
+    N_CTX_Q,
+    N_CTX_K,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Base-2 logits s = q k^T * sm_scale * log2(e), -inf where query row may not see key col."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        keep = cols[None, :] < N_CTX_K
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + (N_CTX_K - N_CTX_Q))
+        s = tl.where(keep, s, float("-inf"))
+    if HAS_PAD:
+        pad = tl.load(pad_base + cols * stride_pn, mask=cols < N_CTX_K, other=0)
+        s = tl.where(pad[None, :] != 0, s, float("-inf"))
+    return s
+
+
+# --------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _attn_fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    pad_base,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    stride_pn,
-    offs_m,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    qk_scale,
-    N_CTX_K,
-    causal_offset,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Fold the key blocks [lo, hi) into (acc, l_i, m_i); MASKED applies causal and bounds."""
-    d_ok = offs_d[None, :] < HEAD_DIM
+    acc, l_i, m_i, q, k_base, v_base, pad_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+    offs_m, offs_n, offs_d, lo, hi, qk_scale, N_CTX_Q, N_CTX_K,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Fold the key blocks [lo, hi) into the running (acc, l_i, m_i) of the online softmax."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if MASKED:
-            kv_ok = (cols[:, None] < N_CTX_K) & d_ok
-        else:
-            kv_ok = d_ok
-        k = tl.load(
-            k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0
-        )
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
-            keep = cols[None, :] < N_CTX_K
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
-            s = tl.where(keep, s, float("-inf"))
-        if HAS_PAD:
-            pad = tl.load(pad_base + cols * stride_pn, mask=cols < N_CTX_K, other=0)
-            s = tl.where(pad[None, :] != 0, s, float("-inf"))
+        k = _load_tile(k_base, cols, stride_kn, stride_kd, N_CTX_K, offs_d, HEAD_DIM, MASKED)
+        s = _scores(
+            q, k, offs_m, cols, pad_base, stride_pn, qk_scale, N_CTX_Q, N_CTX_K,
+            MASKED, CAUSAL, HAS_PAD, PRECISION,
+        )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED or HAS_PAD:
-            # a row with no visible key so far keeps m = -inf; subtract 0 instead (no NaN)
+            # a row with no visible key so far keeps m = -inf; subtract 0 instead of -inf
+            # so that 2^(s - m) is 0, not NaN
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0
-        )
+        v = _load_tile(v_base, cols, stride_vn, stride_vd, N_CTX_K, offs_d, HEAD_DIM, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -142,82 +199,36 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    Pad,
-    Out,
-    Lse,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_pb,
-    stride_pn,
-    stride_ob,
-    stride_oh,
-    stride_os,
-    stride_om,
-    stride_od,
-    H,
-    N_CTX_Q,
-    N_CTX_K,
-    SPLIT_KEYS,
-    qk_scale,
-    N_KEY,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Grid (cdiv(Nq, BLOCK_M), B * H, splits). Keys [split * SPLIT_KEYS, +SPLIT_KEYS).
+    Q, K, V, Pad, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_pn,
+    stride_ob, stride_oh, stride_os, stride_om, stride_od,
+    H, N_CTX_Q, N_CTX_K, SPLIT_KEYS, qk_scale, N_KEY,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(Nq, BLOCK_M), B * H, splits); split s takes keys [s, s + 1) * SPLIT_KEYS.
 
     SPLIT=False: writes o in Out's dtype and lse (+inf for a row with no key).
-    SPLIT=True: writes this chunk's normalised partial o (fp32) and lse (-inf if empty).
-    N_KEY only feeds the autotuner's key (a power-of-two bucket of the sequence length).
+    SPLIT=True: writes this chunk's normalised o (fp32) and its lse (-inf if empty), for
+    ``_attn_combine_kernel``. N_KEY only feeds the autotuner's key.
     """
     start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1).to(tl.int64)
+    off_bh, off_b, off_h = _batch_head(H)
     split = tl.program_id(2)
-    off_b = off_bh // H
-    off_h = off_bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N_CTX_Q
-    d_ok = offs_d < HEAD_DIM
-
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     pad_base = Pad + off_b * stride_pb
-    q = tl.load(
-        q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q = _load_tile(q_base, offs_m, stride_qm, stride_qd, N_CTX_Q, offs_d, HEAD_DIM, True)
 
-    # Key ranges: [lo, full) is visible to every query of this block and in bounds;
-    # [max(lo, full), hi) needs the mask. Above hi every key is in the causal future.
-    causal_offset = N_CTX_K - N_CTX_Q
-    if CAUSAL:
-        hi = tl.minimum(N_CTX_K, start_m + BLOCK_M + causal_offset)
-        full = tl.minimum((start_m + causal_offset + 1) // BLOCK_N, N_CTX_K // BLOCK_N) * BLOCK_N
-    else:
-        hi = N_CTX_K
-        full = (N_CTX_K // BLOCK_N) * BLOCK_N
+    full, hi = _key_range(start_m, N_CTX_Q, N_CTX_K, CAUSAL, BLOCK_M, BLOCK_N)
     lo = split * SPLIT_KEYS
     hi = tl.minimum(hi, lo + SPLIT_KEYS)
     full = tl.maximum(tl.minimum(full, hi), lo)
@@ -228,72 +239,54 @@ def _attn_fwd_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, pad_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-        offs_m, offs_n, offs_d, lo, full, qk_scale, N_CTX_K, causal_offset,
-        False, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION,
+        offs_m, offs_n, offs_d, lo, full, qk_scale, N_CTX_Q, N_CTX_K,
+        False, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, pad_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-        offs_m, offs_n, offs_d, full, hi, qk_scale, N_CTX_K, causal_offset,
-        True, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION,
+        offs_m, offs_n, offs_d, full, hi, qk_scale, N_CTX_Q, N_CTX_K,
+        True, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION,
     )  # fmt: skip
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]  # acc is 0 on empty rows, so o is 0
+    lse = m_i + tl.math.log2(l_safe)
     if SPLIT:
-        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+        lse = tl.where(empty, float("-inf"), lse)  # neutral in the combine
     else:
-        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+        lse = tl.where(empty, float("inf"), lse)  # makes p = 2^(s - lse) exactly 0
     o_base = Out + off_b * stride_ob + off_h * stride_oh + split * stride_os
-    tl.store(
-        o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        o.to(Out.dtype.element_ty),
-        mask=m_ok[:, None] & d_ok[None, :],
+    # acc is 0 on an empty row, so its output is 0
+    _store_tile(
+        o_base, offs_m, stride_om, stride_od, N_CTX_Q, offs_d, acc / l_safe[:, None], HEAD_DIM
     )
-    num_splits = tl.num_programs(2)
-    tl.store(Lse + (off_bh * num_splits + split) * N_CTX_Q + offs_m, lse, mask=m_ok)
+    lse_base = Lse + (off_bh * tl.num_programs(2) + split) * N_CTX_Q
+    tl.store(lse_base + offs_m, lse, mask=offs_m < N_CTX_Q)
 
 
 @triton.jit
 def _attn_combine_kernel(
-    OutPart,
-    LsePart,
-    Out,
-    stride_pb,
-    stride_ph,
-    stride_ps,
-    stride_pm,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    H,
-    N_CTX_Q,
-    NUM_SPLITS,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """Merge the flash-decoding chunks: o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)."""
+    OutPart, LsePart, Out,
+    stride_pb, stride_ph, stride_ps, stride_pm,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, N_CTX_Q, NUM_SPLITS,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Merge flash-decoding chunks: o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)."""
     start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1).to(tl.int64)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    off_bh, off_b, off_h = _batch_head(H)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N_CTX_Q
-    mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     part_base = OutPart + off_b * stride_pb + off_h * stride_ph
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for s in range(0, NUM_SPLITS):
-        lse = tl.load(LsePart + (off_bh * NUM_SPLITS + s) * N_CTX_Q + offs_m, mask=m_ok, other=0.0)
-        o = tl.load(
-            part_base + s * stride_ps + offs_m[:, None] * stride_pm + offs_d[None, :],
-            mask=mask,
-            other=0.0,
+        lse_base = LsePart + (off_bh * NUM_SPLITS + s) * N_CTX_Q
+        lse = tl.load(lse_base + offs_m, mask=offs_m < N_CTX_Q, other=float("-inf"))
+        o = _load_tile(
+            part_base + s * stride_ps, offs_m, stride_pm, 1, N_CTX_Q, offs_d, HEAD_DIM, True
         )
         m_new = tl.maximum(m_i, lse)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -303,12 +296,8 @@ def _attn_combine_kernel(
         acc = acc * alpha[:, None] + o * w[:, None]
         m_i = m_new
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(
-        Out + off_b * stride_ob + off_h * stride_oh
-        + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        o.to(Out.dtype.element_ty),
-        mask=mask,
-    )  # fmt: skip
+    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    _store_tile(o_base, offs_m, stride_om, stride_od, N_CTX_Q, offs_d, o, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------
@@ -318,104 +307,53 @@ def _attn_combine_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    Out,
-    DO,
-    Delta,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    H,
-    N_CTX_Q,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """Delta[bh, i] = sum_d dO[i, d] * O[i, d] in fp32. Grid (cdiv(Nq, BLOCK_M), B * H)."""
+    Out, DO, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, N_CTX_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Delta[bh, i] = sum_d dO[i, d] O[i, d] in fp32. Grid (cdiv(Nq, BLOCK_M), B * H)."""
     start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1).to(tl.int64)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    off_bh, off_b, off_h = _batch_head(H)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N_CTX_Q
-    mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(
-        Out + off_b * stride_ob + off_h * stride_oh
-        + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        mask=mask,
-        other=0.0,
-    )  # fmt: skip
-    do = tl.load(
-        DO + off_b * stride_dob + off_h * stride_doh
-        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-        mask=mask,
-        other=0.0,
-    )  # fmt: skip
+    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    o = _load_tile(o_base, offs_m, stride_om, stride_od, N_CTX_Q, offs_d, HEAD_DIM, True)
+    do = _load_tile(do_base, offs_m, stride_dom, stride_dod, N_CTX_Q, offs_d, HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + off_bh * N_CTX_Q + offs_m, delta, mask=m_ok)
+    tl.store(Delta + off_bh * N_CTX_Q + offs_m, delta, mask=offs_m < N_CTX_Q)
 
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk,
-    dv,
-    k,
-    v,
-    pad,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    stride_qm,
-    stride_qd,
-    stride_dom,
-    stride_dod,
-    offs_m,
-    cols,
-    offs_d,
-    lo,
-    hi,
-    qk_scale,
-    N_CTX_Q,
-    causal_offset,
-    MASKED: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    dk, dv, k, v, pad, q_base, do_base, lse_base, delta_base,
+    stride_qm, stride_qd, stride_dom, stride_dod,
+    offs_m, cols, offs_d, lo, hi, qk_scale, N_CTX_Q, N_CTX_K,
+    MASKED: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """Accumulate dK, dV of one key block over the query blocks [lo, hi).
 
-    Works on transposed tiles (keys x queries). Query rows past N_CTX_Q load lse = +inf and
-    dO = 0, so they add nothing; MASKED applies the causal mask.
+    Tiles are transposed (keys x queries). Query rows past N_CTX_Q read lse = +inf and
+    dO = 0, so they add nothing; MASKED applies the causal mask. Key rows past N_CTX_K
+    compute garbage that is never stored.
     """
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
         m_ok = rows < N_CTX_Q
-        q = tl.load(
-            q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-            mask=m_ok[:, None] & d_ok,
-            other=0.0,
-        )
+        q = _load_tile(q_base, rows, stride_qm, stride_qd, N_CTX_Q, offs_d, HEAD_DIM, True)
         lse = tl.load(lse_base + rows, mask=m_ok, other=float("inf"))
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if MASKED:
-            s_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, s_t, float("-inf"))
+            visible = cols[:, None] <= rows[None, :] + (N_CTX_K - N_CTX_Q)
+            s_t = tl.where(visible, s_t, float("-inf"))
         if HAS_PAD:
             s_t = tl.where(pad[:, None] != 0, s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse[None, :])
-        do = tl.load(
-            do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-            mask=m_ok[:, None] & d_ok,
-            other=0.0,
-        )
+        do = _load_tile(do_base, rows, stride_dom, stride_dod, N_CTX_Q, offs_d, HEAD_DIM, True)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         delta = tl.load(delta_base + rows, mask=m_ok, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -426,92 +364,47 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    Pad,
-    DO,
-    Lse,
-    Delta,
-    DK,
-    DV,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_pb,
-    stride_pn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    stride_gb,
-    stride_gh,
-    stride_gn,
-    stride_gd,
-    H,
-    N_CTX_Q,
-    N_CTX_K,
-    sm_scale,
-    qk_scale,
-    N_KEY,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """dK, dV for BLOCK_N keys of one (batch, head). Grid (cdiv(Nk, BLOCK_N), B * H).
+    Q, K, V, Pad, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_pn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    H, N_CTX_Q, N_CTX_K, sm_scale, qk_scale, N_KEY,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of BLOCK_N keys of one (batch, head). Grid (cdiv(Nk, BLOCK_N), B * H).
 
-    DK and DV share one (contiguous) layout, stride_g*.
+    DK and DV share one layout (strides stride_g*).
     """
     start_n = tl.program_id(0) * BLOCK_N
-    off_bh = tl.program_id(1).to(tl.int64)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    off_bh, off_b, off_h = _batch_head(H)
     offs_m = tl.arange(0, BLOCK_M)
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok = cols < N_CTX_K
-    kv_mask = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(
-        K + off_b * stride_kb + off_h * stride_kh
-        + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=kv_mask,
-        other=0.0,
-    )  # fmt: skip
-    v = tl.load(
-        V + off_b * stride_vb + off_h * stride_vh
-        + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=kv_mask,
-        other=0.0,
-    )  # fmt: skip
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    k = _load_tile(k_base, cols, stride_kn, stride_kd, N_CTX_K, offs_d, HEAD_DIM, True)
+    v = _load_tile(v_base, cols, stride_vn, stride_vd, N_CTX_K, offs_d, HEAD_DIM, True)
     if HAS_PAD:
-        pad = tl.load(Pad + off_b * stride_pb + cols * stride_pn, mask=n_ok, other=0)
+        pad = tl.load(Pad + off_b * stride_pb + cols * stride_pn, mask=cols < N_CTX_K, other=0)
     else:
-        pad = n_ok
+        pad = cols  # unused
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     lse_base = Lse + off_bh * N_CTX_Q
     delta_base = Delta + off_bh * N_CTX_Q
 
-    # Query ranges: [lo, full) straddles the diagonal (masked), [full, end) sees every key
-    # of this block. Queries before lo are all in this block's past.
-    causal_offset = N_CTX_K - N_CTX_Q
+    # Query blocks: before lo all see none of these keys (causal past of the keys);
+    # [lo, full) straddle the diagonal (masked); [full, end) see every key of the block.
     end = tl.cdiv(N_CTX_Q, BLOCK_M) * BLOCK_M
     if CAUSAL:
-        lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
-        full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
+        offset = N_CTX_K - N_CTX_Q
+        lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
+        full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M
         full = tl.minimum(full, end)
     else:
         lo = 0
@@ -522,75 +415,38 @@ def _attn_bwd_dkdv_kernel(
     dk, dv = _attn_bwd_dkdv_inner(
         dk, dv, k, v, pad, q_base, do_base, lse_base, delta_base,
         stride_qm, stride_qd, stride_dom, stride_dod,
-        offs_m, cols, offs_d, lo, full, qk_scale, N_CTX_Q, causal_offset,
+        offs_m, cols, offs_d, lo, full, qk_scale, N_CTX_Q, N_CTX_K,
         True, HAS_PAD, HEAD_DIM, BLOCK_M, PRECISION,
     )  # fmt: skip
     dk, dv = _attn_bwd_dkdv_inner(
         dk, dv, k, v, pad, q_base, do_base, lse_base, delta_base,
         stride_qm, stride_qd, stride_dom, stride_dod,
-        offs_m, cols, offs_d, tl.maximum(full, lo), end, qk_scale, N_CTX_Q, causal_offset,
+        offs_m, cols, offs_d, tl.maximum(full, lo), end, qk_scale, N_CTX_Q, N_CTX_K,
         False, HAS_PAD, HEAD_DIM, BLOCK_M, PRECISION,
     )  # fmt: skip
-    g_offs = off_b * stride_gb + off_h * stride_gh + cols[:, None] * stride_gn
-    g_offs += offs_d[None, :] * stride_gd
-    tl.store(DK + g_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    g_base = off_b * stride_gb + off_h * stride_gh
+    _store_tile(DK + g_base, cols, stride_gn, stride_gd, N_CTX_K, offs_d, dk * sm_scale, HEAD_DIM)
+    _store_tile(DV + g_base, cols, stride_gn, stride_gd, N_CTX_K, offs_d, dv, HEAD_DIM)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    k_base,
-    v_base,
-    pad_base,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    stride_pn,
-    offs_m,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    qk_scale,
-    N_CTX_K,
-    causal_offset,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Accumulate dQ of one query block over the key blocks [lo, hi) (as the forward)."""
-    d_ok = offs_d[None, :] < HEAD_DIM
+    dq, q, do, lse, delta, k_base, v_base, pad_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+    offs_m, offs_n, offs_d, lo, hi, qk_scale, N_CTX_Q, N_CTX_K,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dQ of one query block over the key blocks [lo, hi), as the forward walks."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if MASKED:
-            kv_ok = (cols[:, None] < N_CTX_K) & d_ok
-        else:
-            kv_ok = d_ok
-        k = tl.load(
-            k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0
-        )
-        v = tl.load(
-            v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0
-        )
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
-            keep = cols[None, :] < N_CTX_K
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
-            s = tl.where(keep, s, float("-inf"))
-        if HAS_PAD:
-            pad = tl.load(pad_base + cols * stride_pn, mask=cols < N_CTX_K, other=0)
-            s = tl.where(pad[None, :] != 0, s, float("-inf"))
+        k = _load_tile(k_base, cols, stride_kn, stride_kd, N_CTX_K, offs_d, HEAD_DIM, MASKED)
+        v = _load_tile(v_base, cols, stride_vn, stride_vd, N_CTX_K, offs_d, HEAD_DIM, MASKED)
+        s = _scores(
+            q, k, offs_m, cols, pad_base, stride_pn, qk_scale, N_CTX_Q, N_CTX_K,
+            MASKED, CAUSAL, HAS_PAD, PRECISION,
+        )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -600,105 +456,51 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    Pad,
-    DO,
-    Lse,
-    Delta,
-    DQ,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_pb,
-    stride_pn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    stride_gb,
-    stride_gh,
-    stride_gm,
-    stride_gd,
-    H,
-    N_CTX_Q,
-    N_CTX_K,
-    sm_scale,
-    qk_scale,
-    N_KEY,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """dQ for BLOCK_M queries of one (batch, head). Grid (cdiv(Nq, BLOCK_M), B * H)."""
+    Q, K, V, Pad, DO, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_pn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    H, N_CTX_Q, N_CTX_K, sm_scale, qk_scale, N_KEY,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dQ of BLOCK_M queries of one (batch, head). Grid (cdiv(Nq, BLOCK_M), B * H)."""
     start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1).to(tl.int64)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    off_bh, off_b, off_h = _batch_head(H)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N_CTX_Q
-    mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh
-        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=mask,
-        other=0.0,
-    )  # fmt: skip
-    do = tl.load(
-        DO + off_b * stride_dob + off_h * stride_doh
-        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-        mask=mask,
-        other=0.0,
-    )  # fmt: skip
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    q = _load_tile(q_base, offs_m, stride_qm, stride_qd, N_CTX_Q, offs_d, HEAD_DIM, True)
+    do = _load_tile(do_base, offs_m, stride_dom, stride_dod, N_CTX_Q, offs_d, HEAD_DIM, True)
     lse = tl.load(Lse + off_bh * N_CTX_Q + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(Delta + off_bh * N_CTX_Q + offs_m, mask=m_ok, other=0.0)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     pad_base = Pad + off_b * stride_pb
 
-    causal_offset = N_CTX_K - N_CTX_Q
-    if CAUSAL:
-        hi = tl.minimum(N_CTX_K, start_m + BLOCK_M + causal_offset)
-        full = tl.minimum((start_m + causal_offset + 1) // BLOCK_N, N_CTX_K // BLOCK_N) * BLOCK_N
-    else:
-        hi = N_CTX_K
-        full = (N_CTX_K // BLOCK_N) * BLOCK_N
-
+    full, hi = _key_range(start_m, N_CTX_Q, N_CTX_K, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, pad_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-        offs_m, offs_n, offs_d, 0, full, qk_scale, N_CTX_K, causal_offset,
+        offs_m, offs_n, offs_d, 0, full, qk_scale, N_CTX_Q, N_CTX_K,
         False, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION,
     )  # fmt: skip
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, pad_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-        offs_m, offs_n, offs_d, full, hi, qk_scale, N_CTX_K, causal_offset,
+        offs_m, offs_n, offs_d, full, hi, qk_scale, N_CTX_Q, N_CTX_K,
         True, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION,
     )  # fmt: skip
-    tl.store(
-        DQ + off_b * stride_gb + off_h * stride_gh
-        + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
-        (dq * sm_scale).to(DQ.dtype.element_ty),
-        mask=mask,
-    )  # fmt: skip
+    dq_base = DQ + off_b * stride_gb + off_h * stride_gh
+    _store_tile(dq_base, offs_m, stride_gm, stride_gd, N_CTX_Q, offs_d, dq * sm_scale, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------
