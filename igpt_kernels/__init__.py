@@ -3,13 +3,14 @@
 Ops (see each module's docstring for shapes, dtypes and limits):
     attention(q, k, v, *, causal, key_padding_mask, sm_scale, backend)
     ln_mlp(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, *, ...)
+    ln_linear(x, norm_weight, norm_bias, weight, bias, *, norm, eps, backend)
     quantize(pixels, palette, *, backend), dequantize(tokens, palette)
 ``igpt_kernels.reference`` holds the plain-PyTorch reference of each, same signatures.
 """
 
 from igpt_kernels.attention import attention
-from igpt_kernels.ln_mlp import ln_mlp
+from igpt_kernels.ln_mlp import ln_linear, ln_mlp
 from igpt_kernels.palette import dequantize, quantize
 
-__all__ = ["attention", "ln_mlp", "quantize", "dequantize"]
+__all__ = ["attention", "ln_mlp", "ln_linear", "quantize", "dequantize"]
 __version__ = "0.1.0"

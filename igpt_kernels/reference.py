@@ -280,3 +280,50 @@ def dequantize(tokens, palette):
     """Map token ids (...) back to uint8 RGB (..., 3) through the palette (rounded, clamped)."""
     check_dequantize(tokens, palette)
     return palette.round().clamp(0, 255).to(torch.uint8)[tokens.long()]
+
+
+# --------------------------------------------------------------------------------------
+# norm -> linear (the qkv projection)
+# --------------------------------------------------------------------------------------
+
+
+def check_ln_linear(x, norm_weight, norm_bias, weight, bias, norm, eps) -> None:
+    """Validate the arguments of ``ln_linear``; raise TypeError/ValueError naming the culprit."""
+    check_tensor("x", x, dtypes=FLOATS)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be (..., d) with d >= 1, got shape {tuple(x.shape)}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    d = x.shape[-1]
+    check_tensor("weight", weight, dims=2, dtypes=(x.dtype,), device=x.device)
+    n = weight.shape[0]
+    expect = {"norm_weight": (d,), "norm_bias": (d,), "weight": (n, d), "bias": (n,)}
+    given = {"norm_weight": norm_weight, "norm_bias": norm_bias, "weight": weight, "bias": bias}
+    for name, t in given.items():
+        if t is None:
+            continue
+        check_tensor(name, t, dtypes=(x.dtype,), device=x.device)
+        if tuple(t.shape) != expect[name]:
+            raise ValueError(
+                f"{name} must have shape {expect[name]} (nn.Linear layout, d={d}, n={n}), "
+                f"got {tuple(t.shape)}"
+            )
+    if norm == "rms" and norm_bias is not None:
+        raise ValueError(
+            "norm_bias must be None for norm='rms' (RMS norm has no bias); "
+            "use norm='layer' for a biased LayerNorm"
+        )
+
+
+def ln_linear(x, norm_weight, norm_bias, weight, bias, *, norm="rms", eps=1e-5, backend="auto"):
+    """Reference linear(norm(x)): x (..., d), weight (n, d), bias (n,) or None -> (..., n).
+
+    The norm's statistics are computed in fp32 and its output rounded to x's dtype before
+    the GEMM, as eager PyTorch would.
+    """
+    check_ln_linear(x, norm_weight, norm_bias, weight, bias, norm, eps)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"the reference ln_linear only runs backend='torch', got {backend!r}")
+    return F.linear(normalize(x, norm_weight, norm_bias, norm, eps), weight, bias)

@@ -1,9 +1,11 @@
 """ln_mlp: the reference against an independent float64 computation, and its errors."""
 
+import importlib
+
 import pytest
 import torch
 
-from igpt_kernels import ln_mlp, reference
+from igpt_kernels import ln_linear, ln_mlp, reference
 
 
 def _weights(d, h, dtype=torch.float64, norm="rms", biases=True):
@@ -76,3 +78,275 @@ def test_bad_input_raises(fn, change, exc, words):
     args = {"x": torch.randn(3, 32), **_weights(32, 64, dtype=torch.float32), **change}
     with pytest.raises(exc, match=words):
         fn(**args)
+
+
+# --------------------------------------------------------------------------------------
+# the Triton kernels (interpreted on CPU) against the float64 reference
+# --------------------------------------------------------------------------------------
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (4e-3, 1e-2)}  # (atol per max|ref|, rtol)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Fill every tensor the kernels allocate with NaN, so an unwritten element fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def nan_empty_like(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def patch():
+        monkeypatch.setattr(torch, "empty", nan_empty)
+        monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+    return patch
+
+
+def _grads(fn, x, w, dy, **kwargs):
+    """(y, dx, d<weight> for every weight that is not None) of fn(x, **w) with upstream dy."""
+    x = x.detach().clone().requires_grad_()
+    w = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in w.items()}
+    y = fn(x, **w, **kwargs)
+    y.backward(dy.to(y.dtype))
+    out = {"y": y.detach(), "x": x.grad}
+    out.update({k: v.grad for k, v in w.items() if v is not None})
+    return out
+
+
+def _assert_matches(out, ref, dtype):
+    atol, rtol = TOL[dtype]
+    for name, r in ref.items():
+        o = out[name]
+        assert o.dtype == dtype, name
+        scale = r.abs().max().item()
+        torch.testing.assert_close(o.double(), r, atol=atol * scale, rtol=rtol, msg=name)
+
+
+def _compare(shape, norm, activation, biases, residual, dtype, poisoned=None, **kwargs):
+    d = shape[-1]
+    x = torch.randn(shape, dtype=torch.float64)
+    w = _weights(d, 4 * d, norm=norm, biases=biases)
+    dy = torch.randn(shape, dtype=torch.float64)
+    opts = dict(norm=norm, eps=1e-5, activation=activation, residual=residual)
+    ref = _grads(ln_mlp, x, w, dy, **opts, backend="torch")
+    cast = {k: None if v is None else v.to(DEVICE, dtype) for k, v in w.items()}
+    if poisoned is not None:
+        poisoned()
+    out = _grads(ln_mlp, x.to(DEVICE, dtype), cast, dy.to(DEVICE), **opts, **kwargs)
+    _assert_matches({k: v.cpu() for k, v in out.items()}, ref, dtype)
+
+
+# Each axis of the issue (dtype, T in {1, 7, 130}, d in {32, 48, 96}, both norms, both
+# activations, biases on/off, residual on/off, leading dims) appears in at least two cases,
+# without the full cross product (the interpreter runs kernels at numpy speed).
+CASES = [
+    ((1, 32), "rms", "quick_gelu", True, True, torch.float32),
+    ((7, 48), "layer", "gelu", True, False, torch.float32),
+    ((130, 96), "rms", "gelu", False, True, torch.float32),
+    ((2, 65, 32), "layer", "quick_gelu", False, False, torch.float32),
+    ((130, 48), "layer", "quick_gelu", True, True, torch.float16),
+    ((7, 96), "rms", "quick_gelu", True, False, torch.float16),
+    ((1, 1, 48), "rms", "gelu", False, True, torch.float16),
+    ((7, 32), "layer", "gelu", False, True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("shape,norm,activation,biases,residual,dtype", CASES)
+def test_triton_matches_reference(shape, norm, activation, biases, residual, dtype, poisoned):
+    _compare(shape, norm, activation, biases, residual, dtype, poisoned, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "shape,norm,activation,biases,residual,dtype", [CASES[1], CASES[2], CASES[5]]
+)
+def test_cublas_variant_matches_reference(shape, norm, activation, biases, residual, dtype):
+    _compare(shape, norm, activation, biases, residual, dtype, backend="triton", _variant="cublas")
+
+
+def test_split_token_reduction_is_deterministic(monkeypatch, poisoned):
+    """Weight gradients reduced over several token splits: right, and bitwise repeatable."""
+    module = importlib.import_module("igpt_kernels.ln_mlp")  # the package exports the function
+    monkeypatch.setattr(module, "_MIN_TOKENS_PER_SPLIT", 32)
+    monkeypatch.setattr(module, "_SPLIT_ALIGN", 32)
+    x = torch.randn(130, 32, dtype=torch.float64)
+    w = _weights(32, 128, norm="layer")
+    dy = torch.randn(130, 32, dtype=torch.float64)
+    opts = dict(norm="layer", activation="gelu")
+    ref = _grads(ln_mlp, x, w, dy, **opts, backend="torch")
+    w32 = {k: v.float() for k, v in w.items()}
+    poisoned()
+    first = _grads(ln_mlp, x.float(), w32, dy, **opts, backend="triton")
+    _assert_matches(first, ref, torch.float32)
+    again = _grads(ln_mlp, x.float(), w32, dy, **opts, backend="triton")
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+
+
+def test_inference_only_forward(poisoned):
+    """Without autograd the forward skips storing z; the output is the same."""
+    x = torch.randn(7, 48)
+    w = {k: None if v is None else v.float() for k, v in _weights(48, 192, norm="layer").items()}
+    w64 = {k: None if v is None else v.double() for k, v in w.items()}
+    ref = ln_mlp(x.double(), **w64, norm="layer")
+    poisoned()
+    with torch.no_grad():
+        y = ln_mlp(x, **w, norm="layer", backend="triton")
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-4)
+
+
+def _saved_bytes(fn, params):
+    """Bytes of the distinct non-parameter storages autograd saves while fn() runs."""
+    skip = {p.untyped_storage().data_ptr() for p in params if p is not None}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("norm,activation", [("rms", "quick_gelu"), ("layer", "gelu")])
+def test_saves_at_most_half_of_eager(norm, activation):
+    x = torch.randn(64, 32, dtype=torch.float16, requires_grad=True)
+    w = _weights(32, 128, dtype=torch.float16, norm=norm)
+    for t in w.values():
+        if t is not None:
+            t.requires_grad_()
+    opts = dict(norm=norm, activation=activation)
+    ours = _saved_bytes(lambda: ln_mlp(x, **w, **opts, backend="triton"), w.values())
+    eager = _saved_bytes(lambda: reference.ln_mlp(x, **w, **opts), w.values())
+    assert 0 < ours <= 0.5 * eager, (ours, eager)
+
+
+def test_auto_uses_reference_for_cpu_tensors():
+    x = torch.randn(3, 32)
+    w = {k: None if v is None else v.float() for k, v in _weights(32, 64).items()}
+    assert torch.equal(ln_mlp(x, **w), reference.ln_mlp(x, **w))
+
+
+@pytest.mark.parametrize(
+    "dtype,words",
+    [(torch.float64, "float64 has no Triton kernel"), (torch.bfloat16, "bfloat16 cannot run")],
+)
+def test_triton_backend_refuses_what_it_cannot_run(dtype, words):
+    if dtype == torch.bfloat16 and torch.cuda.is_available():
+        pytest.skip("bfloat16 runs on the GPU")
+    w = {k: None if v is None else v.to(dtype) for k, v in _weights(32, 64).items()}
+    with pytest.raises(ValueError, match=words):
+        ln_mlp(torch.randn(3, 32, dtype=dtype), **w, backend="triton")
+
+
+# --------------------------------------------------------------------------------------
+# ln_linear: the norm-prologue GEMM alone
+# --------------------------------------------------------------------------------------
+
+
+def _linear_weights(d, n, norm, biases=True, dtype=torch.float64):
+    return dict(
+        norm_weight=1 + 0.1 * torch.randn(d, dtype=dtype),
+        norm_bias=0.1 * torch.randn(d, dtype=dtype) if norm == "layer" and biases else None,
+        weight=torch.randn(n, d, dtype=dtype) / d**0.5,
+        bias=0.1 * torch.randn(n, dtype=dtype) if biases else None,
+    )
+
+
+def test_ln_linear_reference_matches_definition():
+    x = torch.randn(5, 48, dtype=torch.float64)
+    w = _linear_weights(48, 144, "layer")
+    mu = x.mean(-1, keepdim=True)
+    n = (x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + 1e-5)
+    n = n * w["norm_weight"] + w["norm_bias"]
+    want = n @ w["weight"].T + w["bias"]
+    torch.testing.assert_close(ln_linear(x, **w, norm="layer"), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "shape,norm,biases,dtype",
+    [
+        ((7, 48), "rms", True, torch.float32),
+        ((2, 65, 32), "layer", False, torch.float16),
+        ((1, 96), "layer", True, torch.float16),
+    ],
+)
+def test_ln_linear_triton_matches_reference(shape, norm, biases, dtype, poisoned):
+    d = shape[-1]
+    x = torch.randn(shape, dtype=torch.float64)
+    w = _linear_weights(d, 3 * d, norm, biases)
+    dy = torch.randn(*shape[:-1], 3 * d, dtype=torch.float64)
+    ref = _grads(ln_linear, x, w, dy, norm=norm, backend="torch")
+    cast = {k: None if v is None else v.to(DEVICE, dtype) for k, v in w.items()}
+    poisoned()
+    out = _grads(ln_linear, x.to(DEVICE, dtype), cast, dy.to(DEVICE), norm=norm, backend="triton")
+    _assert_matches({k: v.cpu() for k, v in out.items()}, ref, dtype)
+
+
+@pytest.mark.parametrize("fn", [ln_linear, reference.ln_linear])
+@pytest.mark.parametrize(
+    "change,exc,words",
+    [
+        ({"weight": torch.randn(96, 31)}, ValueError, "weight must have shape"),
+        ({"bias": torch.randn(95)}, ValueError, "bias must have shape"),
+        ({"norm_bias": torch.randn(32)}, ValueError, "norm_bias must be None for norm='rms'"),
+        ({"norm": "batch"}, ValueError, "norm must be one of"),
+        ({"weight": torch.randn(96, 32).half()}, TypeError, "weight must have dtype"),
+    ],
+)
+def test_ln_linear_bad_input_raises(fn, change, exc, words):
+    w = {k: None if v is None else v.float() for k, v in _linear_weights(32, 96, "rms").items()}
+    args = {"x": torch.randn(3, 32), **w, **change}
+    with pytest.raises(exc, match=words):
+        fn(**args)
+
+
+# --------------------------------------------------------------------------------------
+# GPU: compiled kernels, bf16 at the benchmark shapes, judged against eager's own error
+# --------------------------------------------------------------------------------------
+
+
+def _eager_and_ours_errors(T, d, norm, activation, dtype, **kwargs):
+    """max |err| vs float64 of eager PyTorch and of the Triton op, per output/gradient."""
+    x = torch.randn(T, d, dtype=torch.float64, device="cuda")
+    w = {
+        k: None if v is None else v.cuda()
+        for k, v in _weights(d, 4 * d, norm=norm, biases=True).items()
+    }
+    dy = torch.randn(T, d, dtype=torch.float64, device="cuda")
+    opts = dict(norm=norm, activation=activation)
+    ref = _grads(ln_mlp, x, w, dy, **opts, backend="torch")
+    low = {k: None if v is None else v.to(dtype) for k, v in w.items()}
+    eager = _grads(ln_mlp, x.to(dtype), low, dy, **opts, backend="torch")
+    ours = _grads(ln_mlp, x.to(dtype), low, dy, **opts, backend="triton", **kwargs)
+    return {
+        k: ((ours[k].double() - r).abs().max().item(), (eager[k].double() - r).abs().max().item())
+        for k, r in ref.items()
+    }
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [512, 1024, 1536])
+@pytest.mark.parametrize("variant", ["fused", "cublas"])
+def test_cuda_bf16_error_at_most_twice_eager(d, variant):
+    errors = _eager_and_ours_errors(32768, d, "rms", "quick_gelu", torch.bfloat16, _variant=variant)
+    for name, (ours, eager) in errors.items():
+        assert ours <= 2 * eager + 1e-6, (name, ours, eager)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "T,d,norm,activation", [(130, 96, "layer", "gelu"), (7, 48, "rms", "gelu")]
+)
+def test_cuda_small_shapes_error_at_most_twice_eager(T, d, norm, activation, dtype):
+    for name, (ours, eager) in _eager_and_ours_errors(T, d, norm, activation, dtype).items():
+        assert ours <= 2 * eager + 1e-5, (name, ours, eager)
