@@ -1,5 +1,7 @@
-"""attention: the reference against independent float64 computations, and its errors."""
+"""attention: the reference against float64 definitions, the Triton kernel against the
+reference (interpreted on the CPU, compiled on a GPU), and the errors of both."""
 
+import importlib
 import math
 
 import pytest
@@ -7,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from igpt_kernels import attention, reference
+from igpt_kernels._dispatch import triton_interpreting
+from igpt_kernels._triton import HAS_TRITON
 
 
 def _loop_attention(q, k, v, causal, pad, scale):
@@ -118,3 +122,256 @@ def test_unknown_backend_raises():
         attention(q, k, v, backend="magic")
     with pytest.raises(ValueError, match="has no 'cuda' backend"):
         attention(q, k, v, backend="cuda")
+
+
+# --------------------------------------------------------------------------------------
+# the Triton kernel (interpreted on the CPU, compiled on a GPU)
+# --------------------------------------------------------------------------------------
+
+attention_module = importlib.import_module("igpt_kernels.attention")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON or (DEVICE == "cpu" and not triton_interpreting()),
+    reason="needs Triton (compiled on a GPU, or TRITON_INTERPRET=1 on the CPU)",
+)
+TOLERANCES = [(torch.float32, 2e-5, 1e-4), (torch.float16, 5e-3, 5e-3)]
+MASKS = ["causal", "none", "pad", "causal+pad"]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every buffer the kernels write starts as NaN, so a missed element fails the test."""
+    monkeypatch.setattr(attention_module, "POISON_OUTPUTS", True)
+
+
+def _inputs(B, H, Nq, Nk, D, mask, dtype, empty_rows=False):
+    """Fresh q, k, v and the (causal, key_padding_mask) of a mask kind.
+
+    empty_rows: batch row 1 pads every key, and batch row 0 pads the first keys, so that
+    (with causal) its first queries see nothing: those must get zero outputs and gradients.
+    """
+    q = torch.randn(B, H, Nq, D, device=DEVICE, dtype=dtype)
+    k = torch.randn(B, H, Nk, D, device=DEVICE, dtype=dtype)
+    v = torch.randn(B, H, Nk, D, device=DEVICE, dtype=dtype)
+    pad = None
+    if "pad" in mask:
+        pad = torch.rand(B, Nk, device=DEVICE) > 0.25
+        pad[:, -1] = True  # the last key is never padded unless a row is emptied below
+        if empty_rows:
+            pad[0, : min(3, Nk - 1)] = False
+            pad[1] = False
+    return q, k, v, "causal" in mask, pad
+
+
+def _check_against_float64(q, k, v, causal, pad, atol, rtol, sm_scale=None, do=None):
+    """Forward and dq, dk, dv of backend='triton' against the float64 reference."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    o = attention(*leaves, causal=causal, key_padding_mask=pad, sm_scale=sm_scale, backend="triton")
+    do = torch.randn_like(o) if do is None else do
+    o.backward(do)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o64 = reference.attention(
+        *leaves64, causal=causal, key_padding_mask=pad, sm_scale=sm_scale, backend="torch"
+    )
+    o64.backward(do.double())
+    assert o.dtype == q.dtype and o.shape == q.shape
+    torch.testing.assert_close(o.double(), o64, atol=atol, rtol=rtol)
+    for name, got, expect in zip("qkv", leaves, leaves64, strict=True):
+        torch.testing.assert_close(
+            got.grad.double(), expect.grad, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}"
+        )
+    return o, leaves
+
+
+# Every (mask, N), (mask, D) and (N, D) pair once, instead of the full cross product.
+_SQUARE = [
+    (n, d, mask)
+    for i, mask in enumerate(MASKS)
+    for j, n in enumerate((1, 17, 128, 130))
+    for d in [(32, 64, 96, 128)[(i + j) % 4]]
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("N,D,mask", _SQUARE)
+def test_triton_matches_reference(N, D, mask, dtype, atol, rtol):
+    B, H = (2, 1) if "pad" in mask else (1, 2)
+    q, k, v, causal, pad = _inputs(B, H, N, N, D, mask, dtype)
+    _check_against_float64(q, k, v, causal, pad, atol, rtol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize(
+    "Nq,Nk,D,mask", [(17, 130, 32, "causal"), (1, 17, 64, "causal+pad"), (5, 128, 96, "none")]
+)
+def test_triton_fewer_queries_than_keys(Nq, Nk, D, mask, dtype, atol, rtol):
+    """Nq < Nk, the KV-cache case: causal is bottom-right aligned. Inputs need grad, so
+    even Nq <= 16 takes the main (differentiable) kernel."""
+    q, k, v, causal, pad = _inputs(2, 1, Nq, Nk, D, mask, dtype)
+    _check_against_float64(q, k, v, causal, pad, atol, rtol)
+
+
+@needs_triton
+@pytest.mark.parametrize("mask", ["pad", "causal+pad"])
+def test_triton_rows_without_keys_are_zero(mask):
+    q, k, v, causal, pad = _inputs(2, 2, 17, 17, 32, mask, torch.float32, empty_rows=True)
+    o, (dq, dk, dv) = _check_against_float64(q, k, v, causal, pad, 2e-5, 1e-4)
+    assert torch.equal(o[1], torch.zeros_like(o[1]))
+    assert not dq.grad[1].any() and not dk.grad[1].any() and not dv.grad[1].any()
+    if causal:  # batch row 0's first three queries see only its three padded keys
+        assert not o[0, :, :3].any() and not dq.grad[0, :, :3].any()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+def test_triton_strided_inputs_and_scale(dtype, atol, rtol):
+    """q, k, v as the model passes them: transposed views of one (B, n, 3d) tensor, and a
+    non-contiguous output gradient."""
+    B, n, H, D = 2, 33, 2, 64
+    qkv = torch.randn(B, n, 3 * H * D, device=DEVICE, dtype=dtype)
+    q, k, v = (t.view(B, n, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    assert not q.is_contiguous()
+    do = torch.randn(B, H, D, n, device=DEVICE, dtype=dtype).transpose(-1, -2)
+    _check_against_float64(q, k, v, True, None, atol, rtol, sm_scale=0.2, do=do)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "Nq,Nk,D,mask", [(1, 130, 64, "causal"), (5, 100, 32, "causal+pad"), (16, 77, 96, "none")]
+)
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+def test_triton_decode_path(Nq, Nk, D, mask, dtype, atol, rtol):
+    """Few queries without grad: flash-decoding, keys split across programs, merged."""
+    q, k, v, causal, pad = _inputs(1, 2, Nq, Nk, D, mask, dtype)
+    assert attention_module.decode_splits(1, 2, Nq, Nk, torch.device(DEVICE)) > 1
+    with torch.no_grad():
+        o = attention(q, k, v, causal=causal, key_padding_mask=pad, backend="triton")
+    o64 = reference.attention(
+        q.double(), k.double(), v.double(), causal=causal, key_padding_mask=pad
+    )
+    torch.testing.assert_close(o.double(), o64, atol=atol, rtol=rtol)
+    pad8 = None if pad is None else pad.to(torch.int8)
+    for splits in (1, 3):  # one chunk (no merge) and an uneven split
+        o, _ = attention_module._attn_fwd(
+            q, k, v, pad8, causal, 1 / math.sqrt(D), num_splits=splits
+        )
+        torch.testing.assert_close(o.double(), o64, atol=atol, rtol=rtol)
+
+
+@needs_triton
+def test_triton_decode_rows_without_keys_are_zero():
+    q, k, v, _, pad = _inputs(2, 1, 3, 70, 32, "pad", torch.float32, empty_rows=True)
+    with torch.no_grad():
+        o = attention(q, k, v, causal=True, key_padding_mask=pad, backend="triton")
+    assert torch.equal(o[1], torch.zeros_like(o[1]))
+    o64 = reference.attention(q.double(), k.double(), v.double(), key_padding_mask=pad)
+    torch.testing.assert_close(o.double(), o64, atol=2e-5, rtol=1e-4)
+
+
+@needs_triton
+def test_triton_backward_is_deterministic():
+    q, k, v, causal, pad = _inputs(1, 2, 130, 130, 32, "causal+pad", torch.float16)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = attention(*leaves, causal=causal, key_padding_mask=pad, backend="triton")
+        o.backward(torch.ones_like(o))  # an expanded (stride 0) gradient works too
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_backend_choice_and_reasons():
+    q, k, v = _qkv()
+    auto = attention(q, k, v, backend="auto")  # CPU tensors: the reference, bit for bit
+    assert torch.equal(auto, reference.attention(q, k, v))
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    with pytest.raises(ValueError, match="float64 is not a Triton dtype"):
+        attention(q64, k64, v64, backend="triton")
+    if triton_interpreting():
+        bf = [t.bfloat16() for t in (q, k, v)]
+        with pytest.raises(ValueError, match="computes bfloat16 wrongly"):
+            attention(*bf, backend="triton")
+    elif not torch.cuda.is_available() and HAS_TRITON:
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            attention(q, k, v, backend="triton")
+
+
+# --------------------------------------------------------------------------------------
+# GPU: accuracy at the iGPT shapes, judged against PyTorch's own error
+# --------------------------------------------------------------------------------------
+
+# (B, H, N, D): iGPT-S at 32x32 and 64x64, iGPT-L at 48x48 (head dim 96), iGPT-M at 64x64,
+# with B and H cut so that the float64 reference fits in memory.
+IGPT_SHAPES = [(4, 8, 1024, 64), (1, 4, 4096, 64), (1, 4, 2304, 96), (1, 4, 4096, 128)]
+
+
+def _errors(o, grads, o64, grads64):
+    return [
+        (a.double() - b).abs().max().item()
+        for a, b in zip([o, *grads], [o64, *grads64], strict=True)
+    ]
+
+
+def _sdpa(q, k, v, causal, pad):
+    mask = None
+    if pad is not None:
+        mask = reference.attention_mask(q.shape[2], k.shape[2], causal, pad, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and pad is None)
+
+
+def _run(fn, q, k, v, do):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    o = fn(*leaves)
+    o.backward(do)
+    return o, [t.grad for t in leaves]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("shape", IGPT_SHAPES)
+def test_cuda_error_at_most_twice_sdpa(shape, mask, dtype):
+    B, H, N, D = shape
+    q, k, v, causal, pad = _inputs(B, H, N, N, D, mask, dtype)
+    if pad is not None:
+        pad[:, 0] = True  # no query without keys: SDPA would give NaN there
+    do = torch.randn_like(q)
+    o, grads = _run(
+        lambda *t: attention(*t, causal=causal, key_padding_mask=pad, backend="triton"), q, k, v, do
+    )
+    o_pt, grads_pt = _run(lambda *t: _sdpa(*t, causal, pad), q, k, v, do)
+    o64, grads64 = _run(
+        lambda *t: reference.attention(*t, causal=causal, key_padding_mask=pad),
+        *(t.double() for t in (q, k, v, do)),
+    )
+    ours = _errors(o, grads, o64, grads64)
+    theirs = _errors(o_pt, grads_pt, o64, grads64)
+    for name, a, b in zip(["o", "dq", "dk", "dv"], ours, theirs, strict=True):
+        assert a <= 2 * b + 1e-5, f"{name}: kernel error {a:.3g} > 2 x SDPA's {b:.3g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Nq,Nk,BH", [(1, 4096, (1, 8)), (4, 2304, (2, 16)), (16, 1024, (64, 8))])
+def test_cuda_decode_error_at_most_twice_sdpa(Nq, Nk, BH, dtype):
+    B, H = BH
+    q, k, v, *_ = _inputs(B, H, Nq, Nk, 64, "causal", dtype)
+    with torch.no_grad():
+        o = attention(q, k, v, causal=True, backend="triton")
+        mask = reference.attention_mask(Nq, Nk, True, None, q.device)
+        o_pt = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    o64 = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    ours, theirs = (x.double().sub(o64).abs().max().item() for x in (o, o_pt))
+    assert ours <= 2 * theirs + 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_float32_and_auto():
+    q, k, v, causal, pad = _inputs(2, 2, 300, 300, 128, "causal+pad", torch.float32)
+    _check_against_float64(q, k, v, causal, pad, 1e-4, 1e-4)
+    o = attention(q, k, v, causal=causal, key_padding_mask=pad)  # auto -> triton on CUDA
+    torch.testing.assert_close(
+        o, attention(q, k, v, causal=causal, key_padding_mask=pad, backend="triton")
+    )
