@@ -10,6 +10,11 @@ BERT: token embeddings at masked positions are zeroed and attention sees both di
 Attention and the norm-MLP are the ``igpt_kernels`` ops, which run the Triton kernels on a
 GPU and the PyTorch reference elsewhere. Parameter names follow GPT-2 and transformers'
 ImageGPT, so ``igpt.hf`` converts weights by name.
+
+Sampling (``IGPT.generate``) keeps every layer's keys and values in a cache allocated once
+for the whole image, (L, 2, B, H, n_px^2, hd): the prefix is run in one causal pass that
+fills it, then each new token is a single query attending to the cached keys, which is the
+bottom-right-aligned causal case of ``attention`` (Nq = 1 <= Nk).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 from igpt.config import IGPTConfig
 from igpt_kernels import attention, ln_mlp
@@ -48,12 +54,19 @@ class SelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x, causal: bool):
+    def forward(self, x, causal: bool, kv=None, pos: int = 0):
+        """x (B, n, d) at positions pos..pos+n-1. With ``kv``, this layer's cache slice
+        (2, B, H, n_px^2, hd), the new keys and values are written into it and the queries
+        attend to every cached position up to pos + n - 1."""
         B, n, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)  # 3 x (B, n, d)
         q, k, v = (
             t.view(B, n, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v)
         )  # 3 x (B, H, n, hd)
+        if kv is not None:
+            kv[0, :, :, pos : pos + n] = k
+            kv[1, :, :, pos : pos + n] = v
+            k, v = kv[:, :, :, : pos + n]  # 2 x (B, H, pos + n, hd), views of the cache
         y = attention(q, k, v, causal=causal)  # (B, H, n, hd)
         y = y.transpose(1, 2).reshape(B, n, d)  # (B, n, d)
         return self.c_proj(y)
@@ -91,8 +104,8 @@ class Block(nn.Module):
         self.ln_2 = Norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, causal: bool = True):
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x, causal: bool = True, kv=None, pos: int = 0):
+        x = x + self.attn(self.ln_1(x), causal, kv, pos)
         return self.mlp(x, self.ln_2)
 
 
@@ -224,3 +237,156 @@ class IGPT(nn.Module):
             h = block(h, bert_mask is None)
         feats.append(self.transformer.ln_f(h).float().mean(dim=1))
         return torch.stack(feats, dim=1)  # (B, L + 1, d)
+
+    # ----------------------------------------------------------------------------------
+    # sampling
+    # ----------------------------------------------------------------------------------
+
+    def kv_cache(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        """An empty key/value cache for whole images: (L, 2, B, H, n_px^2, hd).
+
+        Allocated once per ``generate`` call; each step writes one position of it in place.
+        """
+        c = self.config
+        shape = (c.n_layer, 2, batch_size, c.n_head, c.n_positions, c.head_dim)
+        w = self.transformer.wte.weight
+        return torch.empty(shape, device=device or w.device, dtype=dtype or w.dtype)
+
+    def _decode(self, ids, pos: int, cache):
+        """Logits (B, n_colors) after the last of ``ids`` (B, m), the *input* ids (SOS or
+        colours) at positions pos..pos+m-1, writing their keys and values into ``cache``."""
+        wte, wpe = self.transformer.wte, self.transformer.wpe
+        positions = torch.arange(pos, pos + ids.shape[1], device=ids.device)
+        h = wte(ids) + wpe(positions)  # (B, m, d)
+        for block, kv in zip(self.transformer.h, cache, strict=True):
+            h = block(h, True, kv, pos)
+        return self.lm_head(self.transformer.ln_f(h[:, -1]))  # (B, n_colors)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        n: int,
+        *,
+        prefix=None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        device=None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Sample ``n`` whole images, left to right, with a key/value cache (AR models only).
+
+        Args:
+            n: number of images.
+            prefix: optional integer tensor (n, p) or (p,) (shared by all images) of palette
+                ids for the first p raster positions; they are copied unchanged into the
+                output and the model samples the remaining n_px^2 - p.
+            temperature: logits are divided by it; 0 means greedy (argmax).
+            top_k: sample among the k most likely colours only.
+            top_p: nucleus sampling, among the smallest set of colours whose probability
+                reaches top_p, 0 < top_p <= 1.
+            seed: seeds a private ``torch.Generator``, so the same seed, inputs and device
+                give the same images; None draws from torch's global generator.
+            device: where to sample; the model must already be there (default: its device).
+            progress: show a tqdm bar over the positions.
+
+        Returns:
+            int64 tensor (n, n_px^2) of palette ids on ``device``.
+
+        The prefix is run in one causal pass that fills the cache; then each position costs
+        one query per layer against the cached keys. A model trained with the BERT
+        objective has no left-to-right distribution to sample from: do not use this for it.
+        """
+        N = self.config.n_positions
+        device = self._check_generate_args(n, temperature, top_k, top_p, device)
+        prefix = self._check_prefix(prefix, n, device)
+        p = prefix.shape[1]
+        out = torch.empty(n, N, dtype=torch.long, device=device)
+        out[:, :p] = prefix
+        if p == N:
+            return out
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(int(seed))
+        cache = self.kv_cache(n, device)
+        sos = torch.full((n, 1), self.config.sos_id, dtype=torch.long, device=device)
+        logits = self._decode(torch.cat([sos, prefix], dim=1), 0, cache)  # prefill
+        for t in tqdm(range(p, N), desc="sampling", unit="px", disable=not progress):
+            out[:, t] = _next_token(logits, temperature, top_k, top_p, generator)
+            if t + 1 < N:
+                logits = self._decode(out[:, t : t + 1], t + 1, cache)
+        return out
+
+    def _check_generate_args(self, n, temperature, top_k, top_p, device) -> torch.device:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}"
+            )
+        if top_k is not None and (
+            not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1
+        ):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+        here = self.transformer.wte.weight.device
+        device = here if device is None else torch.device(device)
+        if device.type != here.type or (device.index is not None and device != here):
+            raise ValueError(
+                f"device={str(device)!r} but the model is on {here}; move it first with "
+                f"model.to({str(device)!r})"
+            )
+        return here
+
+    def _check_prefix(self, prefix, n, device) -> torch.Tensor:
+        if prefix is None:
+            return torch.empty(n, 0, dtype=torch.long, device=device)
+        if (
+            not isinstance(prefix, torch.Tensor)
+            or prefix.dtype.is_floating_point
+            or prefix.dtype.is_complex
+            or prefix.dtype == torch.bool
+            or prefix.dim() not in (1, 2)
+        ):
+            got = (
+                f"{prefix.dtype} {tuple(prefix.shape)}"
+                if isinstance(prefix, torch.Tensor)
+                else type(prefix).__name__
+            )
+            raise TypeError(f"prefix must be an integer tensor (n, p) or (p,), got {got}")
+        if prefix.dim() == 1:
+            prefix = prefix.expand(n, -1)
+        if prefix.shape[0] != n:
+            raise ValueError(f"prefix must have n={n} rows, got shape {tuple(prefix.shape)}")
+        if prefix.shape[1] > self.config.n_positions:
+            raise ValueError(
+                f"prefix has {prefix.shape[1]} positions but an image has only "
+                f"n_px^2 = {self.config.n_positions}"
+            )
+        if prefix.numel() and (int(prefix.min()) < 0 or int(prefix.max()) >= self.config.n_colors):
+            raise ValueError(
+                f"prefix must hold palette ids in [0, n_colors={self.config.n_colors}), got "
+                f"values in [{int(prefix.min())}, {int(prefix.max())}]"
+            )
+        return prefix.to(device=device, dtype=torch.long)
+
+
+def _next_token(logits, temperature, top_k, top_p, generator):
+    """Token ids (B,) drawn from logits (B, K): greedy at temperature 0, else softmax of
+    logits / temperature restricted to the top_k colours and to the top_p nucleus."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, K)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a colour once the more likely ones already reach top_p (the first never is)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,254 @@
+"""Sampling: KV-cache generation against full recomputation, seeds, prefixes, top-k/top-p,
+argument errors, completions, PNG grids, BERT refusal and the ``igpt sample`` command."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from igpt import IGPT, IGPTConfig
+from igpt.checkpoint import save_checkpoint
+from igpt.model import _next_token
+from igpt.palette import Palette
+from igpt.sample import complete, load_for_sampling, sample_grid, save_grid, unconditional
+
+N_PX, K = 8, 16
+T = N_PX * N_PX
+
+
+def tiny(**kw):
+    fields = dict(n_px=N_PX, n_layer=2, n_head=2, n_embd=64, n_colors=K)
+    fields.update(kw)
+    model = IGPT(IGPTConfig(**fields)).eval()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # a zero head gives uniform logits
+    return model
+
+
+@torch.no_grad()
+def greedy_by_recomputation(model, n, prefix=None):
+    """Greedy decoding that runs the whole sequence through forward() at every step."""
+    x = torch.zeros(n, model.config.n_positions, dtype=torch.long)
+    p = 0 if prefix is None else prefix.shape[1]
+    if p:
+        x[:, :p] = prefix
+    for t in range(p, model.config.n_positions):
+        x[:, t] = model(x[:, : t + 1])[:, t].argmax(-1)  # logits[:, t] only sees x[:, :t]
+    return x
+
+
+@pytest.mark.parametrize("p", [0, 1, 27, T - 1])
+def test_greedy_with_cache_equals_recomputation(p):
+    model = tiny()
+    prefix = torch.randint(0, K, (3, p))
+    cached = model.generate(3, prefix=prefix, temperature=0)
+    assert cached.dtype == torch.int64 and cached.shape == (3, T)
+    torch.testing.assert_close(cached, greedy_by_recomputation(model, 3, prefix), rtol=0, atol=0)
+
+
+def test_greedy_with_cache_equals_recomputation_layernorm_gelu():
+    model = tiny(norm="layer", activation="gelu", n_layer=3, n_head=1)
+    torch.testing.assert_close(
+        model.generate(2, temperature=0), greedy_by_recomputation(model, 2), rtol=0, atol=0
+    )
+
+
+def test_seed_reproduces_and_different_seeds_differ():
+    model = tiny()
+    a = model.generate(4, seed=7)
+    b = model.generate(4, seed=7)
+    c = model.generate(4, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert int(a.min()) >= 0 and int(a.max()) < K
+
+
+def test_prefix_is_kept_unchanged():
+    model = tiny()
+    prefix = torch.randint(0, K, (3, 20), dtype=torch.int32)
+    out = model.generate(3, prefix=prefix, seed=0)
+    assert torch.equal(out[:, :20], prefix.long())
+    shared = torch.randint(0, K, (11,))  # (p,) is the same prefix for every image
+    out = model.generate(2, prefix=shared, seed=0)
+    assert torch.equal(out[:, :11], shared.expand(2, -1))
+    whole = torch.randint(0, K, (2, T))
+    assert torch.equal(model.generate(2, prefix=whole), whole)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy():
+    model = tiny()
+    greedy = model.generate(3, temperature=0)
+    assert torch.equal(model.generate(3, top_k=1, seed=1), greedy)
+    assert torch.equal(model.generate(3, top_p=1e-6, temperature=2.0, seed=2), greedy)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]]).expand(4000, -1)
+    g = torch.Generator().manual_seed(0)
+    drawn = set(_next_token(logits, 1.0, 2, None, g).tolist())
+    assert drawn == {0, 1}
+    probs = torch.softmax(logits[0], -1)  # 0.64, 0.23, 0.09, ...: 0.8 needs the top 2
+    assert probs[0] < 0.8 < probs[:2].sum()
+    assert set(_next_token(logits, 1.0, None, 0.8, g).tolist()) == {0, 1}
+    assert set(_next_token(logits, 1.0, None, None, g).tolist()) == set(range(6))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=math.nan), "temperature"),
+        (dict(temperature=math.inf), "temperature"),
+        (dict(temperature="hot"), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(prefix=torch.full((2, 3), K)), "prefix"),
+        (dict(prefix=torch.zeros(3, 4, dtype=torch.long)), "prefix"),
+        (dict(prefix=torch.zeros(2, T + 1, dtype=torch.long)), "prefix"),
+        (dict(device="cuda"), "device"),
+    ],
+)
+def test_bad_arguments_raise_value_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny().generate(2, **kwargs)
+
+
+def test_bad_types_raise():
+    model = tiny()
+    with pytest.raises(TypeError, match="prefix"):
+        model.generate(2, prefix=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="n must"):
+        model.generate(0)
+
+
+def test_complete_keeps_rows_and_batches_reproducibly():
+    model = tiny()
+    images = torch.randint(0, K, (3, N_PX, N_PX))
+    out = complete(model, images, rows=3, n_samples=2, seed=5, batch_size=4)
+    assert out.shape == (3, 2, T)
+    kept = images.reshape(3, 1, T)[..., : 3 * N_PX].expand(-1, 2, -1)
+    assert torch.equal(out[..., : 3 * N_PX], kept)
+    assert torch.equal(out, complete(model, images, rows=3, n_samples=2, seed=5, batch_size=4))
+    greedy = complete(model, images, n_prefix=13, n_samples=1, temperature=0)
+    assert torch.equal(
+        greedy[:, 0], model.generate(3, prefix=images.reshape(3, T)[:, :13], temperature=0)
+    )
+    with pytest.raises(ValueError, match="not both"):
+        complete(model, images, rows=2, n_prefix=5)
+    with pytest.raises(ValueError, match="rows"):
+        complete(model, images, rows=N_PX + 1)
+    with pytest.raises(ValueError, match="n_px"):
+        complete(model, torch.zeros(2, 10, dtype=torch.long))
+
+
+def test_unconditional_batches_with_per_batch_seeds():
+    model = tiny()
+    out = unconditional(model, 5, seed=3, batch_size=2)
+    assert out.shape == (5, T)
+    assert torch.equal(out[:2], model.generate(2, seed=3))
+    assert torch.equal(out[4:], model.generate(1, seed=5))
+
+
+def _palette():
+    return Palette(torch.rand(K, 3) * 255)
+
+
+def test_grid_png_has_the_expected_size_and_grey_mask(tmp_path):
+    palette = _palette()
+    originals = torch.randint(0, K, (3, T))
+    completions = torch.randint(0, K, (3, 2, T))
+    path = save_grid(
+        tmp_path / "grid.png",
+        originals,
+        completions,
+        palette,
+        n_prefix=2 * N_PX,
+        scale=3,
+        pad=2,
+        tokens_path=tmp_path / "tokens.npy",
+    )
+    png = np.asarray(Image.open(path))
+    cell = N_PX * 3
+    assert png.shape == (3 * cell + 4 * 2, 4 * cell + 5 * 2, 3)  # 3 rows, 2 + 2 columns
+    masked = png[2 : 2 + cell, 2 : 2 + cell]  # first cell: the first 2 rows, then grey
+    assert (masked[2 * 3 :] == 128).all()
+    first_px = palette.dequantize(originals[0, :1]).numpy()[0]
+    assert (masked[0, 0] == first_px).all()
+    last = png[2 : 2 + cell, -(2 + cell) : -2]  # last cell: the untouched original
+    np.testing.assert_array_equal(
+        last[::3, ::3], palette.dequantize(originals[0]).view(N_PX, N_PX, 3).numpy()
+    )
+    np.testing.assert_array_equal(np.load(tmp_path / "tokens.npy"), completions.numpy())
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_unconditional_grid_is_near_square():
+    picture = sample_grid(None, torch.randint(0, K, (5, T)), _palette(), pad=1)
+    assert picture.shape == (2 * N_PX + 3, 3 * N_PX + 4, 3) and picture.dtype == np.uint8
+
+
+def _checkpoint(tmp_path, objective):
+    model = tiny()
+    return save_checkpoint(
+        tmp_path / "ckpt_00000001.pt", model, step=1, palette=_palette(), objective=objective
+    )
+
+
+def test_bert_checkpoints_are_refused(tmp_path):
+    from igpt.cli import main
+
+    path = _checkpoint(tmp_path, "bert")
+    with pytest.raises(ValueError, match="BERT"):
+        load_for_sampling(path)
+    with pytest.raises(SystemExit, match="BERT"):
+        main(["sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "s.png")])
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_cli_completes_digits(tmp_path, capsys):
+    from igpt.cli import main
+
+    _checkpoint(tmp_path, "ar")
+    out, tokens = tmp_path / "s.png", tmp_path / "s.npy"
+    argv = ["sample", "--checkpoint", str(tmp_path), "--n", "2", "--complete-from", "digits"]
+    argv += ["--rows", "3", "--n-samples", "2", "--out", str(out), "--tokens-out", str(tokens)]
+    main(argv + ["--scale", "2", "--top-k", "4", "--device", "cpu"])
+    assert np.asarray(Image.open(out)).shape == (2 * 16 + 3 * 2, 4 * 16 + 5 * 2, 3)
+    assert np.load(tokens).shape == (2, 2, T)
+    assert "wrote 4 completions" in capsys.readouterr().out
+    main(["sample", "--checkpoint", str(tmp_path), "--n", "3", "--out", str(out)])
+    assert np.asarray(Image.open(out)).shape == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2, 3)
+
+
+@pytest.mark.cuda
+def test_cuda_greedy_with_cache_equals_recomputation_and_seeds_reproduce():
+    model = tiny().cuda()
+    prefix = torch.randint(0, K, (4, 9), device="cuda")
+    cached = model.generate(4, prefix=prefix, temperature=0)
+    expect = greedy_by_recomputation(model.cpu(), 4, prefix.cpu())
+    assert (cached.cpu() != expect).float().mean() < 0.05  # kernels may flip near-ties
+    model.cuda()
+    assert torch.equal(model.generate(4, seed=1), model.generate(4, seed=1))
+
+
+def test_cache_decode_through_the_triton_kernel_matches(monkeypatch):
+    """The cache's strided views, the causal prefill and the Nq=1 decode steps through the
+    Triton attention kernel (interpreted on a CPU) give the reference's greedy tokens."""
+    import functools
+
+    import igpt.model
+    from igpt_kernels import attention
+    from igpt_kernels._dispatch import triton_interpreting
+
+    if not (torch.cuda.is_available() or triton_interpreting()):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    model = tiny(n_px=4)
+    prefix = torch.randint(0, K, (2, 5))
+    expect = model.generate(2, prefix=prefix, temperature=0)
+    monkeypatch.setattr(igpt.model, "attention", functools.partial(attention, backend="triton"))
+    torch.testing.assert_close(
+        model.generate(2, prefix=prefix, temperature=0), expect, rtol=0, atol=0
+    )
