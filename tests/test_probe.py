@@ -1,0 +1,222 @@
+"""igpt.probe: features against a naive loop, the cache, probes, low-data subsets, ensembles."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from igpt import IGPT, IGPTConfig, probe
+
+
+def tiny(n_layer=3, **kw):
+    fields = dict(n_px=4, n_layer=n_layer, n_head=2, n_embd=64, n_colors=16)
+    fields.update(kw)
+    return IGPT(IGPTConfig(**fields))
+
+
+def naive_features(model, tokens, bert_mask=None):
+    """f^l from the definition, one layer at a time: mean_i ln_1^l(h^l), then mean_i ln_f(h^L)."""
+    with torch.no_grad():
+        h = model.embed(tokens, bert_mask)
+        out = []
+        for block in model.transformer.h:
+            out.append(block.ln_1(h).mean(dim=1))
+            h = block(h, bert_mask is None)
+        out.append(model.transformer.ln_f(h).mean(dim=1))
+    return torch.stack(out, dim=1)
+
+
+def blobs(n, n_classes=4, dim=16, seed=0):
+    """Linearly separable classes: y = argmax(x W), keeping points with a margin of 1.
+
+    The points fill space (no clusters), so with shuffled labels a probe can only memorise.
+    """
+    rng = np.random.default_rng(seed)
+    w = np.random.default_rng(123).normal(size=(dim, n_classes))
+    x = rng.normal(size=(4 * n, dim))
+    logits = np.sort(x @ w, axis=1)
+    x = x[logits[:, -1] - logits[:, -2] > 1.0][:n]
+    assert len(x) == n
+    return x.astype(np.float32), (x @ w).argmax(1)
+
+
+@pytest.mark.parametrize("bert", [False, True])
+def test_features_equal_naive_per_layer_loop(bert):
+    model = tiny()
+    tokens = torch.randint(0, 16, (11, 16))
+    seed = 3 if bert else None
+    feats = probe.extract_features(model, tokens, batch_size=4, bert_mask_seed=seed, progress=False)
+    mask = probe.bert_mask(tokens.shape, seed=3) if bert else None
+    assert feats.dtype == torch.float32 and feats.shape == (11, 4, 64)
+    torch.testing.assert_close(feats, naive_features(model, tokens, mask), rtol=1e-5, atol=1e-5)
+    some = probe.extract_features(
+        model, tokens, layers=[0, -1], bert_mask_seed=seed, progress=False
+    )
+    torch.testing.assert_close(some, feats[:, [0, 3]])
+
+
+def test_features_cache_is_hit_on_second_run(tmp_path):
+    model = tiny(n_layer=2)
+    tokens = torch.randint(0, 16, (6, 16))
+    calls = []
+    original = model.features
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return original(*args, **kw)
+
+    model.features = counting
+    kw = dict(batch_size=4, cache_dir=tmp_path, cache_key="ckpt-a:digits", progress=False)
+    first = probe.extract_features(model, tokens, **kw)
+    assert len(calls) == 2  # two batches
+    second = probe.extract_features(model, tokens, **kw)
+    assert len(calls) == 2  # read from disk
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    probe.extract_features(model, tokens, layers=[1], **kw)  # another layer set: recompute
+    assert len(calls) == 4
+    other = tokens.clone()
+    other[0, 0] = (other[0, 0] + 1) % 16
+    probe.extract_features(model, other, **kw)  # another dataset under the same key: recompute
+    assert len(calls) == 6
+
+
+def test_extract_features_rejects_bad_input():
+    model = tiny(n_layer=1)
+    with pytest.raises(TypeError, match="tokens"):
+        probe.extract_features(model, torch.rand(2, 16), progress=False)
+    with pytest.raises(ValueError, match="layer 5"):
+        probe.extract_features(model, torch.zeros(2, 16, dtype=torch.long), layers=[5])
+
+
+def test_probe_separable_is_near_perfect_and_shuffled_is_chance():
+    x, y = blobs(600)
+    xt, yt = blobs(400, seed=1)
+    res = probe.linear_probe(x, y, xt, yt, Cs=(0.01, 100.0))
+    assert res["test_acc"] >= 0.97 and res["val_acc"] >= 0.95
+    assert res["C"] == 100.0 and len(res["val_curve"]) == 2
+    shuffled = np.random.default_rng(0).permutation(y)
+    res = probe.linear_probe(x, shuffled, xt, yt, Cs=(0.01, 1.0))
+    assert abs(res["test_acc"] - 0.25) < 0.1
+
+
+def test_probe_layers_finds_the_informative_layer():
+    x, y = blobs(300)
+    xt, yt = blobs(200, seed=1)
+    noise = np.random.default_rng(2)
+    train = np.stack([noise.normal(size=x.shape), x, noise.normal(size=x.shape)], axis=1)
+    test = np.stack([noise.normal(size=xt.shape), xt, noise.normal(size=xt.shape)], axis=1)
+    res = probe.probe_layers(
+        train, y, test, yt, layer_ids=[4, 5, 6], concat=2, Cs=(0.1,), progress=False
+    )
+    assert [r["layer"] for r in res["rows"]] == [4, 5, 6]
+    assert res["best_layer"] == 5 and res["best"]["test_acc"] > 0.9
+    assert max(res["rows"][0]["test_acc"], res["rows"][2]["test_acc"]) < 0.5
+    assert 5 in res["concat"]["layers"] and len(res["concat"]["layers"]) == 2
+
+
+def test_low_data_subsets_have_exactly_k_per_class_and_differ():
+    y = np.repeat(np.arange(5), 30)
+    subsets = probe.class_balanced_subsets(y, 4, n_subsets=5, seed=0)
+    for idx in subsets:
+        assert np.array_equal(np.bincount(y[idx], minlength=5), np.full(5, 4))
+        assert len(np.unique(idx)) == 20
+    assert len({tuple(s) for s in subsets}) == 5
+    again = probe.class_balanced_subsets(y, 4, n_subsets=5, seed=0)
+    other = probe.class_balanced_subsets(y, 4, n_subsets=5, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(subsets, again, strict=True))
+    assert not any(np.array_equal(a, b) for a, b in zip(subsets, other, strict=True))
+    with pytest.raises(ValueError, match="fewer than k=31"):
+        probe.class_balanced_subsets(y, 31)
+
+
+def test_low_data_probe_reports_mean_and_std():
+    x, y = blobs(400)
+    xt, yt = blobs(200, seed=1)
+    res = probe.low_data_probe(
+        x, y, xt, yt, per_class=(2, 10, 1000), n_subsets=3, Cs=(1.0,), progress=False
+    )
+    assert [r["per_class"] for r in res["rows"]] == [2, 10]  # 1000 per class is skipped
+    row = res["rows"][1]
+    assert row["n_train"] == 40 and len(row["accs"]) == 3
+    assert row["mean"] == pytest.approx(np.mean(row["accs"]))
+    assert row["std"] == pytest.approx(np.std(row["accs"], ddof=1))
+    assert row["mean"] > 0.5 and row["mean"] > res["rows"][0]["mean"]  # chance is 0.25
+
+
+def test_modal_prediction_takes_the_mode_and_breaks_ties_by_seed():
+    preds = np.array([[1, 0, 2], [1, 3, 2], [0, 3, 1], [2, 0, 1], [1, 4, 5]])
+    # column 0: 1 wins 3-1-1; column 1: 0 and 3 tie; column 2: 2 and 1 tie
+    out = probe.modal_prediction(preds, seed=0)
+    assert out[0] == 1 and out[1] in (0, 3) and out[2] in (1, 2)
+    np.testing.assert_array_equal(probe.modal_prediction(preds, seed=0), out)
+    ties = np.tile(np.array([[0], [1]]), (1, 200))  # every column a 1-1 tie
+    picks = [probe.modal_prediction(ties, seed=s) for s in (0, 0, 1)]
+    np.testing.assert_array_equal(picks[0], picks[1])
+    assert not np.array_equal(picks[0], picks[2])
+    assert 50 < picks[0].sum() < 150  # both tied classes are picked, at random
+    with pytest.raises(ValueError, match="predictions"):
+        probe.modal_prediction(np.zeros(3, dtype=int))
+
+
+def test_bert_ensemble_probe_runs_masked_and_is_seeded():
+    model = tiny(n_layer=1)
+    torch.nn.init.normal_(model.transformer.wte.weight, std=1.0)
+    y = np.arange(40) % 2
+    tokens = torch.randint(0, 8, (40, 16)) + 8 * torch.from_numpy(y)[:, None]  # class = range
+    kw = dict(layer=-1, n_masks=3, seed=0, Cs=(1.0,), progress=False)
+    a = probe.bert_ensemble_probe(model, tokens[:24], y[:24], tokens[24:], y[24:], **kw)
+    b = probe.bert_ensemble_probe(model, tokens[:24], y[:24], tokens[24:], y[24:], **kw)
+    assert a == b and a["n_masks"] == 3 and len(a["mask_accs"]) == 3
+    assert a["ensemble_acc"] > 0.8
+
+
+def test_sgd_probe_separable():
+    x, y = blobs(600)
+    xt, yt = blobs(200, seed=1)
+    res = probe.sgd_probe(x, y, xt, yt, epochs=5, batch_size=64, weight_decays=(0.0, 1e-3))
+    assert res["test_acc"] >= 0.95 and res["weight_decay"] in (0.0, 1e-3)
+
+
+def test_baselines():
+    images = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    f = probe.raw_pixel_features(images)
+    assert f.shape == (3, 48) and float(f.max()) <= 1.0
+    np.testing.assert_allclose(f[1, :3].numpy(), images[1, 0, 0] / 255.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="palette"):
+        probe.raw_pixel_features(torch.zeros(3, 16, dtype=torch.long))
+    model = tiny(n_layer=1)
+    fresh = probe.random_init_model(model, seed=1)
+    assert fresh.config == model.config
+    assert not torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
+    again = probe.random_init_model(model.config, seed=1)
+    assert torch.equal(fresh.transformer.wte.weight, again.transformer.wte.weight)
+
+
+def test_write_report(tmp_path):
+    rows = [
+        {"layer": i, "val_acc": 0.5 + i / 10, "test_acc": 0.4 + i / 10, "C": 1.0} for i in range(3)
+    ]
+    results = {
+        "layers": {"rows": rows, "best_layer": 2, "best": rows[2], "concat": None},
+        "raw_pixels": {"test_acc": 0.3, "classifier": object()},
+        "low_data": {
+            "rows": [{"per_class": 4, "n_train": 8, "mean": 0.5, "std": 0.1, "accs": [0.4, 0.6]}]
+        },
+    }
+    paths = probe.write_report(results, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["layers"]["best_layer"] == 2 and "classifier" not in data["raw_pixels"]
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = paths["table"].read_text()
+    assert "| 2 | 0.7000 | 0.6000 |" in text and "50.00 ± 10.00" in text
+
+
+@pytest.mark.cuda
+def test_features_on_cuda_bf16_match_cpu():
+    model = tiny(n_layer=2, n_px=8)
+    tokens = torch.randint(0, 16, (70, 64))
+    cpu = probe.extract_features(model, tokens, batch_size=32, progress=False)
+    gpu = probe.extract_features(model, tokens, batch_size=32, device="cuda", progress=False)
+    assert gpu.device.type == "cpu" and gpu.dtype == torch.float32
+    torch.testing.assert_close(gpu, cpu, rtol=5e-2, atol=5e-2)
