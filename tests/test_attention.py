@@ -282,6 +282,26 @@ def test_triton_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
+def test_decode_splits_heuristic():
+    splits = attention_module.decode_splits
+    cuda = torch.device("cuda")
+    sms = attention_module._sm_count(cuda) if torch.cuda.is_available() else None
+    cpu = torch.device("cpu")
+    assert splits(1, 1, 17, 4096, cpu) == 1  # too many queries for the decode path
+    assert splits(64, 64, 1, 4096, cpu) == 1  # enough (batch, head) pairs to fill the GPU
+    assert splits(1, 1, 1, 10, cpu) == 1  # too few keys to be worth a split
+    assert 1 < splits(1, 2, 1, 4096, cpu) <= attention_module.MAX_SPLITS
+    if sms is not None:
+        assert 1 < splits(1, 8, 1, 4096, cuda) <= attention_module.MAX_SPLITS
+
+
+@needs_triton
+def test_triton_grid_limit_raises():
+    q = torch.randn(1, attention_module.MAX_GRID_Y + 1, 1, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="B \\* H = 65536"):
+        attention(q, q, q, backend="triton")
+
+
 def test_backend_choice_and_reasons():
     q, k, v = _qkv()
     auto = attention(q, k, v, backend="auto")  # CPU tensors: the reference, bit for bit
