@@ -39,7 +39,10 @@ Shapes and dtypes: x (..., d) with any leading dims, any T, any d <= 8192 and an
 float32, float16, bfloat16 on CUDA (float32/float16 under ``TRITON_INTERPRET=1``, where
 Triton cannot compute in bfloat16). GEMMs accumulate in fp32; float32 inputs use exact
 fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch does. Every
-bias may be None; norm_bias must be None for "rms".
+bias may be None; norm_bias must be None for "rms". Under CUDA autocast with float32 inputs
+(the training loop's bf16 autocast over fp32 weights) the fc/proj weights are cast to the
+autocast dtype, the norm reads float32 x and rounds its output to that dtype on the A-tile
+load, and the residual is added to the fp32 accumulator: eager autocast's semantics.
 
 Variants: the default ("fused") runs every GEMM in Triton with the fusions above. The
 internal ``_variant="cublas"`` runs the four big GEMMs with torch (cuBLAS) and keeps only the
@@ -196,7 +199,7 @@ def _ln_fc_kernel(
             n = n * tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_NB:
             n = n + tl.load(NB + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        n = tl.where(ok, n, 0.0).to(X.dtype.element_ty)
+        n = tl.where(ok, n, 0.0).to(W.dtype.element_ty)
         w_ptr = W + cols[None, :] * stride_wn + ks[:, None] * stride_wk
         w = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(n, w, acc, input_precision=PRECISION)
@@ -340,7 +343,7 @@ def _wgrad_kernel(
                 n = n * nw[None, :]
             if HAS_NB:
                 n = n + nb[None, :]
-            v = tl.where(ok, n, 0.0).to(X.dtype.element_ty)
+            v = tl.where(ok, n, 0.0).to(G.dtype.element_ty)
         acc = tl.dot(g, v, acc, input_precision=PRECISION)
         if HAS_DB:
             db += tl.sum(g.to(tl.float32), axis=1)
@@ -485,8 +488,8 @@ def _ln_fc_fwd(x2, mean, rstd, nw, nb, w, b, act, store_z):
     """(z or None, act(z) or None) for z = norm(x2) @ w^T + b; w: (N, d)."""
     T, K = x2.shape
     N = w.shape[0]
-    z = torch.empty(T, N, device=x2.device, dtype=x2.dtype) if store_z else None
-    a = torch.empty(T, N, device=x2.device, dtype=x2.dtype) if act is not None else None
+    z = torch.empty(T, N, device=x2.device, dtype=w.dtype) if store_z else None
+    a = torch.empty(T, N, device=x2.device, dtype=w.dtype) if act is not None else None
     _ln_fc_tuned[_grid2d(T, N)](
         x2,
         mean if mean is not None else rstd,
@@ -698,9 +701,9 @@ def _act_kernel(
         tl.store(Out + offs, _act_fwd(z, ACT).to(Out.dtype.element_ty), mask=ok)
 
 
-def _norm_apply(x2, mean, rstd, nw, nb):
+def _norm_apply(x2, mean, rstd, nw, nb, dtype):
     T, D = x2.shape
-    out = torch.empty_like(x2)
+    out = torch.empty(T, D, device=x2.device, dtype=dtype)
     block_t, block_d = 16, min(triton.next_power_of_2(D), 256)
     grid = (triton.cdiv(T, block_t), triton.cdiv(D, block_d))
     _norm_apply_kernel[grid](
@@ -751,15 +754,16 @@ class _LnMlp(torch.autograd.Function):
         mean, rstd = _norm_stats(x2, norm, eps)
         if variant == "fused":
             z, a = _ln_fc_fwd(x2, mean, rstd, nw, nb, w1, b1, act, store_z=needs_grad)
-            y, _ = _matmul(a, w2.t(), bias=b2, resid=x2 if residual else None)
+            out_dtype = x2.dtype if residual else w2.dtype
+            y, _ = _matmul(a, w2.t(), bias=b2, resid=x2 if residual else None, out_dtype=out_dtype)
         else:
-            n = _norm_apply(x2, mean, rstd, nw, nb)
+            n = _norm_apply(x2, mean, rstd, nw, nb, w1.dtype)
             z = torch.nn.functional.linear(n, w1, b1)
             del n
             a = _act_elementwise(z, act)
             y = torch.nn.functional.linear(a, w2, b2)
             if residual:
-                y += x2
+                y = y.add_(x2) if y.dtype == x2.dtype else x2 + y
         del a
         if needs_grad:
             ctx.save_for_backward(x2, mean, rstd, z, nw, nb, w1, w2)
@@ -772,9 +776,10 @@ class _LnMlp(torch.autograd.Function):
         norm, act, residual, variant, has_b1, has_b2 = ctx.cfg
         need = ctx.needs_input_grad
         dy = dy.contiguous()
+        dyc = dy.to(w2.dtype)  # the GEMMs' dtype (differs from x's under autocast)
         if variant == "fused":
-            dz, a = _matmul(dy, w2, z=z, act=act)
-            dw2, db2 = _wgrad(dy, a, bias_grad=has_b2) if need[5] or need[6] else (None, None)
+            dz, a = _matmul(dyc, w2, z=z, act=act)
+            dw2, db2 = _wgrad(dyc, a, bias_grad=has_b2) if need[5] or need[6] else (None, None)
             del a
             if need[3] or need[4]:
                 dw1, db1 = _wgrad(dz, x2, norm_args=(mean, rstd, nw, nb), bias_grad=has_b1)
@@ -782,13 +787,13 @@ class _LnMlp(torch.autograd.Function):
                 dw1, db1 = None, None
             dn, _ = _matmul(dz, w1, out_dtype=torch.float32)
         else:
-            dz, a = _act_elementwise(z, act, dy @ w2)
-            dw2, db2 = dy.t() @ a, dy.sum(0) if has_b2 else None
+            dz, a = _act_elementwise(z, act, dyc @ w2)
+            dw2, db2 = dyc.t() @ a, dyc.sum(0) if has_b2 else None
             del a
-            n = _norm_apply(x2, mean, rstd, nw, nb)
+            n = _norm_apply(x2, mean, rstd, nw, nb, w1.dtype)
             dw1, db1 = dz.t() @ n, dz.sum(0) if has_b1 else None
             del n
-            dn = dz @ w1
+            dn = (dz @ w1).float()
         del dz
         dx, dnw, dnb = _norm_bwd(x2, dn, dy, mean, rstd, nw, residual)
         return (
@@ -860,6 +865,19 @@ def _pick(op, x, backend):
     return resolve(op, backend, {"triton": _triton_unavailable(x)}, auto_order)
 
 
+def _autocast_dtype(x):
+    """The dtype CUDA autocast runs GEMMs in when it would change x's float32, else None."""
+    if x.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+        return None
+    dtype = torch.get_autocast_dtype("cuda")
+    return dtype if x.dtype == torch.float32 and dtype != torch.float32 else None
+
+
+def _for_gemm(dtype, *tensors):
+    """Cast the GEMM operands to autocast's dtype (differentiably, as autocast would)."""
+    return tensors if dtype is None else tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -892,7 +910,9 @@ def ln_mlp(
         backend: "auto" (Triton for CUDA tensors, else the reference), "triton" or "torch".
 
     Returns:
-        y: (..., d) in x's dtype.
+        y: (..., d) in x's dtype. Under CUDA autocast with float32 inputs the GEMMs run in
+        autocast's dtype while the norm and the residual stay in float32, as in eager
+        PyTorch: y is float32 with residual=True and in autocast's dtype without.
     """
     reference.check_ln_mlp(
         x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, norm, eps, activation
@@ -914,7 +934,8 @@ def ln_mlp(
             activation=activation,
             residual=residual,
         )
-    params = (norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias)
+    gemm = _for_gemm(_autocast_dtype(x), fc_weight, fc_bias, proj_weight, proj_bias)
+    params = (norm_weight, norm_bias, *gemm)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
     y = _LnMlp.apply(
         x2,
@@ -940,13 +961,14 @@ def ln_linear(x, norm_weight, norm_bias, weight, bias, *, norm="rms", eps=1e-5, 
         backend: "auto" (Triton for CUDA tensors, else the reference), "triton" or "torch".
 
     Returns:
-        y: (..., n) in x's dtype. Saves only x and the fp32 row stats for backward.
+        y: (..., n) in x's dtype, or in autocast's dtype under CUDA autocast (the norm stays
+        in float32). Saves only x and the fp32 row stats for backward.
     """
     reference.check_ln_linear(x, norm_weight, norm_bias, weight, bias, norm, eps)
     name = _pick("ln_linear", x, backend)
     if name == "torch" or x.numel() == 0:
         return reference.ln_linear(x, norm_weight, norm_bias, weight, bias, norm=norm, eps=eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
-    params = (norm_weight, norm_bias, weight, bias)
+    params = (norm_weight, norm_bias, *_for_gemm(_autocast_dtype(x), weight, bias))
     y = _LnLinear.apply(x2, *params, norm, float(eps), _needs_grad(x, *params))
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -119,11 +119,11 @@ def _grads(fn, x, w, dy, **kwargs):
     return out
 
 
-def _assert_matches(out, ref, dtype):
+def _assert_matches(out, ref, dtype, check_dtype=True):
     atol, rtol = TOL[dtype]
     for name, r in ref.items():
         o = out[name]
-        assert o.dtype == dtype, name
+        assert o.dtype == dtype or not check_dtype, name
         scale = r.abs().max().item()
         torch.testing.assert_close(o.double(), r, atol=atol * scale, rtol=rtol, msg=name)
 
@@ -198,6 +198,24 @@ def test_inference_only_forward(poisoned):
     with torch.no_grad():
         y = ln_mlp(x, **w, norm="layer", backend="triton")
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_autocast_mixes_float32_norm_with_half_gemms(monkeypatch, residual):
+    """CUDA autocast (simulated: the interpreter has no CUDA): fp32 x, norm and residual,
+    fp16 GEMMs; y and every gradient in eager autocast's dtypes, close to float64."""
+    module = importlib.import_module("igpt_kernels.ln_mlp")
+    monkeypatch.setattr(module, "_autocast_dtype", lambda x: torch.float16)
+    x = torch.randn(2, 7, 48, dtype=torch.float64)
+    w = _weights(48, 192, norm="layer")
+    dy = torch.randn(2, 7, 48, dtype=torch.float64)
+    opts = dict(norm="layer", activation="gelu", residual=residual)
+    ref = _grads(ln_mlp, x, w, dy, **opts, backend="torch")
+    w32 = {k: v.float() for k, v in w.items()}
+    out = _grads(ln_mlp, x.float(), w32, dy, **opts, backend="triton")
+    assert out["y"].dtype == (torch.float32 if residual else torch.float16)
+    assert all(out[k].dtype == torch.float32 for k in ["x", *w])
+    _assert_matches(out, ref, torch.float16, check_dtype=False)
 
 
 def _saved_bytes(fn, params):
@@ -347,3 +365,21 @@ def test_cuda_bf16_error_at_most_twice_eager(d, variant):
 def test_cuda_small_shapes_error_at_most_twice_eager(dtype):
     for name, (ours, eager) in _eager_and_ours_errors(130, 96, "layer", "gelu", dtype).items():
         assert ours <= 2 * eager + 1e-5, (name, ours, eager)
+
+
+@pytest.mark.cuda
+def test_cuda_autocast_error_at_most_twice_eager():
+    """The training loop's case: fp32 x and weights under bf16 autocast."""
+    x = torch.randn(4096, 512, dtype=torch.float64, device="cuda")
+    w = {k: v.cuda() for k, v in _weights(512, 2048, norm="layer").items()}
+    dy = torch.randn_like(x)
+    ref = _grads(ln_mlp, x, w, dy, norm="layer", backend="torch")
+    w32 = {k: v.float() for k, v in w.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend="torch")
+        ours = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend="triton")
+    for name, r in ref.items():
+        assert ours[name].dtype == eager[name].dtype, name
+        err = (ours[name].double() - r).abs().max().item()
+        eager_err = (eager[name].double() - r).abs().max().item()
+        assert err <= 2 * eager_err + 1e-6, (name, err, eager_err)
