@@ -169,6 +169,29 @@ def test_cublas_variant_matches_reference(shape, norm, activation, biases, resid
     _compare(shape, norm, activation, biases, residual, dtype, backend="triton", _variant="cublas")
 
 
+def test_odd_hidden_size_and_strided_weights(poisoned):
+    """h not a multiple of any block, weights as transposed views (the kernels use strides)."""
+    d, h = 40, 100
+    x = torch.randn(7, d, dtype=torch.float64)
+    w = _weights(d, h, norm="layer")
+    w["fc_weight"] = w["fc_weight"].T.contiguous().T  # (h, d) with strides (1, h)
+    w["proj_weight"] = w["proj_weight"].T.contiguous().T
+    dy = torch.randn(7, d, dtype=torch.float64)
+    opts = dict(norm="layer", activation="quick_gelu")
+    ref = _grads(ln_mlp, x, w, dy, **opts, backend="torch")
+    w32 = {k: v.float() for k, v in w.items()}
+    assert not w32["fc_weight"].is_contiguous()
+    poisoned()
+    out = _grads(ln_mlp, x.float(), w32, dy, **opts, backend="triton")
+    _assert_matches(out, ref, torch.float32)
+
+
+def test_empty_input_gives_empty_output():
+    w = {k: None if v is None else v.float() for k, v in _weights(32, 64).items()}
+    y = ln_mlp(torch.randn(0, 5, 32), **w, backend="triton")
+    assert y.shape == (0, 5, 32)
+
+
 def test_split_token_reduction_is_deterministic(monkeypatch, poisoned):
     """Weight gradients reduced over several token splits: right, and bitwise repeatable."""
     module = importlib.import_module("igpt_kernels.ln_mlp")  # the package exports the function
