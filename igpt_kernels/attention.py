@@ -51,6 +51,7 @@ Backends: "triton" (these kernels; the "auto" choice for CUDA tensors) and "torc
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -519,31 +520,52 @@ def _configs(sweep):
 
 if HAS_TRITON and triton_interpreting():
     # BLOCK_M != BLOCK_N on purpose: the tests then cover diagonals spanning several blocks.
-    _FWD_CONFIGS = _configs([(32, 16, 4, 1)])
-    _BWD_DKDV_CONFIGS = _configs([(16, 32, 4, 1)])
-    _BWD_DQ_CONFIGS = _configs([(32, 16, 4, 1)])
+    _CONFIGS = {
+        _attn_fwd_kernel: _configs([(32, 16, 4, 1)]),
+        _attn_bwd_dkdv_kernel: _configs([(16, 32, 4, 1)]),
+        _attn_bwd_dq_kernel: _configs([(32, 16, 4, 1)]),
+    }
     _DECODE_BLOCK_N = 16
     _SMALL_BLOCK = 16
 else:
-    _FWD_CONFIGS = _configs(
-        [
-            (128, 64, 4, 3),
-            (128, 64, 8, 3),
-            (128, 128, 8, 3),
-            (128, 32, 4, 4),
-            (64, 64, 4, 3),
-            (64, 32, 4, 4),
-        ]
-    )
-    _BWD_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)])
-    _BWD_DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)])
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the default
+    # when autotuning is off. Configs that need too much shared memory on a GPU (Ampere has
+    # less than Hopper) are skipped by the autotuner.
+    _CONFIGS = {
+        _attn_fwd_kernel: _configs(
+            [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
+        ),
+        _attn_bwd_dkdv_kernel: _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)]),
+        _attn_bwd_dq_kernel: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]),
+    }
     _DECODE_BLOCK_N = 64
     _SMALL_BLOCK = 64
 
 if HAS_TRITON:
-    _attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd_kernel)
-    _attn_bwd_dkdv_tuned = triton.autotune(_BWD_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
-    _attn_bwd_dq_tuned = triton.autotune(_BWD_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+    _TUNED = {k: triton.autotune(c, key=_TUNE_KEY)(k) for k, c in _CONFIGS.items()}
+
+# Autotuning compiles and times every config once per key (a power-of-two bucket of N, D,
+# causal, padded); IGPT_ATTENTION_AUTOTUNE=0, or setting this to False, runs the default
+# config instead (quick compiles for tests; slower kernels).
+AUTOTUNE = os.environ.get("IGPT_ATTENTION_AUTOTUNE", "1") != "0"
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """Launch ``kernel`` autotuned over its configs, or with its default config.
+
+    grid: a function of the config's meta-parameters (BLOCK_M, BLOCK_N) to the grid.
+    """
+    if AUTOTUNE:
+        _TUNED[kernel][grid](*args, **kwargs)
+        return
+    config = _CONFIGS[kernel][0]
+    kernel[grid(config.kwargs)](
+        *args,
+        **kwargs,
+        **config.kwargs,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -561,8 +583,16 @@ def _block_d(D):
     return triton.next_power_of_2(D)  # 96 runs as 128 with masked columns
 
 
-def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _constexprs(q, causal, pad):
+    """The compile-time arguments shared by the forward and backward kernels."""
+    return dict(
+        HEAD_DIM=q.shape[-1],
+        BLOCK_D=_block_d(q.shape[-1]),
+        CAUSAL=causal,
+        HAS_PAD=pad is not None,
+        # fp32 inputs get IEEE fp32 dots, not TF32: a float32 user expects float32 accuracy
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
 
 
 def _n_key(Nq, Nk):
@@ -614,19 +644,13 @@ def _attn_fwd(q, k, v, pad, causal, sm_scale, *, num_splits=None):
     o = _empty((B, H, Nq, D), q.dtype, q.device)
     pad_t, stride_pb, stride_pn = _pad_args(pad, q)
     qk_scale = sm_scale * LOG2E
-    common = dict(
-        HEAD_DIM=D,
-        BLOCK_D=_block_d(D),
-        CAUSAL=causal,
-        HAS_PAD=pad is not None,
-        PRECISION=_precision(q.dtype),
-    )
+    common = _constexprs(q, causal, pad)
     strides_in = (*q.stride(), *k.stride(), *v.stride(), stride_pb, stride_pn)
     if num_splits is None:
         lse = _empty((B, H, Nq), torch.float32, q.device)
         grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H, 1)
-        _attn_fwd_tuned[grid](
-            q, k, v, pad_t, o, lse, *strides_in,
+        _launch(
+            _attn_fwd_kernel, grid, q, k, v, pad_t, o, lse, *strides_in,
             o.stride(0), o.stride(1), 0, o.stride(2), o.stride(3),
             H, Nq, Nk, triton.cdiv(Nk, 16) * 16, qk_scale, _n_key(Nq, Nk),
             SPLIT=False, **common,
@@ -679,17 +703,13 @@ def _attn_bwd(do, q, k, v, o, lse, pad, causal, sm_scale):
     args = (q, k, v, pad_t, do, lse, delta)
     strides_in = (*q.stride(), *k.stride(), *v.stride(), stride_pb, stride_pn, *do.stride())
     scalars = (H, Nq, Nk, sm_scale, sm_scale * LOG2E, _n_key(Nq, Nk))
-    common = dict(
-        HEAD_DIM=D,
-        BLOCK_D=_block_d(D),
-        CAUSAL=causal,
-        HAS_PAD=pad is not None,
-        PRECISION=_precision(q.dtype),
-    )
+    common = _constexprs(q, causal, pad)
     grid = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * H)
-    _attn_bwd_dkdv_tuned[grid](*args, dk, dv, *strides_in, *dk.stride(), *scalars, **common)
+    _launch(
+        _attn_bwd_dkdv_kernel, grid, *args, dk, dv, *strides_in, *dk.stride(), *scalars, **common
+    )
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
-    _attn_bwd_dq_tuned[grid](*args, dq, *strides_in, *dq.stride(), *scalars, **common)
+    _launch(_attn_bwd_dq_kernel, grid, *args, dq, *strides_in, *dq.stride(), *scalars, **common)
     return dq, dk, dv
 
 

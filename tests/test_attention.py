@@ -139,9 +139,16 @@ MASKS = ["causal", "none", "pad", "causal+pad"]
 
 
 @pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    """Every buffer the kernels write starts as NaN, so a missed element fails the test."""
+def _kernel_test_mode(monkeypatch):
+    """Every buffer the kernels write starts as NaN, so a missed element fails the test.
+
+    On a GPU, each kernel runs its default config (quick compiles);
+    test_cuda_every_config_is_correct checks the other autotune candidates, and the
+    interpreter runs through the autotuner (with its single config).
+    """
     monkeypatch.setattr(attention_module, "POISON_OUTPUTS", True)
+    if DEVICE == "cuda":
+        monkeypatch.setattr(attention_module, "AUTOTUNE", False)
 
 
 def _inputs(B, H, Nq, Nk, D, mask, dtype, empty_rows=False):
@@ -271,10 +278,13 @@ def test_triton_decode_rows_without_keys_are_zero():
 
 
 @needs_triton
-def test_triton_backward_is_deterministic():
+def test_triton_backward_is_deterministic(monkeypatch):
+    """Bitwise equal gradients from two runs with the same config (on the CPU, once through
+    the autotuner and once without it, both with the one interpreter config)."""
     q, k, v, causal, pad = _inputs(1, 2, 130, 130, 32, "causal+pad", torch.float16)
     grads = []
-    for _ in range(2):
+    for autotune in (DEVICE == "cpu", False):  # the same config both times
+        monkeypatch.setattr(attention_module, "AUTOTUNE", autotune)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         o = attention(*leaves, causal=causal, key_padding_mask=pad, backend="triton")
         o.backward(torch.ones_like(o))  # an expanded (stride 0) gradient works too
@@ -350,8 +360,11 @@ def _run(fn, q, k, v, do):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("shape", IGPT_SHAPES)
+@pytest.mark.parametrize(
+    "shape,mask",
+    [(shape, "causal") for shape in IGPT_SHAPES]
+    + list(zip(IGPT_SHAPES, ["none", "pad", "causal+pad", "none"], strict=True)),
+)
 def test_cuda_error_at_most_twice_sdpa(shape, mask, dtype):
     B, H, N, D = shape
     q, k, v, causal, pad = _inputs(B, H, N, N, D, mask, dtype)
@@ -385,6 +398,19 @@ def test_cuda_decode_error_at_most_twice_sdpa(Nq, Nk, BH, dtype):
     o64 = reference.attention(q.double(), k.double(), v.double(), causal=True)
     ours, theirs = (x.double().sub(o64).abs().max().item() for x in (o, o_pt))
     assert ours <= 2 * theirs + 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mask", ["causal+pad", "none"])
+@pytest.mark.parametrize("index", range(4))
+def test_cuda_every_config_is_correct(index, mask, monkeypatch):
+    """Each autotune candidate in turn, on awkward sizes (N not a block multiple, Nq < Nk,
+    head dim 96 padded to 128)."""
+    for kernel, configs in attention_module._CONFIGS.items():
+        chosen = configs[min(index, len(configs) - 1)]
+        monkeypatch.setitem(attention_module._CONFIGS, kernel, [chosen])
+    q, k, v, causal, pad = _inputs(2, 3, 257, 301, 96, mask, torch.float16)
+    _check_against_float64(q, k, v, causal, pad, 1e-2, 1e-2)
 
 
 @pytest.mark.cuda
