@@ -1,15 +1,77 @@
-"""quantize / dequantize: the reference against brute force, ties, and errors."""
+"""Palette quantization: the reference, the C++/CUDA kernels and their lookup table against
+an fp64 brute force, parity with transformers' ImageGPT processor, fitting, ``Palette``."""
 
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
+from igpt import palette as ip
 from igpt_kernels import dequantize, quantize, reference
+from igpt_kernels import palette as kp
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _brute(pixels, palette):
+    """fp64 nearest colour, lowest index on exact ties (torch.argmin keeps the first)."""
     p = pixels.reshape(-1, 3).double()
     d = ((p[:, None, :] - palette.double()[None]) ** 2).sum(-1)  # (n, K)
     return d.argmin(1).reshape(pixels.shape[:-1])
+
+
+def _dist64(pixels, palette):
+    p = pixels.reshape(-1, 3).cpu().double()
+    return ((p[:, None, :] - palette.cpu().double()[None]) ** 2).sum(-1)  # (n, K)
+
+
+# (backend, lut): the compiled kernels, directly and through the lookup table
+COMPILED = [
+    ("cpu", False),
+    ("cpu", True),
+    pytest.param("cuda", False, marks=pytest.mark.cuda),
+    pytest.param("cuda", True, marks=pytest.mark.cuda),
+]
+
+
+def _fixed_palette(K):
+    """The same random (K, 3) palette on every call, so cached lookup tables are reused."""
+    return torch.rand(K, 3, generator=torch.Generator().manual_seed(K)) * 255
+
+
+def _run(pixels, palette, backend, lut):
+    if backend == "cpu":
+        why = kp._compiled_unavailable("cpu", pixels)
+        if why is not None:
+            pytest.skip(why)
+    device = "cuda" if backend == "cuda" else "cpu"
+    out = quantize(pixels.to(device), palette.to(device), backend=backend, lut=lut)
+    assert out.device.type == device and out.dtype == torch.int64
+    return out.cpu()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """scikit-learn's two sample photographs (china, flower), every 4th row and column."""
+    from sklearn.datasets import load_sample_images
+
+    return [
+        torch.from_numpy(np.ascontiguousarray(im[::4, ::4])) for im in load_sample_images().images
+    ]
+
+
+@pytest.fixture(scope="module")
+def photo_palette(photos):
+    return ip.fit_palette([p.numpy() for p in photos], k=64, sample=20_000, seed=0)
+
+
+# --------------------------------------------------------------------------------------
+# the reference
+# --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("K", [1, 16, 512, 4096])
@@ -22,10 +84,11 @@ def test_reference_matches_brute_force(K, shape):
     assert torch.equal(tokens, _brute(pixels, palette))
 
 
-def test_ties_pick_lowest_index():
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_ties_pick_lowest_index(backend):
     palette = torch.tensor([[10.0, 10, 10], [0, 0, 0], [20, 20, 20], [0, 0, 0]])
     pixels = torch.tensor([[5, 5, 5], [15, 15, 15], [0, 0, 0]], dtype=torch.uint8)
-    assert quantize(pixels, palette).tolist() == [0, 0, 1]
+    assert quantize(pixels, palette, backend=backend).tolist() == [0, 0, 1]
 
 
 def test_dequantize_round_trip():
@@ -66,7 +129,294 @@ def test_dequantize_bad_input():
     assert dequantize(torch.zeros(0, dtype=torch.long), palette).shape == (0, 3)
 
 
-def test_compiled_backends_say_why():
+# --------------------------------------------------------------------------------------
+# the compiled kernels
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,lut", COMPILED)
+@pytest.mark.parametrize("K", [1, 16, 512, 4096])
+@pytest.mark.parametrize("shape", [(0, 3), (1, 3), (7, 5, 3), (2, 3, 11, 3), (2, 0, 3), (1003, 3)])
+def test_kernel_is_exact_nearest(backend, lut, K, shape):
+    if lut and K == 4096:
+        pytest.skip("covered by test_lut_matches_direct; a 4096-colour table is slow to build")
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8)
+    palette = _fixed_palette(K)
+    tokens = _run(pixels, palette, backend, lut)
+    assert tokens.shape == shape[:-1]
+    assert torch.equal(tokens, _brute(pixels, palette))
+    assert torch.equal(tokens, reference.quantize(pixels, palette))  # no near-ties here
+
+
+@pytest.mark.parametrize("backend,lut", COMPILED)
+def test_kernel_on_photos(backend, lut, photos, photo_palette):
+    palette = photo_palette.centroids
+    for image in photos:
+        tokens = _run(image, palette, backend, lut)
+        assert torch.equal(tokens, _brute(image, palette))
+        # the fp32 reference may only differ where two colours are (nearly) equally near
+        ref = reference.quantize(image, palette)
+        d = _dist64(image, palette)
+        flat, ref_flat = tokens.flatten(), ref.flatten()
+        gap = d[torch.arange(len(d)), ref_flat] - d[torch.arange(len(d)), flat]
+        assert (gap[flat != ref_flat] <= 1e-3).all()
+
+
+@pytest.mark.parametrize("backend,lut", COMPILED)
+def test_exact_ties_pick_lowest_index(backend, lut):
+    # integer colours with duplicates: many pixels are exactly equidistant from several
+    levels = torch.tensor([0.0, 64, 128, 255])
+    palette = levels[torch.randint(0, 4, (24, 3))]
+    palette[5] = palette[17] = palette[2]
+    pixels = torch.randint(0, 256, (5000, 3), dtype=torch.uint8)
+    tokens = _run(pixels, palette, backend, lut)
+    d = _dist64(pixels, palette)
+    assert (d.min(1).values.unsqueeze(1) == d).sum(1).gt(1).any()  # the test has ties
+    assert torch.equal(tokens, _brute(pixels, palette))
+    fixed = torch.tensor([[10.0, 10, 10], [0, 0, 0], [20, 20, 20], [0, 0, 0]])
+    px = torch.tensor([[5, 5, 5], [15, 15, 15], [0, 0, 0]], dtype=torch.uint8)
+    assert _run(px, fixed, backend, lut).tolist() == [0, 0, 1]
+
+
+# Colours at fp64 distance just below / above 10000 from black whose fp32 distance rounds to
+# the other side of 10000: an fp32-only argmin picks index 0, the exact nearest is index 1.
+NEAR_TIES = [
+    [[100.0, 0, 0], [46.18720245361328, 88.69465637207031, 0]],  # d1 = 9999.99974 < 10000
+    [[68.21770477294922, 73.11870574951172, 0], [100.0, 0, 0]],  # d0 = 10000.00037 > 10000
+]
+
+
+@pytest.mark.parametrize("backend,lut", COMPILED)
+@pytest.mark.parametrize("colours", NEAR_TIES)
+def test_fp32_near_ties_resolved_in_fp64(backend, lut, colours):
+    palette = torch.tensor(colours, dtype=torch.float32)
+    pixels = torch.zeros(3, 3, dtype=torch.uint8)
+    assert _brute(pixels, palette).tolist() == [1, 1, 1]
+    assert _run(pixels, palette, backend, lut).tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("backend,lut", COMPILED)
+def test_kernel_views_and_batches(backend, lut):
+    palette = torch.rand(37, 3) * 255
+    raw = torch.randint(0, 256, (3 * 1001 + 1,), dtype=torch.uint8)
+    views = [
+        raw[1:].view(1001, 3),  # misaligned start
+        torch.randint(0, 256, (3, 9, 13), dtype=torch.uint8).permute(1, 2, 0),  # channels first
+        torch.randint(0, 256, (4, 2, 5, 5, 3), dtype=torch.uint8)[:, :, ::2],  # strided
+    ]
+    for pixels in views:
+        assert torch.equal(_run(pixels, palette, backend, lut), _brute(pixels, palette))
+
+
+@pytest.mark.parametrize("K", [1, 16, 512, 4096])
+def test_lut_matches_direct(K):
+    """The table of every RGB colour equals the direct kernel on (a sample of) them."""
+    palette = _fixed_palette(K)
+    table = _lut_or_skip(palette)
+    assert table.shape == (1 << 24,) and table.dtype == torch.int16
+    keys = torch.arange(1 << 24) if K <= 16 else torch.randint(0, 1 << 24, (1 << 20,))
+    colours = torch.stack([keys >> 16, (keys >> 8) & 255, keys & 255], -1).to(torch.uint8)
+    direct = quantize(colours, palette, backend="cpu", lut=False)
+    assert torch.equal(table[keys].long(), direct)
+    assert torch.equal(quantize(colours, palette, backend="cpu", lut=True), direct)
+
+
+def _lut_or_skip(palette):
+    why = kp._compiled_unavailable("cpu", torch.zeros(1, 3, dtype=torch.uint8))
+    if why is not None:
+        pytest.skip(why)
+    return kp.get_lut(palette)
+
+
+@pytest.mark.slow
+def test_lut_int32_above_32768_colours():
+    palette = torch.rand(40000, 3) * 255
+    table = _lut_or_skip(palette)
+    assert table.dtype == torch.int32
+    pixels = torch.randint(0, 256, (300, 3), dtype=torch.uint8)
+    assert torch.equal(quantize(pixels, palette, backend="cpu", lut=True), _brute(pixels, palette))
+    assert torch.equal(quantize(pixels, palette, backend="cpu", lut=False), _brute(pixels, palette))
+
+
+def test_auto_switches_to_lut_once_it_pays(monkeypatch):
+    palette = torch.rand(32, 3) * 255
+    _lut_or_skip(torch.rand(1, 3))
+    monkeypatch.setitem(kp.LUT_WORK, "cpu", 32 * 1000)  # build after 1000 pixels
+    pixels = torch.randint(0, 256, (600, 3), dtype=torch.uint8)
+    first = quantize(pixels, palette)
+    entry = kp._lut_entry(palette)
+    assert entry["lut"] is None and entry["seen"] == 600
+    second = quantize(pixels, palette)  # 1200 pixels seen: the table is built and used
+    assert entry["lut"] is not None
+    assert torch.equal(first, second) and torch.equal(first, _brute(pixels, palette))
+
+
+def test_compiled_backends_say_why(monkeypatch):
     pixels = torch.zeros(2, 3, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="cannot use backend='cpu'"):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cannot use backend='cuda'.*CUDA tensors"):
+            quantize(pixels, torch.rand(4, 3), backend="cuda")
+    # without the compiled module: explicit "cpu" says why, "auto" warns once and falls back
+    monkeypatch.setattr(kp, "_ext", None)
+    monkeypatch.setattr(kp, "_ext_error", "igpt_kernels._C is not built (test)")
+    monkeypatch.setattr(kp, "_warned", False)
+    with pytest.raises(ValueError, match=r"cannot use backend='cpu'.*not built \(test\)"):
         quantize(pixels, torch.rand(4, 3), backend="cpu")
+    with pytest.warns(RuntimeWarning, match="slow reference"):
+        assert quantize(pixels, torch.rand(4, 3)).shape == (2,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize(pixels, torch.rand(4, 3))  # only one warning
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
+def test_cuda_source_compiles_without_gpu(tmp_path):
+    """palette_cuda.cu includes no torch headers, so plain nvcc compiles it anywhere."""
+    cmd = ["nvcc", "-c", "-O3", "-std=c++17", str(ROOT / "csrc" / "palette_cuda.cu")]
+    result = subprocess.run(
+        cmd + ["-o", str(tmp_path / "palette_cuda.o")], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------
+# parity with transformers' ImageGPT processor
+# --------------------------------------------------------------------------------------
+
+
+def _hf_processor(clusters):
+    transformers = pytest.importorskip("transformers")
+    for name in ("ImageGPTImageProcessorPil", "ImageGPTImageProcessor"):
+        try:
+            return getattr(transformers, name)(clusters=clusters, do_resize=False)
+        except (AttributeError, ImportError):
+            continue
+    pytest.skip("no ImageGPT image processor in this transformers")
+
+
+@pytest.mark.parametrize("which", ["photo", "random512"])
+def test_hf_processor_parity(which, photos, photo_palette):
+    palette = photo_palette if which == "photo" else ip.Palette(torch.rand(512, 3) * 255)
+    processor = _hf_processor(palette.to_hf())
+    for image in photos:
+        ids = processor(images=[image.numpy()], return_tensors="np")["input_ids"][0]
+        ids = torch.from_numpy(np.asarray(ids)).long()
+        ours = palette.quantize(image).flatten()
+        d = _dist64(image, palette.centroids)
+        rows = torch.arange(len(d))
+        best = d.min(1).values
+        assert torch.equal(d[rows, ours], best)  # ours is the exact nearest
+        # HF's a^2 - 2ab + b^2 in [-1, 1] space may differ only at (near-)ties
+        differ = ids != ours
+        assert differ.float().mean() < 1e-3
+        assert (d[rows, ids][differ] - best[differ] <= 0.05).all()
+
+
+# --------------------------------------------------------------------------------------
+# igpt.palette: fitting and the Palette object
+# --------------------------------------------------------------------------------------
+
+
+def _blobs(n=4000, seed=0):
+    """Pixels around a few colour centres, as images (n // 100, 10, 10, 3) uint8."""
+    g = np.random.default_rng(seed)
+    centres = g.uniform(20, 235, (12, 3))
+    px = centres[g.integers(0, 12, n)] + g.normal(0, 8, (n, 3))
+    return np.clip(px, 0, 255).astype(np.uint8).reshape(-1, 10, 10, 3)
+
+
+def test_fit_is_deterministic_per_seed():
+    images = _blobs()
+    a = ip.fit_palette(images, k=16, sample=3000, seed=1)
+    b = ip.fit_palette(torch.from_numpy(images), k=16, sample=3000, seed=1)
+    c = ip.fit_palette(images, k=16, sample=3000, seed=2)
+    assert len(a) == 16 and a.centroids.dtype == torch.float32
+    assert torch.equal(a.centroids, b.centroids)
+    assert not torch.equal(a.centroids, c.centroids)
+    assert torch.isfinite(a.centroids).all() and a.centroids.min() >= 0 and a.centroids.max() <= 255
+
+
+def test_fit_fewer_colours_than_k():
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 0, 255]], dtype=np.uint8)
+    pixels = colours[np.random.default_rng(0).integers(0, 3, 300)]
+    palette = ip.fit_palette(pixels, k=8)
+    assert len(palette) == 8 and torch.isfinite(palette.centroids).all()
+    tokens = palette.quantize(pixels)
+    assert torch.equal(palette.dequantize(tokens), torch.from_numpy(pixels))  # lossless
+    assert int(tokens.max()) < 3  # the repeats are never chosen
+
+
+def test_fit_no_dead_clusters_with_heavy_duplicates():
+    g = np.random.default_rng(0)
+    colours = g.integers(0, 256, (40, 3)).astype(np.uint8)
+    heavy = colours[np.minimum(g.geometric(0.3, 5000) - 1, 39)]  # a few colours dominate
+    pixels = np.concatenate([colours, heavy])
+    palette = ip.fit_palette(pixels, k=32, seed=0)
+    assert torch.isfinite(palette.centroids).all()
+    assert len(torch.unique(palette.centroids, dim=0)) == 32
+
+
+def test_fit_bad_input():
+    with pytest.raises(ValueError, match="k must be"):
+        ip.fit_palette(_blobs(), k=0)
+    with pytest.raises(TypeError, match="uint8"):
+        ip.fit_palette(np.zeros((4, 3), np.float32), k=2)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3\)"):
+        ip.fit_palette(np.zeros((4, 4), np.uint8), k=2)
+    with pytest.raises(ValueError, match="no pixels"):
+        ip.fit_palette(np.zeros((0, 3), np.uint8), k=2)
+
+
+def test_palette_api(tmp_path):
+    centroids = np.random.default_rng(0).uniform(0, 255, (20, 3)).astype(np.float32)
+    palette = ip.Palette(centroids)
+    assert len(palette) == 20 and palette.centroids.dtype == torch.float32
+    images = np.random.default_rng(1).integers(0, 256, (2, 5, 6, 3)).astype(np.uint8)
+    tokens = palette.quantize(images)
+    assert tokens.shape == (2, 5, 6) and tokens.dtype == torch.int64
+    assert torch.equal(tokens, _brute(torch.from_numpy(images), palette.centroids))
+    rgb = palette.dequantize(tokens.numpy())
+    assert rgb.shape == (2, 5, 6, 3) and rgb.dtype == torch.uint8
+    palette.save(tmp_path / "p.npy")
+    assert torch.equal(ip.Palette.load(tmp_path / "p.npy").centroids, palette.centroids)
+
+
+def test_hf_and_openai_round_trips(tmp_path):
+    palette = ip.Palette(torch.rand(512, 3) * 255)
+    clusters = palette.to_hf()
+    assert clusters.shape == (512, 3) and clusters.min() >= -1 and clusters.max() <= 1
+    back = ip.Palette.from_hf(clusters)
+    assert torch.allclose(back.centroids, palette.centroids, atol=1e-4)
+    # OpenAI's kmeans_centers.npy and HF's config store the same [-1, 1] numbers
+    np.save(tmp_path / "kmeans_centers.npy", clusters)
+    openai = ip.Palette.from_hf(np.load(tmp_path / "kmeans_centers.npy"))
+    hf = ip.Palette.from_hf(clusters.tolist())
+    assert torch.equal(openai.centroids, hf.centroids)
+    assert ip.Palette.from_hf([[-1, -1, -1], [1, 1, 1]]).centroids.tolist() == [
+        [0, 0, 0],
+        [255, 255, 255],
+    ]
+
+
+@pytest.mark.parametrize(
+    "centroids,exc,words",
+    [
+        (np.zeros((4, 2), np.float32), ValueError, r"\(K, 3\)"),
+        (np.full((4, 3), np.nan, np.float32), ValueError, "NaN"),
+        (np.full((4, 3), -0.5, np.float32), ValueError, "from_hf"),
+        (np.full((4, 3), 300, np.float32), ValueError, "0..255"),
+        ([[1, 2, 3]], TypeError, "numpy array or torch.Tensor"),
+    ],
+)
+def test_palette_bad_input(centroids, exc, words):
+    with pytest.raises(exc, match=words):
+        ip.Palette(centroids)
+
+
+@pytest.mark.cuda
+def test_palette_on_cuda(photos, photo_palette):
+    image = photos[0].cuda()
+    tokens = photo_palette.quantize(image)
+    assert tokens.is_cuda
+    assert torch.equal(tokens.cpu(), photo_palette.quantize(photos[0]))
+    assert photo_palette.dequantize(tokens).is_cuda

@@ -1,0 +1,149 @@
+// torch binding of the palette kernels: igpt_kernels._C. The Python side
+// (igpt_kernels/palette.py) validates shapes and picks the kernel; here we check what the
+// raw-pointer kernels rely on (dtype, contiguity, device) and route to CPU or CUDA.
+#include <torch/extension.h>
+
+#include "palette.h"
+
+#ifdef IGPT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace {
+
+void check_pixels(const torch::Tensor& pixels) {
+  TORCH_CHECK(pixels.scalar_type() == torch::kUInt8, "pixels must be uint8, got ",
+              pixels.scalar_type());
+  TORCH_CHECK(pixels.dim() == 2 && pixels.size(1) == 3, "pixels must be (n, 3), got ",
+              pixels.sizes());
+  TORCH_CHECK(pixels.is_contiguous(), "pixels must be contiguous");
+}
+
+void check_palette(const torch::Tensor& palette, const torch::Tensor& pixels) {
+  TORCH_CHECK(palette.scalar_type() == torch::kFloat32, "palette must be float32");
+  TORCH_CHECK(palette.dim() == 2 && palette.size(1) == 3 && palette.size(0) >= 1 &&
+                  palette.size(0) <= 65536,
+              "palette must be (K, 3) with 1 <= K <= 65536, got ", palette.sizes());
+  TORCH_CHECK(palette.is_contiguous(), "palette must be contiguous");
+  TORCH_CHECK(palette.device() == pixels.device(), "palette is on ", palette.device(),
+              " but pixels are on ", pixels.device());
+}
+
+#ifdef IGPT_WITH_CUDA
+void cuda_check(int code, const char* what) {
+  TORCH_CHECK(code == 0, what, " failed: ", igpt::cuda_error_string(code));
+}
+void* stream_of(const torch::Tensor& t) {
+  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
+}
+#endif
+
+[[noreturn]] void no_cuda() {
+  TORCH_CHECK(false, "igpt_kernels._C was built without CUDA; reinstall with IGPT_BUILD_CUDA=1");
+}
+
+// tokens (n,) int64 of the nearest palette colour of each pixel (n, 3).
+torch::Tensor quantize(const torch::Tensor& pixels, const torch::Tensor& palette) {
+  check_pixels(pixels);
+  check_palette(palette, pixels);
+  auto out = torch::empty({pixels.size(0)}, pixels.options().dtype(torch::kInt64));
+  const auto* px = pixels.data_ptr<uint8_t>();
+  const float* pal = palette.data_ptr<float>();
+  if (pixels.is_cuda()) {
+#ifdef IGPT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(pixels.device());
+    cuda_check(igpt::quantize_cuda(px, pixels.size(0), pal, palette.size(0),
+                                   out.data_ptr<int64_t>(), stream_of(pixels)),
+               "quantize_cuda");
+#else
+    no_cuda();
+#endif
+  } else {
+    pybind11::gil_scoped_release no_gil;
+    igpt::quantize_cpu(px, pixels.size(0), pal, palette.size(0), out.data_ptr<int64_t>());
+  }
+  return out;
+}
+
+// The (2^24,) table of tokens of every RGB colour: int16 when K <= 32768, else int32.
+torch::Tensor build_lut(const torch::Tensor& palette) {
+  check_palette(palette, palette);
+  const int64_t K = palette.size(0);
+  const bool small = K <= 32768;
+  auto lut = torch::empty({igpt::kLutSize}, palette.options().dtype(small ? torch::kInt16
+                                                                          : torch::kInt32));
+  const float* pal = palette.data_ptr<float>();
+  if (palette.is_cuda()) {
+#ifdef IGPT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(palette.device());
+    cuda_check(small ? igpt::build_lut_cuda(pal, K, lut.data_ptr<int16_t>(), stream_of(palette))
+                     : igpt::build_lut_cuda(pal, K, lut.data_ptr<int32_t>(), stream_of(palette)),
+               "build_lut_cuda");
+#else
+    no_cuda();
+#endif
+  } else {
+    pybind11::gil_scoped_release no_gil;
+    if (small)
+      igpt::build_lut_cpu(pal, K, lut.data_ptr<int16_t>());
+    else
+      igpt::build_lut_cpu(pal, K, lut.data_ptr<int32_t>());
+  }
+  return lut;
+}
+
+// tokens (n,) int64 = lut[(r << 16) | (g << 8) | b] for each pixel (n, 3).
+torch::Tensor lut_gather(const torch::Tensor& pixels, const torch::Tensor& lut) {
+  check_pixels(pixels);
+  TORCH_CHECK(lut.dim() == 1 && lut.size(0) == igpt::kLutSize && lut.is_contiguous() &&
+                  (lut.scalar_type() == torch::kInt16 || lut.scalar_type() == torch::kInt32),
+              "lut must be a contiguous (2^24,) int16 or int32 tensor");
+  TORCH_CHECK(lut.device() == pixels.device(), "lut is on ", lut.device(), " but pixels are on ",
+              pixels.device());
+  auto out = torch::empty({pixels.size(0)}, pixels.options().dtype(torch::kInt64));
+  const auto* px = pixels.data_ptr<uint8_t>();
+  const int64_t n = pixels.size(0);
+  const bool small = lut.scalar_type() == torch::kInt16;
+  if (pixels.is_cuda()) {
+#ifdef IGPT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(pixels.device());
+    void* stream = stream_of(pixels);
+    cuda_check(small ? igpt::lut_gather_cuda(px, n, lut.data_ptr<int16_t>(),
+                                             out.data_ptr<int64_t>(), stream)
+                     : igpt::lut_gather_cuda(px, n, lut.data_ptr<int32_t>(),
+                                             out.data_ptr<int64_t>(), stream),
+               "lut_gather_cuda");
+#else
+    no_cuda();
+#endif
+  } else {
+    pybind11::gil_scoped_release no_gil;
+    if (small)
+      igpt::lut_gather_cpu(px, n, lut.data_ptr<int16_t>(), out.data_ptr<int64_t>());
+    else
+      igpt::lut_gather_cpu(px, n, lut.data_ptr<int32_t>(), out.data_ptr<int64_t>());
+  }
+  return out;
+}
+
+bool has_cuda() {
+#ifdef IGPT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "igpt palette quantization kernels (C++/OpenMP and CUDA)";
+  m.def("quantize", &quantize, "tokens (n,) int64 of pixels (n, 3) uint8", py::arg("pixels"),
+        py::arg("palette"));
+  m.def("build_lut", &build_lut, "(2^24,) token table of a (K, 3) float32 palette",
+        py::arg("palette"));
+  m.def("lut_gather", &lut_gather, "tokens (n,) int64 = lut[rgb key] of pixels (n, 3)",
+        py::arg("pixels"), py::arg("lut"));
+  m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
+}

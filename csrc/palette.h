@@ -1,0 +1,43 @@
+// Nearest-colour palette quantization kernels: the interface shared by the C++ (CPU,
+// OpenMP) kernels in palette_cpu.cpp, the CUDA kernels in palette_cuda.cu and the torch
+// binding in binding.cpp. Plain pointers only: neither kernel file includes torch.
+//
+//   token[i] = argmin_k sum_c (pixel[i][c] - palette[k][c])^2, the lowest k on exact ties.
+//
+// pixels: uint8 (n, 3) RGB, contiguous. palette: float32 (K, 3), contiguous, finite,
+// 1 <= K <= 65536. Distances are computed in fp32 as (x - c)^2 sums (accurate near the
+// minimum, unlike |c|^2 - 2 x.c); a pixel whose best and second-best fp32 distances lie
+// within the fp32 error bound is re-scanned in fp64, so the token is the exact nearest
+// colour except at exact fp64 ties, which go to the lowest index.
+//
+// LUT: lut[(r << 16) | (g << 8) | b] = token of (r, g, b) for all 2^24 colours, int16 when
+// K <= 32768, int32 otherwise; quantizing with it is one gather per pixel.
+#pragma once
+
+#include <cstdint>
+
+namespace igpt {
+
+constexpr int64_t kLutSize = int64_t(1) << 24;
+
+// ---- CPU (palette_cpu.cpp) -------------------------------------------------------------
+void quantize_cpu(const uint8_t* pixels, int64_t n, const float* palette, int64_t K,
+                  int64_t* out);
+void build_lut_cpu(const float* palette, int64_t K, int16_t* lut);
+void build_lut_cpu(const float* palette, int64_t K, int32_t* lut);
+void lut_gather_cpu(const uint8_t* pixels, int64_t n, const int16_t* lut, int64_t* out);
+void lut_gather_cpu(const uint8_t* pixels, int64_t n, const int32_t* lut, int64_t* out);
+
+// ---- CUDA (palette_cuda.cu); stream is a cudaStream_t --------------------------------
+// Each returns 0 or a cudaError_t code; cuda_error_string turns that into text.
+int quantize_cuda(const uint8_t* pixels, int64_t n, const float* palette, int64_t K,
+                  int64_t* out, void* stream);
+int build_lut_cuda(const float* palette, int64_t K, int16_t* lut, void* stream);
+int build_lut_cuda(const float* palette, int64_t K, int32_t* lut, void* stream);
+int lut_gather_cuda(const uint8_t* pixels, int64_t n, const int16_t* lut, int64_t* out,
+                    void* stream);
+int lut_gather_cuda(const uint8_t* pixels, int64_t n, const int32_t* lut, int64_t* out,
+                    void* stream);
+const char* cuda_error_string(int code);
+
+}  // namespace igpt
