@@ -5,15 +5,18 @@
 
 Shapes: T = 32768 tokens (8 images at 64x64), d in {512, 1024, 1536}, h = 4d, bfloat16.
 For each shape and provider it reports forward and forward+backward time (median ms, and
-TFLOP/s of the GEMMs), the bytes autograd saves for backward (activations only: the
-weights are shared by every provider and left out) and the peak memory of one training
-step. Providers, all in the same run: "eager", ``x + fc2(act(fc1(norm(x))))`` in plain
-PyTorch with the norm in fp32 (as ``igpt_kernels.reference``); "compile", torch.compile of
-that function; "triton", ``igpt_kernels.ln_mlp`` (fused Triton GEMMs, the default);
+TFLOP/s of the GEMMs), the bytes autograd saves for backward (saved-tensor hooks, counting
+activations only: the weights are shared by every provider and left out), the memory the
+forward's graph holds (allocator delta, a hook-free cross-check that leaves out x) and the
+peak memory of one training step.
+
+Providers, all in the same run: "eager", ``x + fc2(act(fc1(norm(x))))`` in plain PyTorch
+with the norm in fp32 (as ``igpt_kernels.reference``); "compile", torch.compile of that
+function; "triton", ``igpt_kernels.ln_mlp`` (fused Triton GEMMs, the default);
 "triton-cublas", its internal variant with cuBLAS GEMMs and Triton norm/elementwise
-kernels. The ``ln_linear`` rows time ``linear(norm(x))`` for the qkv projection (n = 3d) the
-same ways. Ratios are against compile and eager of the same shape. Writes OUT/ln_mlp.json
-and OUT/ln_mlp.md; on a machine without a CUDA GPU it says so and exits 0.
+kernels. The ``ln_linear`` rows time ``linear(norm(x))`` for the qkv projection (n = 3d)
+the same ways. Ratios are against compile and eager of the same shape. Writes
+OUT/ln_mlp.json and OUT/ln_mlp.md; on a machine without a CUDA GPU it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -60,6 +63,24 @@ def saved_bytes(fn, params) -> int | None:
     return sum(seen.values())
 
 
+def held_bytes(fn) -> int | None:
+    """GPU memory the autograd graph of fn() keeps after it returns, less its output.
+
+    A cross-check of ``saved_bytes`` that needs no hooks: it counts what the forward
+    allocated and kept for backward (inputs such as x were allocated before, so they are
+    left out for every provider).
+    """
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = fn()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before - y.untyped_storage().nbytes()
+    del y
+    return held
+
+
 def measure(name, fn, inputs, flops, dy):
     """One row: forward and forward+backward times, saved bytes and peak memory of fn."""
     params = inputs[1:]
@@ -74,6 +95,7 @@ def measure(name, fn, inputs, flops, dy):
     fwd_ms = common.time_ms(fwd)
     step_ms = common.time_ms(step)
     saved = saved_bytes(fwd, params)
+    held = held_bytes(fwd)
     return {
         "provider": name,
         "fwd_ms": fwd_ms,
@@ -81,6 +103,7 @@ def measure(name, fn, inputs, flops, dy):
         "fwd_tflops": flops / fwd_ms / 1e9,
         "fwd_bwd_tflops": 3 * flops / step_ms / 1e9,
         "saved_gib": None if saved is None else saved / 2**30,
+        "held_gib": None if held is None else held / 2**30,
         "peak_gib": common.peak_gib(step),
     }
 
@@ -182,6 +205,7 @@ COLUMNS = [
     "speedup_vs_eager",
     "saved_gib",
     "saved_vs_eager",
+    "held_gib",
     "peak_gib",
 ]
 
