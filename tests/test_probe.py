@@ -9,6 +9,15 @@ import torch
 from igpt import IGPT, IGPTConfig, probe
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models spend their time in thread hand-offs; one thread is faster on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(n_layer=3, **kw):
     fields = dict(n_px=4, n_layer=n_layer, n_head=2, n_embd=64, n_colors=16)
     fields.update(kw)

@@ -1,0 +1,128 @@
+"""igpt.finetune: the classifier, the joint loss, learning on digits, resume, BERT predictions."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from igpt import IGPT, IGPTConfig
+from igpt.finetune import IGPTClassifier, evaluate, finetune, load_classifier, predict
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models spend their time in thread hand-offs; one thread is several times faster
+    on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(n_px=4, n_layer=2):
+    return IGPT(IGPTConfig(n_px=n_px, n_layer=n_layer, n_head=2, n_embd=64, n_colors=16))
+
+
+def synthetic(n, seed=0):
+    """Tokens whose colour range carries the class: class c draws half of its tokens from
+    colours 4c..4c+3 and the rest uniformly."""
+    g = np.random.default_rng(seed)
+    y = g.integers(0, 4, n)
+    t = g.integers(0, 16, (n, 16))
+    t = np.where(g.random((n, 16)) < 0.5, 4 * y[:, None] + g.integers(0, 4, (n, 16)), t)
+    return torch.from_numpy(t), torch.from_numpy(y)
+
+
+def test_classifier_head_starts_at_zero_and_reads_the_chosen_layer():
+    model = tiny(n_layer=3)
+    tokens = torch.randint(0, 16, (5, 16))
+    clf = IGPTClassifier(model, 7)
+    gen, logits = clf(tokens)
+    assert logits.shape == (5, 7) and torch.count_nonzero(logits) == 0  # uniform at first
+    torch.testing.assert_close(gen, model(tokens))
+    torch.nn.init.normal_(clf.head.weight)
+    feats = model.features(tokens)
+    _, logits = clf(tokens)
+    torch.testing.assert_close(logits, clf.head(feats[:, 3]))
+    early = IGPTClassifier(model, 7, layer=1)
+    early.head.load_state_dict(clf.head.state_dict())
+    gen, logits = early(tokens, generative=False)
+    assert gen is None
+    torch.testing.assert_close(logits, clf.head(feats[:, 1]))
+    with pytest.raises(ValueError, match="n_classes"):
+        IGPTClassifier(model, 1)
+
+
+def test_finetune_on_digits_beats_chance():
+    from igpt.data import load_images, tokenize
+    from igpt.palette import fit_palette
+
+    train, test = load_images("digits", "train"), load_images("digits", "test")
+    palette = fit_palette(train.images, k=16)
+    x, xt = tokenize(train.images, palette, 8), tokenize(test.images, palette, 8)
+    model = tiny(n_px=8)
+    res = finetune(
+        model, x, train.labels, steps=150, batch_size=32, lr=3e-3, eval_every=50, progress=False
+    )
+    assert res["step"] == 150 and res["best_step"] in (50, 100, 150)
+    acc = evaluate(res["classifier"], xt, test.labels)
+    assert acc > 0.25  # chance is 0.1; a from-scratch tiny model under the joint loss
+
+
+def test_resume_takes_the_same_steps_as_an_uninterrupted_run(tmp_path):
+    x, y = synthetic(64)
+    kw = dict(steps=4, batch_size=8, lr=1e-3, eval_every=2, progress=False, seed=1)
+    torch.manual_seed(0)
+    whole = finetune(tiny(), x, y, out_dir=tmp_path / "whole", **kw)
+    torch.manual_seed(0)
+    finetune(tiny(), x, y, out_dir=tmp_path / "split", **{**kw, "steps": 2})
+    assert sorted(p.name for p in (tmp_path / "split").glob("ckpt_*.pt")) == ["ckpt_00000002.pt"]
+    torch.manual_seed(5)  # a different init: every weight must come from the checkpoint
+    resumed = finetune(tiny(), x, y, out_dir=tmp_path / "split", resume=True, **kw)
+    assert resumed["step"] == 4 and resumed["history"] == whole["history"]
+    a = torch.load(tmp_path / "whole" / "ckpt_00000004.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "ckpt_00000004.pt", weights_only=True)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a["head"], b["head"], rtol=1e-5, atol=1e-6)
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("gen_loss" in r for r in rows)
+    with pytest.raises(FileExistsError, match="resume"):
+        finetune(tiny(), x, y, out_dir=tmp_path / "whole", **kw)
+    clf, _, ckpt = load_classifier(tmp_path / "whole" / "best.pt")
+    assert ckpt["step"] == whole["best_step"]
+    np.testing.assert_array_equal(predict(clf, x), predict(whole["classifier"], x))
+
+
+def test_bert_classifier_only_loss_learns_and_mask_ensemble_is_seeded():
+    x, y = synthetic(160)
+    model = tiny()
+    res = finetune(
+        model,
+        x[:128],
+        y[:128],
+        objective="bert",
+        joint=False,
+        n_masks=3,
+        steps=20,
+        batch_size=16,
+        lr=3e-3,
+        eval_every=20,
+        progress=False,
+    )
+    assert res["settings"]["joint"] is False
+    clf = res["classifier"]
+    kw = dict(objective="bert", n_masks=5, seed=3)
+    np.testing.assert_array_equal(predict(clf, x[128:], **kw), predict(clf, x[128:], **kw))
+    assert evaluate(clf, x[128:], y[128:], **kw) > 0.7  # chance is 0.25
+
+
+def test_finetune_rejects_bad_arguments(tmp_path):
+    x, y = synthetic(16)
+    with pytest.raises(ValueError, match="objective"):
+        finetune(tiny(), x, y, objective="mlm")
+    with pytest.raises(ValueError, match="out_dir"):
+        finetune(tiny(), x, y, resume=True)
+    with pytest.raises(ValueError, match="train_labels"):
+        finetune(tiny(), x, y[:5])
