@@ -20,7 +20,7 @@ Backward, given dy:
 
 Algorithm. Forward is three launches: a row-statistics pass (fp32 mean and rstd, two-pass
 so LayerNorm has no cancellation), the fc GEMM whose A tiles are normalised as they are
-loaded (in fp32, then cast to x's dtype exactly as eager's norm output would be) with bias
+loaded (in fp32, then rounded to the GEMM dtype as eager's norm output would be) with bias
 and activation in its epilogue (writes z for backward and a for the proj GEMM), and the
 proj GEMM with bias and residual in its epilogue. Backward is five launches: the dgrad GEMM
 dy @ W2 with the activation derivative in its epilogue (writes dz and the recomputed a), the
@@ -31,9 +31,10 @@ residual and the norm-weight partials. Activation values a are computed once per
 in a GEMM epilogue, never in a GEMM's inner loop, where the exp/erf would compete with the
 tensor cores for issue slots.
 
-Saved for backward: x, the fp32 row stats (T floats each) and z; that is (d + h) T
-elements against eager's x, fp32 copy of x, n, z and a (3d + 2h when norm upcasts to fp32,
-as ``reference.normalize`` does): 0.45x at h = 4d, with the weights themselves shared.
+Saved for backward: x, the fp32 row stats (T floats each) and z: (d + h) T elements. Eager
+with 16-bit x saves the fp32 copy of x its norm computes on, n, z and a: (2d + d + h + h) T
+in x's bytes, so 0.45x at h = 4d (0.5x plus the stats for float32 x, where eager saves x
+itself). The weights are saved by reference, as eager does.
 
 Shapes and dtypes: x (..., d) with any leading dims, any T, any d <= 8192 and any h;
 float32, float16, bfloat16 on CUDA (float32/float16 under ``TRITON_INTERPRET=1``, where
@@ -45,11 +46,15 @@ autocast dtype, the norm reads float32 x and rounds its output to that dtype on 
 load, and the residual is added to the fp32 accumulator: eager autocast's semantics.
 
 Variants: the default ("fused") runs every GEMM in Triton with the fusions above. The
-internal ``_variant="cublas"`` runs the four big GEMMs with torch (cuBLAS) and keeps only the
-norm and elementwise parts in Triton (it must write n and a to memory); it saves the same
-tensors for backward. ``benchmarks/bench_ln_mlp.py`` compares both. Not yet measured: no GPU
-was available when this was written, so "fused" is the default by design (the issue's
-memory goal is met by both), not by measurement; the block sizes are autotuned on the GPU.
+internal ``_variant="cublas"`` runs all six GEMMs (two forward, four backward) with torch
+(cuBLAS) and keeps only the norm and elementwise parts in Triton (it must write n and a to
+memory as temporaries); it saves the same tensors for backward.
+
+Measured: nothing on a GPU yet. No GPU was available when this was written, so "fused" is
+the default by design (both variants meet the memory goal), not by measurement; correctness
+was checked under the interpreter (fp32/fp16) only. ``benchmarks/bench_ln_mlp.py`` times
+both variants against eager and torch.compile; if "cublas" wins there, make it the default.
+The GEMM block sizes are autotuned on the GPU from a short list.
 
 ``ln_linear`` is the same norm-prologue GEMM without the activation and the second GEMM:
 ``y = norm(x) @ W^T + b``, for the attention block's qkv projection.
@@ -65,6 +70,8 @@ from igpt_kernels._triton import HAS_TRITON, tl, triton
 
 MAX_D = 8192  # the norm backward holds one row of x in registers
 _ACT_ID = {None: 0, "quick_gelu": 1, "gelu": 2}
+_VARIANTS = ("fused", "cublas")
+DEFAULT_VARIANT = "fused"  # see "Measured" in the docstring before changing
 _MIN_TOKENS_PER_SPLIT = 1024  # the weight-gradient GEMMs split T no finer than this,
 _SPLIT_ALIGN = 256  # into chunks of a multiple of this (of every BLOCK_K)
 
@@ -896,7 +903,7 @@ def ln_mlp(
     activation="quick_gelu",
     residual=True,
     backend="auto",
-    _variant="fused",
+    _variant=None,
 ):
     """Norm -> fc -> activation -> proj (+ residual), differentiable in x and every weight.
 
@@ -917,8 +924,9 @@ def ln_mlp(
     reference.check_ln_mlp(
         x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, norm, eps, activation
     )
-    if _variant not in ("fused", "cublas"):
-        raise ValueError(f"_variant must be 'fused' or 'cublas', got {_variant!r}")
+    variant = DEFAULT_VARIANT if _variant is None else _variant
+    if variant not in _VARIANTS:
+        raise ValueError(f"_variant must be one of {_VARIANTS}, got {_variant!r}")
     name = _pick("ln_mlp", x, backend)
     if name == "torch" or x.numel() == 0:
         return reference.ln_mlp(
@@ -944,7 +952,7 @@ def ln_mlp(
         float(eps),
         activation,
         bool(residual),
-        _variant,
+        variant,
         _needs_grad(x, *params),
     )
     return y.view(x.shape)
