@@ -420,3 +420,37 @@ def test_palette_on_cuda(photos, photo_palette):
     assert tokens.is_cuda
     assert torch.equal(tokens.cpu(), photo_palette.quantize(photos[0]))
     assert photo_palette.dequantize(tokens).is_cuda
+
+
+def test_torch_kmeans_matches_sklearn_quality():
+    """The GPU fitting path (run here on the CPU kernel): deterministic, finite, as good."""
+    pixels = _blobs(6000).reshape(-1, 3)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    a = ip._kmeans_torch(colours, counts, 12, seed=0, device="cpu")
+    b = ip._kmeans_torch(colours, counts, 12, seed=0, device="cpu")
+    assert torch.equal(a, b) and a.shape == (12, 3) and torch.isfinite(a).all()
+
+    def inertia(centroids):
+        tokens = quantize(torch.from_numpy(pixels), centroids)
+        return float((torch.from_numpy(pixels).float() - centroids[tokens]).square().sum())
+
+    sk = ip.fit_palette(pixels, k=12, seed=0).centroids
+    assert inertia(a) <= 1.05 * inertia(sk)
+
+
+@pytest.mark.cuda
+def test_fit_on_cuda():
+    images = _blobs()
+    a = ip.fit_palette(images, k=16, seed=0, device="cuda")
+    assert torch.equal(a.centroids, ip.fit_palette(images, k=16, seed=0, device="cuda").centroids)
+    assert torch.isfinite(a.centroids).all() and len(torch.unique(a.centroids, dim=0)) == 16
+
+
+def test_fit_palette_command(tmp_path):
+    from igpt.cli import main
+
+    np.savez(tmp_path / "d.npz", images=_blobs(2000))
+    main(["fit-palette", "--data", f"npz:{tmp_path / 'd.npz'}", "--k", "8", "--out", str(tmp_path)])
+    palette = ip.Palette.load(tmp_path / "palette.npy")
+    assert len(palette) == 8
+    assert (tmp_path / "palette.png").stat().st_size > 1000

@@ -11,6 +11,13 @@ the same colours in [-1, 1] space (x / 127.5 - 1); ``Palette.from_hf`` / ``to_hf
     tokens = palette.quantize(images)              # int64 (...)
     rgb = palette.dequantize(tokens)               # uint8 (..., 3)
     palette.save("palette.npy"); Palette.load("palette.npy")
+
+Fitting runs k-means++ seeding then Lloyd iterations on a random sample of pixels, with
+identical colours merged (their counts become sample weights): scikit-learn's KMeans on the
+CPU, a torch implementation on a GPU whose assignment step is the quantize kernel itself.
+
+``igpt fit-palette --data SPEC --k 512 --out palette.npy`` fits on a data set and writes the
+.npy and a PNG (same stem) with the swatches and a few images before/after quantization.
 """
 
 from __future__ import annotations
@@ -150,7 +157,8 @@ def fit_palette(
         k: number of colours, 1 <= k <= 65536.
         sample: at most this many pixels, drawn at random (without replacement), are fitted.
         seed: the fit is deterministic for a given seed and input.
-        device: None or "cpu" fits with scikit-learn's KMeans on the CPU.
+        device: None or "cpu" fits with scikit-learn's KMeans; a CUDA device with the torch
+            k-means whose assignment step is the CUDA quantize kernel.
 
     Identical colours are merged with their counts as sample weights, which gives the same
     k-means objective as fitting every pixel and is much faster on real images. With fewer
@@ -179,9 +187,154 @@ def fit_palette(
         pad = np.repeat(colours[-1:], k - len(colours), axis=0)
         return Palette(np.concatenate([colours, pad]).astype(np.float32))
     if device is not None and torch.device(device).type != "cpu":
-        raise ValueError(f"device={device!r}: only the CPU fit is implemented so far")
+        return Palette(_kmeans_torch(colours, counts, k, seed=seed, device=device).cpu())
     from sklearn.cluster import KMeans
 
     km = KMeans(n_clusters=k, init="k-means++", n_init=1, random_state=seed)
     km.fit(colours.astype(np.float64), sample_weight=counts.astype(np.float64))
     return Palette(np.clip(km.cluster_centers_, 0, 255).astype(np.float32))
+
+
+def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(M,) squared distances of points x (M, 3) to centres c (M, 3) or (3,)."""
+    return (x - c).square().sum(-1)
+
+
+def _kmeans_torch(
+    colours: np.ndarray,
+    counts: np.ndarray,
+    k: int,
+    *,
+    seed: int = 0,
+    device="cuda",
+    max_iter: int = 300,
+    tol: float = 1e-4,
+) -> torch.Tensor:
+    """Weighted k-means in torch: greedy k-means++ seeding, then Lloyd iterations.
+
+    colours: (M, 3) distinct uint8 colours with M > k; counts: (M,) their weights. The
+    assignment step is ``igpt_kernels.quantize`` on the uint8 colours (the CUDA kernel on a
+    GPU). A cluster left empty is re-seeded with the point farthest from its centre, as
+    scikit-learn does. Stops when the total squared centre shift is below
+    ``tol * mean per-channel variance`` (scikit-learn's rule) or after ``max_iter`` steps.
+    Returns float32 (k, 3) centres on ``device``; deterministic for a seed and device.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    px = torch.from_numpy(np.ascontiguousarray(colours)).to(device)  # (M, 3) uint8
+    x = px.float()
+    w = torch.from_numpy(counts.astype(np.float32)).to(device)  # (M,)
+    trials = 2 + int(np.log(k))  # scikit-learn's number of local trials
+    # k-means++: each new centre is the best of a few candidates drawn with probability
+    # proportional to weight * squared distance to the nearest centre so far
+    centres = torch.empty(k, 3, device=device)
+    centres[0] = x[torch.multinomial(w, 1, generator=gen)[0]]
+    closest = _sq_dist(x, centres[0])  # (M,)
+    for i in range(1, k):
+        # M > k distinct colours: some point is not a centre yet, so the weights sum > 0
+        cand = torch.multinomial(w * closest, trials, replacement=True, generator=gen)
+        d = torch.minimum(closest[None], _sq_dist(x[None], x[cand][:, None]))  # (trials, M)
+        best = torch.argmin((d * w).sum(1))  # a tensor: no host sync per centre
+        centres[i], closest = x[cand[best]], d[best]
+    variance = float(((x - (w[:, None] * x).sum(0) / w.sum()).square() * w[:, None]).sum())
+    threshold = tol * variance / float(w.sum()) / 3
+    for _ in range(max_iter):
+        labels = igpt_kernels.quantize(px, centres, lut=False)  # (M,)
+        sums = torch.zeros(k, 3, device=device).index_add_(0, labels, x * w[:, None])
+        mass = torch.zeros(k, device=device).index_add_(0, labels, w)
+        new = torch.where(mass[:, None] > 0, sums / mass.clamp_min(1e-12)[:, None], centres)
+        empty = (mass == 0).nonzero().flatten()
+        if len(empty):
+            far = _sq_dist(x, centres[labels]).argsort(descending=True)[: len(empty)]
+            new[empty] = x[far]
+            log.info("k-means: re-seeded %d empty clusters", len(empty))
+        shift = float((new - centres).square().sum())
+        centres = new
+        if shift <= threshold:
+            break
+    return centres.clamp_(0, 255)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def add_arguments(parser) -> None:
+    """Arguments of ``igpt fit-palette``."""
+    from igpt.cli import add_common_arguments
+
+    add_common_arguments(parser, "data", "n_px", "seed", "device")
+    parser.add_argument("--k", type=int, default=512, help="colours (default %(default)s)")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=1_000_000,
+        help="pixels drawn at random to fit on (default %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        default="palette.npy",
+        help="the .npy to write, or a directory for DIR/palette.npy; the PNG goes beside "
+        "it with the same stem (default %(default)s)",
+    )
+
+
+def _output_path(out: str) -> Path:
+    path = Path(out)
+    if path.suffix != ".npy":
+        path = path / "palette.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_preview(palette: Palette, images: np.ndarray, path, *, n_images: int = 6) -> None:
+    """Write a PNG: the palette's swatches (index order) over a few images before/after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(palette)
+    cols = int(np.ceil(np.sqrt(k)))
+    swatch = np.full((int(np.ceil(k / cols)) * cols, 3), 255, np.uint8)
+    swatch[:k] = palette.centroids.round().to(torch.uint8).numpy()
+    swatch = swatch.reshape(-1, cols, 3)
+    shown = images[: min(n_images, len(images))]
+    after = palette.dequantize(palette.quantize(shown)).numpy()
+    n = max(len(shown), 1)
+    fig = plt.figure(figsize=(max(6.0, 1.6 * n), 9.0))
+    grid = fig.add_gridspec(3, n, height_ratios=[2, 1, 1])
+    ax = fig.add_subplot(grid[0, :])
+    ax.imshow(swatch, interpolation="nearest")
+    ax.set_title(f"{k}-colour palette (index order, row-major)")
+    ax.axis("off")
+    for i in range(len(shown)):
+        for row, (im, label) in enumerate([(shown[i], "original"), (after[i], "quantized")], 1):
+            a = fig.add_subplot(grid[row, i])
+            a.imshow(im, interpolation="nearest")
+            a.set_xticks([]), a.set_yticks([])
+            if i == 0:
+                a.set_ylabel(label)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run(args) -> None:
+    """``igpt fit-palette``: fit on a data set, write the palette .npy and a preview PNG."""
+    import time
+
+    from igpt.data import load_images, resize
+
+    images = load_images(args.data, split="train").images
+    if args.n_px is not None:
+        images = resize(images, args.n_px)
+    n, h, w = images.shape[:3]
+    log.info("fitting %d colours on %s: %d images of %dx%d", args.k, args.data, n, h, w)
+    start = time.perf_counter()
+    palette = fit_palette(images, k=args.k, sample=args.sample, seed=args.seed, device=args.device)
+    log.info("fitted in %.1f s", time.perf_counter() - start)
+    path = _output_path(args.out)
+    palette.save(path)
+    rng = np.random.default_rng(args.seed)
+    shown = images[np.sort(rng.choice(len(images), size=min(6, len(images)), replace=False))]
+    save_preview(palette, shown, path.with_suffix(".png"))
+    log.info("wrote %s and %s", path, path.with_suffix(".png"))
