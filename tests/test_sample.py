@@ -54,6 +54,15 @@ def test_greedy_with_cache_equals_recomputation_layernorm_gelu():
     )
 
 
+def test_fixed_shape_step_equals_the_sliced_cache():
+    """cuda_graph=True's step (whole cache, masked; eager off the GPU) samples the same."""
+    model = tiny()
+    prefix = torch.randint(0, K, (3, 10))
+    eager = model.generate(3, prefix=prefix, temperature=0)
+    assert torch.equal(model.generate(3, prefix=prefix, temperature=0, cuda_graph=True), eager)
+    assert torch.equal(model.generate(2, seed=4, cuda_graph=True), model.generate(2, seed=4))
+
+
 def test_seed_reproduces_and_different_seeds_differ():
     model = tiny()
     a = model.generate(4, seed=7)
@@ -234,6 +243,17 @@ def test_cuda_greedy_with_cache_equals_recomputation_and_seeds_reproduce():
     assert torch.equal(model.generate(4, seed=1), model.generate(4, seed=1))
 
 
+@pytest.mark.cuda
+def test_cuda_graph_decode_matches_eager_decode(caplog):
+    model = tiny().cuda()
+    prefix = torch.randint(0, K, (4, 9), device="cuda")
+    eager = model.generate(4, prefix=prefix, temperature=0)
+    graphed = model.generate(4, prefix=prefix, temperature=0, cuda_graph=True)
+    assert "capture failed" not in caplog.text
+    assert torch.equal(graphed, eager)
+    assert torch.equal(model.generate(4, seed=3, cuda_graph=True), model.generate(4, seed=3))
+
+
 def test_cache_decode_through_the_triton_kernel_matches(monkeypatch):
     """The cache's strided views, the causal prefill and the Nq=1 decode steps through the
     Triton attention kernel (interpreted on a CPU) give the reference's greedy tokens."""
@@ -249,6 +269,6 @@ def test_cache_decode_through_the_triton_kernel_matches(monkeypatch):
     prefix = torch.randint(0, K, (2, 5))
     expect = model.generate(2, prefix=prefix, temperature=0)
     monkeypatch.setattr(igpt.model, "attention", functools.partial(attention, backend="triton"))
-    torch.testing.assert_close(
-        model.generate(2, prefix=prefix, temperature=0), expect, rtol=0, atol=0
-    )
+    for cuda_graph in (False, True):  # sliced cache; whole cache with a key padding mask
+        out = model.generate(2, prefix=prefix, temperature=0, cuda_graph=cuda_graph)
+        torch.testing.assert_close(out, expect, rtol=0, atol=0)

@@ -19,6 +19,7 @@ bottom-right-aligned causal case of ``attention`` (Nq = 1 <= Nk).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -29,6 +30,8 @@ from tqdm.auto import tqdm
 
 from igpt.config import IGPTConfig
 from igpt_kernels import attention, ln_mlp
+
+log = logging.getLogger(__name__)
 
 
 class Norm(nn.Module):
@@ -54,20 +57,24 @@ class SelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x, causal: bool, kv=None, pos: int = 0):
+    def forward(self, x, causal: bool, kv=None, pos=0, visible=None):
         """x (B, n, d) at positions pos..pos+n-1. With ``kv``, this layer's cache slice
-        (2, B, H, n_px^2, hd), the new keys and values are written into it and the queries
-        attend to every cached position up to pos + n - 1."""
+        (2, B, H, n_px^2, hd), the new keys and values are stored in it and the queries
+        attend to every cached position up to pos + n - 1. For fixed shapes (CUDA graphs)
+        ``pos`` may be a (1,) tensor: then the whole cache is attended, with ``visible``
+        (B, n_px^2) bool masking the positions not written yet."""
         B, n, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)  # 3 x (B, n, d)
         q, k, v = (
             t.view(B, n, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v)
         )  # 3 x (B, H, n, hd)
-        if kv is not None:
-            kv[0, :, :, pos : pos + n] = k
-            kv[1, :, :, pos : pos + n] = v
+        if kv is not None and visible is None:
+            kv[:, :, :, pos : pos + n] = torch.stack((k, v))
             k, v = kv[:, :, :, : pos + n]  # 2 x (B, H, pos + n, hd), views of the cache
-        y = attention(q, k, v, causal=causal)  # (B, H, n, hd)
+        elif kv is not None:
+            kv.index_copy_(3, pos, torch.stack((k, v)))
+            k, v = kv  # 2 x (B, H, n_px^2, hd)
+        y = attention(q, k, v, causal=causal, key_padding_mask=visible)  # (B, H, n, hd)
         y = y.transpose(1, 2).reshape(B, n, d)  # (B, n, d)
         return self.c_proj(y)
 
@@ -104,8 +111,8 @@ class Block(nn.Module):
         self.ln_2 = Norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, causal: bool = True, kv=None, pos: int = 0):
-        x = x + self.attn(self.ln_1(x), causal, kv, pos)
+    def forward(self, x, causal: bool = True, kv=None, pos=0, visible=None):
+        x = x + self.attn(self.ln_1(x), causal, kv, pos, visible)
         return self.mlp(x, self.ln_2)
 
 
@@ -252,14 +259,18 @@ class IGPT(nn.Module):
         w = self.transformer.wte.weight
         return torch.empty(shape, device=device or w.device, dtype=dtype or w.dtype)
 
-    def _decode(self, ids, pos: int, cache):
+    def _decode(self, ids, pos, cache, visible=None):
         """Logits (B, n_colors) after the last of ``ids`` (B, m), the *input* ids (SOS or
-        colours) at positions pos..pos+m-1, writing their keys and values into ``cache``."""
+        colours) at positions pos..pos+m-1, writing their keys and values into ``cache``.
+        ``pos`` is an int, or a (1,) tensor together with ``visible`` (see SelfAttention)."""
         wte, wpe = self.transformer.wte, self.transformer.wpe
-        positions = torch.arange(pos, pos + ids.shape[1], device=ids.device)
+        if visible is None:
+            positions = torch.arange(pos, pos + ids.shape[1], device=ids.device)
+        else:
+            positions = pos
         h = wte(ids) + wpe(positions)  # (B, m, d)
         for block, kv in zip(self.transformer.h, cache, strict=True):
-            h = block(h, True, kv, pos)
+            h = block(h, True, kv, pos, visible)
         return self.lm_head(self.transformer.ln_f(h[:, -1]))  # (B, n_colors)
 
     @torch.inference_mode()
@@ -274,6 +285,7 @@ class IGPT(nn.Module):
         seed: int | None = None,
         device=None,
         progress: bool = False,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Sample ``n`` whole images, left to right, with a key/value cache (AR models only).
 
@@ -290,6 +302,9 @@ class IGPT(nn.Module):
                 give the same images; None draws from torch's global generator.
             device: where to sample; the model must already be there (default: its device).
             progress: show a tqdm bar over the positions.
+            cuda_graph: replay each one-token step as a captured CUDA graph (no Python
+                between kernels; every step then attends to the whole cache, masked). Off
+                the GPU the same fixed-shape step runs eagerly (for tests).
 
         Returns:
             int64 tensor (n, n_px^2) of palette ids on ``device``.
@@ -312,10 +327,11 @@ class IGPT(nn.Module):
         cache = self.kv_cache(n, device)
         sos = torch.full((n, 1), self.config.sos_id, dtype=torch.long, device=device)
         logits = self._decode(torch.cat([sos, prefix], dim=1), 0, cache)  # prefill
+        step = _FixedShapeStep(self, cache) if cuda_graph and p + 1 < N else self._decode
         for t in tqdm(range(p, N), desc="sampling", unit="px", disable=not progress):
             out[:, t] = _next_token(logits, temperature, top_k, top_p, generator)
             if t + 1 < N:
-                logits = self._decode(out[:, t : t + 1], t + 1, cache)
+                logits = step(out[:, t : t + 1], t + 1, cache)
         return out
 
     def _check_generate_args(self, n, temperature, top_k, top_p, device) -> torch.device:
@@ -371,6 +387,56 @@ class IGPT(nn.Module):
                 f"values in [{int(prefix.min())}, {int(prefix.max())}]"
             )
         return prefix.to(device=device, dtype=torch.long)
+
+
+class _FixedShapeStep:
+    """``IGPT._decode`` for one token with shapes that do not change from step to step.
+
+    The token and its position live in fixed buffers and every layer attends to the whole
+    cache with the unwritten positions masked, so on a GPU the step is captured once as a
+    CUDA graph and replayed: the ~10 kernels per layer launch without Python in between.
+    Off the GPU, or if capture fails (logged), the same step runs eagerly.
+    """
+
+    def __init__(self, model: IGPT, cache: torch.Tensor):
+        B, N = cache.shape[2], model.config.n_positions
+        device = cache.device
+        self.model, self.cache = model, cache
+        self.ids = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.pos = torch.full((1,), N - 1, dtype=torch.long, device=device)
+        self.key_pos = torch.arange(N, device=device).expand(B, N)  # (B, N)
+        self.graph = None
+        if device.type == "cuda":
+            try:
+                self._capture()
+            except RuntimeError as e:  # a kernel that syncs or allocates outside the pool
+                log.warning("CUDA graph capture failed, decoding eagerly: %s", e)
+                self.graph = None
+
+    def _run(self):
+        visible = self.key_pos <= self.pos  # (B, N), the positions written so far
+        return self.model._decode(self.ids, self.pos, self.cache, visible)
+
+    def _capture(self):
+        # warm up on a side stream first: Triton compiles and autotunes outside the graph.
+        # The warm-up writes keys at position N - 1, which every later step masks or rewrites.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
+
+    def __call__(self, ids, pos: int, cache):
+        self.ids.copy_(ids)
+        self.pos.fill_(pos)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
 
 
 def _next_token(logits, temperature, top_k, top_p, generator):
