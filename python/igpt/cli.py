@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("igpt.cli", "print versions, devices and which kernel backends can run"),
     "bench": ("igpt.bench", "run benchmarks against the PyTorch baselines"),
     "fit-palette": ("igpt.palette", "fit a k-means colour palette on a data set (.npy + PNG)"),
+    "pretrain": ("igpt.train", "pre-train an iGPT model (AR or BERT objective)"),
     "sample": ("igpt.sample", "sample or complete images from an AR checkpoint into a PNG grid"),
 }
 

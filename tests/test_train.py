@@ -1,0 +1,361 @@
+"""igpt.train: objectives, the trainer, bit-for-bit resume, the non-finite guard, gloo DDP
+(2 processes == 1 process at the same global batch), the LR search and the CLI."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from igpt import IGPT, IGPTConfig
+from igpt.checkpoint import latest_checkpoint, load_checkpoint, load_model
+from igpt.palette import Palette
+from igpt.train import (
+    TrainConfig,
+    Trainer,
+    ar_loss,
+    bert_loss,
+    bert_mask,
+    lr_lambda_factory,
+    lr_search,
+    pretrain,
+    rng_state,
+    set_rng_state,
+)
+
+TINY = {"n_layer": 2, "n_embd": 64, "n_head": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_setup(tmp_path_factory):
+    """One token cache for the module (the digits are tokenized once, not per test), and one
+    CPU thread: these models are tiny, and on a busy machine OpenMP threads that spin-wait
+    for each other make every step ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IGPT_CACHE", str(tmp_path_factory.mktemp("token_cache")))
+        mp.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses
+        yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(tmp_path, name="run", **kw):
+    base = dict(
+        model="igpt-tiny",
+        n_px=8,
+        data="digits",
+        steps=6,
+        batch_size=8,
+        lr=3e-3,
+        log_every=1,
+        ckpt_every=3,
+        val_size=16,
+        out=str(tmp_path / name),
+        progress=False,
+        model_overrides=TINY,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def palette_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("palette") / "palette.npy"
+    g = torch.Generator().manual_seed(0)
+    Palette(torch.rand(16, 3, generator=g) * 255).save(path)
+    return str(path)
+
+
+def _losses(run_dir):
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+def test_bert_mask_statistics():
+    g = torch.Generator().manual_seed(0)
+    m = bert_mask((256, 1024), 0.15, g)
+    assert m.dtype == torch.bool and m.shape == (256, 1024)
+    assert abs(m.float().mean().item() - 0.15) < 0.003
+    # independence: per-position rates are all near p and neighbours are uncorrelated
+    assert (m.float().mean(0) - 0.15).abs().max() < 0.1
+    a, b = m[:, :-1].float().flatten(), m[:, 1:].float().flatten()
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.01
+    assert m.sum(1).float().std() == pytest.approx(math.sqrt(1024 * 0.15 * 0.85), rel=0.15)
+    assert not bert_mask((4, 9), 0.0).any() and bert_mask((4, 9), 1.0).all()
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(bert_mask((5, 7), 0.3, g1), bert_mask((5, 7), 0.3, g2))
+    with pytest.raises(ValueError, match="probability"):
+        bert_mask((2, 2), 1.5)
+
+
+def _model(n_colors=8):
+    model = IGPT(IGPTConfig(n_px=4, n_colors=n_colors, **TINY))
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    return model
+
+
+def test_ar_loss_is_mean_cross_entropy():
+    model, tokens = _model(), torch.randint(0, 8, (3, 16))
+    ref = F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+    assert torch.allclose(ar_loss(model, tokens), ref)
+    assert torch.allclose(ar_loss(model, tokens, reduction="sum"), ref * 48)
+
+
+def test_bert_loss_counts_masked_positions_only():
+    model, tokens = _model(), torch.randint(0, 8, (3, 16))
+    mask = bert_mask(tokens.shape, 0.4, torch.Generator().manual_seed(1))
+    logits = model(tokens, bert_mask=mask)
+    ref = F.cross_entropy(logits[mask], tokens[mask])
+    assert torch.allclose(bert_loss(model, tokens, mask=mask), ref)
+    # the targets at unmasked positions do not matter
+    other = torch.where(mask, tokens, (tokens + 1) % 8)
+    out = bert_loss(model, other, mask=mask)
+    ref2 = F.cross_entropy(model(other, bert_mask=mask)[mask], tokens[mask])
+    assert torch.allclose(out, ref2)
+    g = torch.Generator().manual_seed(1)
+    assert torch.allclose(bert_loss(model, tokens, 0.4, g), ref)
+    empty = bert_loss(model, tokens, mask=torch.zeros_like(mask))
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    f = lr_lambda_factory(100, 10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5)
+    assert f(100) == pytest.approx(0.0, abs=1e-12)
+    assert all(f(s) >= f(s + 1) for s in range(10, 100))
+
+
+def test_rng_state_round_trips_through_weights_only(tmp_path):
+    import random
+
+    state = rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expect = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expect[0], got[0]) and np.array_equal(expect[1], got[1])
+    assert expect[2] == got[2]
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def test_loss_drops_on_digits(tmp_path):
+    summary = pretrain(
+        _cfg(tmp_path, steps=30, batch_size=16, lr=1e-2, log_every=1, ckpt_every=30, val_size=64)
+    )
+    losses = _losses(tmp_path / "run")
+    assert losses[0] == pytest.approx(math.log(16), abs=0.05)  # zero head: uniform logits
+    assert np.mean(losses[-5:]) < losses[0] - 0.6, losses
+    assert summary["val_loss"] < losses[0] - 0.5 and summary["val_bpd"] == pytest.approx(
+        summary["val_loss"] / math.log(2)
+    )
+    run = tmp_path / "run"
+    conf = json.loads((run / "config.json").read_text())
+    assert conf["train"]["steps"] == 30 and conf["model"]["n_colors"] == 16
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert (run / "palette.npy").is_file()
+    model, palette, ckpt = load_model(run)  # what evaluation and sampling load
+    assert len(palette) == 16 and ckpt["step"] == 30 and ckpt["objective"] == "ar"
+
+
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+def test_kill_and_resume_is_bit_for_bit(tmp_path, monkeypatch, palette_file, objective):
+    kw = dict(objective=objective, palette=palette_file, steps=4, ckpt_every=2)
+    cfg = _cfg(tmp_path, "full", **kw)
+    pretrain(cfg)
+    full = _losses(cfg.out)
+    assert len(full) == 4
+
+    killed = _cfg(tmp_path, "killed", **kw)
+    real_step = Trainer.train_step
+
+    def dies_in_step_4(self, step):
+        if step == 3:  # the process dies after logging step 3, past the checkpoint at 2
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(killed)
+    monkeypatch.undo()
+    assert latest_checkpoint(killed.out).name == "ckpt_00000002.pt"
+    assert len(_losses(killed.out)) == 3  # step 3 was logged, but is not in the checkpoint
+    pretrain(killed, resume=True)
+    assert _losses(killed.out) == full  # bit-for-bit, and the log has no duplicate rows
+    a = load_checkpoint(cfg.out)["model"]
+    b = load_checkpoint(killed.out)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings(tmp_path, palette_file):
+    pretrain(_cfg(tmp_path, steps=3, palette=palette_file))
+    with pytest.raises(ValueError, match="batch_size"):
+        pretrain(_cfg(tmp_path, steps=3, palette=palette_file, batch_size=4, resume=True))
+
+
+def test_crash_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, palette_file):
+    cfg = _cfg(tmp_path, palette=palette_file, steps=4, ckpt_every=2)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def crashing_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint (step 4) dies half-written
+            f.write(b"half a checkpoint")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    monkeypatch.undo()
+    assert sorted(p.name for p in Path(cfg.out).glob("*.pt")) == ["ckpt_00000002.pt"]
+    assert not list(Path(cfg.out).glob(".*tmp"))
+    summary = pretrain(cfg, resume=True)
+    assert summary["step"] == 4
+
+
+def test_non_finite_steps_are_skipped_and_reported(tmp_path, monkeypatch, palette_file, caplog):
+    cfg = _cfg(tmp_path, palette=palette_file, steps=4, ckpt_every=4)
+    real = Trainer.loss_sum
+    seen = {}
+
+    def spiky(self, tokens, mask):
+        s = real(self, tokens, mask)
+        if self.step == 2:
+            seen["before"] = [p.detach().clone() for p in self.raw_model.parameters()]
+            return s * float("nan")
+        return s
+
+    real_step = Trainer.train_step
+
+    def check_step(self, step):
+        out = real_step(self, step)
+        if step == 2:
+            after = list(self.raw_model.parameters())
+            assert all(torch.equal(a, b) for a, b in zip(seen["before"], after, strict=True))
+        return out
+
+    monkeypatch.setattr(Trainer, "loss_sum", spiky)
+    monkeypatch.setattr(Trainer, "train_step", check_step)
+    summary = pretrain(cfg)
+    assert summary["skipped"] == 1 and "non-finite" in caplog.text
+    rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [0, 0, 1, 1]
+    assert math.isfinite(summary["loss"]) and math.isfinite(summary["val_loss"])
+
+
+def test_batches_are_a_function_of_the_step(tmp_path, palette_file):
+    t = Trainer(_cfg(tmp_path, palette=palette_file, batch_size=500))
+    n = len(t.train_idx)
+    seen = np.concatenate([t.batch_indices(s) for s in range(3)])  # 1500 > one epoch
+    assert sorted(seen[:n]) == sorted(t.train_idx)  # an epoch visits every image once
+    assert np.array_equal(t.batch_indices(2), t.batch_indices(2))
+    assert not set(seen) & set(t.val_idx)
+    t.close()
+
+
+def test_augmented_training_and_checkpointing_policy(tmp_path, palette_file):
+    summary = pretrain(
+        _cfg(tmp_path, palette=palette_file, augment="cifar", checkpointing=1, steps=2)
+    )
+    assert math.isfinite(summary["loss"])
+
+
+def test_lr_search_stops_when_validation_rises(tmp_path, monkeypatch):
+    vals = {0.01: 3.0, 0.003: 2.0, 0.001: 2.5, 0.0003: 1.0}
+    tried = []
+
+    def fake_pretrain(config, *, palette=None, data=None, lr, out):
+        tried.append(lr)
+        return {"val_loss": vals[lr]}
+
+    monkeypatch.setattr("igpt.train.pretrain", fake_pretrain)
+    result = lr_search(_cfg(tmp_path), lrs=tuple(vals))
+    assert tried == [0.01, 0.003, 0.001] and result["best_lr"] == 0.003
+    assert json.loads((tmp_path / "run" / "lr_search.json").read_text())["best_lr"] == 0.003
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg_dict):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    pretrain(TrainConfig.from_dict(cfg_dict))
+
+
+def test_two_gloo_processes_match_one(tmp_path, palette_file):
+    """BERT, the harder case: the loss is normalised by the masked count of the *global*
+    batch, which neither process sees alone."""
+    import torch.multiprocessing as mp
+
+    kw = dict(objective="bert", palette=palette_file, steps=3, ckpt_every=3, device="cpu")
+    one = _cfg(tmp_path, "one", grad_accum=2, **kw)  # same global batch, 2 micro-steps
+    pretrain(one)
+    two = _cfg(tmp_path, "two", **kw)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), two.to_dict()), nprocs=2, join=True)
+    a, b = _losses(one.out), _losses(two.out)
+    assert len(a) == len(b) == 3
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    ma, mb = load_checkpoint(one.out)["model"], load_checkpoint(two.out)["model"]
+    for k in ma:
+        torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, palette_file):
+    kw = dict(palette=palette_file, steps=2, ckpt_every=2, val_size=4)
+    a = _losses(pretrain(_cfg(tmp_path, "a", **kw))["out"])
+    b = _losses(pretrain(_cfg(tmp_path, "b", grad_accum=4, **kw))["out"])
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_smoke(tmp_path, capsys):
+    from igpt.cli import build_parser, main
+
+    help_ = build_parser()._subparsers._group_actions[0].choices["pretrain"].format_help()
+    for flag in ("--objective", "--resume", "--fsdp", "--grad-accum", "--lr-search"):
+        assert flag in help_
+    out = tmp_path / "cli"
+    args = ["pretrain", "--n-px", "8", "--steps", "2", "--batch-size", "4", "--out", str(out)]
+    args += ["--no-progress", "--device", "cpu", "--objective", "bert", "--n-colors", "8"]
+    args += ["--log-every", "1"]
+    # `python -m igpt` is the command torchrun runs
+    res = subprocess.run(
+        [sys.executable, "-m", "igpt", *args], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["step"] == 2
+    assert len(_losses(out)) == 2 and (out / "ckpt_00000002.pt").is_file()
+    assert json.loads((out / "config.json").read_text())["model"]["n_colors"] == 8
+    main(args + ["--resume"])  # already finished: resumes at the end and trains nothing
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    assert len(_losses(out)) == 2
