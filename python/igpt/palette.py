@@ -200,6 +200,20 @@ def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return (x - c).square().sum(-1)
 
 
+def _segment_sums(labels: torch.Tensor, values: torch.Tensor, k: int):
+    """Per-label sums of values (M, 4) -> (k, 3) and (k,) in fp64, deterministically.
+
+    Sorting by label and differencing a cumulative sum at the segment ends gives the same
+    bits on every run (index_add_ on a GPU adds in whatever order its atomics land).
+    """
+    order = torch.argsort(labels, stable=True)
+    csum = torch.cat([values.new_zeros(1, values.shape[1]), values[order].cumsum(0)])
+    counts = torch.bincount(labels, minlength=k)  # (k,) integer: exact in any order
+    ends = counts.cumsum(0)
+    sums = csum[ends] - csum[ends - counts]  # (k, 4)
+    return sums[:, :3], sums[:, 3]
+
+
 def _kmeans_torch(
     colours: np.ndarray,
     counts: np.ndarray,
@@ -236,16 +250,18 @@ def _kmeans_torch(
         d = torch.minimum(closest[None], _sq_dist(x[None], x[cand][:, None]))  # (trials, M)
         best = torch.argmin((d * w).sum(1))  # a tensor: no host sync per centre
         centres[i], closest = x[cand[best]], d[best]
+    weighted = torch.cat([x * w[:, None], w[:, None]], 1).double()  # (M, 4): w*rgb, w
     variance = float(((x - (w[:, None] * x).sum(0) / w.sum()).square() * w[:, None]).sum())
     threshold = tol * variance / float(w.sum()) / 3
     for _ in range(max_iter):
         labels = igpt_kernels.quantize(px, centres, lut=False)  # (M,)
-        sums = torch.zeros(k, 3, device=device).index_add_(0, labels, x * w[:, None])
-        mass = torch.zeros(k, device=device).index_add_(0, labels, w)
+        sums, mass = _segment_sums(labels, weighted, k)  # (k, 3), (k,)
         new = torch.where(mass[:, None] > 0, sums / mass.clamp_min(1e-12)[:, None], centres)
+        new = new.float()
         empty = (mass == 0).nonzero().flatten()
         if len(empty):
-            far = _sq_dist(x, centres[labels]).argsort(descending=True)[: len(empty)]
+            far = _sq_dist(x, centres[labels]).argsort(descending=True, stable=True)
+            far = far[: len(empty)]
             new[empty] = x[far]
             log.info("k-means: re-seeded %d empty clusters", len(empty))
         shift = float((new - centres).square().sum())
