@@ -12,11 +12,15 @@ from igpt.finetune import IGPTClassifier, evaluate, finetune, load_classifier, p
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny models spend their time in thread hand-offs; one thread is several times faster
-    on a busy 2-core machine."""
+    """Tiny models and small probes spend their time in thread hand-offs (torch's and BLAS's);
+    one thread is many times faster on a busy 2-core machine."""
+    import sklearn.linear_model  # noqa: F401  (load BLAS first: limits reach loaded libraries)
+    from threadpoolctl import threadpool_limits
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(limits=1):
+        yield
     torch.set_num_threads(n)
 
 
@@ -126,3 +130,40 @@ def test_finetune_rejects_bad_arguments(tmp_path):
         finetune(tiny(), x, y, resume=True)
     with pytest.raises(ValueError, match="train_labels"):
         finetune(tiny(), x, y[:5])
+
+
+def test_igpt_finetune_command_runs_and_resumes(tmp_path, capsys):
+    from igpt.checkpoint import save_checkpoint
+    from igpt.cli import main
+    from igpt.data import load_images
+    from igpt.palette import fit_palette
+
+    palette = fit_palette(load_images("digits", "train").images, k=16)
+    save_checkpoint(tmp_path / "pre.pt", tiny(n_px=8), step=3, palette=palette, objective="ar")
+    argv = [
+        "finetune",
+        "--checkpoint",
+        str(tmp_path / "pre.pt"),
+        "--data",
+        "digits",
+        "--limit",
+        "80",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "3",
+        "--lr",
+        "1e-3",
+        "--out",
+        str(tmp_path / "ft"),
+    ]
+    main([*argv, "--steps", "3"])
+    first = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert first["step"] == 3 and first["settings"]["objective"] == "ar"
+    assert "test accuracy" in capsys.readouterr().out
+    main([*argv, "--steps", "6", "--resume"])
+    second = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert second["step"] == 6 and [h["step"] for h in second["history"]] == [3, 6]
+    assert 0.0 <= second["test_acc"] <= 1.0
+    clf, palette_back, _ = load_classifier(tmp_path / "ft")
+    assert clf.n_classes == 10 and len(palette_back) == 16

@@ -11,10 +11,15 @@ from igpt import IGPT, IGPTConfig, probe
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny models spend their time in thread hand-offs; one thread is faster on a busy CPU."""
+    """Tiny models and small probes spend their time in thread hand-offs (torch's and BLAS's);
+    one thread is many times faster on a busy 2-core machine."""
+    import sklearn.linear_model  # noqa: F401  (load BLAS first: limits reach loaded libraries)
+    from threadpoolctl import threadpool_limits
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(limits=1):
+        yield
     torch.set_num_threads(n)
 
 
@@ -229,3 +234,53 @@ def test_features_on_cuda_bf16_match_cpu():
     gpu = probe.extract_features(model, tokens, batch_size=32, device="cuda", progress=False)
     assert gpu.device.type == "cpu" and gpu.dtype == torch.float32
     torch.testing.assert_close(gpu, cpu, rtol=5e-2, atol=5e-2)
+
+
+def test_igpt_probe_command_writes_report_and_reuses_cache(tmp_path, capsys, caplog):
+    from igpt.checkpoint import save_checkpoint
+    from igpt.cli import main
+    from igpt.data import load_images
+    from igpt.palette import fit_palette
+
+    palette = fit_palette(load_images("digits", "train").images, k=16)
+    save_checkpoint(
+        tmp_path / "run" / "ckpt_00000007.pt",
+        tiny(n_layer=2, n_px=8),
+        step=7,
+        palette=palette,
+        objective="ar",
+    )
+    argv = [
+        "probe",
+        "--checkpoint",
+        str(tmp_path / "run"),
+        "--data",
+        "digits",
+        "--limit",
+        "150",
+        "--per-class",
+        "2",
+        "--subsets",
+        "2",
+        "--cs",
+        "1",
+        "--concat",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    main(argv)
+    report = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert [r["layer"] for r in report["layers"]["rows"]] == [0, 1, 2]
+    assert report["raw_pixels"]["test_acc"] > 0.5  # digits from raw pixels; chance is 0.1
+    assert len(report["random_init"]["rows"]) == 3
+    assert report["low_data"]["rows"][0]["per_class"] == 2
+    assert (tmp_path / "out" / "depth.png").stat().st_size > 1000
+    assert "best layer" in capsys.readouterr().out
+    cached = sorted((tmp_path / "out" / "cache").glob("features_*.pt"))
+    assert len(cached) == 4  # pretrained and random-init, train and test
+    caplog.clear()
+    with caplog.at_level("INFO", logger="igpt.probe"):
+        main(argv)
+    assert sum("features from cache" in r.message for r in caplog.records) == 4
+    assert sorted((tmp_path / "out" / "cache").glob("features_*.pt")) == cached

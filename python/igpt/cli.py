@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("igpt.bench", "run benchmarks against the PyTorch baselines"),
     "fit-palette": ("igpt.palette", "fit a k-means colour palette on a data set (.npy + PNG)"),
     "pretrain": ("igpt.train", "pre-train an iGPT model (AR or BERT objective)"),
+    "probe": ("igpt.probe", "linear probes of every layer, low-data probes and baselines"),
+    "finetune": ("igpt.finetune", "fine-tune a checkpoint as a classifier (L_GEN + L_CLF)"),
     "sample": ("igpt.sample", "sample or complete images from an AR checkpoint into a PNG grid"),
 }
 

@@ -448,3 +448,129 @@ def finetune(
         "history": state["history"],
         "settings": settings,
     }
+
+
+# ----------------------------------------------------------------------------- igpt finetune
+
+
+def add_arguments(parser) -> None:
+    """Arguments of ``igpt finetune``."""
+    from igpt.cli import add_common_arguments
+
+    shared = "checkpoint data objective steps batch_size lr out resume device seed".split()
+    add_common_arguments(parser, *shared)
+    parser.set_defaults(objective=None, steps=1000, batch_size=32, lr=1e-4, out="runs/finetune")
+    parser.add_argument(
+        "--clf-only", action="store_true", help="train L_CLF alone (default: L_GEN + L_CLF)"
+    )
+    parser.add_argument(
+        "--layer", type=int, default=None, help="pooled layer the head reads (default: n^L)"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=100, help="steps between hold-out evaluations"
+    )
+    parser.add_argument(
+        "--patience", type=int, default=None, help="evaluations without improvement before stopping"
+    )
+    parser.add_argument(
+        "--augment",
+        choices=("auto", "none", "cifar"),
+        default="auto",
+        help="training augmentation: cifar = pad 4, random crop, flip (auto: for cifar specs)",
+    )
+    parser.add_argument(
+        "--n-masks", type=int, default=5, help="masks in a BERT model's evaluation ensemble"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images per split")
+
+
+def run(args) -> None:
+    """``igpt finetune``: fine-tune a checkpoint on a labelled dataset, report test accuracy."""
+    from igpt.checkpoint import load_model, resolve_checkpoint
+    from igpt.data import load_images, pad_crop_flip, parse_spec, tokenize
+
+    source = args.checkpoint
+    if source is None:
+        if not (args.resume and latest_checkpoint(args.out)):
+            raise SystemExit("igpt finetune needs --checkpoint FILE_OR_RUN_DIR")
+        source = args.out  # the run's own latest checkpoint holds the model
+    path = resolve_checkpoint(source)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, palette, ckpt = load_model(path, device=device)
+    if palette is None:
+        raise SystemExit(f"{path} holds no palette, so images cannot be tokenised")
+    objective = (
+        args.objective or ckpt.get("objective") or ckpt.get("finetune", {}).get("objective") or "ar"
+    )
+    splits = {}
+    for split in ("train", "test"):
+        data = load_images(args.data, split)
+        if data.labels is None:
+            raise SystemExit(f"--data {args.data} has no labels in its {split!r} split")
+        splits[split] = data.subset(np.arange(min(args.limit, len(data)))) if args.limit else data
+    train, test = splits["train"], splits["test"]
+    n_px = model.config.n_px
+    x, xt = tokenize(train.images, palette, n_px), tokenize(test.images, palette, n_px)
+    is_cifar = parse_spec(args.data)[0].startswith("cifar")
+    augment = (
+        pad_crop_flip if args.augment == "cifar" or (args.augment == "auto" and is_cifar) else None
+    )
+    n_classes = train.num_classes or int(max(train.labels.max(), test.labels.max())) + 1
+    log.info(
+        "fine-tuning %s (%s, %s) on %s: %d train, %d test images",
+        path,
+        objective,
+        "L_CLF" if args.clf_only else "L_GEN + L_CLF",
+        args.data,
+        len(x),
+        len(xt),
+    )
+    res = finetune(
+        model,
+        x,
+        train.labels,
+        n_classes=n_classes,
+        objective=objective,
+        joint=not args.clf_only,
+        layer=args.layer,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        n_masks=args.n_masks,
+        train_images=train.images,
+        palette=palette,
+        augment=augment,
+        out_dir=args.out,
+        resume=args.resume,
+        seed=args.seed,
+        device=device,
+    )
+    test_acc = evaluate(
+        res["classifier"],
+        xt,
+        test.labels,
+        objective=objective,
+        n_masks=args.n_masks,
+        seed=args.seed,
+        device=device,
+    )
+    summary = {k: res[k] for k in ("best_val_acc", "best_step", "step", "stopped_early")}
+    summary.update(
+        test_acc=test_acc,
+        checkpoint=str(path),
+        data=args.data,
+        settings=res["settings"],
+        history=res["history"],
+    )
+    out = Path(args.out)
+    tmp = out / "finetune.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "finetune.json")
+    print(
+        f"best hold-out accuracy {res['best_val_acc']:.4f} at step {res['best_step']}; "
+        f"test accuracy {test_acc:.4f}"
+        + (f" ({args.n_masks}-mask ensemble)" if objective == "bert" else "")
+    )
+    print(f"wrote {out / 'best.pt'} and {out / 'finetune.json'}")

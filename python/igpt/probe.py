@@ -393,6 +393,7 @@ def probe_layers(
     *,
     layer_ids: Sequence[int] | None = None,
     concat: int = 5,
+    method: str = "lbfgs",
     progress: bool = True,
     **probe_kw,
 ) -> dict:
@@ -404,14 +405,20 @@ def probe_layers(
         layer_ids: the layer number of each of the K slices (default 0..K-1).
         concat: also probe the concatenation of this many consecutive layers centred on the
             best one (sec. 4.4 uses 5); 0 or 1 skips it.
+        method: "lbfgs" (``linear_probe``) or "sgd" (``sgd_probe``, for large feature sets).
         progress: show a tqdm bar.
-        probe_kw: passed to ``linear_probe`` (val_frac, Cs, seed, max_iter).
+        probe_kw: passed to the probe (``linear_probe``: val_frac, Cs, seed, max_iter).
 
     Returns:
-        dict with ``rows`` (one {layer, val_acc, test_acc, C} per layer), ``best_layer`` (by
+        dict with ``rows`` (one {layer, val_acc, test_acc, C or weight_decay} per layer),
+        ``best_layer`` (by
         hold-out accuracy, never by test accuracy), ``best`` (its row) and ``concat`` ({layers,
         val_acc, test_acc, C} or None).
     """
+    probes = {"lbfgs": linear_probe, "sgd": sgd_probe}
+    if method not in probes:
+        raise ValueError(f"method must be one of {list(probes)}, got {method!r}")
+    fit = probes[method]
     x = _as_features(train_feats, "train_feats", ndim=3)
     xt = _as_features(test_feats, "test_feats", ndim=3)
     if x.shape[1:] != xt.shape[1:]:
@@ -420,24 +427,26 @@ def probe_layers(
     ids = list(range(K)) if layer_ids is None else [int(i) for i in layer_ids]
     if len(ids) != K:
         raise ValueError(f"layer_ids names {len(ids)} layers but the features have {K}")
+    reg = "C" if method == "lbfgs" else "weight_decay"
     rows = []
     for j in tqdm(range(K), desc="probe layers", unit="layer", disable=not progress):
-        r = linear_probe(x[:, j], train_labels, xt[:, j], test_labels, **probe_kw)
+        r = fit(x[:, j], train_labels, xt[:, j], test_labels, **probe_kw)
         rows.append(
-            {"layer": ids[j], "val_acc": r["val_acc"], "test_acc": r["test_acc"], "C": r["C"]}
+            {"layer": ids[j], "val_acc": r["val_acc"], "test_acc": r["test_acc"], reg: r[reg]}
         )
         log.info(
-            "layer %d: val %.4f test %.4f (C=%g)",
+            "layer %d: val %.4f test %.4f (%s=%g)",
             ids[j],
-            r["val_acc"] or math.nan,
+            r["val_acc"] if r["val_acc"] is not None else math.nan,
             r["test_acc"],
-            r["C"],
+            reg,
+            r[reg],
         )
     j_best = max(range(K), key=lambda j: (rows[j]["val_acc"] or 0.0, -j))
     result = {"rows": rows, "best_layer": ids[j_best], "best": rows[j_best], "concat": None}
     if concat > 1 and K > 1:
         win = _window(j_best, concat, K)
-        r = linear_probe(
+        r = fit(
             x[:, win].reshape(len(x), -1),
             train_labels,
             xt[:, win].reshape(len(xt), -1),
@@ -448,7 +457,7 @@ def probe_layers(
             "layers": [ids[j] for j in win],
             "val_acc": r["val_acc"],
             "test_acc": r["test_acc"],
-            "C": r["C"],
+            reg: r[reg],
         }
     return result
 
@@ -806,10 +815,12 @@ def write_report(results: dict, out_dir) -> dict:
 
 def summary_text(results: dict) -> str:
     """The Markdown summary of a probe run: per-layer table, baselines, low-data, BERT."""
+    rows = results["layers"]["rows"]
+    reg = "C" if rows and "C" in rows[0] else "weight_decay"
     parts = [
         "## Linear probe per layer",
         "",
-        format_table(results["layers"]["rows"], ["layer", "val_acc", "test_acc", "C"]),
+        format_table(rows, ["layer", "val_acc", "test_acc", reg]),
     ]
     lay = results["layers"]
     lines = [f"best layer {lay['best_layer']}: test acc {lay['best']['test_acc']:.4f}"]
@@ -846,3 +857,185 @@ def summary_text(results: dict) -> str:
             format_table(rows, ["per class", "n_train", "test acc"]),
         ]
     return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- igpt probe
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in str(text).replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"expected integers like 4,25,400, got {text!r}") from None
+
+
+def add_arguments(parser) -> None:
+    """Arguments of ``igpt probe``."""
+    from igpt.cli import add_common_arguments
+
+    add_common_arguments(parser, "checkpoint", "data", "batch_size", "out", "device", "seed")
+    parser.set_defaults(batch_size=64, out="runs/probe")
+    parser.add_argument(
+        "--layers", nargs="+", default=None, help="layers to probe, e.g. 0,8,16,24 (default: all)"
+    )
+    parser.add_argument(
+        "--per-class",
+        nargs="+",
+        default=["4,25,400"],
+        help="low-data probes with k labels per class at the best layer (default 4,25,400; "
+        "'none' skips them)",
+    )
+    parser.add_argument("--subsets", type=int, default=5, help="random subsets per k (default 5)")
+    parser.add_argument(
+        "--concat", type=int, default=5, help="layers concatenated around the best (default 5)"
+    )
+    parser.add_argument(
+        "--cs",
+        default=None,
+        help="L2 strengths C to choose from, e.g. 0.01,1,100 (default 1e-4..1e2)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=("lbfgs", "sgd"),
+        default="lbfgs",
+        help="lbfgs (scikit-learn, the paper's) or sgd (GPU, for large sets)",
+    )
+    parser.add_argument(
+        "--bert-masks", type=int, default=5, help="masks in a BERT model's ensemble (default 5)"
+    )
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the raw-pixel and random-init probes"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images per split")
+    parser.add_argument("--cache-dir", default=None, help="feature cache (default OUT/cache)")
+
+
+def _load_split(spec: str, split: str, limit: int | None):
+    from igpt.data import load_images
+
+    data = load_images(spec, split)
+    if data.labels is None:
+        raise SystemExit(f"--data {spec} has no labels in its {split!r} split; probes need labels")
+    return data.subset(np.arange(min(limit, len(data)))) if limit else data
+
+
+def run(args) -> None:
+    """``igpt probe``: probe every layer of a checkpoint on a labelled dataset."""
+    from igpt.checkpoint import load_model, resolve_checkpoint
+    from igpt.data import resize, tokenize
+
+    if args.checkpoint is None:
+        raise SystemExit("igpt probe needs --checkpoint FILE_OR_RUN_DIR")
+    path = resolve_checkpoint(args.checkpoint)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, palette, ckpt = load_model(path, device=device)
+    if palette is None:
+        raise SystemExit(f"{path} holds no palette, so images cannot be tokenised")
+    objective = ckpt.get("objective") or ckpt.get("finetune", {}).get("objective") or "ar"
+    n_px, L = model.config.n_px, model.config.n_layer
+    layers = _resolve_layers(_int_list(" ".join(args.layers)), L) if args.layers else None
+    per_class = [] if args.per_class == ["none"] else _int_list(" ".join(args.per_class))
+    probe_kw = {"seed": args.seed}
+    if args.cs:
+        probe_kw["Cs"] = [float(c) for c in args.cs.replace(",", " ").split()]
+    if args.method == "sgd":
+        probe_kw = {"seed": args.seed, "device": device}
+
+    train = _load_split(args.data, "train", args.limit)
+    test = _load_split(args.data, "test", args.limit)
+    x, xt = tokenize(train.images, palette, n_px), tokenize(test.images, palette, n_px)
+    out = Path(args.out)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    key = f"{path.resolve()}|{path.stat().st_mtime_ns}|step={ckpt.get('step')}|{args.data}"
+    bert_seed = args.seed if objective == "bert" else None
+    log.info(
+        "probing %s (%s, L=%d) on %s: %d train, %d test images",
+        path,
+        objective,
+        L,
+        args.data,
+        len(x),
+        len(xt),
+    )
+
+    def features(m, tokens, split, tag):
+        return extract_features(
+            m,
+            tokens,
+            batch_size=args.batch_size,
+            layers=layers,
+            bert_mask_seed=bert_seed,
+            device=device,
+            cache_dir=cache_dir,
+            cache_key=f"{key}|{split}|{tag}",
+        )
+
+    ids = layers if layers is not None else list(range(L + 1))
+    f, ft = features(model, x, "train", "model"), features(model, xt, "test", "model")
+    results = {
+        "checkpoint": str(path),
+        "data": args.data,
+        "objective": objective,
+        "n_train": len(x),
+        "n_test": len(xt),
+    }
+    results["layers"] = probe_layers(
+        f,
+        train.labels,
+        ft,
+        test.labels,
+        layer_ids=ids,
+        concat=args.concat,
+        method=args.method,
+        **probe_kw,
+    )
+    j = ids.index(results["layers"]["best_layer"])
+    if per_class and args.method == "sgd":
+        log.info("low-data probes use L-BFGS; skipped with --method sgd")
+    elif per_class:
+        results["low_data"] = low_data_probe(
+            f[:, j],
+            train.labels,
+            ft[:, j],
+            test.labels,
+            per_class=per_class,
+            n_subsets=args.subsets,
+            **probe_kw,
+        )
+    del f, ft
+    if objective == "bert" and args.bert_masks > 1:
+        results["bert_ensemble"] = bert_ensemble_probe(
+            model,
+            x,
+            train.labels,
+            xt,
+            test.labels,
+            layer=results["layers"]["best_layer"],
+            n_masks=args.bert_masks,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=device,
+            cache_dir=cache_dir,
+            cache_key=f"{key}|ensemble",
+            **({} if args.method == "sgd" else {"Cs": probe_kw["Cs"]} if "Cs" in probe_kw else {}),
+        )
+    if not args.no_baselines:
+        raw = [raw_pixel_features(resize(d.images, n_px)) for d in (train, test)]
+        fit = linear_probe if args.method == "lbfgs" else sgd_probe
+        results["raw_pixels"] = fit(raw[0], train.labels, raw[1], test.labels, **probe_kw)
+        fresh = random_init_model(model.config, seed=args.seed).to(device)
+        rf = features(fresh, x, "train", f"random-init-{args.seed}")
+        rft = features(fresh, xt, "test", f"random-init-{args.seed}")
+        results["random_init"] = probe_layers(
+            rf,
+            train.labels,
+            rft,
+            test.labels,
+            layer_ids=ids,
+            concat=0,
+            method=args.method,
+            **probe_kw,
+        )
+    paths = write_report(results, out)
+    print(summary_text(results))
+    print(f"\nwrote {paths['json']}, {paths['table']} and {paths['png']}")
