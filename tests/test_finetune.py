@@ -167,3 +167,21 @@ def test_igpt_finetune_command_runs_and_resumes(tmp_path, capsys):
     assert 0.0 <= second["test_acc"] <= 1.0
     clf, palette_back, _ = load_classifier(tmp_path / "ft")
     assert clf.n_classes == 10 and len(palette_back) == 16
+
+
+@pytest.mark.cuda
+def test_finetune_on_cuda_bf16_learns():
+    x, y = synthetic(160)
+    res = finetune(
+        tiny(n_px=4).cuda(),
+        x[:128],
+        y[:128],
+        steps=30,
+        batch_size=16,
+        lr=3e-3,
+        eval_every=15,
+        progress=False,
+        device="cuda",
+    )
+    assert next(res["classifier"].parameters()).is_cuda
+    assert evaluate(res["classifier"], x[128:], y[128:]) > 0.7  # chance is 0.25

@@ -284,3 +284,11 @@ def test_igpt_probe_command_writes_report_and_reuses_cache(tmp_path, capsys, cap
         main(argv)
     assert sum("features from cache" in r.message for r in caplog.records) == 4
     assert sorted((tmp_path / "out" / "cache").glob("features_*.pt")) == cached
+
+
+@pytest.mark.cuda
+def test_sgd_probe_on_cuda():
+    x, y = blobs(600)
+    xt, yt = blobs(200, seed=1)
+    res = probe.sgd_probe(x, y, xt, yt, epochs=5, batch_size=64, device="cuda")
+    assert res["test_acc"] >= 0.95

@@ -203,7 +203,7 @@ def finetune(
     lr: float = 1e-4,
     betas: tuple[float, float] = (0.9, 0.95),
     weight_decay: float = 0.0,
-    grad_clip: float | None = 1.0,
+    grad_clip: float | None = None,
     eval_every: int = 100,
     patience: int | None = None,
     mask_prob: float = 0.15,
@@ -229,7 +229,8 @@ def finetune(
             with ``mask_prob`` in training and evaluation).
         joint: True trains L_GEN + L_CLF, False L_CLF alone.
         layer: which pooled layer the head reads (default: n^L), see ``IGPTClassifier``.
-        steps, batch_size, lr, betas, weight_decay, grad_clip: Adam at a constant rate.
+        steps, batch_size, lr, betas, weight_decay: Adam at a constant rate, with the
+            pre-training betas. grad_clip: clip the gradient norm (None: off, as the trainer).
         eval_every: steps between hold-out evaluations (and checkpoints).
         patience: stop after this many evaluations without a better hold-out accuracy;
             None trains all ``steps``. Either way the best weights are restored at the end.

@@ -97,10 +97,11 @@ def bert_mask(shape, prob: float = 0.15, *, seed: int) -> torch.Tensor:
     The mask depends only on ``seed`` and ``shape``, on the CPU, so it is the same on every
     device and for every batch size.
     """
+    from igpt.train import bert_mask as draw  # the pre-training objective's own masks
+
     if not 0.0 < prob < 1.0:
         raise ValueError(f"prob must be in (0, 1), got {prob}")
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.rand(tuple(shape), generator=g) < prob
+    return draw(shape, prob, torch.Generator().manual_seed(int(seed)))
 
 
 def _fingerprint_tensor(h, t: torch.Tensor) -> None:
