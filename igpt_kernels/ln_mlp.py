@@ -74,6 +74,7 @@ _VARIANTS = ("fused", "cublas")
 DEFAULT_VARIANT = "fused"  # see "Measured" in the docstring before changing
 _MIN_TOKENS_PER_SPLIT = 1024  # the weight-gradient GEMMs split T no finer than this,
 _SPLIT_ALIGN = 256  # into chunks of a multiple of this (of every BLOCK_K)
+_NORM_BWD_TILE = 4096  # elements per (rows x d) tile of the norm backward
 
 
 # --------------------------------------------------------------------------------------
@@ -382,9 +383,14 @@ def _norm_bwd_kernel(
     IS_RMS: tl.constexpr,
     HAS_NW: tl.constexpr,
     RESIDUAL: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """dx = norm backward of dn (+ dy); per-program fp32 partials of dw = sum dn xhat, db."""
+    """dx = norm backward of dn (+ dy); per-program fp32 partials of dw = sum dn xhat, db.
+
+    Each program owns rows_per_program consecutive rows and walks them BLOCK_T at a time,
+    whole rows per tile, so the per-row reductions stay in registers.
+    """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -393,26 +399,33 @@ def _norm_bwd_kernel(
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
     db = tl.zeros((BLOCK_D,), dtype=tl.float32)
     first = pid.to(tl.int64) * rows_per_program
-    for row in range(first, min(first + rows_per_program, T)):
-        x = tl.load(X + row * stride_xt + cols, mask=col_ok, other=0.0).to(tl.float32)
-        dn = tl.load(DN + row * stride_dnt + cols, mask=col_ok, other=0.0).to(tl.float32)
-        rstd = tl.load(Rstd + row)
-        if IS_RMS:
-            xhat = x * rstd
-        else:
-            xhat = tl.where(col_ok, (x - tl.load(Mean + row)) * rstd, 0.0)
+    last = min(first + rows_per_program, T)
+    for r0 in range(first, last, BLOCK_T):
+        rows = r0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < last
+        ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_xt + cols[None, :], mask=ok, other=0.0)
+        dn = tl.load(DN + rows[:, None] * stride_dnt + cols[None, :], mask=ok, other=0.0)
+        dn = dn.to(tl.float32)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)[:, None]
+        xhat = x.to(tl.float32)
+        if not IS_RMS:
+            xhat -= tl.load(Mean + rows, mask=row_ok, other=0.0)[:, None]
+        xhat = tl.where(ok, xhat * rstd, 0.0)
         dxhat = dn
         if HAS_NW:
-            dxhat = dn * w
-        dx = dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / D)
+            dxhat = dn * w[None, :]
+        dx = dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / D)[:, None]
         if not IS_RMS:
-            dx -= tl.sum(dxhat, axis=0) / D
+            dx -= (tl.sum(dxhat, axis=1) / D)[:, None]
         dx *= rstd
         if RESIDUAL:
-            dx += tl.load(DY + row * stride_dyt + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dxt + cols, dx.to(DX.dtype.element_ty), mask=col_ok)
-        dw += dn * xhat
-        db += dn
+            dy = tl.load(DY + rows[:, None] * stride_dyt + cols[None, :], mask=ok, other=0.0)
+            dx += dy.to(tl.float32)
+        dx_ptr = DX + rows[:, None] * stride_dxt + cols[None, :]
+        tl.store(dx_ptr, dx.to(DX.dtype.element_ty), mask=ok)
+        dw += tl.sum(dn * xhat, axis=0)
+        db += tl.sum(dn, axis=0)
     tl.store(DNW + pid * D + cols, dw, mask=col_ok)
     tl.store(DNB + pid * D + cols, db, mask=col_ok)
 
@@ -646,8 +659,9 @@ def _norm_bwd(x2, dn, dy, mean, rstd, nw, residual):
         IS_RMS=mean is None,
         HAS_NW=nw is not None,
         RESIDUAL=residual,
+        BLOCK_T=max(1, _NORM_BWD_TILE // block_d),
         BLOCK_D=block_d,
-        num_warps=min(16, max(1, block_d // 256)),
+        num_warps=8 if block_d >= 2048 else 4,
     )
     return dx, dnw.sum(0).to(x2.dtype), dnb.sum(0).to(x2.dtype)
 
