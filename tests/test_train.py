@@ -1,6 +1,7 @@
 """igpt.train: objectives, the trainer, bit-for-bit resume, the non-finite guard, gloo DDP
 (2 processes == 1 process at the same global batch), the LR search and the CLI."""
 
+import dataclasses
 import json
 import math
 import os
@@ -204,6 +205,8 @@ def test_resume_refuses_other_settings(tmp_path, palette_file):
     pretrain(_cfg(tmp_path, steps=3, palette=palette_file))
     with pytest.raises(ValueError, match="batch_size"):
         pretrain(_cfg(tmp_path, steps=3, palette=palette_file, batch_size=4, resume=True))
+    with pytest.raises(FileExistsError, match="--resume"):  # never silently mix two runs
+        pretrain(_cfg(tmp_path, steps=3, palette=palette_file))
 
 
 def test_crash_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, palette_file):
@@ -326,6 +329,31 @@ def test_two_gloo_processes_match_one(tmp_path, palette_file):
     ma, mb = load_checkpoint(one.out)["model"], load_checkpoint(two.out)["model"]
     for k in ma:
         torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp2_two_processes_match_one_and_resume(tmp_path, palette_file):
+    """fully_shard over gloo: same losses as one process; its (full, gathered) checkpoints
+    load as plain models and resume under FSDP bit-for-bit."""
+    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    import torch.multiprocessing as mp
+
+    kw = dict(palette=palette_file, steps=4, ckpt_every=2, device="cpu", keep_checkpoints=0)
+    one = _cfg(tmp_path, "one", **kw)
+    pretrain(one)
+    two = _cfg(tmp_path, "two", fsdp=True, **kw)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), two.to_dict()), nprocs=2, join=True)
+    full = _losses(two.out)
+    np.testing.assert_allclose(_losses(one.out), full, rtol=1e-5)
+    model, _, _ = load_model(two.out)  # a full state dict: evaluation loads it as usual
+    assert model.config.n_layer == TINY["n_layer"]
+    (Path(two.out) / "ckpt_00000004.pt").unlink()
+    resumed = dataclasses.replace(two, resume=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), resumed.to_dict()), nprocs=2, join=True)
+    assert _losses(two.out) == full
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, palette_file):

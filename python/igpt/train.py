@@ -317,7 +317,12 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         _barrier()
 
-        resume_from = latest_checkpoint(self.out) if cfg.resume else None
+        resume_from = latest_checkpoint(self.out)
+        if resume_from is not None and not cfg.resume:
+            raise FileExistsError(
+                f"{self.out} already holds checkpoints (latest {resume_from.name}); pass "
+                "--resume (resume=True) to continue that run, or choose another --out"
+            )
         if cfg.resume and resume_from is None:
             log.info("--resume: no checkpoint in %s yet; starting from step 0", self.out)
         ckpt = load_checkpoint(resume_from) if resume_from is not None else None
