@@ -165,6 +165,7 @@ def test_igpt_finetune_command_runs_and_resumes(tmp_path, capsys):
     second = json.loads((tmp_path / "ft" / "finetune.json").read_text())
     assert second["step"] == 6 and [h["step"] for h in second["history"]] == [3, 6]
     assert 0.0 <= second["test_acc"] <= 1.0
+    assert (tmp_path / "ft" / "finetune.png").read_bytes()[:4] == b"\x89PNG"
     clf, palette_back, _ = load_classifier(tmp_path / "ft")
     assert clf.n_classes == 10 and len(palette_back) == 16
 

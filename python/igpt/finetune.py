@@ -12,8 +12,9 @@ or BERT objective) or L_CLF alone (``joint=False``). Adam with the pre-training 
 accuracy. BERT models see masked inputs in training and evaluation, and the evaluation can
 ensemble several masks (sec. 4.6, ``n_masks``).
 
-Runs with ``out_dir`` write ``config.json``, ``metrics.jsonl``, ``ckpt_XXXXXXXX.pt`` (the
-latest state, for ``resume``) and ``best.pt`` (the best hold-out weights) atomically:
+Runs with ``out_dir`` write ``config.json``, ``metrics.jsonl``, ``finetune.png`` (losses and
+hold-out accuracy), ``ckpt_XXXXXXXX.pt`` (the latest state, for ``resume``) and ``best.pt``
+(the best hold-out weights), the checkpoints atomically:
 a crash loses at most the steps since the last checkpoint. Batches, masks and augmentations
 are drawn from generators seeded by (seed, step), so a resumed run takes the same steps as
 one that never stopped. The ``igpt finetune`` command wraps it.
@@ -178,6 +179,37 @@ def load_classifier(path_or_dir, device=None):
     if device is not None:
         clf.to(device)
     return clf, palette, ckpt
+
+
+def plot_curves(metrics_path, png_path) -> Path | None:
+    """Training losses and hold-out accuracy against step, from a run's metrics.jsonl, as a PNG."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
+    for key, label in (("loss", "total"), ("clf_loss", "L_CLF"), ("gen_loss", "L_GEN")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax_loss.plot(*zip(*pts, strict=True), label=label, linewidth=1)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss (nats)")
+    ax_loss.legend(fontsize=8)
+    acc = [(r["step"], 100 * r["val_acc"]) for r in rows if "val_acc" in r]
+    if acc:
+        ax_acc.plot(*zip(*acc, strict=True), marker="o", markersize=3)
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("hold-out accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -436,6 +468,8 @@ def finetune(
         clf.head.load_state_dict(best["head"])
     elif best_weights is not None:
         clf.load_state_dict(best_weights)
+    if out is not None:
+        plot_curves(out / "metrics.jsonl", out / "finetune.png")
     if math.isfinite(state["best_val_acc"]):
         log.info(
             "best hold-out accuracy %.4f at step %d", state["best_val_acc"], state["best_step"]
@@ -574,4 +608,4 @@ def run(args) -> None:
         f"test accuracy {test_acc:.4f}"
         + (f" ({args.n_masks}-mask ensemble)" if objective == "bert" else "")
     )
-    print(f"wrote {out / 'best.pt'} and {out / 'finetune.json'}")
+    print(f"wrote {out / 'best.pt'}, {out / 'finetune.json'} and {out / 'finetune.png'}")

@@ -107,7 +107,8 @@ def bert_mask(shape, prob: float = 0.15, *, seed: int) -> torch.Tensor:
 def _fingerprint_tensor(h, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
 
 
 def _cache_path(model, tokens, layers, bert_mask_seed, mask_prob, cache_dir, cache_key) -> Path:
