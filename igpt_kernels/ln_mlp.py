@@ -777,14 +777,15 @@ class _LnMlp(torch.autograd.Function):
             z, a = _ln_fc_fwd(x2, mean, rstd, nw, nb, w1, b1, act, store_z=needs_grad)
             out_dtype = x2.dtype if residual else w2.dtype
             y, _ = _matmul(a, w2.t(), bias=b2, resid=x2 if residual else None, out_dtype=out_dtype)
-        else:
-            n = _norm_apply(x2, mean, rstd, nw, nb, w1.dtype)
-            z = torch.nn.functional.linear(n, w1, b1)
-            del n
-            a = _act_elementwise(z, act)
-            y = torch.nn.functional.linear(a, w2, b2)
-            if residual:
-                y = y.add_(x2) if y.dtype == x2.dtype else x2 + y
+        else:  # the operands already have the GEMM dtype; autocast must not recast them
+            with torch.autocast(x2.device.type, enabled=False):
+                n = _norm_apply(x2, mean, rstd, nw, nb, w1.dtype)
+                z = torch.nn.functional.linear(n, w1, b1)
+                del n
+                a = _act_elementwise(z, act)
+                y = torch.nn.functional.linear(a, w2, b2)
+                if residual:
+                    y = y.add_(x2) if y.dtype == x2.dtype else x2 + y
         del a
         if needs_grad:
             ctx.save_for_backward(x2, mean, rstd, z, nw, nb, w1, w2)
@@ -808,13 +809,14 @@ class _LnMlp(torch.autograd.Function):
                 dw1, db1 = None, None
             dn, _ = _matmul(dz, w1, out_dtype=torch.float32)
         else:
-            dz, a = _act_elementwise(z, act, dyc @ w2)
-            dw2, db2 = dyc.t() @ a, dyc.sum(0) if has_b2 else None
-            del a
-            n = _norm_apply(x2, mean, rstd, nw, nb, w1.dtype)
-            dw1, db1 = dz.t() @ n, dz.sum(0) if has_b1 else None
-            del n
-            dn = (dz @ w1).float()
+            with torch.autocast(x2.device.type, enabled=False):
+                dz, a = _act_elementwise(z, act, dyc @ w2)
+                dw2, db2 = dyc.t() @ a, dyc.sum(0) if has_b2 else None
+                del a
+                n = _norm_apply(x2, mean, rstd, nw, nb, w1.dtype)
+                dw1, db1 = dz.t() @ n, dz.sum(0) if has_b1 else None
+                del n
+                dn = (dz @ w1).float()
         del dz
         dx, dnw, dnb = _norm_bwd(x2, dn, dy, mean, rstd, nw, residual)
         return (

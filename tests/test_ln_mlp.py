@@ -393,7 +393,8 @@ def test_cuda_small_shapes_error_at_most_twice_eager(dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_autocast_error_at_most_twice_eager():
+@pytest.mark.parametrize("variant", ["fused", "cublas"])
+def test_cuda_autocast_error_at_most_twice_eager(variant):
     """The training loop's case: fp32 x and weights under bf16 autocast."""
     x = torch.randn(4096, 512, dtype=torch.float64, device="cuda")
     w = {k: v.cuda() for k, v in _weights(512, 2048, norm="layer").items()}
@@ -402,7 +403,7 @@ def test_cuda_autocast_error_at_most_twice_eager():
     w32 = {k: v.float() for k, v in w.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend="torch")
-        ours = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend="triton")
+        ours = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend="triton", _variant=variant)
     for name, r in ref.items():
         assert ours[name].dtype == eager[name].dtype, name
         err = (ours[name].double() - r).abs().max().item()
