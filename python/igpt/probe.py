@@ -175,6 +175,11 @@ def extract_features(
         float32 CPU tensor (N, len(layers), d): features[:, j] = f^{layers[j]}. On CUDA the
         model runs under bf16 autocast; the pooling is in float32.
     """
+    if not isinstance(model, IGPT):
+        raise TypeError(
+            f"model must be an igpt.IGPT, got {type(model).__name__} (convert a transformers "
+            "ImageGPT with igpt.hf.from_hf)"
+        )
     tokens = _as_tokens(tokens)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -738,6 +743,7 @@ def plot_accuracy_vs_depth(
     curves: dict,
     path,
     *,
+    n_layer: int | None = None,
     baselines: dict | None = None,
     title: str = "Linear probe accuracy vs depth",
 ) -> Path:
@@ -746,6 +752,7 @@ def plot_accuracy_vs_depth(
     Args:
         curves: name -> ``probe_layers`` result (or its ``rows``); one line per name.
         path: the PNG to write.
+        n_layer: L, the model's depth (default: the largest layer in the rows).
         baselines: name -> accuracy, drawn as horizontal dashed lines (e.g. raw pixels).
     """
     import matplotlib
@@ -757,7 +764,7 @@ def plot_accuracy_vs_depth(
     for name, res in curves.items():
         rows = res["rows"] if isinstance(res, dict) else res
         layers = [r["layer"] for r in rows]
-        depth = max(max(layers), 1)
+        depth = max(n_layer or max(layers), 1)
         ax.plot(
             [lay / depth for lay in layers],
             [100 * r["test_acc"] for r in rows],
@@ -811,7 +818,9 @@ def write_report(results: dict, out_dir) -> dict:
     baselines = {}
     if results.get("raw_pixels"):
         baselines["raw pixels"] = results["raw_pixels"]["test_acc"]
-    plot_accuracy_vs_depth(curves, paths["png"], baselines=baselines)
+    plot_accuracy_vs_depth(
+        curves, paths["png"], n_layer=results.get("n_layer"), baselines=baselines
+    )
     return paths
 
 
@@ -980,6 +989,7 @@ def run(args) -> None:
         "objective": objective,
         "n_train": len(x),
         "n_test": len(xt),
+        "n_layer": L,
     }
     results["layers"] = probe_layers(
         f,
