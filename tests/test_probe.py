@@ -70,6 +70,17 @@ def test_features_equal_naive_per_layer_loop(bert):
     torch.testing.assert_close(some, feats[:, [0, 3]])
 
 
+def test_bert_eval_mask_is_blockwise_and_batch_independent(monkeypatch):
+    monkeypatch.setattr(probe, "MASK_BLOCK", 8)
+    whole = probe.bert_mask((21, 16), 0.3, seed=5)
+    assert whole.shape == (21, 16) and 0.15 < whole.float().mean() < 0.45
+    rows = probe.MaskRows((21, 16), 0.3, seed=5)
+    parts = [rows(s, s + 5) for s in range(0, 21, 5)]  # batches straddle the blocks
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+    assert not torch.equal(probe.bert_mask((21, 16), 0.3, seed=6), whole)
+    assert not torch.equal(whole[:8], whole[8:16])  # each block has its own generator
+
+
 def test_features_cache_is_hit_on_second_run(tmp_path):
     model = tiny(n_layer=2)
     tokens = torch.randint(0, 16, (6, 16))

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from igpt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from igpt.model import IGPT
-from igpt.probe import _as_labels, _as_tokens, _resolve_layers, modal_prediction
+from igpt.probe import MaskRows, _as_labels, _as_tokens, _resolve_layers, modal_prediction
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,9 @@ def predict(
 ) -> np.ndarray:
     """Class predictions (N,) int64. BERT: the modal class over ``n_masks`` masks (sec. 4.6).
 
-    Mask m is drawn from numpy's generator seeded by (seed, m), the same on every device
-    and for every batch size; ties between classes are broken at
-    random with ``seed`` (``igpt.probe.modal_prediction``).
+    Mask m is ``igpt.probe.bert_mask((N, n), mask_prob, seed=seed + 1 + m)``, the masks of
+    ``bert_ensemble_probe``, the same on every device and for every batch size; ties
+    between classes are broken at random with ``seed`` (``igpt.probe.modal_prediction``).
     """
     tokens = _as_tokens(tokens)
     if objective not in OBJECTIVES:
@@ -144,10 +144,10 @@ def predict(
         for r in range(runs):
             mask = None
             if objective == "bert":
-                mask = torch.from_numpy(np.random.default_rng([seed, r]).random((N, n)) < mask_prob)
+                mask = MaskRows((N, n), mask_prob, seed=seed + 1 + r)
             for s in tqdm(range(0, N, batch_size), desc="predict", disable=not progress):
                 x = tokens[s : s + batch_size].to(device, torch.long)
-                m = mask[s : s + batch_size].to(device) if mask is not None else None
+                m = mask(s, s + batch_size).to(device) if mask is not None else None
                 with autocast:
                     _, logits = classifier(x, m, generative=False)
                 preds[r, s : s + len(x)] = logits.argmax(1).cpu().numpy()

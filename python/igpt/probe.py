@@ -90,18 +90,52 @@ def _as_labels(y, n: int, name: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- features
 
 
-def bert_mask(shape, prob: float = 0.15, *, seed: int) -> torch.Tensor:
-    """A BERT mask (bool, True = masked): each position is masked with probability ``prob``.
+MASK_BLOCK = 4096  # rows of an evaluation mask drawn from one generator
 
-    The paper's BERT objective masks every position independently with p = 0.15 (sec. 2.2).
-    The mask depends only on ``seed`` and ``shape``, on the CPU, so it is the same on every
-    device and for every batch size.
+
+class MaskRows:
+    """Rows [start, stop) of the BERT evaluation mask of an (N, n) dataset, drawn lazily.
+
+    Each position is masked independently with probability ``prob`` (sec. 2.2, p = 0.15), by
+    ``igpt.train.bert_mask``. Rows come in blocks of ``MASK_BLOCK``, block b from a CPU
+    generator seeded by (seed, b), so the mask depends only on (seed, N, n): the same on every
+    device and for every batch size, without ever holding all N rows' random numbers. The
+    last two blocks drawn are kept.
     """
-    from igpt.train import bert_mask as draw  # the pre-training objective's own masks
 
-    if not 0.0 < prob < 1.0:
-        raise ValueError(f"prob must be in (0, 1), got {prob}")
-    return draw(shape, prob, torch.Generator().manual_seed(int(seed)))
+    def __init__(self, shape, prob: float = 0.15, *, seed: int):
+        if not 0.0 < prob < 1.0:
+            raise ValueError(f"prob must be in (0, 1), got {prob}")
+        self.N, self.n = (int(v) for v in shape)
+        self.prob, self.seed = prob, int(seed)
+        self._blocks: dict[int, torch.Tensor] = {}
+
+    def _block(self, b: int) -> torch.Tensor:
+        if b not in self._blocks:
+            from igpt.train import bert_mask as draw  # the pre-training objective's masks
+
+            seed = int(np.random.SeedSequence([self.seed, b]).generate_state(1)[0])
+            rows = min(MASK_BLOCK, self.N - b * MASK_BLOCK)
+            self._blocks = {k: v for k, v in self._blocks.items() if k == b - 1}
+            self._blocks[b] = draw((rows, self.n), self.prob, torch.Generator().manual_seed(seed))
+        return self._blocks[b]
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        """bool (stop - start, n), True = masked."""
+        stop = min(stop, self.N)
+        parts = [
+            self._block(b)[max(start - b * MASK_BLOCK, 0) : stop - b * MASK_BLOCK]
+            for b in range(start // MASK_BLOCK, -(-stop // MASK_BLOCK))
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, self.n, dtype=torch.bool)
+
+
+def bert_mask(shape, prob: float = 0.15, *, seed: int) -> torch.Tensor:
+    """The whole BERT evaluation mask (N, n) for ``seed``: bool, True = masked.
+
+    ``extract_features(..., bert_mask_seed=seed)`` uses exactly this mask (see ``MaskRows``).
+    """
+    return MaskRows(shape, prob, seed=seed)(0, int(shape[0]))
 
 
 def _fingerprint_tensor(h, t: torch.Tensor) -> None:
@@ -199,7 +233,7 @@ def extract_features(
         model.to(device)
     N, n = tokens.shape
     mask = (
-        bert_mask((N, n), bert_mask_prob, seed=bert_mask_seed)
+        MaskRows((N, n), bert_mask_prob, seed=bert_mask_seed)
         if bert_mask_seed is not None
         else None
     )
@@ -212,7 +246,7 @@ def extract_features(
         starts = range(0, N, batch_size)
         for s in tqdm(starts, desc="features", unit="batch", disable=not progress):
             x = tokens[s : s + batch_size].to(device, torch.long, non_blocking=True)
-            m = mask[s : s + batch_size].to(device) if mask is not None else None
+            m = mask(s, s + batch_size).to(device) if mask is not None else None
             with autocast:
                 f = model.features(x, bert_mask=m)  # (B, L + 1, d) float32
             out[s : s + batch_size] = (f if select is None else f[:, select]).float().cpu()
