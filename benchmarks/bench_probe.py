@@ -32,7 +32,9 @@ def hf_features(hf, tokens, batch_size, sos_id):
         sos = x.new_full((len(x), 1), sos_id)
         ids = torch.cat([sos, x[:, :-1]], dim=1)  # (B, n): HF(input_ids=[SOS] + x[:-1])
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            hs = hf.transformer(input_ids=ids, output_hidden_states=True).hidden_states
+            hs = hf.transformer(
+                input_ids=ids, output_hidden_states=True, use_cache=False
+            ).hidden_states
             # hs[l] = h^l for l < L (block l's input), hs[L] = ln_f(h^L)
             pooled = [blocks[i].ln_1(h).float().mean(1) for i, h in enumerate(hs[:-1])]
             pooled.append(hs[-1].float().mean(1))
