@@ -460,6 +460,8 @@ def probe_layers(
     if method not in probes:
         raise ValueError(f"method must be one of {list(probes)}, got {method!r}")
     fit = probes[method]
+    if probe_kw.get("val_frac", 0.1) <= 0:
+        raise ValueError("probe_layers ranks layers by hold-out accuracy: val_frac must be > 0")
     x = _as_features(train_feats, "train_feats", ndim=3)
     xt = _as_features(test_feats, "test_feats", ndim=3)
     if x.shape[1:] != xt.shape[1:]:
