@@ -521,28 +521,39 @@ def _configs(sweep):
 if HAS_TRITON and triton_interpreting():
     # BLOCK_M != BLOCK_N on purpose: the tests then cover diagonals spanning several blocks.
     _CONFIGS = {
-        _attn_fwd_kernel: _configs([(32, 16, 4, 1)]),
-        _attn_bwd_dkdv_kernel: _configs([(16, 32, 4, 1)]),
-        _attn_bwd_dq_kernel: _configs([(32, 16, 4, 1)]),
+        (kernel, wide): _configs([sweep])
+        for kernel, sweep in [
+            (_attn_fwd_kernel, (32, 16, 4, 1)),
+            (_attn_bwd_dkdv_kernel, (16, 32, 4, 1)),
+            (_attn_bwd_dq_kernel, (32, 16, 4, 1)),
+        ]
+        for wide in (False, True)
     }
     _DECODE_BLOCK_N = 16
     _SMALL_BLOCK = 16
 else:
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the default
-    # when autotuning is off. Configs that need too much shared memory on a GPU (Ampere has
-    # less than Hopper) are skipped by the autotuner.
+    # Keyed by (kernel, head dim > 64); (BLOCK_M, BLOCK_N, num_warps, num_stages), the
+    # first of each list the default when autotuning is off. Chosen from Triton's sm_90 and
+    # sm_80 compiles (ptxas register and shared-memory use, no spills in the defaults), not
+    # from timings: the autotuner decides among them on the GPU, and skips a config that
+    # needs more shared memory than the GPU has (Ampere has less than Hopper).
     _CONFIGS = {
-        _attn_fwd_kernel: _configs(
-            [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
+        (_attn_fwd_kernel, False): _configs(
+            [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
         ),
-        _attn_bwd_dkdv_kernel: _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)]),
-        _attn_bwd_dq_kernel: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]),
+        (_attn_fwd_kernel, True): _configs([(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]),
+        (_attn_bwd_dkdv_kernel, False): _configs(
+            [(64, 128, 8, 3), (32, 64, 4, 3), (32, 128, 4, 3)]
+        ),
+        (_attn_bwd_dkdv_kernel, True): _configs([(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)]),
+        (_attn_bwd_dq_kernel, False): _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]),
+        (_attn_bwd_dq_kernel, True): _configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]),
     }
     _DECODE_BLOCK_N = 64
     _SMALL_BLOCK = 64
 
 if HAS_TRITON:
-    _TUNED = {k: triton.autotune(c, key=_TUNE_KEY)(k) for k, c in _CONFIGS.items()}
+    _TUNED = {key: triton.autotune(c, key=_TUNE_KEY)(key[0]) for key, c in _CONFIGS.items()}
 
 # Autotuning compiles and times every config once per key (a power-of-two bucket of N, D,
 # causal, padded); IGPT_ATTENTION_AUTOTUNE=0, or setting this to False, runs the default
@@ -551,14 +562,15 @@ AUTOTUNE = os.environ.get("IGPT_ATTENTION_AUTOTUNE", "1") != "0"
 
 
 def _launch(kernel, grid, *args, **kwargs):
-    """Launch ``kernel`` autotuned over its configs, or with its default config.
+    """Launch ``kernel`` autotuned over its configs for this head dim, or with the default.
 
     grid: a function of the config's meta-parameters (BLOCK_M, BLOCK_N) to the grid.
     """
+    key = (kernel, kwargs["BLOCK_D"] > 64)
     if AUTOTUNE:
-        _TUNED[kernel][grid](*args, **kwargs)
+        _TUNED[key][grid](*args, **kwargs)
         return
-    config = _CONFIGS[kernel][0]
+    config = _CONFIGS[key][0]
     kernel[grid(config.kwargs)](
         *args,
         **kwargs,

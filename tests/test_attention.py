@@ -402,14 +402,15 @@ def test_cuda_decode_error_at_most_twice_sdpa(Nq, Nk, BH, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mask", ["causal+pad", "none"])
+@pytest.mark.parametrize("D", [64, 96])
 @pytest.mark.parametrize("index", range(4))
-def test_cuda_every_config_is_correct(index, mask, monkeypatch):
+def test_cuda_every_config_is_correct(index, D, mask, monkeypatch):
     """Each autotune candidate in turn, on awkward sizes (N not a block multiple, Nq < Nk,
     head dim 96 padded to 128)."""
-    for kernel, configs in attention_module._CONFIGS.items():
+    for key, configs in attention_module._CONFIGS.items():
         chosen = configs[min(index, len(configs) - 1)]
-        monkeypatch.setitem(attention_module._CONFIGS, kernel, [chosen])
-    q, k, v, causal, pad = _inputs(2, 3, 257, 301, 96, mask, torch.float16)
+        monkeypatch.setitem(attention_module._CONFIGS, key, [chosen])
+    q, k, v, causal, pad = _inputs(2, 3, 257, 301, D, mask, torch.float16)
     _check_against_float64(q, k, v, causal, pad, 1e-2, 1e-2)
 
 
