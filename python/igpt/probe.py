@@ -586,6 +586,7 @@ def sgd_probe(
     lr: float = 0.1,
     weight_decays: Sequence[float] = (0.0, 1e-4, 1e-3, 1e-2),
     momentum: float = 0.9,
+    min_steps: int = 500,
     val_frac: float = 0.1,
     seed: int = 0,
     device=None,
@@ -593,7 +594,8 @@ def sgd_probe(
     """The linear probe trained with SGD on a GPU, for feature sets too large for L-BFGS.
 
     Standardised features, a zero-initialised linear layer, cross-entropy, SGD with momentum
-    0.9 and a cosine learning-rate schedule over ``epochs``; the weight decay is chosen on a
+    0.9 and a cosine learning-rate schedule over ``epochs`` (at least ``min_steps`` steps,
+    so small sets are not under-trained); the weight decay is chosen on a
     stratified ``val_frac`` hold-out, then the probe is retrained on all training rows.
     The features are moved to ``device`` (default: cuda when available) whole.
 
@@ -616,10 +618,11 @@ def sgd_probe(
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-        steps_per_epoch = max(1, math.ceil(len(idx) / batch_size))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
+        steps = max(epochs * math.ceil(len(idx) / batch_size), min_steps)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         idx_t = torch.as_tensor(idx, device=device)
-        for _ in range(epochs):
+        step = 0
+        while step < steps:  # epochs of fresh permutations until the schedule ends
             perm = idx_t[torch.randperm(len(idx_t), generator=g).to(device)]
             for s in range(0, len(perm), batch_size):
                 b = perm[s : s + batch_size]
@@ -628,6 +631,9 @@ def sgd_probe(
                 loss.backward()
                 opt.step()
                 sched.step()
+                step += 1
+                if step == steps:
+                    break
 
         @torch.no_grad()
         def predict(feats):
