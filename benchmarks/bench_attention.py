@@ -10,8 +10,11 @@ sampling case) and reports the bandwidth of reading K and V.
     python benchmarks/bench_attention.py [--quick] [--dtype bf16] [--out DIR]
     igpt bench attention
 
-Writes OUT/attention.json (rows + environment) and prints a Markdown table. Needs a CUDA
-GPU: elsewhere it says so and exits 0.
+Writes OUT/attention.json (rows + environment) and prints Markdown tables; x_NAME is
+SDPA-NAME's time over ours (above 1: the Triton kernel is faster). A backend that cannot
+run a case (not built, unsupported GPU or head dim) is recorded as NAME_error. No new shape
+starts after --budget seconds (autotuning compiles many configs on the first calls). Needs
+a CUDA GPU: elsewhere it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ DECODE_SHAPES = {  # name: (B, H, Nk, D), one query each
 MODES = ("fwd", "bwd", "fwd+bwd")
 SDPA = ("flash", "cudnn", "efficient")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-BUDGET_S = 130  # stop starting new shapes after this long (igpt bench runs under a timeout)
+DEVICE = "cuda"
+BUDGET_S = 120  # start no new shape after this long: gpu_check.sh runs each bench under 150 s
 
 
 def flops(B, H, N, D, causal, mode):
@@ -133,32 +137,37 @@ def _compare(row, causal, q, k, v, mode, rep, unit, amount):
     return row
 
 
-def bench_training(shapes, causals, dtype, rep, started, save):
-    """Rows of (shape, causal, mode) with each provider's time and TFLOP/s; ``save(rows)``
-    after every shape, so a run cut short by a timeout still leaves its results."""
+def _over_budget(started, budget, what):
+    if time.monotonic() - started <= budget:
+        return False
+    print(f"skipping {what}: past the {budget:.0f} s budget", flush=True)
+    return True
+
+
+def bench_training(shapes, causal, dtype, rep, started, budget):
+    """Rows of (shape, mode) with each provider's time and TFLOP/s."""
     rows = []
     for shape_name, (B, H, N, D) in shapes.items():
-        if time.monotonic() - started > BUDGET_S:
-            print(f"skipping {shape_name}: past the {BUDGET_S}s budget", flush=True)
+        if _over_budget(started, budget, f"{shape_name} causal={causal}"):
             continue
-        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
-        for causal in causals:
-            for mode in MODES:
-                row = {"shape": shape_name, "B": B, "H": H, "N": N, "D": D, "causal": causal}
-                row.update(mode=mode, dtype=str(dtype)[6:])
-                gflop = flops(B, H, N, D, causal, mode) / 1e9  # per ms: TFLOP/s
-                rows.append(_compare(row, causal, q, k, v, mode, rep, "tflops", gflop))
-        save(rows)
+        q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype) for _ in range(3))
+        for mode in MODES:
+            row = {"shape": shape_name, "B": B, "H": H, "N": N, "D": D, "causal": causal}
+            row.update(mode=mode, dtype=str(dtype)[6:])
+            gflop = flops(B, H, N, D, causal, mode) / 1e9  # per ms: TFLOP/s
+            rows.append(_compare(row, causal, q, k, v, mode, rep, "tflops", gflop))
     return rows
 
 
-def bench_decode(shapes, dtype, rep):
+def bench_decode(shapes, dtype, rep, started, budget):
     """One new query over a KV cache (bottom-right causal = no mask for a single query),
     with the bandwidth of reading K and V once."""
     rows = []
     for shape_name, (B, H, Nk, D) in shapes.items():
-        q = torch.randn(B, H, 1, D, device="cuda", dtype=dtype)
-        k, v = (torch.randn(B, H, Nk, D, device="cuda", dtype=dtype) for _ in range(2))
+        if _over_budget(started, budget, f"decode {shape_name}"):
+            continue
+        q = torch.randn(B, H, 1, D, device=DEVICE, dtype=dtype)
+        k, v = (torch.randn(B, H, Nk, D, device=DEVICE, dtype=dtype) for _ in range(2))
         megabytes = 2 * k.numel() * k.element_size() / 1e6  # per ms: GB/s
         row = {"shape": shape_name, "B": B, "H": H, "N": Nk, "D": D, "causal": True}
         row.update(mode="decode Nq=1", dtype=str(dtype)[6:])
@@ -169,6 +178,9 @@ def bench_decode(shapes, dtype, rep):
 def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument(
+        "--budget", type=float, default=BUDGET_S, help="seconds after which no new shape starts"
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention: no CUDA GPU here; the Triton attention benchmark needs one.")
@@ -181,12 +193,17 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     started = time.monotonic()
     shapes = dict(list(SHAPES.items())[:2]) if args.quick else SHAPES
-    causals = (True,) if args.quick else (True, False)
     rep = 5 if args.quick else 20
-    rows = bench_training(
-        shapes, causals, dtype, rep, started, lambda r: write("attention", r, args.out)
-    )
-    rows += bench_decode(DECODE_SHAPES, dtype, rep)
+    # Causal (the goal) first, then decode, then BERT; the first call at each head dim also
+    # autotunes (compiles every config). Rows are written after each part, so a run cut
+    # short by a timeout still leaves its results.
+    budget = args.budget
+    rows = bench_training(shapes, True, dtype, rep, started, budget)
+    write("attention", rows, args.out)
+    rows += bench_decode(DECODE_SHAPES, dtype, rep, started, budget)
+    write("attention", rows, args.out)
+    if not args.quick:
+        rows += bench_training(shapes, False, dtype, rep, started, budget)
     path = write("attention", rows, args.out)
     print(
         table(
