@@ -186,3 +186,34 @@ def test_finetune_on_cuda_bf16_learns():
     )
     assert next(res["classifier"].parameters()).is_cuda
     assert evaluate(res["classifier"], x[128:], y[128:]) > 0.7  # chance is 0.25
+
+
+def test_finetune_tokenises_augmented_images_every_step():
+    from igpt.data import pad_crop_flip, tokenize
+    from igpt.palette import fit_palette
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 4, 4, 3), dtype=np.uint8)
+    labels = np.arange(40) % 2
+    palette = fit_palette(images, k=16)
+    calls = []
+
+    def augment(batch, *, rng):
+        calls.append(len(batch))
+        return pad_crop_flip(batch, pad=1, rng=rng)
+
+    res = finetune(
+        tiny(),
+        tokenize(images, palette, 4),
+        labels,
+        steps=3,
+        batch_size=8,
+        eval_every=3,
+        train_images=images,
+        palette=palette,
+        augment=augment,
+        progress=False,
+    )
+    assert calls == [8, 8, 8] and res["step"] == 3
+    with pytest.raises(ValueError, match="augment needs"):
+        finetune(tiny(), tokenize(images, palette, 4), labels, augment=augment, steps=1)
