@@ -780,6 +780,10 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
 
     Returns:
         o: (B, H, Nq, D) in q's dtype, contiguous. A query that sees no key gets zeros.
+
+    On the Triton backend, calls that need no gradient with Nq <= 16 take the
+    flash-decoding kernel; the others the autotuned FlashAttention-2 kernels (the first
+    call per sequence-length bucket, head dim and mask kind autotunes; see ``AUTOTUNE``).
     """
     reference.check_attention(q, k, v, causal, key_padding_mask, sm_scale)
     auto_order = ("triton",) if q.is_cuda else ()
