@@ -387,3 +387,31 @@ def test_cli_smoke(tmp_path, capsys):
     main(args + ["--resume"])  # already finished: resumes at the end and trains nothing
     assert json.loads(capsys.readouterr().out)["step"] == 2
     assert len(_losses(out)) == 2
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_training_with_checkpointing(tmp_path, palette_file):
+    """bf16 autocast over fp32 master weights, fused Adam, the GPU kernels, recomputation."""
+    cfg = _cfg(
+        tmp_path,
+        palette=palette_file,
+        device="cuda",
+        steps=20,
+        batch_size=16,
+        lr=1e-2,
+        checkpointing=1,
+        ckpt_every=10,
+        keep_checkpoints=0,
+    )
+    summary = pretrain(cfg)
+    losses = _losses(cfg.out)
+    assert all(math.isfinite(x) for x in losses) and summary["skipped"] == 0
+    assert np.mean(losses[-5:]) < losses[0] - 0.3
+    ckpt = load_checkpoint(cfg.out)
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
+    (Path(cfg.out) / "ckpt_00000020.pt").unlink()
+    pretrain(cfg, resume=True)
+    torch.testing.assert_close(_losses(cfg.out), losses, rtol=1e-3, atol=1e-3)
