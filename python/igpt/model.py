@@ -250,14 +250,16 @@ class IGPT(nn.Module):
     # ----------------------------------------------------------------------------------
 
     def kv_cache(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
-        """An empty key/value cache for whole images: (L, 2, B, H, n_px^2, hd).
+        """A zeroed key/value cache for whole images: (L, 2, B, H, n_px^2, hd).
 
         Allocated once per ``generate`` call; each step writes one position of it in place.
+        Zeroed, not empty: the fixed-shape (CUDA graph) step multiplies the unwritten values
+        by zero attention weights, and 0 * NaN from uninitialised memory would be NaN.
         """
         c = self.config
         shape = (c.n_layer, 2, batch_size, c.n_head, c.n_positions, c.head_dim)
         w = self.transformer.wte.weight
-        return torch.empty(shape, device=device or w.device, dtype=dtype or w.dtype)
+        return torch.zeros(shape, device=device or w.device, dtype=dtype or w.dtype)
 
     def _decode(self, ids, pos, cache, visible=None):
         """Logits (B, n_colors) after the last of ``ids`` (B, m), the *input* ids (SOS or
