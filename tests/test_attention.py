@@ -363,7 +363,8 @@ def _run(fn, q, k, v, do):
 @pytest.mark.parametrize(
     "shape,mask",
     [(shape, "causal") for shape in IGPT_SHAPES]
-    + list(zip(IGPT_SHAPES, ["none", "pad", "causal+pad", "none"], strict=True)),
+    + list(zip(IGPT_SHAPES, ["none", "pad", "causal+pad", "none"], strict=True))
+    + [((2, 2, 1023, 32), "causal"), ((1, 2, 4095, 64), "none"), ((2, 2, 1000, 128), "causal+pad")],
 )
 def test_cuda_error_at_most_twice_sdpa(shape, mask, dtype):
     B, H, N, D = shape
