@@ -49,9 +49,12 @@ def test_greedy_with_cache_equals_recomputation(p):
 
 def test_greedy_with_cache_equals_recomputation_layernorm_gelu():
     model = tiny(norm="layer", activation="gelu", n_layer=3, n_head=1)
-    torch.testing.assert_close(
-        model.generate(2, temperature=0), greedy_by_recomputation(model, 2), rtol=0, atol=0
-    )
+    out = model.generate(2, temperature=0)
+    torch.testing.assert_close(out, greedy_by_recomputation(model, 2), rtol=0, atol=0)
+    assert_greedy_consistent(model, out, 0, atol=1e-5)  # the GPU tests' check, checked here
+    out[0, 5] = (out[0, 5] + 1) % K
+    with pytest.raises(AssertionError, match="below the max"):
+        assert_greedy_consistent(model, out, 0, atol=1e-5)
 
 
 def test_fixed_shape_step_equals_the_sliced_cache():
@@ -232,26 +235,34 @@ def test_cli_completes_digits(tmp_path, capsys):
     assert np.asarray(Image.open(out)).shape == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2, 3)
 
 
-@pytest.mark.cuda
-def test_cuda_greedy_with_cache_equals_recomputation_and_seeds_reproduce():
-    model = tiny().cuda()
-    prefix = torch.randint(0, K, (4, 9), device="cuda")
-    cached = model.generate(4, prefix=prefix, temperature=0)
-    expect = greedy_by_recomputation(model.cpu(), 4, prefix.cpu())
-    assert (cached.cpu() != expect).float().mean() < 0.05  # kernels may flip near-ties
-    model.cuda()
-    assert torch.equal(model.generate(4, seed=1), model.generate(4, seed=1))
+def assert_greedy_consistent(model, out, p, atol):
+    """Every sampled token after the prefix is the argmax, up to ``atol``, of the logits a
+    full teacher-forced forward gives. Kernels' rounding can flip near-ties, after which
+    free-running sequences diverge, so GPU tests check each step on its own instead."""
+    with torch.no_grad():
+        logits = model(out).float()  # (n, T, K)
+    gap = logits.max(-1).values - logits.gather(-1, out[..., None])[..., 0]  # (n, T)
+    assert gap[:, p:].max() <= atol, f"a sampled token is {gap[:, p:].max():.3g} below the max"
 
 
 @pytest.mark.cuda
-def test_cuda_graph_decode_matches_eager_decode(caplog):
+def test_cuda_greedy_with_cache_is_greedy_and_seeds_reproduce():
     model = tiny().cuda()
     prefix = torch.randint(0, K, (4, 9), device="cuda")
-    eager = model.generate(4, prefix=prefix, temperature=0)
-    graphed = model.generate(4, prefix=prefix, temperature=0, cuda_graph=True)
+    for cuda_graph in (False, True):
+        out = model.generate(4, prefix=prefix, temperature=0, cuda_graph=cuda_graph)
+        assert torch.equal(out[:, :9], prefix)
+        assert_greedy_consistent(model, out, 9, atol=2e-2)
+        a = model.generate(4, seed=1, cuda_graph=cuda_graph)
+        assert torch.equal(a, model.generate(4, seed=1, cuda_graph=cuda_graph))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_is_captured_in_bf16(caplog):
+    model = tiny(n_head=1).cuda().to(torch.bfloat16)
+    out = model.generate(3, temperature=0, cuda_graph=True)
     assert "capture failed" not in caplog.text
-    assert torch.equal(graphed, eager)
-    assert torch.equal(model.generate(4, seed=3, cuda_graph=True), model.generate(4, seed=3))
+    assert_greedy_consistent(model, out, 0, atol=0.25)
 
 
 def test_cache_decode_through_the_triton_kernel_matches(monkeypatch):
@@ -263,8 +274,10 @@ def test_cache_decode_through_the_triton_kernel_matches(monkeypatch):
     from igpt_kernels import attention
     from igpt_kernels._dispatch import triton_interpreting
 
-    if not (torch.cuda.is_available() or triton_interpreting()):
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    if not triton_interpreting():
+        pytest.skip(
+            "runs the kernel on the CPU under TRITON_INTERPRET=1 (the cuda tests cover GPUs)"
+        )
     model = tiny(n_px=4)
     prefix = torch.randint(0, K, (2, 5))
     expect = model.generate(2, prefix=prefix, temperature=0)

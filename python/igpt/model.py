@@ -275,7 +275,7 @@ class IGPT(nn.Module):
             h = block(h, True, kv, pos, visible)
         return self.lm_head(self.transformer.ln_f(h[:, -1]))  # (B, n_colors)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may edit the returned tokens in place
     def generate(
         self,
         n: int,
