@@ -218,6 +218,13 @@ def test_bert_checkpoints_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="BERT"):
         main(["sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "s.png")])
     assert not (tmp_path / "s.png").exists()
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["sample", "--checkpoint", str(tmp_path / "nope.pt")])
+    np.save(tmp_path / "p.npy", np.zeros((K + 1, 3), np.float32))
+    (tmp_path / "ckpt_00000001.pt").unlink()
+    _checkpoint(tmp_path, "ar")
+    with pytest.raises(SystemExit, match="n_colors=16"):
+        main(["sample", "--checkpoint", str(tmp_path), "--palette", str(tmp_path / "p.npy")])
 
 
 def test_cli_completes_digits(tmp_path, capsys):

@@ -337,15 +337,20 @@ def run(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, palette, _ = load_for_sampling(args.checkpoint, device=device)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"igpt sample: {e}") from e
     if args.palette is not None:
         from igpt.palette import Palette
 
         palette = Palette.load(args.palette)
     if palette is None:
-        raise SystemExit("the checkpoint holds no palette; pass --palette FILE.npy")
+        raise SystemExit("igpt sample: the checkpoint holds no palette; pass --palette FILE.npy")
     cfg = model.config
+    if len(palette) != cfg.n_colors:
+        raise SystemExit(
+            f"igpt sample: the palette has {len(palette)} colours but the model was trained "
+            f"on n_colors={cfg.n_colors}"
+        )
     sampling = dict(
         temperature=args.temperature,
         top_k=args.top_k,
