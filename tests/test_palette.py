@@ -452,3 +452,22 @@ def test_fit_palette_command(tmp_path):
     palette = ip.Palette.load(tmp_path / "palette.npy")
     assert len(palette) == 8
     assert (tmp_path / "palette.png").stat().st_size > 1000
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("K", [16, 512, 40000])
+def test_cuda_matches_cpu_at_scale(K):
+    """Many blocks, the wide-load paths and whole tables: CUDA and C++ give the same tokens."""
+    palette = _fixed_palette(K)
+    _lut_or_skip(torch.rand(1, 3))
+    pixels = torch.randint(0, 256, ((1 << 20) + 5, 3), dtype=torch.uint8)
+    cpu = quantize(pixels, palette, backend="cpu", lut=False)
+    for view in (pixels, pixels[1:]):  # aligned and misaligned starts
+        got = quantize(view.cuda(), palette.cuda(), backend="cuda", lut=False).cpu()
+        assert torch.equal(got, cpu[len(pixels) - len(view) :])
+        got = quantize(view.cuda(), palette.cuda(), backend="cuda", lut=True).cpu()
+        assert torch.equal(got, cpu[len(pixels) - len(view) :])
+    table = kp.get_lut(palette.cuda())
+    assert table.is_cuda and table.dtype == (torch.int16 if K <= 32768 else torch.int32)
+    if K <= 512:
+        assert torch.equal(table.cpu(), kp.get_lut(palette))
