@@ -61,8 +61,8 @@ class SelfAttention(nn.Module):
         """x (B, n, d) at positions pos..pos+n-1. With ``kv``, this layer's cache slice
         (2, B, H, n_px^2, hd), the new keys and values are stored in it and the queries
         attend to every cached position up to pos + n - 1. For fixed shapes (CUDA graphs)
-        ``pos`` may be a (1,) tensor: then the whole cache is attended, with ``visible``
-        (B, n_px^2) bool masking the positions not written yet."""
+        ``pos`` may be a (1,) tensor: then the first Nk cached positions are attended, with
+        ``visible`` (B, Nk) bool masking the ones not written yet."""
         B, n, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)  # 3 x (B, n, d)
         q, k, v = (
@@ -73,7 +73,7 @@ class SelfAttention(nn.Module):
             k, v = kv[:, :, :, : pos + n]  # 2 x (B, H, pos + n, hd), views of the cache
         elif kv is not None:
             kv.index_copy_(3, pos, torch.stack((k, v)))
-            k, v = kv  # 2 x (B, H, n_px^2, hd)
+            k, v = kv[:, :, :, : visible.shape[1]]  # 2 x (B, H, Nk, hd)
         y = attention(q, k, v, causal=causal, key_padding_mask=visible)  # (B, H, n, hd)
         y = y.transpose(1, 2).reshape(B, n, d)  # (B, n, d)
         return self.c_proj(y)
@@ -305,8 +305,8 @@ class IGPT(nn.Module):
             device: where to sample; the model must already be there (default: its device).
             progress: show a tqdm bar over the positions.
             cuda_graph: replay each one-token step as a captured CUDA graph (no Python
-                between kernels; every step then attends to the whole cache, masked). Off
-                the GPU the same fixed-shape step runs eagerly (for tests).
+                between kernels; a step then attends to one of 8 fixed cache lengths,
+                masked). Off the GPU the same fixed-shape steps run eagerly (for tests).
 
         Returns:
             int64 tensor (n, n_px^2) of palette ids on ``device``.
@@ -329,7 +329,7 @@ class IGPT(nn.Module):
         cache = self.kv_cache(n, device)
         sos = torch.full((n, 1), self.config.sos_id, dtype=torch.long, device=device)
         logits = self._decode(torch.cat([sos, prefix], dim=1), 0, cache)  # prefill
-        step = _FixedShapeStep(self, cache) if cuda_graph and p + 1 < N else self._decode
+        step = _FixedShapeStep(self, cache, p + 1) if cuda_graph and p + 1 < N else self._decode
         for t in tqdm(range(p, N), desc="sampling", unit="px", disable=not progress):
             out[:, t] = _next_token(logits, temperature, top_k, top_p, generator)
             if t + 1 < N:
@@ -394,51 +394,60 @@ class IGPT(nn.Module):
 class _FixedShapeStep:
     """``IGPT._decode`` for one token with shapes that do not change from step to step.
 
-    The token and its position live in fixed buffers and every layer attends to the whole
-    cache with the unwritten positions masked, so on a GPU the step is captured once as a
-    CUDA graph and replayed: the ~10 kernels per layer launch without Python in between.
-    Off the GPU, or if capture fails (logged), the same step runs eagerly.
+    The token and its position live in fixed buffers, and a step attends to a fixed length
+    of the cache (the smallest of ``buckets`` lengths that covers the position) with the
+    unwritten keys masked. On a GPU each length is captured once as a CUDA graph and then
+    replayed, so the ~10 kernels per layer launch without Python in between; the buckets
+    keep the keys read per step near the sliced cache's instead of always the whole image.
+    Off the GPU, or if capture fails (logged), the same steps run eagerly.
     """
 
-    def __init__(self, model: IGPT, cache: torch.Tensor):
+    def __init__(self, model: IGPT, cache: torch.Tensor, first_pos: int, buckets: int = 8):
         B, N = cache.shape[2], model.config.n_positions
         device = cache.device
         self.model, self.cache = model, cache
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.pos = torch.full((1,), N - 1, dtype=torch.long, device=device)
         self.key_pos = torch.arange(N, device=device).expand(B, N)  # (B, N)
-        self.graph = None
+        chunk = max(16, -(-N // buckets))
+        self.lengths = [min(e, N) for e in range(chunk, N + chunk, chunk) if e > first_pos]
+        self.graphs = {}  # cache length -> (graph, its static logits)
         if device.type == "cuda":
             try:
                 self._capture()
             except RuntimeError as e:  # a kernel that syncs or allocates outside the pool
                 log.warning("CUDA graph capture failed, decoding eagerly: %s", e)
-                self.graph = None
+                self.graphs = {}
 
-    def _run(self):
-        visible = self.key_pos <= self.pos  # (B, N), the positions written so far
+    def _run(self, length: int):
+        visible = self.key_pos[:, :length] <= self.pos  # (B, length), the written positions
         return self.model._decode(self.ids, self.pos, self.cache, visible)
 
     def _capture(self):
-        # warm up on a side stream first: Triton compiles and autotunes outside the graph.
-        # The warm-up writes keys at position N - 1, which every later step masks or rewrites.
+        # Warm up on a side stream first, so Triton compiles and autotunes outside the graph.
+        # Warm-ups write keys at position N - 1, which every later step masks or rewrites.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._run()
+            for length in self.lengths:
+                self._run(length)
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._run()
+        pool = None
+        for length in self.lengths:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._run(length)
+            self.graphs[length], pool = (graph, logits), graph.pool()
 
     def __call__(self, ids, pos: int, cache):
         self.ids.copy_(ids)
         self.pos.fill_(pos)
-        if self.graph is None:
-            return self._run()
-        self.graph.replay()
-        return self.logits
+        length = next(n for n in self.lengths if n > pos)
+        if length not in self.graphs:
+            return self._run(length)
+        graph, logits = self.graphs[length]
+        graph.replay()
+        return logits
 
 
 def _next_token(logits, temperature, top_k, top_p, generator):
