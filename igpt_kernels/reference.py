@@ -84,9 +84,10 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
     """Reference scaled dot-product attention: softmax(q k^T * sm_scale + mask) v.
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D) with Nq <= Nk; returns o: (B, H, Nq, D) in q's
-    dtype. Scores and softmax are computed in float32 (float64 for float64 inputs). A query
-    that sees no key (all its keys padded) gets a zero output and zero gradients, as the
-    flash kernel does. ``backend`` is accepted for signature parity and must be "auto" or
+    dtype. Scores and softmax are computed in float32 (float64 for float64 inputs). Without
+    key padding this is PyTorch's ``scaled_dot_product_attention`` (an explicit bottom-right
+    mask when Nq < Nk); with padding, the explicit softmax below, where a query that sees no
+    key gets a zero output and zero gradients, as the flash kernel does. ``backend`` is accepted for signature parity and must be "auto" or
     "torch".
     """
     check_attention(q, k, v, causal, key_padding_mask, sm_scale)
@@ -94,8 +95,21 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
         raise ValueError(f"the reference attention only runs backend='torch', got {backend!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    Nq, Nk = q.shape[2], k.shape[2]
+    mask = attention_mask(Nq, Nk, causal, key_padding_mask, q.device)
+    if key_padding_mask is None:
+        # Every query sees at least one key, so PyTorch's own fused op computes the same
+        # softmax without an N x N buffer on the CPU (tests check it against the loop).
+        o = F.scaled_dot_product_attention(
+            q.to(compute),
+            k.to(compute),
+            v.to(compute),
+            attn_mask=None if Nq == Nk else mask,
+            is_causal=causal and Nq == Nk,
+            scale=scale,
+        )
+        return o.to(q.dtype)
     s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
-    mask = attention_mask(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
