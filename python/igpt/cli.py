@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("igpt.probe", "linear probes of every layer, low-data probes and baselines"),
     "finetune": ("igpt.finetune", "fine-tune a checkpoint as a classifier (L_GEN + L_CLF)"),
     "sample": ("igpt.sample", "sample or complete images from an AR checkpoint into a PNG grid"),
+    "demo": ("igpt.demo", "pretrain -> probe -> sample end to end on bundled digits"),
 }
 
 

@@ -1,0 +1,49 @@
+"""igpt demo end to end with a tiny step count: every artefact exists, every number is finite."""
+
+import json
+import math
+
+import torch
+
+from igpt.cli import main
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_demo_writes_every_artefact_with_finite_numbers(tmp_path, capsys):
+    torch.set_num_threads(1)  # L-BFGS and small GEMMs: threads only contend on 2 cores
+    out = tmp_path / "demo"
+    main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--limit",
+            "300",
+            "--per-class",
+            "3",
+            "--no-progress",
+        ]
+    )
+    for name in ("report.md", "probe_by_layer.png", "loss.png", "completions.png", "metrics.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    m = json.loads((out / "metrics.json").read_text())
+    n_layer = 4  # igpt-tiny
+    for model in ("pretrained", "random init"):
+        layers = m["probe"][model]["layers"]
+        assert [r["layer"] for r in layers] == list(range(n_layer + 1))
+        assert all(_finite(r["val_acc"]) and _finite(r["test_acc"]) for r in layers)
+    assert _finite(m["raw_pixels"]["test_acc"])
+    assert _finite(m["pretrain"]["val_loss"]) and m["pretrain"]["step"] == 4
+    assert set(m["low_data"]) == {"pretrained", "random init", "raw pixels"}
+    assert all(_finite(r["mean"]) and len(r["accs"]) == 5 for r in m["low_data"].values())
+    report = (out / "report.md").read_text()
+    assert "![completions](completions.png)" in report and "raw pixels" in report
+    summary = capsys.readouterr().out
+    assert "igpt demo done" in summary and str(out / "report.md") in summary
