@@ -10,7 +10,7 @@ from PIL import Image
 
 from igpt import IGPT, IGPTConfig
 from igpt.checkpoint import save_checkpoint
-from igpt.model import _next_token
+from igpt.generation import next_token
 from igpt.palette import Palette
 from igpt.sample import complete, load_for_sampling, sample_grid, save_grid, unconditional
 
@@ -98,12 +98,12 @@ def test_top_k_1_and_tiny_top_p_equal_greedy():
 def test_top_k_and_top_p_restrict_the_support():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]]).expand(4000, -1)
     g = torch.Generator().manual_seed(0)
-    drawn = set(_next_token(logits, 1.0, 2, None, g).tolist())
+    drawn = set(next_token(logits, 1.0, 2, None, g).tolist())
     assert drawn == {0, 1}
     probs = torch.softmax(logits[0], -1)  # 0.64, 0.23, 0.09, ...: 0.8 needs the top 2
     assert probs[0] < 0.8 < probs[:2].sum()
-    assert set(_next_token(logits, 1.0, None, 0.8, g).tolist()) == {0, 1}
-    assert set(_next_token(logits, 1.0, None, None, g).tolist()) == set(range(6))
+    assert set(next_token(logits, 1.0, None, 0.8, g).tolist()) == {0, 1}
+    assert set(next_token(logits, 1.0, None, None, g).tolist()) == set(range(6))
 
 
 @pytest.mark.parametrize(
