@@ -201,6 +201,36 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path, monkeypatch, palette_file, obj
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_every_logged_row_has_a_loss_and_resume_logs_the_same_rows(
+    tmp_path, monkeypatch, palette_file
+):
+    """Validation (step 2) and checkpoint (step 3) steps off the log_every grid: each row
+    still has `loss`, and a run resumed at step 3 averages the same windows as one that ran
+    straight through."""
+    kw = dict(palette=palette_file, steps=5, log_every=4, ckpt_every=3, val_every=2)
+    full = _cfg(tmp_path, "full", **kw)
+    pretrain(full)
+    rows = [json.loads(x) for x in (Path(full.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3, 4, 5]
+    assert all("loss" in r for r in rows) and "val_loss" in rows[0]
+
+    killed = _cfg(tmp_path, "killed", **kw)
+    real_step = Trainer.train_step
+
+    def dies_in_step_5(self, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(killed)
+    monkeypatch.undo()
+    assert latest_checkpoint(killed.out).name == "ckpt_00000003.pt"
+    pretrain(killed, resume=True)
+    assert _losses(killed.out) == _losses(full.out)
+
+
 def test_resume_refuses_other_settings(tmp_path, palette_file):
     pretrain(_cfg(tmp_path, steps=3, palette=palette_file))
     with pytest.raises(ValueError, match="batch_size"):

@@ -637,7 +637,11 @@ class Trainer:
             window.append(stats["loss"])
             bar.update(1)
             row = None
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            evaluate = self.step == cfg.steps or (cfg.val_every and self.step % cfg.val_every == 0)
+            checkpoint = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+            # Validation and checkpoint steps are log steps too: every metrics.jsonl row then
+            # carries `loss`, and a run resumed from a checkpoint averages the same windows.
+            if self.step % cfg.log_every == 0 or evaluate or checkpoint:
                 now = time.perf_counter()
                 row = {
                     "step": self.step,
@@ -649,14 +653,12 @@ class Trainer:
                 }
                 window, t_last = [], now
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
-            evaluate = self.step == cfg.steps or (cfg.val_every and self.step % cfg.val_every == 0)
             if evaluate:
-                val = self.evaluate()
-                row = {**(row or {"step": self.step}), **val}
+                row.update(self.evaluate())
             if row is not None:
                 last.update(row)
                 self._log(row)
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+            if checkpoint:
                 self.save()
         bar.close()
         if self.is_main:
