@@ -122,6 +122,19 @@ def test_bert_classifier_only_loss_learns_and_mask_ensemble_is_seeded():
     assert evaluate(clf, x[128:], y[128:], **kw) > 0.7  # chance is 0.25
 
 
+def test_bert_finetune_checkpoints_say_bert_so_sampling_refuses_them(tmp_path):
+    from igpt.checkpoint import load_checkpoint
+    from igpt.sample import load_for_sampling
+
+    x, y = synthetic(16)
+    kw = dict(objective="bert", steps=1, batch_size=4, eval_every=1, progress=False)
+    finetune(tiny(), x, y, out_dir=tmp_path, **kw)
+    assert load_checkpoint(tmp_path)["objective"] == "bert"
+    for path in (tmp_path, tmp_path / "best.pt"):
+        with pytest.raises(ValueError, match="BERT"):
+            load_for_sampling(path)
+
+
 def test_finetune_rejects_bad_arguments(tmp_path):
     x, y = synthetic(16)
     with pytest.raises(ValueError, match="objective"):

@@ -363,7 +363,11 @@ def finetune(
         _write_jsonl(metrics_path, kept)
 
     def save(path, with_optimizer):
-        extra = dict(head=clf.head.state_dict(), finetune=settings, state=state)
+        # `objective` at the top level, as pre-training writes it: sampling refuses BERT
+        # checkpoints and probing masks their inputs by reading it.
+        extra = dict(
+            head=clf.head.state_dict(), finetune=settings, state=state, objective=objective
+        )
         if with_optimizer:
             extra["optimizer"] = opt.state_dict()
         return save_checkpoint(path, model, step=state["step"], palette=palette, **extra)

@@ -48,7 +48,7 @@ def load_for_sampling(checkpoint, device=None):
     from igpt.checkpoint import load_model, resolve_checkpoint
 
     model, palette, ckpt = load_model(checkpoint, device=device)
-    objective = ckpt.get("objective", "ar")
+    objective = ckpt.get("objective") or ckpt.get("finetune", {}).get("objective", "ar")
     if objective == "bert":
         raise ValueError(
             f"checkpoint {resolve_checkpoint(checkpoint)} was trained with the BERT objective, "
