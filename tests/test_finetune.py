@@ -82,6 +82,8 @@ def test_resume_takes_the_same_steps_as_an_uninterrupted_run(tmp_path):
     torch.manual_seed(0)
     finetune(tiny(), x, y, out_dir=tmp_path / "split", **{**kw, "steps": 2})
     assert sorted(p.name for p in (tmp_path / "split").glob("ckpt_*.pt")) == ["ckpt_00000002.pt"]
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # the process died while appending a row
     torch.manual_seed(5)  # a different init: every weight must come from the checkpoint
     resumed = finetune(tiny(), x, y, out_dir=tmp_path / "split", resume=True, **kw)
     assert resumed["step"] == 4 and resumed["history"] == whole["history"]

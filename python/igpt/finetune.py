@@ -355,11 +355,13 @@ def finetune(
         metrics_path = out / "metrics.jsonl"
         kept = []
         if metrics_path.is_file():  # drop rows logged after the checkpoint we resume from
-            kept = [
-                r
-                for r in map(json.loads, metrics_path.read_text().splitlines())
-                if r["step"] <= state["step"]
-            ]
+            for line in metrics_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line half-written when the process died
+                if row["step"] <= state["step"]:
+                    kept.append(row)
         _write_jsonl(metrics_path, kept)
 
     def save(path, with_optimizer):
