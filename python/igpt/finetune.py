@@ -301,9 +301,15 @@ def finetune(
         train_images = train_images[fit] if train_images is not None else None
     val_tokens = _as_tokens(val_tokens, "val_tokens")
     val_y = _as_labels(val_labels, len(val_tokens), "val_labels")
-    n_classes = n_classes or int(max(int(labels.max()), int(val_y.max()))) + 1
     if len(tokens) < 1:
         raise ValueError("no training examples left after the hold-out split")
+    seen = np.concatenate([labels.numpy(), val_y])
+    n_classes = n_classes or int(seen.max()) + 1
+    if seen.min() < 0 or seen.max() >= n_classes:
+        raise ValueError(
+            f"train_labels and val_labels must lie in [0, n_classes={n_classes}), got labels "
+            f"in [{seen.min()}, {seen.max()}]"
+        )
 
     device = _resolve_device(device, model)
     clf = IGPTClassifier(model, n_classes, layer=layer).to(device)
