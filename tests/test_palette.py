@@ -377,6 +377,24 @@ def test_palette_api(tmp_path):
     assert rgb.shape == (2, 5, 6, 3) and rgb.dtype == torch.uint8
     palette.save(tmp_path / "p.npy")
     assert torch.equal(ip.Palette.load(tmp_path / "p.npy").centroids, palette.centroids)
+    palette.save(tmp_path / "q")  # np.save's rule: .npy is appended
+    assert torch.equal(ip.Palette.load(tmp_path / "q.npy").centroids, palette.centroids)
+
+
+def test_palette_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "palette.npy"
+    ip.Palette(np.full((4, 3), 7, np.float32)).save(path)
+
+    def dies_mid_write(f, arr, *a, **k):
+        f.write(b"\x93NUMPY half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        ip.Palette(np.zeros((4, 3), np.float32)).save(path)
+    monkeypatch.undo()
+    assert float(ip.Palette.load(path).centroids[0, 0]) == 7.0  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["palette.npy"]
 
 
 def test_hf_and_openai_round_trips(tmp_path):

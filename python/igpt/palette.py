@@ -104,8 +104,22 @@ class Palette:
         return igpt_kernels.dequantize(tokens, self.on(tokens.device))
 
     def save(self, path) -> None:
-        """Write the centroids as a float32 (K, 3) .npy file in 0..255 RGB."""
-        np.save(Path(path), self.centroids.numpy())
+        """Write the centroids as a float32 (K, 3) .npy file in 0..255 RGB.
+
+        Written through a temporary file and a rename, so a crash never leaves a truncated
+        palette behind (a run directory's ``palette.npy`` is reused when present). As with
+        ``np.save``, ``.npy`` is appended to a path without it.
+        """
+        import io
+
+        from igpt.data import _atomic_write_bytes
+
+        path = Path(path)
+        if path.suffix != ".npy":
+            path = path.with_name(path.name + ".npy")
+        buf = io.BytesIO()
+        np.save(buf, self.centroids.numpy())
+        _atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path) -> Palette:
