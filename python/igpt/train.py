@@ -273,6 +273,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    from igpt.data import _atomic_write_bytes
+
+    _atomic_write_bytes(path, text.encode())
+
+
 def _seed_of(*parts: int) -> int:
     """A 63-bit seed mixed from integers (SplitMix64), for per-step generators."""
     x = 0x9E3779B97F4A7C15
@@ -665,7 +671,7 @@ class Trainer:
             self.plot()
         summary = {"step": self.step, "skipped": self.skipped, "out": str(self.out), **last}
         if self.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            _write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -695,7 +701,8 @@ class Trainer:
                     keep.append(line)
             except (ValueError, KeyError):
                 continue  # a half-written last line
-        self.metrics_path.write_text("".join(k + "\n" for k in keep))
+        # atomic: a crash here must not lose the rows that are kept
+        _write_atomic(self.metrics_path, "".join(k + "\n" for k in keep))
 
     def _write_config(self) -> None:
         conf = {
@@ -708,7 +715,7 @@ class Trainer:
             "palette_colors": len(self.palette),
             "torch": torch.__version__,
         }
-        (self.out / "config.json").write_text(json.dumps(conf, indent=2))
+        _write_atomic(self.out / "config.json", json.dumps(conf, indent=2))
         self.palette.save(self.out / "palette.npy")
 
     def _state_dicts(self) -> tuple[dict, dict]:
@@ -856,7 +863,7 @@ def lr_search(config: TrainConfig, lrs=LR_GRID, *, palette=None, data=None) -> d
     result = {"best_lr": best["lr"], "best_out": best["out"], "runs": runs}
     if _dist_env()[0] == 0:
         Path(config.out).mkdir(parents=True, exist_ok=True)
-        (Path(config.out) / "lr_search.json").write_text(json.dumps(result, indent=2))
+        _write_atomic(Path(config.out) / "lr_search.json", json.dumps(result, indent=2))
     return result
 
 
