@@ -204,6 +204,19 @@ def test_token_cache_equality_and_reuse(tmp_path, monkeypatch):
         cached_tokens("digits", "train", _palette(8), 8, cache_dir=tmp_path)
 
 
+def test_token_cache_sees_a_data_file_replaced_in_place(tmp_path):
+    pal = _palette()
+    path = tmp_path / "d.npz"
+    np.savez(path, images=_rand_images(10, 4, 4))
+    first, _ = cached_tokens(f"npz:{path}", "all", pal, 4, cache_dir=tmp_path / "cache")
+    first = np.array(first)
+    new = _rand_images(12, 4, 4, seed=1)
+    np.savez(path, images=new)  # same path, other images (and another size and mtime)
+    again, _ = cached_tokens(f"npz:{path}", "all", pal, 4, cache_dir=tmp_path / "cache")
+    assert again.shape == (12, 16) and not np.array_equal(again[:10], first)
+    assert np.array_equal(again.astype(np.int64), tokenize(new, pal, 4).numpy())
+
+
 def test_pad_crop_flip():
     imgs = _rand_images(64, 32, 32)
     out = pad_crop_flip(imgs, rng=np.random.default_rng(0))

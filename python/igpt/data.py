@@ -482,6 +482,25 @@ def _spec_key(spec: str) -> str:
     return kind if arg is None else f"{kind}:{Path(arg).resolve()}"
 
 
+def _source_fingerprint(spec: str) -> str:
+    """A digest of the files behind ``spec`` (relative path, size, mtime of each), so that a
+    data set edited or replaced in place gets a new cache entry instead of stale tokens."""
+    kind, arg = parse_spec(spec)
+    if arg is None:
+        return kind  # bundled with scikit-learn
+    root = Path(arg)
+    if kind in ("cifar10", "cifar100"):
+        root = _find_cifar_dir(root, kind)
+    if not root.exists():
+        raise FileNotFoundError(f"{kind}: {root} does not exist")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def default_cache_dir() -> Path:
     """``$IGPT_CACHE`` or ``~/.cache/igpt``."""
     return Path(os.environ.get("IGPT_CACHE", Path.home() / ".cache" / "igpt"))
@@ -498,8 +517,9 @@ def cached_tokens(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Tokens of a whole split through an on-disk uint16 memmap cache.
 
-    The cache is keyed by the data spec (with its absolute path), split, n_px and the
-    palette's hash. The first call reads and tokenizes the images (``data`` if given, else
+    The cache is keyed by the data spec (with its absolute path), the name, size and
+    modification time of every file behind it, split, n_px and the palette's hash. The
+    first call reads and tokenizes the images (``data`` if given, else
     ``load_images(spec, split)``) and writes ``tokens.u16`` + ``meta.json`` (+
     ``labels.npy``) atomically; later calls only map the file, never touching images.
 
@@ -510,7 +530,13 @@ def cached_tokens(
     if len(palette) > 65536:
         raise ValueError(f"a uint16 cache holds at most 65536 colours, palette has {len(palette)}")
     key_src = json.dumps(
-        {"spec": _spec_key(spec), "split": split, "n_px": n_px, "palette": palette_hash(palette)},
+        {
+            "spec": _spec_key(spec),
+            "source": _source_fingerprint(spec),
+            "split": split,
+            "n_px": n_px,
+            "palette": palette_hash(palette),
+        },
         sort_keys=True,
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
