@@ -278,17 +278,23 @@ def _read_class_folders(root: Path, size: int | None) -> ImageData:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"folder: {root} has no class sub-folders (one per class)")
+    from tqdm.auto import tqdm
+
+    files = [
+        (label, path)
+        for label, cls in enumerate(classes)
+        for path in sorted((root / cls).rglob("*"))
+        if path.is_file() and not path.name.startswith(".")
+    ]
     images, labels, skipped = [], [], 0
-    for label, cls in enumerate(classes):
-        for path in sorted((root / cls).rglob("*")):
-            if not path.is_file() or path.name.startswith("."):
-                continue
-            img = _read_image(path)
-            if img is None:
-                skipped += 1
-                continue
-            images.append(img)
-            labels.append(label)
+    # a bar for folders big enough to take a while to decode
+    for label, path in tqdm(files, desc=f"reading {root}", unit="file", disable=len(files) < 2000):
+        img = _read_image(path)
+        if img is None:
+            skipped += 1
+            continue
+        images.append(img)
+        labels.append(label)
     if skipped:
         log.warning("folder %s: skipped %d unreadable file(s)", root, skipped)
     if not images:
@@ -381,11 +387,15 @@ def tokenize(images: np.ndarray, palette, n_px: int, *, batch_size: int = 1024) 
     """Resize to n_px, then quantize with ``palette``: int64 tensor (N, n_px * n_px), raster.
 
     ``palette`` is an ``igpt.palette.Palette`` (or anything with its ``quantize``). Work is
-    done in batches of ``batch_size`` images to bound memory.
+    done in batches of ``batch_size`` images to bound memory; from 10 batches on, a tqdm
+    bar shows the progress.
     """
+    from tqdm.auto import tqdm
+
     check_images(images)
     out = torch.empty((len(images), n_px * n_px), dtype=torch.int64)
-    for s in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    for s in tqdm(starts, desc="tokenize", unit="batch", disable=len(starts) < 10):
         chunk = np.ascontiguousarray(resize(images[s : s + batch_size], n_px))
         out[s : s + len(chunk)] = palette.quantize(chunk).reshape(len(chunk), -1).cpu()
     return out
