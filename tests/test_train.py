@@ -231,6 +231,21 @@ def test_every_logged_row_has_a_loss_and_resume_logs_the_same_rows(
     assert _losses(killed.out) == _losses(full.out)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("mask_prob", 1.5),
+        ("checkpointing", -1),
+        ("n_colors", 0),
+        ("val_size", 0),
+        ("grad_clip", -1.0),
+    ],
+)
+def test_config_names_the_bad_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must .*got {value!r}"):
+        _cfg(tmp_path, **{field: value})
+
+
 def test_resume_refuses_other_settings(tmp_path, palette_file):
     pretrain(_cfg(tmp_path, steps=3, palette=palette_file))
     with pytest.raises(ValueError, match="batch_size"):

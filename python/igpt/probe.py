@@ -303,7 +303,7 @@ def random_init_model(model_or_config, *, seed: int = 0) -> IGPT:
 def _holdout(labels: np.ndarray, val_frac: float, seed: int):
     """Stratified (fit, val) index split with at least one of each class in val, if it can."""
     if not 0.0 < val_frac < 1.0:
-        raise ValueError(f"val_frac must be in [0, 1), got {val_frac}")
+        raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
     n = len(labels)
     classes, counts = np.unique(labels, return_counts=True)
     rng = np.random.default_rng(seed)
@@ -374,7 +374,7 @@ def linear_probe(
     x = _as_features(train_feats, "train_feats")
     y = _as_labels(train_labels, len(x), "train_labels")
     if len(np.unique(y)) < 2:
-        raise ValueError("train_labels must hold at least two classes")
+        raise ValueError(f"train_labels must hold at least two classes, got {np.unique(y)}")
     Cs = sorted(float(c) for c in Cs)
     if not Cs or min(Cs) <= 0:
         raise ValueError(f"Cs must be positive numbers, got {Cs}")
@@ -461,7 +461,10 @@ def probe_layers(
         raise ValueError(f"method must be one of {list(probes)}, got {method!r}")
     fit = probes[method]
     if probe_kw.get("val_frac", 0.1) <= 0:
-        raise ValueError("probe_layers ranks layers by hold-out accuracy: val_frac must be > 0")
+        raise ValueError(
+            "probe_layers ranks layers by hold-out accuracy: val_frac must be > 0, got "
+            f"{probe_kw['val_frac']!r}"
+        )
     x = _as_features(train_feats, "train_feats", ndim=3)
     xt = _as_features(test_feats, "test_feats", ndim=3)
     if x.shape[1:] != xt.shape[1:]:
@@ -695,7 +698,7 @@ def modal_prediction(predictions, *, seed: int = 0) -> np.ndarray:
             f"predictions must be a non-empty integer (M, N) array, got {p.dtype} {p.shape}"
         )
     if p.min() < 0:
-        raise ValueError("predictions must be class indices >= 0")
+        raise ValueError(f"predictions must be class indices >= 0, got {p.min()}")
     M, N = p.shape
     counts = np.zeros((N, int(p.max()) + 1), dtype=np.int64)
     np.add.at(counts, (np.broadcast_to(np.arange(N), (M, N)), p), 1)

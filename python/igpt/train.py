@@ -174,6 +174,20 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0.0 < self.val_frac < 1.0:
             raise ValueError(f"val_frac must lie in (0, 1), got {self.val_frac!r}")
+        # checked here, before data are read and a palette is fitted, not at the first step
+        for name in ("checkpointing", "val_every", "keep_checkpoints"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        for name, lo in (("warmup_steps", 0), ("val_size", 1), ("n_px", 1), ("n_colors", 1)):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < lo):
+                raise ValueError(f"{name} must be None or an int >= {lo}, got {v!r}")
+        if not 0.0 < self.mask_prob <= 1.0:
+            raise ValueError(f"mask_prob must lie in (0, 1], got {self.mask_prob!r}")
+        for name in ("weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.n_px is None:
             self.n_px = 16 if self.data == "digits" else 32
 
