@@ -316,6 +316,25 @@ def test_batches_are_a_function_of_the_step(tmp_path, palette_file):
     t.close()
 
 
+def test_palette_is_fitted_without_the_holdout(tmp_path, monkeypatch):
+    from igpt import palette as palette_module
+    from igpt.data import load_images, resize
+
+    seen = []
+    real_fit = palette_module.fit_palette
+
+    def recording_fit(images, **kw):
+        seen.append(images)
+        return real_fit(images, **kw)
+
+    monkeypatch.setattr(palette_module, "fit_palette", recording_fit)
+    t = Trainer(_cfg(tmp_path))
+    t.close()
+    images = resize(load_images("digits").images, 8)
+    fitted = sorted(map(bytes, seen[0]))
+    assert fitted == sorted(map(bytes, images[t.train_idx]))  # < 4096 images: all of them
+
+
 def test_augmented_training_and_checkpointing_policy(tmp_path, palette_file):
     summary = pretrain(
         _cfg(tmp_path, palette=palette_file, augment="cifar", checkpointing=1, steps=2)

@@ -412,7 +412,7 @@ class Trainer:
             )
 
     def _get_palette(self, palette, ckpt, data):
-        from igpt.data import load_images, resize
+        from igpt.data import holdout_split, load_images, resize
         from igpt.palette import Palette, fit_palette
 
         if ckpt is not None and "palette" in ckpt:
@@ -425,6 +425,9 @@ class Trainer:
         if self.is_main and not path.is_file():
             k = self.cfg.n_colors or (16 if self.cfg.data == "digits" else 512)
             images = data.images if data is not None else load_images(self.cfg.data).images
+            # fitted on the training part only: the hold-out (the same split _load_tokens
+            # makes) must not shape the tokens it is scored on
+            images = images[holdout_split(len(images), self.cfg.val_frac, seed=0)[0]]
             sample = images[np.random.default_rng(self.cfg.seed).permutation(len(images))[:4096]]
             log.info("fitting a %d-colour palette on %d images", k, len(sample))
             fit_palette(resize(sample, self.cfg.n_px), k=k, seed=self.cfg.seed).save(path)
