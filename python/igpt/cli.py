@@ -93,25 +93,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    """``igpt info``: what is installed and which backend each op would use here."""
+    """``igpt info``: what is installed and which backend each op's "auto" picks here."""
     import platform
 
     import torch
 
     import igpt
-    import igpt_kernels
+    from igpt_kernels import palette
     from igpt_kernels._triton import HAS_TRITON
 
+    cuda = torch.cuda.is_available()
+    pixels = torch.zeros(1, 3, dtype=torch.uint8)
+    cpu_quantize = palette._compiled_unavailable("cpu", pixels)
+    if cuda:
+        gpu_quantize = palette._compiled_unavailable("cuda", pixels.cuda())
+        gpu_ops = "Triton kernels" if HAS_TRITON else "PyTorch reference (Triton missing)"
     rows = [
         ("igpt", igpt.__version__),
         ("python", platform.python_version()),
         ("torch", torch.__version__),
-        ("triton", "yes" if HAS_TRITON else "not installed"),
-        ("cuda", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
-        ("ops", ", ".join(igpt_kernels.__all__)),
+        ("triton", "installed" if HAS_TRITON else "not installed"),
+        ("gpu", torch.cuda.get_device_name() if cuda else "none"),
+        ("attention, ln_mlp on CPU", "PyTorch reference"),
+        ("quantize on CPU", "C++ kernel" if cpu_quantize is None else f"reference: {cpu_quantize}"),
     ]
+    if cuda:
+        rows += [
+            ("attention, ln_mlp on GPU", gpu_ops),
+            (
+                "quantize on GPU",
+                "CUDA kernel" if gpu_quantize is None else f"reference: {gpu_quantize}",
+            ),
+        ]
+    width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key:>8}: {value}")
+        print(f"{key:>{width}}: {value}")
 
 
 def main(argv=None) -> None:
