@@ -316,7 +316,7 @@ def test_batches_are_a_function_of_the_step(tmp_path, palette_file):
     t.close()
 
 
-def test_palette_is_fitted_without_the_holdout(tmp_path, monkeypatch):
+def test_palette_is_fitted_afresh_and_without_the_holdout(tmp_path, monkeypatch):
     from igpt import palette as palette_module
     from igpt.data import load_images, resize
 
@@ -333,6 +333,11 @@ def test_palette_is_fitted_without_the_holdout(tmp_path, monkeypatch):
     images = resize(load_images("digits").images, 8)
     fitted = sorted(map(bytes, seen[0]))
     assert fitted == sorted(map(bytes, images[t.train_idx]))  # < 4096 images: all of them
+    # a run that died before its first checkpoint left palette.npy; the next run in that
+    # directory asks for another palette size and must get it, not the stale file
+    t = Trainer(_cfg(tmp_path, n_colors=8))
+    t.close()
+    assert len(t.palette) == 8 and len(seen) == 2
 
 
 def test_augmented_training_and_checkpointing_policy(tmp_path, palette_file):

@@ -421,8 +421,12 @@ class Trainer:
             return palette
         if self.cfg.palette is not None:
             return Palette.load(self.cfg.palette)
+        # No checkpoint yet, so this run starts at step 0: fit afresh (deterministic for the
+        # seed) rather than trust a palette.npy left by an earlier run in this directory,
+        # which may have had other data or another n_colors. palette.npy only carries the
+        # palette from rank 0 to the other ranks.
         path = self.out / "palette.npy"
-        if self.is_main and not path.is_file():
+        if self.is_main:
             k = self.cfg.n_colors or (16 if self.cfg.data == "digits" else 512)
             images = data.images if data is not None else load_images(self.cfg.data).images
             # fitted on the training part only: the hold-out (the same split _load_tokens
