@@ -303,3 +303,19 @@ def test_sgd_probe_on_cuda():
     xt, yt = blobs(200, seed=1)
     res = probe.sgd_probe(x, y, xt, yt, epochs=5, batch_size=64, device="cuda")
     assert res["test_acc"] >= 0.95
+
+
+def test_igpt_probe_objective_flag_masks_a_checkpoint_that_records_none(tmp_path):
+    from igpt.checkpoint import save_checkpoint
+    from igpt.cli import main
+    from igpt.data import load_images
+    from igpt.palette import fit_palette
+
+    palette = fit_palette(load_images("digits", "train").images, k=16)
+    path = save_checkpoint(tmp_path / "m.pt", tiny(n_layer=1, n_px=8), palette=palette)
+    argv = ["probe", "--checkpoint", str(path), "--data", "digits", "--limit", "60"]
+    argv += ["--per-class", "none", "--no-baselines", "--concat", "0", "--cs", "1"]
+    argv += ["--bert-masks", "2", "--objective", "bert", "--out", str(tmp_path / "out")]
+    main(argv)
+    report = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert report["objective"] == "bert" and report["bert_ensemble"]["n_masks"] == 2

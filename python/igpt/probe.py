@@ -929,8 +929,12 @@ def add_arguments(parser) -> None:
     """Arguments of ``igpt probe``."""
     from igpt.cli import add_common_arguments
 
-    add_common_arguments(parser, "checkpoint", "data", "batch_size", "out", "device", "seed")
-    parser.set_defaults(batch_size=64, out="runs/probe")
+    add_common_arguments(
+        parser, "checkpoint", "data", "objective", "batch_size", "out", "device", "seed"
+    )
+    # objective: the checkpoint's own by default; the flag is for checkpoints that do not
+    # record one (a BERT model must be probed with masked inputs)
+    parser.set_defaults(batch_size=64, out="runs/probe", objective=None)
     parser.add_argument(
         "--layers", nargs="+", default=None, help="layers to probe, e.g. 0,8,16,24 (default: all)"
     )
@@ -987,7 +991,9 @@ def run(args) -> None:
     model, palette, ckpt = load_model(path, device=device)
     if palette is None:
         raise SystemExit(f"{path} holds no palette, so images cannot be tokenised")
-    objective = ckpt.get("objective") or ckpt.get("finetune", {}).get("objective") or "ar"
+    objective = (
+        args.objective or ckpt.get("objective") or ckpt.get("finetune", {}).get("objective") or "ar"
+    )
     n_px, L = model.config.n_px, model.config.n_layer
     layers = _resolve_layers(_int_list(" ".join(args.layers)), L) if args.layers else None
     per_class = [] if args.per_class == ["none"] else _int_list(" ".join(args.per_class))
