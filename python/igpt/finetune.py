@@ -602,6 +602,7 @@ def run(args) -> None:
         n_masks=args.n_masks,
         seed=args.seed,
         device=device,
+        progress=True,  # the whole test set, n_masks times for BERT
     )
     summary = {k: res[k] for k in ("best_val_acc", "best_step", "step", "stopped_early")}
     summary.update(
