@@ -246,11 +246,17 @@ def test_triton_strided_inputs_and_scale(dtype, atol, rtol):
 
 @needs_triton
 @pytest.mark.parametrize(
-    "Nq,Nk,D,mask", [(1, 130, 64, "causal"), (5, 100, 32, "causal+pad"), (16, 77, 96, "none")]
+    "Nq,blocks,extra,D,mask",
+    [(1, 8, 2, 64, "causal"), (5, 6, 4, 32, "causal+pad"), (16, 4, 13, 96, "none")],
 )
 @pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
-def test_triton_decode_path(Nq, Nk, D, mask, dtype, atol, rtol):
-    """Few queries without grad: flash-decoding, keys split across programs, merged."""
+def test_triton_decode_path(Nq, blocks, extra, D, mask, dtype, atol, rtol):
+    """Few queries without grad: flash-decoding, keys split across programs, merged.
+
+    Nk = blocks decode key blocks + extra keys (130, 100, 77 under the interpreter, whose
+    blocks are 16 keys), so the keys split into several chunks on a GPU too (64-key blocks).
+    """
+    Nk = blocks * attention_module._DECODE_BLOCK_N + extra
     q, k, v, causal, pad = _inputs(1, 2, Nq, Nk, D, mask, dtype)
     assert attention_module.decode_splits(1, 2, Nq, Nk, torch.device(DEVICE)) > 1
     with torch.no_grad():
