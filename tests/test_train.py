@@ -340,11 +340,28 @@ def test_palette_is_fitted_afresh_and_without_the_holdout(tmp_path, monkeypatch)
     assert len(t.palette) == 8 and len(seen) == 2
 
 
-def test_augmented_training_and_checkpointing_policy(tmp_path, palette_file):
-    summary = pretrain(
-        _cfg(tmp_path, palette=palette_file, augment="cifar", checkpointing=1, steps=2)
-    )
-    assert math.isfinite(summary["loss"])
+def test_augmented_training_and_checkpointing_policy(tmp_path, palette_file, monkeypatch):
+    import igpt.model
+    from igpt.data import tokenize
+
+    t = Trainer(_cfg(tmp_path, "aug", palette=palette_file, augment="cifar"))
+    rows = slice(0, 8)
+    batch = t.batch_tokens(0, rows)
+    assert torch.equal(batch, t.batch_tokens(0, rows))  # a function of the step
+    plain = tokenize(t.images[t.batch_indices(0)[rows]], t.palette, 8)
+    assert not torch.equal(batch, plain)  # the images were augmented
+    t.close()
+
+    calls = []
+    real = igpt.model.checkpoint
+    monkeypatch.setattr(igpt.model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(palette=palette_file, augment="cifar", steps=2)
+    recomputed = pretrain(_cfg(tmp_path, "ckpt", checkpointing=1, **kw))
+    assert len(calls) == 2 * TINY["n_layer"]  # every block of both training forwards
+    stored = pretrain(_cfg(tmp_path, "plain", **kw))
+    assert len(calls) == 2 * TINY["n_layer"]
+    # recomputation changes memory, never the numbers
+    np.testing.assert_allclose(_losses(recomputed["out"]), _losses(stored["out"]), rtol=1e-6)
 
 
 def test_lr_search_stops_when_validation_rises(tmp_path, monkeypatch):
