@@ -119,6 +119,11 @@ def _grads(fn, x, w, dy, **kwargs):
     return out
 
 
+def _cpu(out):
+    """The tensors of a _grads result, on the CPU (where the float64 references are)."""
+    return {k: v.cpu() for k, v in out.items()}
+
+
 def _assert_matches(out, ref, dtype, check_dtype=True):
     atol, rtol = TOL[dtype]
     for name, r in ref.items():
@@ -139,7 +144,7 @@ def _compare(shape, norm, activation, biases, residual, dtype, poisoned=None, **
     if poisoned is not None:
         poisoned()
     out = _grads(ln_mlp, x.to(DEVICE, dtype), cast, dy.to(DEVICE), **opts, **kwargs)
-    _assert_matches({k: v.cpu() for k, v in out.items()}, ref, dtype)
+    _assert_matches(_cpu(out), ref, dtype)
 
 
 # Each axis of the issue (dtype, T in {1, 7, 130}, d in {32, 48, 96}, both norms, both
@@ -179,16 +184,16 @@ def test_odd_hidden_size_and_strided_weights(poisoned):
     dy = torch.randn(7, d, dtype=torch.float64)
     opts = dict(norm="layer", activation="quick_gelu")
     ref = _grads(ln_mlp, x, w, dy, **opts, backend="torch")
-    w32 = {k: v.float() for k, v in w.items()}
+    w32 = {k: v.to(DEVICE, torch.float32) for k, v in w.items()}  # .to keeps the strides
     assert not w32["fc_weight"].is_contiguous()
     poisoned()
-    out = _grads(ln_mlp, x.float(), w32, dy, **opts, backend="triton")
-    _assert_matches(out, ref, torch.float32)
+    out = _grads(ln_mlp, x.to(DEVICE, torch.float32), w32, dy.to(DEVICE), **opts, backend="triton")
+    _assert_matches(_cpu(out), ref, torch.float32)
 
 
 def test_empty_input_gives_empty_output():
-    w = {k: None if v is None else v.float() for k, v in _weights(32, 64).items()}
-    y = ln_mlp(torch.randn(0, 5, 32), **w, backend="triton")
+    w = {k: None if v is None else v.to(DEVICE, torch.float32) for k, v in _weights(32, 64).items()}
+    y = ln_mlp(torch.randn(0, 5, 32, device=DEVICE), **w, backend="triton")
     assert y.shape == (0, 5, 32)
 
 
@@ -204,11 +209,12 @@ def test_split_token_reduction_is_deterministic(monkeypatch, poisoned):
     dy = torch.randn(130, 32, dtype=torch.float64)
     opts = dict(norm="layer", activation="gelu")
     ref = _grads(ln_mlp, x, w, dy, **opts, backend="torch")
-    w32 = {k: v.float() for k, v in w.items()}
+    w32 = {k: v.to(DEVICE, torch.float32) for k, v in w.items()}
     poisoned()
-    first = _grads(ln_mlp, x.float(), w32, dy, **opts, backend="triton")
+    x32, dy = x.to(DEVICE, torch.float32), dy.to(DEVICE)
+    first = _cpu(_grads(ln_mlp, x32, w32, dy, **opts, backend="triton"))
     _assert_matches(first, ref, torch.float32)
-    again = _grads(ln_mlp, x.float(), w32, dy, **opts, backend="triton")
+    again = _cpu(_grads(ln_mlp, x32, w32, dy, **opts, backend="triton"))
     for name in first:
         assert torch.equal(first[name], again[name]), name
 
@@ -219,10 +225,11 @@ def test_inference_only_forward(poisoned):
     w = {k: None if v is None else v.float() for k, v in _weights(48, 192, norm="layer").items()}
     w64 = {k: None if v is None else v.double() for k, v in w.items()}
     ref = ln_mlp(x.double(), **w64, norm="layer")
+    w = {k: None if v is None else v.to(DEVICE) for k, v in w.items()}
     poisoned()
     with torch.no_grad():
-        y = ln_mlp(x, **w, norm="layer", backend="triton")
-    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-4)
+        y = ln_mlp(x.to(DEVICE), **w, norm="layer", backend="triton")
+    torch.testing.assert_close(y.double().cpu(), ref, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("residual", [True, False])
@@ -236,8 +243,10 @@ def test_autocast_mixes_float32_norm_with_half_gemms(monkeypatch, residual):
     dy = torch.randn(2, 7, 48, dtype=torch.float64)
     opts = dict(norm="layer", activation="gelu", residual=residual)
     ref = _grads(ln_mlp, x, w, dy, **opts, backend="torch")
-    w32 = {k: v.float() for k, v in w.items()}
-    out = _grads(ln_mlp, x.float(), w32, dy, **opts, backend="triton")
+    w32 = {k: v.to(DEVICE, torch.float32) for k, v in w.items()}
+    out = _cpu(
+        _grads(ln_mlp, x.to(DEVICE, torch.float32), w32, dy.to(DEVICE), **opts, backend="triton")
+    )
     assert out["y"].dtype == (torch.float32 if residual else torch.float16)
     assert all(out[k].dtype == torch.float32 for k in ["x", *w])
     _assert_matches(out, ref, torch.float16, check_dtype=False)
@@ -261,8 +270,11 @@ def _saved_bytes(fn, params):
 
 @pytest.mark.parametrize("norm,activation", [("rms", "quick_gelu"), ("layer", "gelu")])
 def test_saves_at_most_half_of_eager(norm, activation):
-    x = torch.randn(64, 32, dtype=torch.float16, requires_grad=True)
-    w = _weights(32, 128, dtype=torch.float16, norm=norm)
+    x = torch.randn(64, 32, dtype=torch.float16, device=DEVICE, requires_grad=True)
+    w = {
+        k: None if v is None else v.to(DEVICE)
+        for k, v in _weights(32, 128, torch.float16, norm).items()
+    }
     for t in w.values():
         if t is not None:
             t.requires_grad_()
