@@ -120,6 +120,21 @@ def test_folder_with_split_dirs_and_mixed_sizes(tmp_path):
     assert load_images(f"folder:{tmp_path}", "train", size=8).images.shape == (6, 8, 8, 3)
 
 
+def test_folder_test_split_labels_follow_the_train_classes(tmp_path):
+    img = _rand_images(1, 4, 4)[0]
+    for split, classes in (("train", "abc"), ("test", "ac")):  # no "b" in the test folder
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.fromarray(img).save(tmp_path / split / cls / "0.png")
+    test = load_images(f"folder:{tmp_path}", "test")
+    assert test.classes == ["a", "b", "c"] and test.labels.tolist() == [0, 2]
+    assert load_images(f"folder:{tmp_path}", "all").labels.tolist() == [0, 1, 2, 0, 2]
+    (tmp_path / "test" / "d").mkdir()
+    Image.fromarray(img).save(tmp_path / "test" / "d" / "0.png")
+    with pytest.raises(ValueError, match=r"\['d'\] that the train folder lacks"):
+        load_images(f"folder:{tmp_path}", "test")
+
+
 def test_npz_and_npy_readers(tmp_path):
     imgs = _rand_images(10, 6, 6)
     labels = np.arange(10) % 3

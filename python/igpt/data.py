@@ -258,8 +258,13 @@ def _load_folder(root: str, split: str, size: int | None) -> ImageData:
             parts = [_load_folder(str(root), s, size) for s in ("train", "test")]
             return _concat(parts)
         sub = next(root / s for s in split_dirs[split] if (root / s).is_dir())
-        return _read_class_folders(sub, size)
+        # labels follow the train folder's classes, also where the test folder lacks some
+        return _read_class_folders(sub, size, classes=_class_names(root / "train"))
     return _split_fixed(_read_class_folders(root, size), split)
+
+
+def _class_names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _concat(parts: list[ImageData]) -> ImageData:
@@ -274,15 +279,26 @@ def _concat(parts: list[ImageData]) -> ImageData:
     )
 
 
-def _read_class_folders(root: Path, size: int | None) -> ImageData:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+def _read_class_folders(root: Path, size: int | None, classes: list[str] | None = None):
+    """Images of ``root/CLASS/...``; label = index of CLASS in ``classes`` (default: the
+    sorted sub-folders of ``root`` themselves)."""
+    present = _class_names(root)
+    if not present:
         raise FileNotFoundError(f"folder: {root} has no class sub-folders (one per class)")
+    if classes is None:
+        classes = present
+    unknown = sorted(set(present) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"folder: {root} has class folders {unknown} that the train folder lacks; "
+            f"every class needs training images (train classes: {classes})"
+        )
     from tqdm.auto import tqdm
 
     files = [
         (label, path)
         for label, cls in enumerate(classes)
+        if cls in present
         for path in sorted((root / cls).rglob("*"))
         if path.is_file() and not path.name.startswith(".")
     ]
