@@ -228,7 +228,7 @@ def test_bert_checkpoints_are_refused(tmp_path):
 
 
 def test_cli_completes_digits(tmp_path, capsys):
-    from igpt.cli import main
+    from igpt.cli import build_parser, main
 
     _checkpoint(tmp_path, "ar")
     out, tokens = tmp_path / "s.png", tmp_path / "s.npy"
@@ -240,6 +240,8 @@ def test_cli_completes_digits(tmp_path, capsys):
     assert "wrote 4 completions" in capsys.readouterr().out
     main(["sample", "--checkpoint", str(tmp_path), "--n", "3", "--out", str(out)])
     assert np.asarray(Image.open(out)).shape == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2, 3)
+    parsed = build_parser().parse_args(["sample", "--checkpoint", "c", "--data", "digits"])
+    assert parsed.complete_from == "digits"  # the design's common --data flag
 
 
 def assert_greedy_consistent(model, out, p, atol):

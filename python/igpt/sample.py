@@ -311,6 +311,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n", type=int, default=16, help="images to sample or complete")
     parser.add_argument(
         "--complete-from",
+        "--data",  # the design's common flag name for a data spec
+        dest="complete_from",
         metavar="DATA",
         default=None,
         help="complete images of this dataset spec (digits, cifar10:DIR, ...) instead of "
