@@ -999,7 +999,10 @@ def run(args) -> None:
     per_class = [] if args.per_class == ["none"] else _int_list(" ".join(args.per_class))
     probe_kw = {"seed": args.seed}
     if args.cs:
-        probe_kw["Cs"] = [float(c) for c in args.cs.replace(",", " ").split()]
+        try:
+            probe_kw["Cs"] = [float(c) for c in args.cs.replace(",", " ").split()]
+        except ValueError:
+            raise SystemExit(f"--cs needs numbers like 0.01,1,100, got {args.cs!r}") from None
     if args.method == "sgd":
         probe_kw = {"seed": args.seed, "device": device}
 
