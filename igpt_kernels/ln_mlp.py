@@ -54,13 +54,16 @@ Measured: nothing on a GPU yet. No GPU was available when this was written, so "
 the default by design (both variants meet the memory goal), not by measurement; correctness
 was checked under the interpreter (fp32/fp16) only. ``benchmarks/bench_ln_mlp.py`` times
 both variants against eager and torch.compile; if "cublas" wins there, make it the default.
-The GEMM block sizes are autotuned on the GPU from a short list.
+The GEMM block sizes are autotuned on the GPU from a short list (``AUTOTUNE``;
+``IGPT_LN_MLP_AUTOTUNE=0`` runs the first of each list, as the GPU tests do).
 
 ``ln_linear`` is the same norm-prologue GEMM without the activation and the second GEMM:
 ``y = norm(x) @ W^T + b``, for the attention block's qkv projection.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -452,19 +455,42 @@ def _configs(gpu_sweep, interpreted):
 
 
 # Kept short: every config is compiled for every dtype and flag combination on first use.
-_GEMM_SWEEP = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4)]
+# The first of each list is the default when autotuning is off: on sm_90 (Triton 3.6
+# compiles) 128x128x64 needs no register spills in 16-bit and fits shared memory in float32
+# too (128x256 spills in 16-bit and leaves under 2 KiB of Hopper's 227 KiB in float32).
+_GEMM_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4)]
 # The weight-gradient GEMMs reduce over tokens; BLOCK_K must divide _SPLIT_ALIGN.
 _WGRAD_SWEEP = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4)]
 
+# Autotuning compiles and times every config once per key (shapes, dtypes, flags);
+# IGPT_LN_MLP_AUTOTUNE=0, or setting this to False, runs the first config of each list
+# instead (quick compiles for the GPU tests; slower kernels).
+AUTOTUNE = os.environ.get("IGPT_LN_MLP_AUTOTUNE", "1") != "0"
 
 if HAS_TRITON:
     # Keys bucket the token count so a growing T (sampling) does not retune every call.
     _gemm = _configs(_GEMM_SWEEP, (32, 64, 32))
+    _wgrad_configs = _configs(_WGRAD_SWEEP, (32, 32, 32))
     _ln_fc_tuned = triton.autotune(_gemm, key=["N", "K", "t_bucket"])(_ln_fc_kernel)
     _mm_tuned = triton.autotune(_gemm, key=["N", "K", "t_bucket", "DACT", "HAS_RESID"])(_mm_kernel)
-    _wgrad_tuned = triton.autotune(
-        _configs(_WGRAD_SWEEP, (32, 32, 32)), key=["M", "N", "tokens_per_split"]
-    )(_wgrad_kernel)
+    _wgrad_tuned = triton.autotune(_wgrad_configs, key=["M", "N", "tokens_per_split"])(
+        _wgrad_kernel
+    )
+
+
+def _launch(tuned, grid, *args, **kwargs):
+    """Launch an autotuned kernel, or (AUTOTUNE off) its plain kernel with its first config."""
+    if AUTOTUNE:
+        tuned[grid](*args, **kwargs)
+        return
+    config = tuned.configs[0]
+    tuned.fn[grid(config.kwargs)](
+        *args,
+        **kwargs,
+        **config.kwargs,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
 def _precision(dtype) -> str | None:
@@ -510,7 +536,9 @@ def _ln_fc_fwd(x2, mean, rstd, nw, nb, w, b, act, store_z):
     N = w.shape[0]
     z = torch.empty(T, N, device=x2.device, dtype=w.dtype) if store_z else None
     a = torch.empty(T, N, device=x2.device, dtype=w.dtype) if act is not None else None
-    _ln_fc_tuned[_grid2d(T, N)](
+    _launch(
+        _ln_fc_tuned,
+        _grid2d(T, N),
         x2,
         mean if mean is not None else rstd,
         rstd,
@@ -546,7 +574,9 @@ def _matmul(a, b, *, bias=None, resid=None, z=None, act=None, out_dtype=None):
     c = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
     aout = torch.empty_like(z) if act is not None else None
     dummy = c
-    _mm_tuned[_grid2d(M, N)](
+    _launch(
+        _mm_tuned,
+        _grid2d(M, N),
         a,
         b,
         c,
@@ -599,7 +629,9 @@ def _wgrad(g, v, *, norm_args=None, bias_grad=True):
         triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),
         splits,
     )
-    _wgrad_tuned[grid](
+    _launch(
+        _wgrad_tuned,
+        grid,
         g,
         v,
         mean if mean is not None else dummy,

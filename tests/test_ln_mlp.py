@@ -86,6 +86,16 @@ def test_bad_input_raises(fn, change, exc, words):
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (4e-3, 1e-2)}  # (atol per max|ref|, rtol)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ln_mlp_module = importlib.import_module("igpt_kernels.ln_mlp")  # the package exports the function
+
+
+@pytest.fixture(autouse=True)
+def _default_configs_on_gpu(monkeypatch):
+    """On a GPU each kernel runs its first config: autotuning would compile and time every
+    candidate for every shape, dtype and flag set. test_cuda_every_config_is_correct checks
+    the other candidates; the interpreter has a single config anyway."""
+    if DEVICE == "cuda":
+        monkeypatch.setattr(ln_mlp_module, "AUTOTUNE", False)
 
 
 @pytest.fixture
@@ -191,6 +201,20 @@ def test_odd_hidden_size_and_strided_weights(poisoned):
     _assert_matches(_cpu(out), ref, torch.float32)
 
 
+def test_autotune_off_runs_the_first_config(monkeypatch):
+    """AUTOTUNE=False launches the plain kernels with each list's first config: the same
+    results, bit for bit, as the autotuner picking that config (the interpreter's only one)."""
+    x = torch.randn(7, 32, device=DEVICE)
+    w = {k: None if v is None else v.to(DEVICE, torch.float32) for k, v in _weights(32, 96).items()}
+    dy = torch.randn(7, 32, device=DEVICE)
+    runs = []
+    for autotune in (DEVICE == "cpu", False):
+        monkeypatch.setattr(ln_mlp_module, "AUTOTUNE", autotune)
+        runs.append(_grads(ln_mlp, x, w, dy, backend="triton"))
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
 def test_empty_input_gives_empty_output():
     w = {k: None if v is None else v.to(DEVICE, torch.float32) for k, v in _weights(32, 64).items()}
     y = ln_mlp(torch.randn(0, 5, 32, device=DEVICE), **w, backend="triton")
@@ -200,10 +224,9 @@ def test_empty_input_gives_empty_output():
 def test_split_token_reduction_is_deterministic(monkeypatch, poisoned):
     """Weight gradients reduced over several token splits, the norm backward over several
     row tiles per program: right, and bitwise repeatable."""
-    module = importlib.import_module("igpt_kernels.ln_mlp")  # the package exports the function
-    monkeypatch.setattr(module, "_MIN_TOKENS_PER_SPLIT", 32)
-    monkeypatch.setattr(module, "_SPLIT_ALIGN", 32)
-    monkeypatch.setattr(module, "_NORM_BWD_TILE", 64)  # 2 rows of d = 32 per step
+    monkeypatch.setattr(ln_mlp_module, "_MIN_TOKENS_PER_SPLIT", 32)
+    monkeypatch.setattr(ln_mlp_module, "_SPLIT_ALIGN", 32)
+    monkeypatch.setattr(ln_mlp_module, "_NORM_BWD_TILE", 64)  # 2 rows of d = 32 per step
     x = torch.randn(130, 32, dtype=torch.float64)
     w = _weights(32, 128, norm="layer")
     dy = torch.randn(130, 32, dtype=torch.float64)
@@ -236,8 +259,7 @@ def test_inference_only_forward(poisoned):
 def test_autocast_mixes_float32_norm_with_half_gemms(monkeypatch, residual):
     """CUDA autocast (simulated: the interpreter has no CUDA): fp32 x, norm and residual,
     fp16 GEMMs; y and every gradient in eager autocast's dtypes, close to float64."""
-    module = importlib.import_module("igpt_kernels.ln_mlp")
-    monkeypatch.setattr(module, "_autocast_dtype", lambda x: torch.float16)
+    monkeypatch.setattr(ln_mlp_module, "_autocast_dtype", lambda x: torch.float16)
     x = torch.randn(2, 7, 48, dtype=torch.float64)
     w = _weights(48, 192, norm="layer")
     dy = torch.randn(2, 7, 48, dtype=torch.float64)
@@ -402,6 +424,17 @@ def test_cuda_bf16_error_at_most_twice_eager(d, variant):
 def test_cuda_small_shapes_error_at_most_twice_eager(dtype):
     for name, (ours, eager) in _eager_and_ours_errors(130, 96, "layer", "gelu", dtype).items():
         assert ours <= 2 * eager + 1e-5, (name, ours, eager)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index", [1, 2])
+def test_cuda_every_config_is_correct(index, monkeypatch):
+    """Each autotune candidate past the default (index 0, which every other GPU test runs)
+    in turn, at a size that is no multiple of any block."""
+    for tuned in (ln_mlp_module._ln_fc_tuned, ln_mlp_module._mm_tuned, ln_mlp_module._wgrad_tuned):
+        chosen = tuned.configs[min(index, len(tuned.configs) - 1)]
+        monkeypatch.setattr(tuned, "configs", [chosen])
+    _compare((300, 96), "layer", "gelu", True, True, torch.float16)
 
 
 @pytest.mark.cuda
