@@ -467,12 +467,16 @@ def test_cli_smoke(tmp_path, capsys):
         [sys.executable, "-m", "igpt", *args], capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["step"] == 2
+    first = json.loads(res.stdout)
+    assert first["step"] == 2 and math.isfinite(first["val_loss"])
     assert len(_losses(out)) == 2 and (out / "ckpt_00000002.pt").is_file()
     assert json.loads((out / "config.json").read_text())["model"]["n_colors"] == 8
     main(args + ["--resume"])  # already finished: resumes at the end and trains nothing
-    assert json.loads(capsys.readouterr().out)["step"] == 2
-    assert len(_losses(out)) == 2
+    again = json.loads(capsys.readouterr().out)
+    assert again["step"] == 2 and len(_losses(out)) == 2
+    # and still reports the run's final numbers (summary.json is not emptied either)
+    assert again["loss"] == first["loss"] and again["val_loss"] == first["val_loss"]
+    assert json.loads((out / "summary.json").read_text())["val_loss"] == first["val_loss"]
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -656,7 +656,12 @@ class Trainer:
             disable=not (self.is_main and cfg.progress),
             dynamic_ncols=True,
         )
-        window, t_last, last = [], time.perf_counter(), {}
+        window, t_last = [], time.perf_counter()
+        # the rows logged up to the step we start from: a run resumed when already finished
+        # still reports its final loss and validation loss (lr_search compares them)
+        last = {}
+        for row in self._read_metrics():
+            last.update(row)
         tokens_per_step = cfg.batch_size * cfg.n_px * cfg.n_px
         while self.step < cfg.steps:
             stats = self.train_step(self.step)
@@ -709,6 +714,14 @@ class Trainer:
                 row["val_loss"],
                 row["val_bpd"],
             )
+
+    def _read_metrics(self) -> list[dict]:
+        rows = []
+        if self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    rows.append(json.loads(line))
+        return rows
 
     def _truncate_metrics(self) -> None:
         """Drop log rows past the step we (re)start from: a killed run may have logged
@@ -820,11 +833,7 @@ class Trainer:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        rows = []
-        if self.metrics_path.is_file():
-            for line in self.metrics_path.read_text().splitlines():
-                with contextlib.suppress(ValueError):
-                    rows.append(json.loads(line))
+        rows = self._read_metrics()
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         fig, ax = plt.subplots(figsize=(6, 4))
