@@ -434,7 +434,7 @@ def test_cuda_every_config_is_correct(index, monkeypatch):
     for tuned in (ln_mlp_module._ln_fc_tuned, ln_mlp_module._mm_tuned, ln_mlp_module._wgrad_tuned):
         chosen = tuned.configs[min(index, len(tuned.configs) - 1)]
         monkeypatch.setattr(tuned, "configs", [chosen])
-    _compare((300, 96), "layer", "gelu", True, True, torch.float16)
+    _compare((300, 96), "layer", "gelu", True, True, torch.float16, backend="triton")
 
 
 @pytest.mark.cuda
