@@ -933,6 +933,12 @@ def _for_gemm(dtype, *tensors):
     return tensors if dtype is None else tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
+def _unit_stride(tensors):
+    """The 1-D weights and biases as contiguous tensors (the kernels read them as ``P + i``);
+    differentiable, and free when they already are. 2-D weights keep their strides."""
+    return tuple(t.contiguous() if t is not None and t.dim() == 1 else t for t in tensors)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -991,7 +997,7 @@ def ln_mlp(
             residual=residual,
         )
     gemm = _for_gemm(_autocast_dtype(x), fc_weight, fc_bias, proj_weight, proj_bias)
-    params = (norm_weight, norm_bias, *gemm)
+    params = _unit_stride((norm_weight, norm_bias, *gemm))
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
     y = _LnMlp.apply(
         x2,
@@ -1025,6 +1031,6 @@ def ln_linear(x, norm_weight, norm_bias, weight, bias, *, norm="rms", eps=1e-5, 
     if name == "torch" or x.numel() == 0:
         return reference.ln_linear(x, norm_weight, norm_bias, weight, bias, norm=norm, eps=eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
-    params = (norm_weight, norm_bias, *_for_gemm(_autocast_dtype(x), weight, bias))
+    params = _unit_stride((norm_weight, norm_bias, *_for_gemm(_autocast_dtype(x), weight, bias)))
     y = _LnLinear.apply(x2, *params, norm, float(eps), _needs_grad(x, *params))
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -215,6 +215,28 @@ def test_autotune_off_runs_the_first_config(monkeypatch):
         assert torch.equal(runs[0][name], runs[1][name]), name
 
 
+def test_strided_vector_weights():
+    """Norm weight/bias and biases as stride-2 views with NaN in the gaps: read by stride."""
+    x = torch.randn(7, 40, dtype=torch.float64)
+    w = _weights(40, 100, norm="layer")
+    dy = torch.randn(7, 40, dtype=torch.float64)
+    ref = _grads(ln_mlp, x, w, dy, norm="layer", backend="torch")
+    bases = {
+        k: torch.stack([v, torch.full_like(v, float("nan"))], 1).to(DEVICE, torch.float32)
+        for k, v in w.items()
+        if v.dim() == 1
+    }
+    leaves = {k: b.requires_grad_() for k, b in bases.items()}
+    args = {
+        k: leaves[k][:, 0] if k in leaves else v.to(DEVICE, torch.float32) for k, v in w.items()
+    }
+    assert not args["fc_bias"].is_contiguous()
+    y = ln_mlp(x.to(DEVICE, torch.float32), **args, norm="layer", backend="triton")
+    y.backward(dy.to(DEVICE, torch.float32))
+    got = {"y": y.detach(), **{k: b.grad[:, 0] for k, b in leaves.items()}}
+    _assert_matches(_cpu(got), {k: ref[k] for k in got}, torch.float32)
+
+
 def test_empty_input_gives_empty_output():
     w = {k: None if v is None else v.to(DEVICE, torch.float32) for k, v in _weights(32, 64).items()}
     y = ln_mlp(torch.randn(0, 5, 32, device=DEVICE), **w, backend="triton")
