@@ -627,7 +627,16 @@ class Trainer:
         bs = max(1, self.micro)
         n_batches = math.ceil(V / (bs * self.world))
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for b in range(n_batches):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            range(n_batches),
+            desc="validation",
+            unit="batch",
+            leave=False,
+            disable=not (self.is_main and cfg.progress),
+        )
+        for b in bar:
             lo = (b * self.world + self.rank) * bs
             idx = torch.arange(lo, min(lo + bs, V))
             weight = 1.0
