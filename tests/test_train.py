@@ -246,6 +246,11 @@ def test_config_names_the_bad_field(tmp_path, field, value):
         _cfg(tmp_path, **{field: value})
 
 
+def test_palette_file_and_n_colors_must_agree(tmp_path, palette_file):
+    with pytest.raises(ValueError, match="has 16 colours but n_colors is 8"):
+        Trainer(_cfg(tmp_path, palette=palette_file, n_colors=8))
+
+
 def test_resume_refuses_other_settings(tmp_path, palette_file):
     pretrain(_cfg(tmp_path, steps=3, palette=palette_file))
     with pytest.raises(ValueError, match="batch_size"):

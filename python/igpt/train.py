@@ -420,7 +420,13 @@ class Trainer:
         if palette is not None:
             return palette
         if self.cfg.palette is not None:
-            return Palette.load(self.cfg.palette)
+            loaded = Palette.load(self.cfg.palette)
+            if self.cfg.n_colors is not None and len(loaded) != self.cfg.n_colors:
+                raise ValueError(
+                    f"palette {self.cfg.palette} has {len(loaded)} colours but n_colors is "
+                    f"{self.cfg.n_colors}; drop --n-colors or pass a matching palette"
+                )
+            return loaded
         # No checkpoint yet, so this run starts at step 0: fit afresh (deterministic for the
         # seed) rather than trust a palette.npy left by an earlier run in this directory,
         # which may have had other data or another n_colors. palette.npy only carries the
