@@ -25,7 +25,7 @@ echo "installed after $(( $(date +%s) - t0 )) s"
 
 echo "== cuda tests"
 # Default kernel configs only: autotuning every config would spend the budget compiling.
-IGPT_ATTENTION_AUTOTUNE=0 timeout $(( $(left) < 240 ? $(left) : 240 )) \
+IGPT_ATTENTION_AUTOTUNE=0 IGPT_LN_MLP_AUTOTUNE=0 timeout $(( $(left) < 240 ? $(left) : 240 )) \
   python -m pytest -q -m cuda tests --junitxml="$OUT/results/cuda-tests.xml"
 echo "cuda tests rc=$?"
 
