@@ -265,8 +265,8 @@ def _report(m: dict) -> str:
     lines = [
         f"# igpt demo on `{m['data']}`",
         "",
-        f"A {m['model']} ({m['params'] / 1e6:.2f}M parameters) pretrained with the AR objective "
-        f"for {m['pretrain']['step']} steps on {m['n_px']}x{m['n_px']} images quantized to "
+        f"Model {m['model']} ({m['params'] / 1e6:.2f}M parameters), pretrained with the AR "
+        f"objective for {m['pretrain']['step']} steps on {m['n_px']}x{m['n_px']} images quantized to "
         f"{m['n_colors']} colours ({m['n_train']} training images, {m['n_test']} test "
         f"images; device {m['device']}; {m['wall_s']['total']:.0f} s in all).",
         "",
