@@ -87,8 +87,8 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
     dtype. Scores and softmax are computed in float32 (float64 for float64 inputs). Without
     key padding this is PyTorch's ``scaled_dot_product_attention`` (an explicit bottom-right
     mask when Nq < Nk); with padding, the explicit softmax below, where a query that sees no
-    key gets a zero output and zero gradients, as the flash kernel does. ``backend`` is accepted for signature parity and must be "auto" or
-    "torch".
+    key gets a zero output and zero gradients, as the flash kernel does. ``backend`` is
+    accepted for signature parity and must be "auto" or "torch".
     """
     check_attention(q, k, v, causal, key_padding_mask, sm_scale)
     if backend not in ("auto", "torch"):

@@ -266,8 +266,8 @@ def _report(m: dict) -> str:
         f"# igpt demo on `{m['data']}`",
         "",
         f"Model {m['model']} ({m['params'] / 1e6:.2f}M parameters), pretrained with the AR "
-        f"objective for {m['pretrain']['step']} steps on {m['n_px']}x{m['n_px']} images quantized to "
-        f"{m['n_colors']} colours ({m['n_train']} training images, {m['n_test']} test "
+        f"objective for {m['pretrain']['step']} steps on {m['n_px']}x{m['n_px']} images "
+        f"quantized to {m['n_colors']} colours ({m['n_train']} training images, {m['n_test']} test "
         f"images; device {m['device']}; {m['wall_s']['total']:.0f} s in all).",
         "",
         f"Final validation loss: {m['pretrain']['val_loss']:.3f} nats/token "
