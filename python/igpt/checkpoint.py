@@ -13,13 +13,12 @@ Layout of the dict: ``model`` (state dict), ``config`` (IGPTConfig fields), ``st
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from igpt._io import atomic_write
 from igpt.config import IGPTConfig
 from igpt.model import IGPT
 
@@ -42,18 +41,7 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 def atomic_torch_save(obj, path) -> None:
     """torch.save to ``path`` through a temporary file and a rename (all or nothing)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path, model: IGPT, *, step: int = 0, palette=None, **extra) -> Path:

@@ -34,12 +34,13 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from igpt._io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -579,30 +580,17 @@ def cached_tokens(
     tokens = tokenize(data.images, palette, n_px)
     folder.mkdir(parents=True, exist_ok=True)
     arr = tokens.numpy().astype(np.uint16)
-    _atomic_write_bytes(folder / "tokens.u16", arr.tobytes())
+    atomic_write_bytes(folder / "tokens.u16", arr.tobytes())
     if data.labels is not None:
         buf = io.BytesIO()
         np.save(buf, data.labels)
-        _atomic_write_bytes(folder / "labels.npy", buf.getvalue())
+        atomic_write_bytes(folder / "labels.npy", buf.getvalue())
     meta = {
         "shape": list(arr.shape),
         "has_labels": data.labels is not None,
         "key": json.loads(key_src),
     }
-    _atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())  # written last
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())  # written last
     log.info("token cache: wrote %s (%d x %d)", folder, *arr.shape)
     mm = np.memmap(folder / "tokens.u16", np.uint16, "r", shape=arr.shape)
     return mm, data.labels
-
-
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -110,16 +110,12 @@ class Palette:
         palette behind (a run directory's ``palette.npy`` is reused when present). As with
         ``np.save``, ``.npy`` is appended to a path without it.
         """
-        import io
-
-        from igpt.data import _atomic_write_bytes
+        from igpt._io import atomic_write
 
         path = Path(path)
         if path.suffix != ".npy":
             path = path.with_name(path.name + ".npy")
-        buf = io.BytesIO()
-        np.save(buf, self.centroids.numpy())
-        _atomic_write_bytes(path, buf.getvalue())
+        atomic_write(path, lambda f: np.save(f, self.centroids.numpy()))
 
     @classmethod
     def load(cls, path) -> Palette:

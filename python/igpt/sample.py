@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from igpt._io import atomic_write
 from igpt.cli import add_common_arguments
 from igpt.model import IGPT
 
@@ -259,19 +258,6 @@ def sample_grid(
     return _tile(cells, scale, pad)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) then rename onto ``path``: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_grid(
     path,
     originals,
@@ -293,10 +279,10 @@ def save_grid(
 
     picture = sample_grid(originals, completions, palette, n_prefix=n_prefix, scale=scale, pad=pad)
     path = Path(path)
-    _atomic_write(path, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
+    atomic_write(path, lambda f: Image.fromarray(picture).save(f, format="PNG"))
     if tokens_path is not None:
         ids = torch.as_tensor(completions).cpu().long().numpy()
-        _atomic_write(Path(tokens_path), lambda tmp: np.save(tmp, ids))
+        atomic_write(tokens_path, lambda f: np.save(f, ids))
     return path
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from igpt._io import atomic_write_text
 from igpt.checkpoint import (
     atomic_torch_save,
     checkpoint_path,
@@ -285,12 +286,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from igpt.data import _atomic_write_bytes
-
-    _atomic_write_bytes(path, text.encode())
 
 
 def _seed_of(*parts: int) -> int:
@@ -712,7 +707,7 @@ class Trainer:
             self.plot()
         summary = {"step": self.step, "skipped": self.skipped, "out": str(self.out), **last}
         if self.is_main:
-            _write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -751,7 +746,7 @@ class Trainer:
             except (ValueError, KeyError):
                 continue  # a half-written last line
         # atomic: a crash here must not lose the rows that are kept
-        _write_atomic(self.metrics_path, "".join(k + "\n" for k in keep))
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
     def _write_config(self) -> None:
         conf = {
@@ -764,7 +759,7 @@ class Trainer:
             "palette_colors": len(self.palette),
             "torch": torch.__version__,
         }
-        _write_atomic(self.out / "config.json", json.dumps(conf, indent=2))
+        atomic_write_text(self.out / "config.json", json.dumps(conf, indent=2))
         self.palette.save(self.out / "palette.npy")
 
     def _state_dicts(self) -> tuple[dict, dict]:
@@ -908,7 +903,7 @@ def lr_search(config: TrainConfig, lrs=LR_GRID, *, palette=None, data=None) -> d
     result = {"best_lr": best["lr"], "best_out": best["out"], "runs": runs}
     if _dist_env()[0] == 0:
         Path(config.out).mkdir(parents=True, exist_ok=True)
-        _write_atomic(Path(config.out) / "lr_search.json", json.dumps(result, indent=2))
+        atomic_write_text(Path(config.out) / "lr_search.json", json.dumps(result, indent=2))
     return result
 
 
