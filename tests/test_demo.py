@@ -3,8 +3,6 @@
 import json
 import math
 
-import torch
-
 from igpt.cli import main
 
 
@@ -12,8 +10,7 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_demo_writes_every_artefact_with_finite_numbers(tmp_path, capsys):
-    torch.set_num_threads(1)  # L-BFGS and small GEMMs: threads only contend on 2 cores
+def test_demo_writes_every_artefact_with_finite_numbers(tmp_path, capsys, one_thread):
     out = tmp_path / "demo"
     main(
         [

@@ -8,19 +8,7 @@ import torch
 
 from igpt import IGPT, IGPTConfig, probe
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models and small probes spend their time in thread hand-offs (torch's and BLAS's);
-    one thread is many times faster on a busy 2-core machine."""
-    import sklearn.linear_model  # noqa: F401  (load BLAS first: limits reach loaded libraries)
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(n_layer=3, **kw):

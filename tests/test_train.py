@@ -35,17 +35,13 @@ TINY = {"n_layer": 2, "n_embd": 64, "n_head": 2}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _module_setup(tmp_path_factory):
+def _module_setup(tmp_path_factory, one_thread):
     """One token cache for the module (the digits are tokenized once, not per test), and one
-    CPU thread: these models are tiny, and on a busy machine OpenMP threads that spin-wait
-    for each other make every step ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    CPU thread (see conftest's ``one_thread``), in the subprocesses too."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IGPT_CACHE", str(tmp_path_factory.mktemp("token_cache")))
         mp.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses
         yield
-    torch.set_num_threads(threads)
 
 
 def _cfg(tmp_path, name="run", **kw):
