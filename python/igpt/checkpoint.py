@@ -77,6 +77,15 @@ def load_checkpoint(path_or_dir, map_location="cpu") -> dict:
     return torch.load(resolve_checkpoint(path_or_dir), map_location=map_location, weights_only=True)
 
 
+def objective_of(ckpt: dict, default: str = "ar") -> str:
+    """The generative objective ("ar" or "bert") a checkpoint's model was trained with.
+
+    Pre-training checkpoints record it as ``objective``; fine-tuning ones under
+    ``finetune``. Older checkpoints without either are taken as ``default``.
+    """
+    return ckpt.get("objective") or ckpt.get("finetune", {}).get("objective") or default
+
+
 def load_model(path_or_dir, device=None):
     """Rebuild the model of a checkpoint: returns ``(model, palette_or_None, checkpoint)``.
 

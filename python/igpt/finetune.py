@@ -533,7 +533,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> None:
     """``igpt finetune``: fine-tune a checkpoint on a labelled dataset, report test accuracy."""
-    from igpt.checkpoint import load_model, resolve_checkpoint
+    from igpt.checkpoint import load_model, objective_of, resolve_checkpoint
     from igpt.data import load_images, pad_crop_flip, parse_spec, tokenize
 
     source = args.checkpoint
@@ -546,9 +546,7 @@ def run(args) -> None:
     model, palette, ckpt = load_model(path, device=device)
     if palette is None:
         raise SystemExit(f"{path} holds no palette, so images cannot be tokenised")
-    objective = (
-        args.objective or ckpt.get("objective") or ckpt.get("finetune", {}).get("objective") or "ar"
-    )
+    objective = args.objective or objective_of(ckpt)
     splits = {}
     for split in ("train", "test"):
         data = load_images(args.data, split)

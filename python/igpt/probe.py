@@ -981,7 +981,7 @@ def _load_split(spec: str, split: str, limit: int | None):
 
 def run(args) -> None:
     """``igpt probe``: probe every layer of a checkpoint on a labelled dataset."""
-    from igpt.checkpoint import load_model, resolve_checkpoint
+    from igpt.checkpoint import load_model, objective_of, resolve_checkpoint
     from igpt.data import resize, tokenize
 
     if args.checkpoint is None:
@@ -991,9 +991,7 @@ def run(args) -> None:
     model, palette, ckpt = load_model(path, device=device)
     if palette is None:
         raise SystemExit(f"{path} holds no palette, so images cannot be tokenised")
-    objective = (
-        args.objective or ckpt.get("objective") or ckpt.get("finetune", {}).get("objective") or "ar"
-    )
+    objective = args.objective or objective_of(ckpt)
     n_px, L = model.config.n_px, model.config.n_layer
     layers = _resolve_layers(_int_list(" ".join(args.layers)), L) if args.layers else None
     per_class = [] if args.per_class == ["none"] else _int_list(" ".join(args.per_class))

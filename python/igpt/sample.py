@@ -44,10 +44,10 @@ def load_for_sampling(checkpoint, device=None):
     (``ckpt["objective"] == "bert"``): a BERT model predicts masked tokens from both sides
     and has no left-to-right distribution to sample images from.
     """
-    from igpt.checkpoint import load_model, resolve_checkpoint
+    from igpt.checkpoint import load_model, objective_of, resolve_checkpoint
 
     model, palette, ckpt = load_model(checkpoint, device=device)
-    objective = ckpt.get("objective") or ckpt.get("finetune", {}).get("objective", "ar")
+    objective = objective_of(ckpt)
     if objective == "bert":
         raise ValueError(
             f"checkpoint {resolve_checkpoint(checkpoint)} was trained with the BERT objective, "
