@@ -123,21 +123,47 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
 # --------------------------------------------------------------------------------------
 
 
-def check_ln_mlp(
-    x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, norm, eps, activation
-) -> None:
-    """Validate the arguments of ``ln_mlp``; raise TypeError/ValueError naming the culprit."""
+def _check_norm_input(x, norm, eps) -> None:
+    """The checks ln_mlp and ln_linear share: x (..., d) float, a known norm, eps > 0."""
     check_tensor("x", x, dtypes=FLOATS)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be (..., d) with d >= 1, got shape {tuple(x.shape)}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+
+def _check_weights(x, given: dict, expect: dict, dims: str, norm, norm_bias) -> None:
+    """Each weight in ``given`` (None = absent, allowed for optional ones) has x's dtype and
+    device and the shape in ``expect``; RMS norms take no bias. ``dims`` names the sizes in
+    the error message."""
+    for name, t in given.items():
+        if t is None:
+            continue
+        check_tensor(name, t, dtypes=(x.dtype,), device=x.device)
+        if tuple(t.shape) != expect[name]:
+            raise ValueError(
+                f"{name} must have shape {expect[name]} (nn.Linear layout, {dims}), "
+                f"got {tuple(t.shape)}"
+            )
+    if norm == "rms" and norm_bias is not None:
+        raise ValueError(
+            "norm_bias must be None for norm='rms' (RMS norm has no bias); "
+            "use norm='layer' for a biased LayerNorm"
+        )
+
+
+def check_ln_mlp(
+    x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, norm, eps, activation
+) -> None:
+    """Validate the arguments of ``ln_mlp``; raise TypeError/ValueError naming the culprit."""
+    _check_norm_input(x, norm, eps)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     d = x.shape[-1]
     check_tensor("fc_weight", fc_weight, dims=2, dtypes=(x.dtype,), device=x.device)
+    check_tensor("proj_weight", proj_weight, dims=2, dtypes=(x.dtype,), device=x.device)
     h = fc_weight.shape[0]
     expect = {
         "norm_weight": (d,),
@@ -155,20 +181,7 @@ def check_ln_mlp(
         "proj_weight": proj_weight,
         "proj_bias": proj_bias,
     }
-    for name, t in given.items():
-        if t is None and name not in ("fc_weight", "proj_weight"):
-            continue
-        check_tensor(name, t, dtypes=(x.dtype,), device=x.device)
-        if tuple(t.shape) != expect[name]:
-            raise ValueError(
-                f"{name} must have shape {expect[name]} (nn.Linear layout, "
-                f"d={d}, h={h}), got {tuple(t.shape)}"
-            )
-    if norm == "rms" and norm_bias is not None:
-        raise ValueError(
-            "norm_bias must be None for norm='rms' (RMS norm has no bias); "
-            "use norm='layer' for a biased LayerNorm"
-        )
+    _check_weights(x, given, expect, f"d={d}, h={h}", norm, norm_bias)
 
 
 def normalize(x, weight, bias, norm, eps):
@@ -303,32 +316,13 @@ def dequantize(tokens, palette):
 
 def check_ln_linear(x, norm_weight, norm_bias, weight, bias, norm, eps) -> None:
     """Validate the arguments of ``ln_linear``; raise TypeError/ValueError naming the culprit."""
-    check_tensor("x", x, dtypes=FLOATS)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must be (..., d) with d >= 1, got shape {tuple(x.shape)}")
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    _check_norm_input(x, norm, eps)
     d = x.shape[-1]
     check_tensor("weight", weight, dims=2, dtypes=(x.dtype,), device=x.device)
     n = weight.shape[0]
     expect = {"norm_weight": (d,), "norm_bias": (d,), "weight": (n, d), "bias": (n,)}
     given = {"norm_weight": norm_weight, "norm_bias": norm_bias, "weight": weight, "bias": bias}
-    for name, t in given.items():
-        if t is None:
-            continue
-        check_tensor(name, t, dtypes=(x.dtype,), device=x.device)
-        if tuple(t.shape) != expect[name]:
-            raise ValueError(
-                f"{name} must have shape {expect[name]} (nn.Linear layout, d={d}, n={n}), "
-                f"got {tuple(t.shape)}"
-            )
-    if norm == "rms" and norm_bias is not None:
-        raise ValueError(
-            "norm_bias must be None for norm='rms' (RMS norm has no bias); "
-            "use norm='layer' for a biased LayerNorm"
-        )
+    _check_weights(x, given, expect, f"d={d}, n={n}", norm, norm_bias)
 
 
 def ln_linear(x, norm_weight, norm_bias, weight, bias, *, norm="rms", eps=1e-5, backend="auto"):
