@@ -506,3 +506,27 @@ def test_cuda_bf16_training_with_checkpointing(tmp_path, palette_file):
     (Path(cfg.out) / "ckpt_00000020.pt").unlink()
     pretrain(cfg, resume=True)
     torch.testing.assert_close(_losses(cfg.out), losses, rtol=1e-3, atol=1e-3)
+
+
+def test_init_from_starts_at_the_checkpoints_weights_and_palette(tmp_path, palette_file):
+    first = _cfg(tmp_path, "first", palette=palette_file, steps=2, ckpt_every=2)
+    pretrain(first)
+    trained, trained_palette, _ = load_model(first.out)
+    # another model name and no n_px: the architecture and image size come with the weights
+    second = _cfg(
+        tmp_path, "second", model="igpt-s", n_px=None, steps=1, lr=1e-12, init_from=first.out
+    )
+    assert second.n_px == trained.config.n_px
+    trainer = Trainer(second)
+    try:
+        assert trainer.raw_model.config == trained.config
+        assert torch.equal(trainer.palette.centroids, trained_palette.centroids)
+        for a, b in zip(
+            trainer.raw_model.state_dict().values(), trained.state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b)
+        assert trainer.step == 0  # weights only: the optimizer and schedule start afresh
+    finally:
+        trainer.close()
+    with pytest.raises(ValueError, match="init_from .* n_px=8"):
+        Trainer(_cfg(tmp_path, "third", n_px=16, init_from=first.out))

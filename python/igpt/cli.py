@@ -22,8 +22,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *names: str) -> None:
-    """Add the flags shared across commands (DESIGN.md), by name, with one meaning each."""
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *names: str, helps: dict | None = None
+) -> None:
+    """Add the flags shared across commands (DESIGN.md), by name, with one meaning each.
+
+    ``helps`` replaces the help text of some of them (name -> text) where a command gives
+    the flag a more specific role."""
     specs = {
         "model": (
             ("--model",),
@@ -71,6 +76,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *names: str) -> None:
     }
     for name in names:
         flags, kwargs = specs[name]
+        if helps and name in helps:
+            kwargs = {**kwargs, "help": helps[name]}
         parser.add_argument(*flags, **kwargs)
 
 

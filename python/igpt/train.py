@@ -45,6 +45,7 @@ from igpt.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    resolve_checkpoint,
 )
 from igpt.config import IGPTConfig
 from igpt.model import IGPT
@@ -123,7 +124,10 @@ class TrainConfig:
     must divide by ``world_size * grad_accum``. ``warmup_steps=None`` warms up for one epoch
     (the paper's choice), at most 10% of ``steps``. ``n_colors=None`` fits 16 colours for the
     bundled grey digits and 512 otherwise; ``palette`` (a .npy written by
-    ``Palette.save``) skips the fit.
+    ``Palette.save``) skips the fit. ``init_from`` (a checkpoint file or run directory, e.g. a
+    model converted from transformers' ImageGPT and saved with ``save_checkpoint``) starts
+    from its weights, architecture, image size and palette instead of a fresh model; the
+    optimizer and schedule start afresh.
     """
 
     model: str = "igpt-tiny"
@@ -158,6 +162,7 @@ class TrainConfig:
     cache_dir: str | None = None
     progress: bool = True
     model_overrides: dict = field(default_factory=dict)
+    init_from: str | None = None
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -189,6 +194,8 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.n_px is None and self.init_from is not None:
+            self.n_px = _init_config(self.init_from).n_px
         if self.n_px is None:
             self.n_px = 16 if self.data == "digits" else 32
 
@@ -201,6 +208,12 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _init_config(init_from) -> IGPTConfig:
+    """The model config of the checkpoint a run starts from (read without its tensors)."""
+    path = resolve_checkpoint(init_from)
+    return IGPTConfig.from_dict(torch.load(path, mmap=True, weights_only=True)["config"])
 
 
 def lr_lambda_factory(steps: int, warmup: int):
@@ -344,14 +357,30 @@ class Trainer:
         if ckpt is not None:
             self._check_resumable(ckpt)
 
-        self.palette = self._get_palette(palette, ckpt, data)
+        init = None
+        if ckpt is None and cfg.init_from is not None:
+            init = load_checkpoint(cfg.init_from)
+        self.palette = self._get_palette(palette, ckpt if ckpt is not None else init, data)
         self._load_tokens(data)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        mcfg = IGPTConfig.from_name(
-            cfg.model, n_px=cfg.n_px, n_colors=len(self.palette), **cfg.model_overrides
-        )
-        self.raw_model = IGPT(mcfg).to(self.device)
+        if cfg.init_from is not None:
+            mcfg = _init_config(cfg.init_from)  # the architecture comes with the weights
+            if (mcfg.n_px, mcfg.n_colors) != (cfg.n_px, len(self.palette)):
+                raise ValueError(
+                    f"init_from {cfg.init_from} holds a model for n_px={mcfg.n_px} and "
+                    f"{mcfg.n_colors} colours, but this run has n_px={cfg.n_px} and a "
+                    f"{len(self.palette)}-colour palette; drop --n-px/--palette or match them"
+                )
+        else:
+            mcfg = IGPTConfig.from_name(
+                cfg.model, n_px=cfg.n_px, n_colors=len(self.palette), **cfg.model_overrides
+            )
+        self.raw_model = IGPT(mcfg)
+        if init is not None:
+            self.raw_model.load_state_dict(init["model"])
+            log.info("starting from the weights of %s", resolve_checkpoint(cfg.init_from))
+        self.raw_model.to(self.device)
         self.raw_model.set_checkpointing(cfg.checkpointing)
         self.model = self._wrap(self.raw_model)
         self.optimizer = torch.optim.Adam(
@@ -397,7 +426,7 @@ class Trainer:
 
     def _check_resumable(self, ckpt: dict) -> None:
         old = TrainConfig.from_dict(ckpt.get("train_config", {}))
-        fixed = ("model", "n_px", "data", "objective", "batch_size", "steps", "seed")
+        fixed = ("model", "n_px", "data", "objective", "batch_size", "steps", "seed", "init_from")
         diff = [f for f in fixed if getattr(old, f) != getattr(self.cfg, f)]
         if diff:
             desc = ", ".join(f"{f}: {getattr(old, f)!r} -> {getattr(self.cfg, f)!r}" for f in diff)
@@ -925,8 +954,13 @@ def add_arguments(parser) -> None:
         "lr",
         "out",
         "resume",
+        "checkpoint",
         "device",
         "seed",
+        helps={
+            "checkpoint": "start from this checkpoint's weights, architecture and palette (a "
+            "file or a run directory); the optimizer and schedule start afresh"
+        },
     )
     d = TrainConfig()
     a = parser.add_argument
@@ -990,6 +1024,7 @@ def config_from_args(args) -> TrainConfig:
         resume=args.resume,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
+        init_from=args.checkpoint,
     )
 
 
