@@ -81,6 +81,26 @@ def add_common_arguments(
         parser.add_argument(*flags, **kwargs)
 
 
+def pick_device(name: str | None):
+    """``--device``: None means cuda when a GPU is visible, else cpu. Exits with a message
+    that says what to do when the device named does not exist here."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"--device {name!r} is not a device name ({e}); use cpu or cuda") from e
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise SystemExit(f"--device {name!r} but no CUDA GPU is visible; use --device cpu")
+        if device.index is not None and device.index >= n:
+            raise SystemExit(f"--device {name!r} but only {n} CUDA GPU(s) are visible")
+    return device
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="igpt",
@@ -144,4 +164,10 @@ def main(argv=None) -> None:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    importlib.import_module(args._module).run(args)
+    try:
+        importlib.import_module(args._module).run(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        if args.verbose:
+            raise
+        # a user's mistake (a path, a flag's value): the message says what to do
+        raise SystemExit(f"igpt {args.command}: {e}  (-v shows the traceback)") from e

@@ -357,6 +357,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> None:
     """``igpt demo``: run everything, then print a one-screen summary."""
+    from igpt.cli import pick_device
+
     m = run_demo(
         args.out,
         data=args.data,
@@ -367,7 +369,7 @@ def run(args) -> None:
         lr=args.lr,
         per_class=args.per_class,
         limit=args.limit,
-        device=args.device,
+        device=str(pick_device(args.device)),
         seed=args.seed,
         progress=not args.no_progress,
     )

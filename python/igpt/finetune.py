@@ -542,7 +542,9 @@ def run(args) -> None:
             raise SystemExit("igpt finetune needs --checkpoint FILE_OR_RUN_DIR")
         source = args.out  # the run's own latest checkpoint holds the model
     path = resolve_checkpoint(source)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from igpt.cli import pick_device
+
+    device = pick_device(args.device)
     model, palette, ckpt = load_model(path, device=device)
     if palette is None:
         raise SystemExit(f"{path} holds no palette, so images cannot be tokenised")

@@ -348,6 +348,7 @@ def run(args) -> None:
     """``igpt fit-palette``: fit on a data set, write the palette .npy and a preview PNG."""
     import time
 
+    from igpt.cli import pick_device
     from igpt.data import load_images, resize
 
     images = load_images(args.data, split="train").images
@@ -356,7 +357,8 @@ def run(args) -> None:
     n, h, w = images.shape[:3]
     log.info("fitting %d colours on %s: %d images of %dx%d", args.k, args.data, n, h, w)
     start = time.perf_counter()
-    palette = fit_palette(images, k=args.k, sample=args.sample, seed=args.seed, device=args.device)
+    device = None if args.device is None else pick_device(args.device)
+    palette = fit_palette(images, k=args.k, sample=args.sample, seed=args.seed, device=device)
     log.info("fitted in %.1f s", time.perf_counter() - start)
     path = _output_path(args.out)
     palette.save(path)

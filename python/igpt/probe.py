@@ -987,7 +987,9 @@ def run(args) -> None:
     if args.checkpoint is None:
         raise SystemExit("igpt probe needs --checkpoint FILE_OR_RUN_DIR")
     path = resolve_checkpoint(args.checkpoint)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from igpt.cli import pick_device
+
+    device = pick_device(args.device)
     model, palette, ckpt = load_model(path, device=device)
     if palette is None:
         raise SystemExit(f"{path} holds no palette, so images cannot be tokenised")

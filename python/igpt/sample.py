@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from igpt._io import atomic_write
-from igpt.cli import add_common_arguments
+from igpt.cli import add_common_arguments, pick_device
 from igpt.model import IGPT
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ def run(args) -> None:
         raise SystemExit("igpt sample needs --checkpoint (a checkpoint file or run directory)")
     if args.n < 1:
         raise SystemExit(f"--n must be >= 1, got {args.n}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     try:
         model, palette, _ = load_for_sampling(args.checkpoint, device=device)
     except (ValueError, FileNotFoundError) as e:
