@@ -400,16 +400,30 @@ def _ddp_worker(rank, world, port, cfg_dict):
     pretrain(TrainConfig.from_dict(cfg_dict))
 
 
+def _spawn_two(cfg: TrainConfig) -> None:
+    """Run ``cfg`` on 2 gloo processes. The free port is found before the processes bind it,
+    so another program can take it in between: only then is it tried again, on a new port
+    (nothing is written before the process group exists)."""
+    import torch.multiprocessing as mp
+
+    for attempt in range(3):
+        try:
+            mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.to_dict()), nprocs=2, join=True)
+            return
+        except mp.ProcessRaisedException as e:
+            if "address already in use" not in str(e).lower() or attempt == 2:
+                raise
+
+
 def test_two_gloo_processes_match_one(tmp_path, palette_file):
     """BERT, the harder case: the loss is normalised by the masked count of the *global*
     batch, which neither process sees alone."""
-    import torch.multiprocessing as mp
 
     kw = dict(objective="bert", palette=palette_file, steps=3, ckpt_every=3, device="cpu")
     one = _cfg(tmp_path, "one", grad_accum=2, **kw)  # same global batch, 2 micro-steps
     pretrain(one)
     two = _cfg(tmp_path, "two", **kw)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), two.to_dict()), nprocs=2, join=True)
+    _spawn_two(two)
     a, b = _losses(one.out), _losses(two.out)
     assert len(a) == len(b) == 3
     np.testing.assert_allclose(a, b, rtol=1e-5)
@@ -426,20 +440,19 @@ def test_fsdp2_two_processes_match_one_and_resume(tmp_path, palette_file):
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
-    import torch.multiprocessing as mp
 
     kw = dict(palette=palette_file, steps=4, ckpt_every=2, device="cpu", keep_checkpoints=0)
     one = _cfg(tmp_path, "one", **kw)
     pretrain(one)
     two = _cfg(tmp_path, "two", fsdp=True, **kw)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), two.to_dict()), nprocs=2, join=True)
+    _spawn_two(two)
     full = _losses(two.out)
     np.testing.assert_allclose(_losses(one.out), full, rtol=1e-5)
     model, _, _ = load_model(two.out)  # a full state dict: evaluation loads it as usual
     assert model.config.n_layer == TINY["n_layer"]
     (Path(two.out) / "ckpt_00000004.pt").unlink()
     resumed = dataclasses.replace(two, resume=True)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), resumed.to_dict()), nprocs=2, join=True)
+    _spawn_two(resumed)
     assert _losses(two.out) == full
 
 
