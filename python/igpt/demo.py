@@ -163,13 +163,8 @@ def run_demo(
             )
             for name in models
         }
-        raw = linear_probe(
-            raw_pixel_features(train.images),
-            train.labels,
-            raw_pixel_features(test.images),
-            test.labels,
-            seed=seed,
-        )
+        pixels = (raw_pixel_features(train.images), raw_pixel_features(test.images))
+        raw = linear_probe(pixels[0], train.labels, pixels[1], test.labels, seed=seed)
 
     with _stage(f"low-data probe ({per_class} labels per class)", timings):
         low = {}
@@ -178,7 +173,7 @@ def run_demo(
             "random init": [
                 f[:, layers["random init"]["best_layer"]] for f in feats["random init"]
             ],
-            "raw pixels": [raw_pixel_features(train.images), raw_pixel_features(test.images)],
+            "raw pixels": pixels,
         }
         for name, (tr, te) in sets.items():
             res = low_data_probe(
