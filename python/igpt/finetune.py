@@ -74,23 +74,10 @@ class IGPTClassifier(nn.Module):
         for AR. ``generative=False`` skips the output head (and the blocks above ``layer``).
         """
         m = self.model
-        h = m.embed(tokens, bert_mask)  # (B, n, d)
-        causal = bert_mask is None
-        L = m.config.n_layer
-        pooled = None
-        for i, block in enumerate(m.transformer.h):
-            if i == self.layer:
-                pooled = block.ln_1(h).float().mean(dim=1)  # (B, d)
-                if not generative:
-                    break
-            h = block(h, causal)
-        gen_logits = None
-        if self.layer == L or generative:
-            n_L = m.transformer.ln_f(h)  # (B, n, d)
-            if self.layer == L:
-                pooled = n_L.float().mean(dim=1)
-            if generative:
-                gen_logits = m.lm_head(n_L)
+        run_all = generative or self.layer == m.config.n_layer
+        n_L, pooled = m.trunk(tokens, bert_mask, pool_layers=[self.layer], run_all=run_all)
+        gen_logits = m.lm_head(n_L) if generative else None
+        pooled = pooled[:, 0]  # (B, d)
         return gen_logits, self.head(pooled).float()
 
 

@@ -213,12 +213,37 @@ class IGPT(nn.Module):
             return checkpoint(block, h, causal, use_reentrant=False)
         return block(h, causal)
 
+    def trunk(self, tokens, bert_mask=None, *, pool_layers=(), run_all: bool = True):
+        """The one pass through the blocks that forward, features and classifiers share.
+
+        Returns ``(n_L, pooled)``: n_L = ln_f(h^L) (B, n, d), or None when ``run_all`` is
+        False; pooled (B, len(pool_layers), d) float32, or None without ``pool_layers``,
+        where layer l < L pools ln_1 of block l's input and l = L pools n_L (see
+        ``features``). With ``run_all=False`` the loop stops after the last pooled layer.
+        """
+        L = self.config.n_layer
+        want = sorted(set(pool_layers))
+        if want and not 0 <= want[0] <= want[-1] <= L:
+            raise ValueError(f"pool_layers must lie in [0, {L}], got {list(pool_layers)}")
+        stop = L if run_all or not want else want[-1]
+        h = self.embed(tokens, bert_mask)  # (B, n, d)
+        pooled = {}
+        for i, block in enumerate(self.transformer.h):
+            if i in want:
+                pooled[i] = block.ln_1(h).float().mean(dim=1)  # (B, d)
+            if i == stop:
+                break
+            h = self._run_block(i, block, h, bert_mask is None)
+        n_L = self.transformer.ln_f(h) if stop == L else None  # (B, n, d)
+        if L in want:
+            pooled[L] = n_L.float().mean(dim=1)
+        if not want:
+            return n_L, None
+        return n_L, torch.stack([pooled[l] for l in pool_layers], dim=1)  # (B, P, d)
+
     def hidden_states(self, tokens, bert_mask=None):
         """ln_f(h^L): the final normalised hidden states (B, n, d)."""
-        h = self.embed(tokens, bert_mask)
-        for i, block in enumerate(self.transformer.h):
-            h = self._run_block(i, block, h, bert_mask is None)
-        return self.transformer.ln_f(h)
+        return self.trunk(tokens, bert_mask)[0]
 
     def forward(self, tokens, bert_mask=None):
         """Logits (B, n, n_colors). tokens: int (B, n), n <= n_px^2; bert_mask: bool (B, n).
@@ -235,13 +260,7 @@ class IGPT(nn.Module):
         f^L = mean_i ln_f(h^L)_i, as in the paper's linear probes (sec. 2.3-2.4). The input
         is the same as ``forward``'s: [SOS] + tokens[:, :-1] for AR.
         """
-        h = self.embed(tokens, bert_mask)
-        feats = []
-        for block in self.transformer.h:
-            feats.append(block.ln_1(h).float().mean(dim=1))  # (B, d)
-            h = block(h, bert_mask is None)
-        feats.append(self.transformer.ln_f(h).float().mean(dim=1))
-        return torch.stack(feats, dim=1)  # (B, L + 1, d)
+        return self.trunk(tokens, bert_mask, pool_layers=range(self.config.n_layer + 1))[1]
 
     # ----------------------------------------------------------------------------------
     # sampling

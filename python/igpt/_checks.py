@@ -1,0 +1,53 @@
+"""Input checks shared by the model and the training layer: one place for each kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _describe(x) -> str:
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return f"{str(x.dtype).replace('torch.', '')} {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def check_tokens(
+    tokens,
+    name: str = "tokens",
+    *,
+    dims: tuple[int, ...] = (2,),
+    shape_hint: str = "(B, n)",
+    n_colors: int | None = None,
+) -> torch.Tensor:
+    """``tokens`` as an integer torch tensor, or a TypeError/ValueError naming ``name``.
+
+    Accepts torch tensors and numpy arrays of any integer dtype (numpy's unsigned types
+    wider than uint8, e.g. igpt.data's uint16 token cache, become int64, which torch can
+    index with). ``dims`` lists the allowed numbers of dimensions. With ``n_colors`` the
+    values must lie in [0, n_colors): that reads the tensor's min and max, a host sync on a
+    GPU, so hot paths leave it out and check where tokens are made.
+    """
+    if isinstance(tokens, np.ndarray):
+        if tokens.dtype.kind == "u" and tokens.dtype != np.uint8:
+            tokens = tokens.astype(np.int64)
+        if tokens.dtype.kind in "iu":
+            tokens = torch.from_numpy(np.ascontiguousarray(tokens))
+    if (
+        not isinstance(tokens, torch.Tensor)
+        or tokens.dtype.is_floating_point
+        or tokens.dtype.is_complex
+        or tokens.dtype == torch.bool
+        or tokens.dim() not in dims
+    ):
+        raise TypeError(f"{name} must be an integer tensor {shape_hint}, got {_describe(tokens)}")
+    if tokens.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        tokens = tokens.long()  # torch cannot index or compare every op with these
+    if n_colors is not None and tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= n_colors:
+            raise ValueError(
+                f"{name} must hold palette ids in [0, n_colors={n_colors}), got values in "
+                f"[{lo}, {hi}]"
+            )
+    return tokens
