@@ -239,7 +239,7 @@ class IGPT(nn.Module):
             pooled[L] = n_L.float().mean(dim=1)
         if not want:
             return n_L, None
-        return n_L, torch.stack([pooled[l] for l in pool_layers], dim=1)  # (B, P, d)
+        return n_L, torch.stack([pooled[i] for i in pool_layers], dim=1)  # (B, P, d)
 
     def hidden_states(self, tokens, bert_mask=None):
         """ln_f(h^L): the final normalised hidden states (B, n, d)."""
