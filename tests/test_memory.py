@@ -1,0 +1,235 @@
+"""igpt.memory: the estimate against the bytes autograd really saves, and activation offload.
+
+Saved bytes are counted with ``torch.autograd.graph.saved_tensors_hooks`` during a real
+forward + loss: each distinct storage once (views such as q, k, v of one qkv tensor share
+one), parameters excluded (their bytes are the ``parameters`` term). The CPU runs the
+reference path; the Triton path runs under ``TRITON_INTERPRET=1`` (conftest), in fp32 and
+in fp16 under a simulated CUDA autocast (bf16 has the same 2 bytes but the interpreter
+cannot compute it).
+"""
+
+import dataclasses
+import functools
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import igpt.model
+from igpt import IGPT, IGPTConfig, memory
+from igpt_kernels import attention, ln_mlp
+
+ln_mlp_module = importlib.import_module("igpt_kernels.ln_mlp")
+
+
+def _set_checkpointing(model, every):
+    """The one place that switches activation checkpointing on (moves to the trainer)."""
+    model.set_checkpointing(every)
+
+
+def _config(d=64, heads=2, n_px=4, layers=2, **kw):
+    return IGPTConfig.from_name(
+        "igpt-tiny", n_px=n_px, n_embd=d, n_head=heads, n_layer=layers, n_colors=16, **kw
+    )
+
+
+def _loss(model, tokens, mask):
+    """The trainer's summed cross-entropy (fp32 log-softmax), AR or BERT."""
+    if mask is None:
+        logits = model(tokens)
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="sum")
+    logits = model(tokens, bert_mask=mask)
+    return F.cross_entropy(logits[mask].float(), tokens[mask], reduction="sum")
+
+
+def _saved_bytes(model, tokens, mask, autocast=None):
+    """(bytes of the distinct non-parameter storages saved in forward + loss, the loss)."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    ctx = torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        loss = _loss(model, tokens, mask)
+    return sum(seen.values()), loss
+
+
+def _use_triton(monkeypatch, autocast):
+    """Run the model's attention and ln_mlp on the Triton kernels (the interpreter), and
+    let ln_mlp see CPU autocast as it sees CUDA autocast (fp32 x, half GEMMs)."""
+    monkeypatch.setattr(igpt.model, "attention", functools.partial(attention, backend="triton"))
+    monkeypatch.setattr(igpt.model, "ln_mlp", functools.partial(ln_mlp, backend="triton"))
+    if autocast is not None:
+        monkeypatch.setattr(
+            ln_mlp_module,
+            "_autocast_dtype",
+            lambda x: (
+                autocast if torch.is_autocast_enabled("cpu") and x.dtype == torch.float32 else None
+            ),
+        )
+
+
+def _inputs(config, batch, objective):
+    tokens = torch.randint(0, config.n_colors, (batch, config.n_positions))
+    mask = None
+    if objective == "bert":
+        mask = torch.rand(batch, config.n_positions) < 0.25
+        mask[0, 0] = True
+    return tokens, mask
+
+
+def _predicted(config, path, batch, objective, every, mask):
+    mask_prob = 0.0 if mask is None else float(mask.float().mean())
+    s = memory.activations_saved(
+        config, path, batch_size=batch, objective=objective, checkpointing=every,
+        mask_prob=mask_prob,
+    )  # fmt: skip
+    return s["embed"] + sum(s["blocks"]) + s["head"]
+
+
+CPU_CASES = [  # (config kwargs, batch, objective, checkpointing)
+    (dict(d=64, heads=2), 2, "ar", 0),
+    (dict(d=128, heads=2, n_px=6), 1, "ar", 0),
+    (dict(d=64, heads=2, norm="layer", activation="gelu"), 3, "bert", 0),
+    (dict(d=64, heads=1, layers=3), 2, "ar", 1),
+    (dict(d=96, heads=1, layers=3, n_px=5), 2, "bert", 2),
+]
+
+
+@pytest.mark.parametrize("kw,batch,objective,every", CPU_CASES)
+def test_reference_path_activations_match_saved_tensors(kw, batch, objective, every):
+    config = _config(**kw)
+    model = IGPT(config).train()
+    _set_checkpointing(model, every)
+    tokens, mask = _inputs(config, batch, objective)
+    counted, _ = _saved_bytes(model, tokens, mask)
+    predicted = _predicted(config, memory.path("cpu", "fp32"), batch, objective, every, mask)
+    assert abs(predicted - counted) <= 0.05 * counted, (predicted, counted)
+
+
+TRITON_CASES = [  # (config kwargs, batch, objective, checkpointing, autocast dtype)
+    (dict(d=64, heads=2), 2, "ar", 0, torch.float16),
+    (dict(d=64, heads=1, n_px=5), 1, "bert", 0, torch.float16),
+    (dict(d=64, heads=2, layers=3), 2, "ar", 2, torch.float16),
+    (dict(d=64, heads=2, norm="layer"), 2, "ar", 1, None),
+    (dict(d=64, heads=2), 1, "bert", 0, None),
+]
+
+
+@pytest.mark.parametrize("kw,batch,objective,every,autocast", TRITON_CASES)
+def test_triton_path_activations_match_saved_tensors(
+    monkeypatch, kw, batch, objective, every, autocast
+):
+    _use_triton(monkeypatch, autocast)
+    config = _config(**kw)
+    model = IGPT(config).train()
+    _set_checkpointing(model, every)
+    tokens, mask = _inputs(config, batch, objective)
+    counted, _ = _saved_bytes(model, tokens, mask, autocast)
+    precision = "fp16" if autocast is not None else "fp32"
+    # the CUDA path with the one thing that differs on the CPU: F.rms_norm's composite
+    # implementation also saves x * rstd
+    p = dataclasses.replace(memory.path("cuda", precision), rms_fused=False)
+    predicted = _predicted(config, p, batch, objective, every, mask)
+    assert abs(predicted - counted) <= 0.05 * counted, (predicted, counted)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(norm="layer"), dict(bias=False, layers=3)])
+def test_model_states_are_exact(kw):
+    config = _config(**kw)
+    model = IGPT(config)
+    est = memory.estimate(config, batch_size=1, device="cpu", precision="fp32")
+    assert memory.parameter_count(config) == model.num_params()
+    assert est.parameters == sum(p.numel() * p.element_size() for p in model.parameters())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tokens, _ = _inputs(config, 1, "ar")
+    _loss(model, tokens, None).backward()
+    assert est.gradients == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    opt.step()
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
+    assert est.optimizer == state
+
+
+def test_peak_orders_the_policies():
+    config = IGPTConfig.from_name("igpt-l", n_px=64)
+    est = functools.partial(memory.estimate, config, batch_size=8)
+    none, every1, every2 = est().peak, est(checkpointing=1).peak, est(checkpointing=2).peak
+    offload, both = est(offload=True).peak, est(offload=True, checkpointing=1).peak
+    assert every1 < every2 < none
+    assert offload < every1 and both <= every1
+    assert est(fsdp=True, world_size=4).peak < none
+    assert est(optimizer="sgd").peak < none
+
+
+def test_bad_arguments_name_themselves():
+    config = _config()
+    with pytest.raises(ValueError, match="batch_size"):
+        memory.estimate(config, batch_size=0)
+    with pytest.raises(ValueError, match="precision"):
+        memory.estimate(config, batch_size=1, precision="int8")
+    with pytest.raises(ValueError, match="device='cpu'"):
+        memory.estimate(config, batch_size=1, device="cpu")
+    with pytest.raises(ValueError, match="checkpointing"):
+        memory.estimate(config, batch_size=1, checkpointing=-1)
+    with pytest.raises(TypeError, match="config"):
+        memory.estimate({"n_embd": 64}, batch_size=1)
+
+
+def _grads(model, tokens, offload):
+    model.zero_grad(set_to_none=True)
+    with memory.activation_offload(offload, pin_memory=False):
+        loss = _loss(model, tokens, None)
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("every", [0, 1, 2])
+def test_activation_offload_gives_the_same_gradients(every):
+    config = _config(layers=3)
+    model = IGPT(config).train()
+    _set_checkpointing(model, every)
+    tokens, _ = _inputs(config, 2, "ar")
+    with torch.no_grad():  # a non-zero head, so every gradient is non-trivial
+        model.lm_head.weight.normal_(0, 0.02)
+    plain, offloaded = _grads(model, tokens, False), _grads(model, tokens, True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, offloaded, strict=True))
+    assert all(g.abs().sum() > 0 for g in plain)
+
+
+def test_activation_offload_moves_saved_tensors_to_the_host():
+    config = _config()
+    model = IGPT(config).train()
+    tokens, _ = _inputs(config, 2, "ar")
+    devices = []
+
+    def pack(t):
+        devices.append(t.device.type)
+        return t
+
+    # save_on_cpu's own hook is innermost: an outer hook sees what it hands to autograd
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with memory.activation_offload(pin_memory=False):
+            loss = _loss(model, tokens, None)
+    loss.backward()
+    assert devices == []  # every saved tensor went through save_on_cpu's hook instead
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("40GiB", 40 * 2**30), ("40GB", 40 * 10**9), ("24G", 24 * 10**9), ("123", 123),
+     ("1.5 GiB", int(1.5 * 2**30)), ("512MiB", 512 * 2**20)],
+)  # fmt: skip
+def test_sizes_parse(text, expected):
+    assert memory.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["forty", "40 GiBs", "-3GB", "", "0"])
+def test_bad_sizes_say_what_is_needed(text):
+    with pytest.raises(ValueError, match="memory size must be"):
+        memory.parse_size(text)
