@@ -91,6 +91,6 @@ def test_cli_json(capsys):
 def test_cli_text_and_errors(capsys):
     main(["plan", "--model", "igpt-xl", "--n-px", "64", "--batch-size", "8", "--memory", "24G"])
     text = capsys.readouterr().out
-    assert "nothing fits" in text and "GPUs with FSDP" in text
+    assert "nothing fits" in text and "8 GPUs of 22.4 GiB" in text  # 24G = 24e9 bytes
     with pytest.raises(SystemExit, match="memory size must be"):
         main(["plan", "--model", "igpt-s", "--batch-size", "8", "--memory", "40 gigs"])

@@ -470,7 +470,7 @@ class Plan:
     offload: activation offload. fsdp: FSDP2 across ``gpus`` (else DDP when gpus > 1).
     step_seconds: the speed model's step time (relative: compare plans, not clocks).
     needed_bytes / needed_gpus: when nothing fits, the smallest plan's peak on the given
-    GPUs, and the fewest GPUs (FSDP, a divisor of the batch) on which a plan fits, or None.
+    GPUs, and the fewest GPUs (a divisor of the batch) on which some plan fits, or None.
     """
 
     fits: bool
@@ -583,7 +583,7 @@ def plan(
     one's peak with ``estimate`` and its step time with the speed model below; returns the
     fastest that fits (ties: the smaller peak). When nothing fits it returns the plan with
     the smallest peak, ``fits=False``, ``needed_bytes`` (that peak) and ``needed_gpus``
-    (the fewest GPUs among the divisors of the batch on which some FSDP plan fits).
+    (the fewest GPUs among the divisors of the batch on which some DDP or FSDP plan fits).
 
     The speed model assumes: a step costs 3x the forward FLOPs (matmuls 2 x weights per
     token, attention 4 n d per token per layer, halved under the causal mask) plus one more

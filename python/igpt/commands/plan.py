@@ -59,7 +59,7 @@ def run(args) -> None:
         print(f"  nothing fits. The smallest plan: {p.describe()}")
         print(f"  it needs {fmt(p.needed_bytes)} per GPU", end="")
         if p.needed_gpus:
-            print(f", or {p.needed_gpus} GPUs with FSDP at {fmt(p.memory_bytes)}", end="")
+            print(f", or {p.needed_gpus} GPUs of {fmt(p.memory_bytes)}", end="")
         print(".")
     e = p.estimate
     rows = [
