@@ -57,9 +57,19 @@ backward (the activations of the blocks below it, the gradients written so far, 
 transient of the block itself: its saved tensors re-created by recompute or brought back
 from the host, and the backward's workspace). Gradients are counted in full from the start
 of the backward when accumulating (they persist across micro-batches) and as they are
-written otherwise (``zero_grad(set_to_none=True)``). Not modelled: the CUDA context and
+written otherwise (``zero_grad(set_to_none=True)``). ``estimate``'s ``batch_size`` is the
+micro-batch on one GPU. Not modelled: the CUDA context and
 cuBLAS/Triton workspaces (a few hundred MiB, outside ``max_memory_allocated``), allocator
-fragmentation, and the extra copies ``torch.compile`` or other kernels would make.
+fragmentation, and the extra copies ``torch.compile`` or other kernels would make (an
+attention backend whose output is laid out (B, n, H, hd), as SDPA's is, would save the 2 d
+of o's transposed copy less).
+
+Use in a trainer: ``p = plan(config, batch_size=global_batch, memory_bytes=parse_size(
+"40GiB"), gpus=world)``; train with micro-batch ``p.micro_batch`` and ``p.accumulation``
+steps, checkpointing ``p.checkpointing``, FSDP if ``p.fsdp``, and forward + loss inside
+``activation_offload(p.offload)``; compare ``torch.cuda.max_memory_allocated()`` after the
+first steps with ``p.predicted_peak_bytes``; after an out-of-memory error, the next plan is
+``plan(..., memory_bytes=p.predicted_peak_bytes - 1)`` (the fastest with a smaller peak).
 """
 
 from __future__ import annotations
@@ -136,7 +146,7 @@ class Estimate:
     activations_per_block: what one block without checkpointing saves.
     per_token_block: its per-token part, bytes per token (the coefficient of the path).
     logits: the head's saved tensors plus the loss's transient buffers (logits, fp32 copy,
-    log_softmax output, their gradients).
+    log_softmax output, their gradients); the saved part goes to the host with offload.
     transient: the largest per-block transient of the backward (recompute or reload of one
     block's saved tensors, plus the backward's workspace; FSDP's gathered weights).
     peak: the predicted ``torch.cuda.max_memory_allocated`` of a step.
@@ -162,13 +172,21 @@ class Estimate:
 # ------------------------------------------------------------------------------ counts
 
 
+def _norm_parameters(config: IGPTConfig) -> int:
+    return config.n_embd * (2 if config.norm == "layer" and config.bias else 1)
+
+
+def _block_parameters(config: IGPTConfig) -> int:
+    """Parameters of one block: two norms, four weight matrices and their biases."""
+    d = config.n_embd
+    return 2 * _norm_parameters(config) + 12 * d * d + (9 * d if config.bias else 0)
+
+
 def parameter_count(config: IGPTConfig) -> int:
     """The model's parameter count (``IGPT.num_params()``), from the config alone."""
-    d, L = config.n_embd, config.n_layer
-    norm = d * (2 if config.norm == "layer" and config.bias else 1)
-    bias = config.bias
-    block = 2 * norm + 12 * d * d + (3 * d + d + 4 * d + d if bias else 0)
-    return config.vocab_size * d + config.n_positions * d + L * block + norm + config.n_colors * d
+    d = config.n_embd
+    outside = (config.vocab_size + config.n_positions + config.n_colors) * d
+    return outside + _norm_parameters(config) + config.n_layer * _block_parameters(config)
 
 
 def parameter_tensors(config: IGPTConfig) -> int:
@@ -340,16 +358,26 @@ def estimate(
     if not isinstance(accumulation, int) or accumulation < 1:
         raise ValueError(f"accumulation must be a positive int, got {accumulation!r}")
     p = path(device, precision, kernels)
-    return _estimate(config, p, batch_size=batch_size, objective=objective,
-                     checkpointing=checkpointing, offload=offload, optimizer=optimizer,
-                     world_size=world_size, fsdp=fsdp, accumulation=accumulation,
-                     mask_prob=mask_prob)  # fmt: skip
+    return _estimate(
+        config,
+        p,
+        batch_size=batch_size,
+        objective=objective,
+        checkpointing=checkpointing,
+        offload=offload,
+        optimizer=optimizer,
+        world_size=world_size,
+        fsdp=fsdp,
+        accumulation=accumulation,
+        mask_prob=mask_prob,
+    )
 
 
 def _estimate(
     config, p, *, batch_size, objective, checkpointing, offload, optimizer, world_size, fsdp,
     accumulation, mask_prob,
 ) -> Estimate:  # fmt: skip
+    """``estimate`` for a given ``Path`` (the tests swap in the CPU's composite norm)."""
     c = config
     T = batch_size * c.n_positions
     P = parameter_count(c)
@@ -361,9 +389,15 @@ def _estimate(
         optim += 4 * parameter_tensors(c)
     buckets = 4 * P if world_size > 1 and not fsdp else 0
     # FSDP2 frees each block's gathered (bf16) weights after its forward: no copies held
-    saved = activations_saved(c, p, batch_size=batch_size, objective=objective,
-                              checkpointing=checkpointing, mask_prob=mask_prob,
-                              weight_copies=not sharded)  # fmt: skip
+    saved = activations_saved(
+        c,
+        p,
+        batch_size=batch_size,
+        objective=objective,
+        checkpointing=checkpointing,
+        mask_prob=mask_prob,
+        weight_copies=not sharded,
+    )
     full, blocks = saved["full"], saved["blocks"]
     recomputed = checkpointed_blocks(c.n_layer, checkpointing)
     loss_tokens = T if objective == "ar" else round(mask_prob * T)
@@ -376,12 +410,12 @@ def _estimate(
     if offload:  # everything saved goes to the host; the GPU keeps only transients
         host = activations + head_saved
         activations, head_saved = 0, 0
-    block_params = _block_weights(c) + 9 * c.n_embd
+    block_params = _block_parameters(c)
     gathered = (2 * 2 + 4) * block_params if sharded else 0  # two blocks: bf16 w, fp32 grad
     work = _workspace(c, p, T)
     unsharded_grads = 4 * P if sharded and accumulation > 1 else 0
     states = params + optim + buckets + unsharded_grads
-    head_grads = 4 * (c.n_colors * c.n_embd + c.n_embd) // shard
+    head_grads = 4 * (c.n_colors * c.n_embd + _norm_parameters(c)) // shard  # lm_head, ln_f
     block_grad = 4 * block_params // shard
     accumulated = grads if accumulation > 1 else 0
     peak = states + accumulated + activations + head_saved + loss_transient + gathered
