@@ -94,3 +94,21 @@ def test_cli_text_and_errors(capsys):
     assert "nothing fits" in text and "8 GPUs of 22.4 GiB" in text  # 24G = 24e9 bytes
     with pytest.raises(SystemExit, match="memory size must be"):
         main(["plan", "--model", "igpt-s", "--batch-size", "8", "--memory", "40 gigs"])
+
+
+def test_alternatives_fit_and_are_not_faster():
+    config = IGPTConfig.from_name("igpt-l", n_px=64)
+    p = memory.plan(config, batch_size=8, memory_bytes="40GiB")
+    assert len(p.alternatives) >= 2
+    first = p.alternatives[0]
+    assert (first["micro_batch"], first["checkpointing"], first["offload"]) == (
+        p.micro_batch,
+        p.checkpointing,
+        p.offload,
+    )
+    for a in p.alternatives:
+        assert a["predicted_peak_bytes"] <= 40 * GIB
+        assert a["relative_time"] >= 1.0
+    assert [a["relative_time"] for a in p.alternatives] == sorted(
+        a["relative_time"] for a in p.alternatives
+    )

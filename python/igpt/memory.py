@@ -505,6 +505,9 @@ class Plan:
     step_seconds: the speed model's step time (relative: compare plans, not clocks).
     needed_bytes / needed_gpus: when nothing fits, the smallest plan's peak on the given
     GPUs, and the fewest GPUs (a divisor of the batch) on which some plan fits, or None.
+    alternatives: the fastest fitting plan of each policy (no checkpointing or offload,
+    checkpointing, offload, both; per FSDP choice) as dicts with their predicted peak and
+    ``relative_time`` (step time over the chosen plan's), fastest first.
     """
 
     fits: bool
@@ -521,6 +524,7 @@ class Plan:
     estimate: Estimate
     needed_bytes: int | None = None
     needed_gpus: int | None = None
+    alternatives: tuple = ()
 
     def to_dict(self) -> dict:
         """The plan as a plain dict (for ``igpt plan --json``)."""
@@ -639,17 +643,34 @@ def plan(
     opts = dict(objective=objective, precision=precision, optimizer=optimizer, device=device,
                 kernels=kernels, mask_prob=mask_prob,
                 offload_options=(False, True) if allow_offload else (False,))  # fmt: skip
-    best, smallest = None, None
+    best, smallest, by_policy = None, None, {}
     for micro, acc, k, off, fsdp, est, secs in _candidates(
         config, batch_size=batch_size, gpus=gpus, **opts
     ):
         row = (secs, est.peak, micro, acc, k, off, fsdp, est)
-        if est.peak <= memory_bytes and (best is None or row[:2] < best[:2]):
-            best = row
+        if est.peak <= memory_bytes:
+            if best is None or row[:2] < best[:2]:
+                best = row
+            policy = (k > 0, off, fsdp)
+            if policy not in by_policy or row[:2] < by_policy[policy][:2]:
+                by_policy[policy] = row
         if smallest is None or (est.peak, secs) < (smallest[1], smallest[0]):
             smallest = row
     fits = best is not None
     secs, peak, micro, acc, k, off, fsdp, est = best if fits else smallest
+    alternatives = tuple(
+        dict(
+            micro_batch=r[2],
+            accumulation=r[3],
+            checkpointing=r[4],
+            recomputed=sum(checkpointed_blocks(config.n_layer, r[4])),
+            offload=r[5],
+            fsdp=r[6],
+            predicted_peak_bytes=r[1],
+            relative_time=r[0] / secs,
+        )
+        for r in sorted(by_policy.values(), key=lambda r: r[:2])
+    )
     needed_gpus = None
     if not fits:
         for w in _divisors(batch_size):
@@ -674,4 +695,5 @@ def plan(
         estimate=est,
         needed_bytes=None if fits else peak,
         needed_gpus=needed_gpus,
+        alternatives=alternatives,
     )

@@ -61,7 +61,18 @@ def run(args) -> None:
         if p.needed_gpus:
             print(f", or {p.needed_gpus} GPUs of {fmt(p.memory_bytes)}", end="")
         print(".")
+    if len(p.alternatives) > 1:
+        print("  fastest of each policy that fits (step time relative to the plan):")
+        for a in p.alternatives:
+            ck = f"every {a['checkpointing']}" if a["checkpointing"] else "off"
+            dist = (" FSDP" if a["fsdp"] else " DDP") if p.gpus > 1 else ""
+            print(
+                f"    {a['micro_batch']:>3} x {a['accumulation']:<3} checkpointing {ck:<9}"
+                f"offload {'on ' if a['offload'] else 'off'}{dist}  "
+                f"peak {fmt(a['predicted_peak_bytes']):>10}  time x{a['relative_time']:.2f}"
+            )
     e = p.estimate
+    print("  the plan's memory:")
     rows = [
         ("parameters", e.parameters),
         ("gradients", e.gradients),
