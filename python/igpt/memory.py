@@ -35,8 +35,8 @@ matrices (12 d^2 g; none in fp32, where the parameters themselves are saved).
 ``kernels="sdpa"`` (device "cuda"): the nanoGPT-style model of ``benchmarks/bench_train.py``
 (nn.RMSNorm, nn.Linear, F.scaled_dot_product_attention, quick GELU written out) under
 bf16 autocast: x 4 d + rstd 4, norm copy 2 d, qkv 6 d, o 2 d, lse 4 H, x 4 d + rstd 4,
-norm copy 2 d, fc out 8 d, sigmoid 8 d, product 8 d = 44 d + 8 + 4 H. Derived from the ops'
-backward formulas only: no GPU was available to count it, so it is not tested.
+norm copy 2 d, fc out 8 d, sigmoid 8 d, product 8 d = 44 d + 8 + 4 H. Counted exactly on the
+CPU under fp16 autocast (with the CPU's composite norm); never counted on a GPU.
 
 Outside the blocks: the embedding saves its int64 ids (AR: the shifted ids, 8 per token)
 and the position ids (8 n); BERT saves the float mask factor (4 per token) instead of a
@@ -58,8 +58,8 @@ transient of the block itself: its saved tensors re-created by recompute or brou
 from the host, and the backward's workspace). Gradients are counted in full from the start
 of the backward when accumulating (they persist across micro-batches) and as they are
 written otherwise (``zero_grad(set_to_none=True)``). ``estimate``'s ``batch_size`` is the
-micro-batch on one GPU. Not modelled: the CUDA context and
-cuBLAS/Triton workspaces (a few hundred MiB, outside ``max_memory_allocated``), allocator
+micro-batch on one GPU. Not modelled: the CUDA context (outside ``max_memory_allocated``),
+cuBLAS's workspace (tens of MiB), Triton's autotuning buffers (first steps only), allocator
 fragmentation, and the extra copies ``torch.compile`` or other kernels would make (an
 attention backend whose output is laid out (B, n, H, hd), as SDPA's is, would save the 2 d
 of o's transposed copy less).
