@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("igpt.finetune", "fine-tune a checkpoint as a classifier (L_GEN + L_CLF)"),
     "sample": ("igpt.sample", "sample or complete images from an AR checkpoint into a PNG grid"),
     "demo": ("igpt.demo", "pretrain -> probe -> sample end to end on bundled digits"),
+    "plan": ("igpt.commands.plan", "the fastest training plan that fits a GPU's memory"),
 }
 
 
