@@ -1,5 +1,6 @@
 """What several ``igpt`` commands share: dataclass flags, the device, the checkpoint preamble.
 
+    add_common_arguments(parser, "checkpoint", "data", "device")   # flags with one meaning
     dataclass_arguments(parser, TrainConfig, skip=("model_overrides",))
     cfg = config_from_args(TrainConfig, args, progress=not args.no_progress)
     device = pick_device(args.device)
@@ -20,6 +21,7 @@ from pathlib import Path
 
 __all__ = [
     "UsageError",
+    "add_common_arguments",
     "dataclass_arguments",
     "config_from_args",
     "pick_device",
@@ -140,6 +142,68 @@ def int_list(text, name: str = "value") -> list[int]:
         return [int(v) for v in str(text).replace(",", " ").split()]
     except ValueError:
         raise UsageError(f"{name} expects integers like 4,25,400, got {text!r}") from None
+
+
+# ----------------------------------------------------------------------------- shared flags
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *names: str, helps: dict | None = None
+) -> None:
+    """Add the flags shared across commands (DESIGN.md), by name, with one meaning each.
+
+    ``helps`` replaces the help text of some of them (name -> text) where a command gives
+    the flag a more specific role."""
+    specs = {
+        "model": (
+            ("--model",),
+            dict(
+                default="igpt-tiny",
+                help="named size: igpt-tiny, igpt-s, igpt-m, igpt-l, igpt-xl (default %(default)s)",
+            ),
+        ),
+        "n_px": (("--n-px",), dict(type=int, default=None, help="image side in pixels")),
+        "data": (
+            ("--data",),
+            dict(
+                default="digits",
+                help="digits (bundled), cifar10:DIR, "
+                "cifar100:DIR, folder:DIR or npz:FILE (default %(default)s)",
+            ),
+        ),
+        "objective": (
+            ("--objective",),
+            dict(
+                choices=("ar", "bert"),
+                default="ar",
+                help="generative objective (default %(default)s)",
+            ),
+        ),
+        "steps": (("--steps",), dict(type=int, default=None, help="optimizer steps")),
+        "batch_size": (("--batch-size",), dict(type=int, default=None, help="batch size")),
+        "lr": (("--lr",), dict(type=float, default=None, help="peak learning rate")),
+        "out": (("--out",), dict(default=None, help="output directory")),
+        "resume": (
+            ("--resume",),
+            dict(action="store_true", help="continue from the latest checkpoint in --out"),
+        ),
+        "checkpoint": (
+            ("--checkpoint",),
+            dict(
+                default=None, help="checkpoint file, or a run directory for its latest checkpoint"
+            ),
+        ),
+        "device": (
+            ("--device",),
+            dict(default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
+        ),
+        "seed": (("--seed",), dict(type=int, default=0, help="random seed (default 0)")),
+    }
+    for name in names:
+        flags, kwargs = specs[name]
+        if helps and name in helps:
+            kwargs = {**kwargs, "help": helps[name]}
+        parser.add_argument(*flags, **kwargs)
 
 
 # ----------------------------------------------------------------------------- device, data
