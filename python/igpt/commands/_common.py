@@ -114,6 +114,8 @@ def dataclass_arguments(
         if "metavar" in meta:
             kwargs["metavar"] = meta["metavar"]
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        if "flag" in meta and "metavar" not in kwargs and "action" not in kwargs:
+            kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
         parser.add_argument(flag, dest=f.name, default=default, help=text, **kwargs)
 
 
