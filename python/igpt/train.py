@@ -19,7 +19,6 @@ processes see the batch one process would (each takes its own rows of it).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -34,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from igpt._rng import rng_state, set_rng_state
 from igpt.batches import GlobalBatches, ImageSource, TokenSource
-from igpt.checkpoint import load_checkpoint, resolve_checkpoint
+from igpt.checkpoint import checkpoint_state, load_checkpoint, resolve_checkpoint
 from igpt.config import IGPTConfig
 from igpt.distributed import Distributed, dist_env, init_distributed
 from igpt.model import IGPT
@@ -233,6 +232,123 @@ def apply_checkpointing(model: IGPT, every: int) -> IGPT:
     return model
 
 
+# ----------------------------------------------------------------------------- set-up
+
+
+def _pick_device(want: str | None, d: Distributed) -> torch.device:
+    """The run's device: ``want``, or CUDA when available; a process's own GPU under torchrun."""
+    device = torch.device(want or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={want!r} but CUDA is not available; use --device cpu")
+        if d.world > 1 and device.index is None:
+            device = torch.device("cuda", d.local_rank)
+    return device
+
+
+def _check_resumable(cfg: TrainConfig, ckpt: dict) -> None:
+    """A ValueError unless the checkpoint was made by a run with ``cfg``'s fixed settings."""
+    old = TrainConfig.from_dict(ckpt.get("train_config", {}))
+    fixed = ("model", "n_px", "data", "objective", "batch_size", "steps", "seed", "init_from")
+    diff = [f for f in fixed if getattr(old, f) != getattr(cfg, f)]
+    if diff:
+        desc = ", ".join(f"{f}: {getattr(old, f)!r} -> {getattr(cfg, f)!r}" for f in diff)
+        raise ValueError(
+            f"cannot resume {cfg.out}: the checkpoint was made with different "
+            f"settings ({desc}); pass the original flags or use a new --out"
+        )
+
+
+def _run_palette(cfg: TrainConfig, run: RunDir, d: Distributed, palette, ckpt, data):
+    """The palette of a run: the checkpoint's, the one given, ``cfg.palette``, or a fit."""
+    from igpt.data import holdout_split, load_images, resize
+    from igpt.palette import Palette, fit_palette
+
+    if ckpt is not None and "palette" in ckpt:
+        return Palette(ckpt["palette"])
+    if palette is not None:
+        return palette
+    if cfg.palette is not None:
+        loaded = Palette.load(cfg.palette)
+        if cfg.n_colors is not None and len(loaded) != cfg.n_colors:
+            raise ValueError(
+                f"palette {cfg.palette} has {len(loaded)} colours but n_colors is "
+                f"{cfg.n_colors}; drop --n-colors or pass a matching palette"
+            )
+        return loaded
+    # No checkpoint yet, so this run starts at step 0: fit afresh (deterministic for the
+    # seed) rather than trust a palette.npy left by an earlier run in this directory.
+    # palette.npy only carries the palette from rank 0 to the other ranks.
+    path = run.path / "palette.npy"
+    if d.is_main:
+        k = cfg.n_colors or (16 if cfg.data == "digits" else 512)
+        images = data.images if data is not None else load_images(cfg.data).images
+        # the training part only: the hold-out must not shape the tokens it is scored on
+        images = images[holdout_split(len(images), cfg.val_frac, seed=0)[0]]
+        sample = images[np.random.default_rng(cfg.seed).permutation(len(images))[:4096]]
+        log.info("fitting a %d-colour palette on %d images", k, len(sample))
+        fit_palette(resize(sample, cfg.n_px), k=k, seed=cfg.seed).save(path)
+    d.barrier()
+    return Palette.load(path)
+
+
+def _run_data(cfg: TrainConfig, d: Distributed, palette, data):
+    """(GlobalBatches, val_idx, val_tokens): a uint16 token memmap (or images to augment),
+    split 90/10 with the hold-out capped at ``val_size``; validation is never augmented."""
+    from igpt.data import cached_tokens, holdout_split, load_images, tokenize
+
+    if cfg.augment != "none":
+        images = (data or load_images(cfg.data)).images
+        source = ImageSource(images, palette, cfg.n_px, _augmentation(cfg))
+    elif data is not None:
+        source = TokenSource(tokenize(data.images, palette, cfg.n_px).numpy())
+    else:
+        cache = functools.partial(
+            cached_tokens, cfg.data, "train", palette, cfg.n_px, cache_dir=cfg.cache_dir
+        )
+        if d.is_main:  # rank 0 fills the cache, the others then only map it
+            cache()
+        d.barrier()
+        source = TokenSource(cache()[0])
+    train_idx, val_idx = holdout_split(len(source), cfg.val_frac, seed=0)
+    if len(train_idx) == 0:
+        raise ValueError(f"data {cfg.data!r} has no training images after the hold-out")
+    val_idx = val_idx if cfg.val_size is None else val_idx[: cfg.val_size]
+    batches = GlobalBatches(source, train_idx, cfg.batch_size, seed=cfg.seed)
+    return batches, val_idx, source.plain(val_idx)
+
+
+def _augmentation(cfg: TrainConfig):
+    from igpt.data import pad_crop_flip, random_resized_crop
+
+    if cfg.augment == "cifar":
+        return pad_crop_flip
+    return functools.partial(random_resized_crop, n_px=cfg.n_px)
+
+
+def _run_model(cfg: TrainConfig, n_colors: int, init_cfg, init, device) -> IGPT:
+    """The run's model on ``device``: fresh for ``cfg.model`` (the same on every rank), or
+    ``init_from``'s architecture and weights; with ``cfg.checkpointing`` applied."""
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    if init_cfg is not None:
+        if (init_cfg.n_px, init_cfg.n_colors) != (cfg.n_px, n_colors):
+            raise ValueError(
+                f"init_from {cfg.init_from} holds a model for n_px={init_cfg.n_px} and "
+                f"{init_cfg.n_colors} colours, but this run has n_px={cfg.n_px} and a "
+                f"{n_colors}-colour palette; drop --n-px/--palette or match them"
+            )
+        mcfg = init_cfg
+    else:
+        mcfg = IGPTConfig.from_name(
+            cfg.model, n_px=cfg.n_px, n_colors=n_colors, **cfg.model_overrides
+        )
+    model = IGPT(mcfg)
+    if init is not None:
+        model.load_state_dict(init["model"])
+        log.info("starting from the weights of %s", resolve_checkpoint(cfg.init_from))
+    return apply_checkpointing(model.to(device), cfg.checkpointing)
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -258,20 +374,20 @@ class Trainer:
                 f"{d.world} * {cfg.grad_accum}"
             )
         self.micro = cfg.batch_size // (d.world * cfg.grad_accum)
-        self.device = self._pick_device()
-        self.amp = cfg.precision == "bf16" or (
-            cfg.precision == "auto" and self.device.type == "cuda"
-        )
+        self.device = _pick_device(cfg.device, d)
+        self.amp = cfg.precision == "bf16" or (cfg.precision, self.device.type) == ("auto", "cuda")
+        # bf16 autocast over fp32 master weights
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
         self.run = RunDir(cfg.out, is_main=d.is_main)
         d.barrier()
         resume_from = self.run.check_fresh(cfg.resume)
         ckpt = load_checkpoint(resume_from) if resume_from is not None else None
         if ckpt is not None:
-            self._check_resumable(ckpt)
+            _check_resumable(cfg, ckpt)
         init = load_checkpoint(cfg.init_from) if ckpt is None and init_cfg is not None else None
-        self.palette = self._get_palette(palette, ckpt if ckpt is not None else init, data)
-        self._load_data(data)
-        self.raw_model = self._build_model(init_cfg, init)
+        self.palette = _run_palette(cfg, self.run, d, palette, ckpt or init, data)
+        self.batches, self.val_idx, self.val_tokens = _run_data(cfg, d, self.palette, data)
+        self.raw_model = _run_model(cfg, len(self.palette), init_cfg, init, self.device)
         self.model = d.wrap(self.raw_model, self.device, bf16=self.amp)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.Adam(
@@ -291,117 +407,11 @@ class Trainer:
         self.run.truncate_metrics(self.step)
         self._write_config()
 
-    # -- set-up ---------------------------------------------------------------------------
-
-    def _pick_device(self) -> torch.device:
-        want = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(want)
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"device={want!r} but CUDA is not available; use --device cpu")
-            if self.dist.world > 1 and device.index is None:
-                device = torch.device("cuda", self.dist.local_rank)
-        return device
-
-    def _check_resumable(self, ckpt: dict) -> None:
-        old = TrainConfig.from_dict(ckpt.get("train_config", {}))
-        fixed = ("model", "n_px", "data", "objective", "batch_size", "steps", "seed", "init_from")
-        diff = [f for f in fixed if getattr(old, f) != getattr(self.cfg, f)]
-        if diff:
-            desc = ", ".join(f"{f}: {getattr(old, f)!r} -> {getattr(self.cfg, f)!r}" for f in diff)
-            raise ValueError(
-                f"cannot resume {self.cfg.out}: the checkpoint was made with different "
-                f"settings ({desc}); pass the original flags or use a new --out"
-            )
-
-    def _get_palette(self, palette, ckpt, data):
-        from igpt.data import holdout_split, load_images, resize
-        from igpt.palette import Palette, fit_palette
-
-        cfg = self.cfg
-        if ckpt is not None and "palette" in ckpt:
-            return Palette(ckpt["palette"])
-        if palette is not None:
-            return palette
-        if cfg.palette is not None:
-            loaded = Palette.load(cfg.palette)
-            if cfg.n_colors is not None and len(loaded) != cfg.n_colors:
-                raise ValueError(
-                    f"palette {cfg.palette} has {len(loaded)} colours but n_colors is "
-                    f"{cfg.n_colors}; drop --n-colors or pass a matching palette"
-                )
-            return loaded
-        # No checkpoint yet, so this run starts at step 0: fit afresh (deterministic for the
-        # seed) rather than trust a palette.npy left by an earlier run in this directory.
-        # palette.npy only carries the palette from rank 0 to the other ranks.
-        path = self.run.path / "palette.npy"
-        if self.dist.is_main:
-            k = cfg.n_colors or (16 if cfg.data == "digits" else 512)
-            images = data.images if data is not None else load_images(cfg.data).images
-            # the training part only: the hold-out must not shape the tokens it is scored on
-            images = images[holdout_split(len(images), cfg.val_frac, seed=0)[0]]
-            sample = images[np.random.default_rng(cfg.seed).permutation(len(images))[:4096]]
-            log.info("fitting a %d-colour palette on %d images", k, len(sample))
-            fit_palette(resize(sample, cfg.n_px), k=k, seed=cfg.seed).save(path)
-        self.dist.barrier()
-        return Palette.load(path)
-
-    def _load_data(self, data) -> None:
-        """The batch source (a uint16 token memmap, or images to augment), split 90/10."""
-        from igpt.data import cached_tokens, holdout_split, load_images, tokenize
-
-        cfg = self.cfg
-        if cfg.augment != "none":
-            images = (data or load_images(cfg.data)).images
-            source = ImageSource(images, self.palette, cfg.n_px, _augmentation(cfg))
-        elif data is not None:
-            source = TokenSource(tokenize(data.images, self.palette, cfg.n_px).numpy())
-        else:
-            cache = functools.partial(
-                cached_tokens, cfg.data, "train", self.palette, cfg.n_px, cache_dir=cfg.cache_dir
-            )
-            if self.dist.is_main:  # rank 0 fills the cache, the others then only map it
-                cache()
-            self.dist.barrier()
-            source = TokenSource(cache()[0])
-        train_idx, val_idx = holdout_split(len(source), cfg.val_frac, seed=0)
-        if len(train_idx) == 0:
-            raise ValueError(f"data {cfg.data!r} has no training images after the hold-out")
-        self.val_idx = val_idx if cfg.val_size is None else val_idx[: cfg.val_size]
-        self.val_tokens = source.plain(self.val_idx)  # validation is never augmented
-        self.batches = GlobalBatches(source, train_idx, cfg.batch_size, seed=cfg.seed)
-
-    def _build_model(self, init_cfg, init) -> IGPT:
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        if init_cfg is not None:
-            if (init_cfg.n_px, init_cfg.n_colors) != (cfg.n_px, len(self.palette)):
-                raise ValueError(
-                    f"init_from {cfg.init_from} holds a model for n_px={init_cfg.n_px} and "
-                    f"{init_cfg.n_colors} colours, but this run has n_px={cfg.n_px} and a "
-                    f"{len(self.palette)}-colour palette; drop --n-px/--palette or match them"
-                )
-            mcfg = init_cfg
-        else:
-            mcfg = IGPTConfig.from_name(
-                cfg.model, n_px=cfg.n_px, n_colors=len(self.palette), **cfg.model_overrides
-            )
-        model = IGPT(mcfg)
-        if init is not None:
-            model.load_state_dict(init["model"])
-            log.info("starting from the weights of %s", resolve_checkpoint(cfg.init_from))
-        return apply_checkpointing(model.to(self.device), cfg.checkpointing)
-
     # -- training -------------------------------------------------------------------------
-
-    def _autocast(self):
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def loss_sum(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (mask None: AR, else BERT)."""
-        with self._autocast():
+        with self.autocast:
             logits = self.model(tokens, bert_mask=mask)
             return generative_loss(logits, tokens, mask, reduction="sum")
 
@@ -553,19 +563,19 @@ class Trainer:
         """Write ``ckpt_<step>.pt`` atomically (rank 0) and prune old ones."""
         d = self.dist
         model_sd, optim_sd = d.state_dicts(self.model, self.raw_model, self.optimizer)
-        state = {
-            "model": model_sd,
-            "config": self.raw_model.config.to_dict(),
-            "step": self.step,
-            "palette": self.palette.centroids.clone(),
-            "optimizer": optim_sd,
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
-            "train_config": self.cfg.to_dict(),
-            "objective": self.cfg.objective,
-            "skipped": self.skipped,
-            "optimizer_format": d.optimizer_format,
-        }
+        state = checkpoint_state(
+            self.raw_model,
+            step=self.step,
+            palette=self.palette,
+            state_dict=model_sd,
+            optimizer=optim_sd,
+            scheduler=self.scheduler.state_dict(),
+            rng=rng_state(),
+            train_config=self.cfg.to_dict(),
+            objective=self.cfg.objective,
+            skipped=self.skipped,
+            optimizer_format=d.optimizer_format,
+        )
         path = self.run.save_checkpoint(state, self.step, keep=self.cfg.keep_checkpoints)
         self.plot()
         d.barrier()
@@ -589,14 +599,6 @@ class Trainer:
     def close(self) -> None:
         """Destroy the process group if this trainer created it."""
         self.dist.close()
-
-
-def _augmentation(cfg: TrainConfig):
-    from igpt.data import pad_crop_flip, random_resized_crop
-
-    if cfg.augment == "cifar":
-        return pad_crop_flip
-    return functools.partial(random_resized_crop, n_px=cfg.n_px)
 
 
 def pretrain(config: TrainConfig | None = None, *, palette=None, data=None, **overrides) -> dict:
