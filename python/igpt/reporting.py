@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from igpt._io import atomic_write_text
+from igpt._io import atomic_write, atomic_write_text
 
 
 def pyplot():
@@ -84,11 +84,9 @@ def plot_accuracy_vs_depth(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def jsonable(obj):
