@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,9 +38,10 @@ from igpt.batches import GlobalBatches, ImageSource, TokenSource
 from igpt.checkpoint import atomic_torch_save, checkpoint_state, load_checkpoint
 from igpt.features import _resolve_layers
 from igpt.model import IGPT
-from igpt.objectives import MASK_PROB, MaskRows, check_objective, generative_loss
+from igpt.objectives import MASK_PROB, OBJECTIVES, MaskRows, check_objective, generative_loss
 from igpt.probe import _as_labels, modal_prediction
 from igpt.rundir import RunDir
+from igpt.train import setting
 
 log = logging.getLogger(__name__)
 
@@ -160,38 +161,39 @@ def load_classifier(path_or_dir, device=None):
 # ----------------------------------------------------------------------------- config
 
 
-def _opt(default, help: str, **meta):
-    return field(default=default, metadata={"help": help, **meta})
-
-
 @dataclass
 class FinetuneConfig:
     """The settings of one fine-tuning run (the data and the model are passed beside it)."""
 
-    # fmt: off
-    objective: str = _opt("ar", "the model's generative objective (BERT inputs are masked "
-                          "in training and evaluation)", choices=("ar", "bert"))
-    joint: bool = _opt(True, "train L_GEN + L_CLF (False: L_CLF alone)")
-    layer: int | None = _opt(None, "pooled layer the head reads", default_text="n^L")
-    steps: int = _opt(1000, "optimizer steps")
-    batch_size: int = _opt(32, "batch size")
-    lr: float = _opt(1e-4, "learning rate (constant)")
-    betas: tuple[float, float] = _opt((0.9, 0.95), "Adam betas (the pre-training ones)")
-    weight_decay: float = _opt(0.0, "Adam weight decay")
-    grad_clip: float | None = _opt(None, "clip the gradient norm", default_text="off")
-    eval_every: int = _opt(100, "steps between hold-out evaluations (and checkpoints)")
-    patience: int | None = _opt(None, "evaluations without a better hold-out accuracy before "
-                                "stopping", default_text="train every step")
-    mask_prob: float = _opt(MASK_PROB, "BERT masking probability")
-    n_masks: int = _opt(1, "masks in a BERT model's evaluation ensemble (sec. 4.6)")
-    val_frac: float = _opt(0.1, "hold-out fraction when no hold-out set is given")
-    out_dir: str | None = _opt(None, "run directory (config, metrics, checkpoints, best.pt)",
-                               flag="--out")
-    resume: bool = _opt(False, "continue from the latest checkpoint in the run directory")
-    seed: int = _opt(0, "batches, masks, augmentations and the hold-out split")
-    device: str | None = _opt(None, "cpu, cuda ...", default_text="the model's")
-    progress: bool = _opt(True, "tqdm progress bar")
-    # fmt: on
+    objective: str = setting(
+        "ar",
+        "the model's generative objective (BERT inputs are masked in training and evaluation)",
+        choices=OBJECTIVES,
+    )
+    joint: bool = setting(True, "train L_GEN + L_CLF (False: L_CLF alone)")
+    layer: int | None = setting(None, "pooled layer the head reads", default_text="n^L")
+    steps: int = setting(1000, "optimizer steps")
+    batch_size: int = setting(32, "batch size")
+    lr: float = setting(1e-4, "learning rate (constant)")
+    betas: tuple[float, float] = setting((0.9, 0.95), "Adam betas (the pre-training ones)")
+    weight_decay: float = setting(0.0, "Adam weight decay")
+    grad_clip: float | None = setting(None, "clip the gradient norm", default_text="off")
+    eval_every: int = setting(100, "steps between hold-out evaluations (and checkpoints)")
+    patience: int | None = setting(
+        None,
+        "evaluations without a better hold-out accuracy before stopping",
+        default_text="train every step",
+    )
+    mask_prob: float = setting(MASK_PROB, "BERT masking probability")
+    n_masks: int = setting(1, "masks in a BERT model's evaluation ensemble (sec. 4.6)")
+    val_frac: float = setting(0.1, "hold-out fraction when no hold-out set is given")
+    out_dir: str | None = setting(
+        None, "run directory (config, metrics, checkpoints, best.pt)", flag="--out"
+    )
+    resume: bool = setting(False, "continue from the latest checkpoint in the run directory")
+    seed: int = setting(0, "batches, masks, augmentations and the hold-out split")
+    device: str | None = setting(None, "cpu, cuda ...", default_text="the model's")
+    progress: bool = setting(True, "tqdm progress bar")
 
     def __post_init__(self):
         self.betas = tuple(self.betas)

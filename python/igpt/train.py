@@ -55,6 +55,7 @@ __all__ = [
     "lr_search",
     "apply_checkpointing",
     "lr_lambda_factory",
+    "setting",
     # re-exported: their home is igpt.objectives / igpt._rng / igpt.distributed
     "ar_loss",
     "bert_loss",
@@ -72,8 +73,10 @@ AUGMENTS = ("none", "crop", "cifar")
 LR_GRID = (0.01, 0.003, 0.001, 0.0003, 0.0001, 3e-5, 1e-5)
 
 
-def _opt(default, help: str, **meta):
-    """A config field with its default and its ``igpt`` flag's help (and choices, flag ...)."""
+def setting(default, help: str, **meta):
+    """A config dataclass field: its default, and its ``igpt`` flag's help text and other
+    ``metadata`` (``choices``, ``flag``, ``default_text``; see
+    ``igpt.commands._common.dataclass_arguments``). A dict default is copied per instance."""
     if isinstance(default, dict):
         return field(default_factory=dict, metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
@@ -91,49 +94,61 @@ class TrainConfig:
     trainer resolves what depends on one (``n_px`` from ``init_from``).
     """
 
-    # fmt: off
-    model: str = _opt("igpt-tiny", "named size: igpt-tiny, igpt-s, igpt-m, igpt-l, igpt-xl")
-    n_px: int | None = _opt(None, "image side in pixels", default_text="16 for digits, else 32; "
-                            "with --checkpoint, its own")
-    data: str = _opt("digits", "digits (bundled), cifar10:DIR, cifar100:DIR, folder:DIR or "
-                     "npz:FILE")
-    objective: str = _opt("ar", "generative objective", choices=OBJECTIVES)
-    steps: int = _opt(1000, "optimizer steps")
-    batch_size: int = _opt(64, "global batch size (all processes and micro-steps)")
-    grad_accum: int = _opt(1, "gradient accumulation micro-steps")
-    lr: float = _opt(3e-3, "peak learning rate")
-    warmup_steps: int | None = _opt(None, "LR warm-up steps", default_text="one epoch, <= 10%%")
-    weight_decay: float = _opt(0.0, "Adam weight decay")
-    betas: tuple[float, float] = _opt((0.9, 0.95), "Adam betas")
-    grad_clip: float = _opt(0.0, "clip the gradient norm (0: off)")
-    mask_prob: float = _opt(MASK_PROB, "BERT masking probability")
-    checkpointing: int = _opt(0, "activation checkpointing: 0 off, 1 every block, k every k-th")
-    precision: str = _opt("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU",
-                          choices=PRECISIONS)
-    fsdp: bool = _opt(False, "shard with FSDP2 fully_shard (under torchrun)")
-    augment: str = _opt("none", "train-time augmentation: crop (random resized crop) or cifar "
-                        "(pad-crop-flip)", choices=AUGMENTS)
-    palette: str | None = _opt(None, "palette .npy (Palette.save)", default_text="fit one on "
-                               "the training images")
-    n_colors: int | None = _opt(None, "colours to fit", default_text="16 for digits, else 512")
-    val_frac: float = _opt(0.1, "hold-out fraction")
-    val_size: int | None = _opt(2048, "cap on the validation images")
-    val_every: int = _opt(0, "validate every N steps (0: at the end and with checkpoints)")
-    log_every: int = _opt(10, "a metrics.jsonl row every N steps")
-    ckpt_every: int = _opt(500, "checkpoint every N steps")
-    keep_checkpoints: int = _opt(3, "checkpoints kept (0 keeps all)")
-    seed: int = _opt(0, "random seed")
-    device: str | None = _opt(None, "cpu, cuda, cuda:1 ...", default_text="cuda when available")
-    out: str = _opt("runs/pretrain", "output directory")
-    resume: bool = _opt(False, "continue from the latest checkpoint in --out")
-    cache_dir: str | None = _opt(None, "token cache", default_text="$IGPT_CACHE or "
-                                 "~/.cache/igpt")
-    progress: bool = _opt(True, "tqdm progress bar")
-    model_overrides: dict = _opt({}, "IGPTConfig fields to override on the named size")
-    init_from: str | None = _opt(None, "start from this checkpoint's weights, architecture and "
-                                 "palette (a file or a run directory); the optimizer and "
-                                 "schedule start afresh", flag="--checkpoint")
-    # fmt: on
+    model: str = setting("igpt-tiny", "named size: igpt-tiny, igpt-s, igpt-m, igpt-l, igpt-xl")
+    n_px: int | None = setting(
+        None,
+        "image side in pixels",
+        default_text="16 for digits, else 32; with --checkpoint, its own",
+    )
+    data: str = setting(
+        "digits", "digits (bundled), cifar10:DIR, cifar100:DIR, folder:DIR or npz:FILE"
+    )
+    objective: str = setting("ar", "generative objective", choices=OBJECTIVES)
+    steps: int = setting(1000, "optimizer steps")
+    batch_size: int = setting(64, "global batch size (all processes and micro-steps)")
+    grad_accum: int = setting(1, "gradient accumulation micro-steps")
+    lr: float = setting(3e-3, "peak learning rate")
+    warmup_steps: int | None = setting(None, "LR warm-up steps", default_text="one epoch, <= 10%%")
+    weight_decay: float = setting(0.0, "Adam weight decay")
+    betas: tuple[float, float] = setting((0.9, 0.95), "Adam betas")
+    grad_clip: float = setting(0.0, "clip the gradient norm (0: off)")
+    mask_prob: float = setting(MASK_PROB, "BERT masking probability")
+    checkpointing: int = setting(0, "activation checkpointing: 0 off, 1 every block, k every k-th")
+    precision: str = setting(
+        "auto", "auto: bf16 autocast on CUDA, fp32 on the CPU", choices=PRECISIONS
+    )
+    fsdp: bool = setting(False, "shard with FSDP2 fully_shard (under torchrun)")
+    augment: str = setting(
+        "none",
+        "train-time augmentation: crop (random resized crop) or cifar (pad-crop-flip)",
+        choices=AUGMENTS,
+    )
+    palette: str | None = setting(
+        None, "palette .npy (Palette.save)", default_text="fit one on the training images"
+    )
+    n_colors: int | None = setting(None, "colours to fit", default_text="16 for digits, else 512")
+    val_frac: float = setting(0.1, "hold-out fraction")
+    val_size: int | None = setting(2048, "cap on the validation images")
+    val_every: int = setting(0, "validate every N steps (0: at the end and with checkpoints)")
+    log_every: int = setting(10, "a metrics.jsonl row every N steps")
+    ckpt_every: int = setting(500, "checkpoint every N steps")
+    keep_checkpoints: int = setting(3, "checkpoints kept (0 keeps all)")
+    seed: int = setting(0, "random seed")
+    device: str | None = setting(None, "cpu, cuda, cuda:1 ...", default_text="cuda when available")
+    out: str = setting("runs/pretrain", "output directory")
+    resume: bool = setting(False, "continue from the latest checkpoint in --out")
+    cache_dir: str | None = setting(
+        None, "token cache", default_text="$IGPT_CACHE or ~/.cache/igpt"
+    )
+    progress: bool = setting(True, "tqdm progress bar")
+    model_overrides: dict = setting({}, "IGPTConfig fields to override on the named size")
+    init_from: str | None = setting(
+        None,
+        "start from this checkpoint's weights, architecture and "
+        "palette (a file or a run directory); the optimizer and "
+        "schedule start afresh",
+        flag="--checkpoint",
+    )
 
     def __post_init__(self):
         self.betas = tuple(self.betas)

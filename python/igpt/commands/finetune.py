@@ -18,23 +18,24 @@ from igpt.commands._common import (
     pick_device,
 )
 from igpt.finetune import FinetuneConfig, evaluate, finetune
+from igpt.objectives import OBJECTIVES
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
-    """Flags of ``igpt finetune``."""
+    """Flags of ``igpt finetune``: FinetuneConfig's fields, and the ones of the command."""
     a = parser.add_argument
     a("--checkpoint", default=None, help="checkpoint file, or a run directory for its latest")
     a("--data", default="digits", help="labelled data: digits, cifar10:DIR ... (default digits)")
-    dataclass_arguments(
-        parser,
-        FinetuneConfig,
-        skip=("joint", "val_frac", "progress"),
-        helps={"objective": "the checkpoint's generative objective (default: its own)"},
-    )
-    # the command's own defaults: a run directory, and sec. 4.6's 5-mask ensemble
-    parser.set_defaults(objective=None, out_dir="runs/finetune", n_masks=5)
+    # where the command's meaning differs from the library's: the checkpoint's objective,
+    # a run directory always, and a device picked like every command's
+    a("--objective", choices=OBJECTIVES, default=None, help="default: the checkpoint's own")
+    a("--out", dest="out_dir", default="runs/finetune", help="run directory (default %(default)s)")
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    skip = ("objective", "out_dir", "device", "joint", "val_frac", "progress")
+    dataclass_arguments(parser, FinetuneConfig, skip=skip)
+    parser.set_defaults(n_masks=5)  # sec. 4.6's ensemble for the test accuracy
     a("--clf-only", action="store_true", help="train L_CLF alone (default: L_GEN + L_CLF)")
     a(
         "--augment",
