@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp32")
 AUGMENTS = ("none", "crop", "cifar")
+# n_px and the palette size when a config leaves them None (the grey digits need 16 colours)
+DATA_DEFAULTS = {"digits": {"n_px": 16, "n_colors": 16}}
+OTHER_DATA_DEFAULTS = {"n_px": 32, "n_colors": 512}
 # sec. 3.4: "we sequentially try the learning rates 0.01, 0.003, 0.001, 0.0003, ..."
 LR_GRID = (0.01, 0.003, 0.001, 0.0003, 0.0001, 3e-5, 1e-5)
 
@@ -182,7 +185,11 @@ class TrainConfig:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.n_px is None and self.init_from is None:
-            self.n_px = 16 if self.data == "digits" else 32
+            self.n_px = self.data_defaults()["n_px"]
+
+    def data_defaults(self) -> dict:
+        """``n_px`` and ``n_colors`` for ``data`` when the config leaves them None."""
+        return DATA_DEFAULTS.get(self.data, OTHER_DATA_DEFAULTS)
 
     def to_dict(self) -> dict:
         """The fields as JSON-ready values (what config.json and checkpoints hold)."""
@@ -296,7 +303,7 @@ def _run_palette(cfg: TrainConfig, run: RunDir, d: Distributed, palette, ckpt, d
     # palette.npy only carries the palette from rank 0 to the other ranks.
     path = run.path / "palette.npy"
     if d.is_main:
-        k = cfg.n_colors or (16 if cfg.data == "digits" else 512)
+        k = cfg.n_colors or cfg.data_defaults()["n_colors"]
         images = data.images if data is not None else load_images(cfg.data).images
         # the training part only: the hold-out must not shape the tokens it is scored on
         images = images[holdout_split(len(images), cfg.val_frac, seed=0)[0]]
