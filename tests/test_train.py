@@ -399,6 +399,57 @@ def test_batches_are_a_function_of_the_step(tmp_path, palette_file):
     t.close()
 
 
+def test_run_dir_bookkeeping(tmp_path):
+    """What pre-training and fine-tuning share: the fresh-or-resume check, metrics that a
+    killed run left half-written, pruning, atomic JSON."""
+    from igpt.rundir import RunDir
+
+    run = RunDir(tmp_path / "r")
+    assert run.check_fresh(resume=False) is None and run.check_fresh(resume=True) is None
+    run.append_metrics([{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)])
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 4, "lo')  # the process died mid-row
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3]
+    run.truncate_metrics(2)
+    assert run.read_metrics() == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+    for step in (1, 2, 3):
+        run.save_checkpoint({"step": step}, step, keep=2)
+    assert sorted(p.name for p in run.path.glob("*.pt")) == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
+    with pytest.raises(FileExistsError, match=r"latest ckpt_00000003.pt.*--resume"):
+        run.check_fresh(resume=False)
+    assert run.check_fresh(resume=True).name == "ckpt_00000003.pt"
+    assert json.loads(run.write_json("s.json", {"a": [1]}).read_text()) == {"a": [1]}
+    assert not list(run.path.glob(".*tmp"))
+    other = RunDir(tmp_path / "r", is_main=False)  # another rank: reads, never writes
+    other.append_metrics([{"step": 9}])
+    other.truncate_metrics(0)
+    assert [r["step"] for r in run.read_metrics()] == [1, 2]
+
+
+def test_image_batches_augment_per_row_or_per_batch():
+    from igpt.batches import GlobalBatches, ImageSource
+    from igpt.data import pad_crop_flip
+
+    images = np.random.default_rng(0).integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
+    palette = Palette(torch.rand(8, 3, generator=torch.Generator().manual_seed(0)) * 255)
+    calls = []
+
+    def augment(x, *, rng):
+        calls.append(len(x))
+        return pad_crop_flip(x, pad=2, rng=rng)
+
+    per_row = GlobalBatches(ImageSource(images, palette, 6, augment), np.arange(20), 8, seed=1)
+    whole = per_row.tokens(3)
+    assert calls == [1] * 8 and torch.equal(per_row.tokens(3, slice(2, 5)), whole[2:5])
+    calls.clear()
+    source = ImageSource(images, palette, 6, augment, per_row=False)
+    per_batch = GlobalBatches(source, np.arange(20), 8, seed=1)
+    assert torch.equal(per_batch.tokens(3), per_batch.tokens(3)) and calls == [8, 8]
+    assert not torch.equal(per_batch.tokens(3), per_batch.tokens(4))
+    with pytest.raises(ValueError, match="train_idx is empty"):
+        GlobalBatches(source, np.arange(0), 8, seed=1)
+
+
 def test_palette_is_fitted_afresh_and_without_the_holdout(tmp_path, monkeypatch):
     from igpt import palette as palette_module
     from igpt.data import load_images, resize
