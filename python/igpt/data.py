@@ -23,7 +23,7 @@ Splits: ``"train"``, ``"test"`` and ``"all"``. Sources that come without a test 
 (digits, a folder or npz without split entries) are split deterministically: the last 20%
 of a fixed permutation (digits: the last 20% in file order) is ``"test"``. ``"all"`` is
 every image. The validation set used while training is carved out of ``"train"`` with
-``holdout_split``.
+``holdout_split``; the batches a run draws from the rest come from ``igpt.batches``.
 """
 
 from __future__ import annotations
