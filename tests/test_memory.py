@@ -27,8 +27,10 @@ ln_mlp_module = importlib.import_module("igpt_kernels.ln_mlp")
 
 
 def _set_checkpointing(model, every):
-    """The one place that switches activation checkpointing on (moves to the trainer)."""
-    model.set_checkpointing(every)
+    """The one place that switches activation checkpointing on: the trainer's way."""
+    from igpt.train import apply_checkpointing
+
+    apply_checkpointing(model, every)
 
 
 def _config(d=64, heads=2, n_px=4, layers=2, **kw):
