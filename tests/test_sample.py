@@ -294,7 +294,14 @@ def test_cache_decode_through_the_triton_kernel_matches(monkeypatch):
     out = model.generate(2, prefix=prefix, temperature=0, cuda_graph=True)  # masked whole cache
     torch.testing.assert_close(out, expect, rtol=0, atol=0)
     # the sliced cache must never be read past the slice: poison what is not written yet
-    zeros = IGPT.kv_cache
-    monkeypatch.setattr(IGPT, "kv_cache", lambda *a, **kw: zeros(*a, **kw).fill_(math.nan))
+    empty = IGPT.kv_cache
+
+    def poisoned(*args, **kwargs):
+        caches = empty(*args, **kwargs)
+        for cache in caches:
+            cache.kv.fill_(math.nan)
+        return caches
+
+    monkeypatch.setattr(IGPT, "kv_cache", poisoned)
     out = model.generate(2, prefix=prefix, temperature=0)
     torch.testing.assert_close(out, expect, rtol=0, atol=0)
