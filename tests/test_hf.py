@@ -10,7 +10,7 @@ from PIL import Image
 from igpt import IGPT, IGPTConfig
 from igpt.checkpoint import save_checkpoint
 from igpt.finetune import IGPTClassifier
-from igpt.hf import HF_CONFIG_DEFAULTS, from_hf, load_any, to_hf
+from igpt.hf import HF_CONFIG_DEFAULTS, from_hf, from_pretrained, load_any, to_hf
 from igpt.palette import Palette
 
 transformers = pytest.importorskip("transformers")
@@ -186,7 +186,7 @@ def test_hf_classifier_loads_into_igpt_classifier(tmp_path):
     assert torch.equal(clf.head.weight, hf.score.weight)
     assert torch.count_nonzero(clf.head.bias) == 0 and not clf.head.bias.requires_grad
     hf.save_pretrained(tmp_path)
-    again = __import__("igpt.hf").hf.from_pretrained(tmp_path)
+    again = from_pretrained(tmp_path)
     _assert_same_weights(clf, again)
     x = torch.randint(0, 16, (3, 16))
     with torch.no_grad():
@@ -195,7 +195,7 @@ def test_hf_classifier_loads_into_igpt_classifier(tmp_path):
 
 
 def test_igpt_classifier_round_trips_through_transformers(tmp_path):
-    from igpt.hf import from_pretrained, save_pretrained
+    from igpt.hf import save_pretrained
 
     clf = _igpt_classifier()
     x = torch.randint(0, 16, (3, 16))
@@ -252,7 +252,6 @@ def test_load_any_reads_checkpoints_and_hf_dirs(tmp_path, caplog):
         assert torch.equal(got_palette.centroids, palette.centroids)
     model.save_pretrained(tmp_path / "bare")
     assert load_any(tmp_path / "bare")[1] is None
-    _igpt_classifier().model.lm_head.weight.data.zero_()
     from igpt.hf import save_pretrained
 
     clf = _igpt_classifier()
@@ -260,6 +259,7 @@ def test_load_any_reads_checkpoints_and_hf_dirs(tmp_path, caplog):
     got, _ = load_any(tmp_path / "clf")
     assert isinstance(got, IGPT) and "holds a classifier" in caplog.text
     _assert_same_weights(clf.model, got, skip=("lm_head.weight",))
+    assert type(IGPT.from_pretrained(tmp_path / "clf")) is IGPT
 
 
 def test_bad_pretrained_dirs_raise(tmp_path):

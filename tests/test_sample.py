@@ -66,6 +66,25 @@ def test_fixed_shape_step_equals_the_sliced_cache():
     assert torch.equal(model.generate(2, seed=4, cuda_graph=True), model.generate(2, seed=4))
 
 
+@pytest.mark.parametrize("fixed_shape", [False, True])
+def test_decoding_through_the_cache_gives_forwards_logits(fixed_shape):
+    """The trunk with a KVCache (prefill, then one token a step) is forward's computation."""
+    from igpt.generation import FixedShapeStep
+
+    model = tiny()
+    x = torch.randint(0, K, (3, T))
+    with torch.no_grad():
+        expect = model(x)  # (3, T, K)
+        cache = model.kv_cache(3)
+        sos = torch.full((3, 1), model.config.sos_id)
+        got = [model.decode(torch.cat([sos, x[:, :9]], dim=1), cache)]  # predicts token 9
+        step = FixedShapeStep(model, cache) if fixed_shape else model.decode
+        for t in range(9, T - 1):
+            got.append(step(x[:, t : t + 1], cache))  # predicts token t + 1
+    assert cache[0].pos == (10 if fixed_shape else T)  # the fixed step keeps its own position
+    torch.testing.assert_close(torch.stack(got, dim=1), expect[:, 9:], rtol=1e-5, atol=1e-5)
+
+
 def test_seed_reproduces_and_different_seeds_differ():
     model = tiny()
     a = model.generate(4, seed=7)

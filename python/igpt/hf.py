@@ -332,16 +332,23 @@ def is_pretrained_dir(path) -> bool:
         return False
 
 
-def from_pretrained(path_or_hub_id):
+def from_pretrained(path_or_hub_id, *, classifier: bool = True):
     """Load a transformers ImageGPT directory or hub id: an ``IGPT`` (causal or base
-    model) or an ``IGPTClassifier`` (``ImageGPTForImageClassification``), as ``from_hf``."""
+    model) or an ``IGPTClassifier`` (``ImageGPTForImageClassification``), as ``from_hf``.
+    ``classifier=False`` gives a classifier's ``IGPT`` without its class head."""
     d = _read_json(_resolve(path_or_hub_id, "config.json"))
     if d.get("model_type") != "imagegpt":
         raise ValueError(
             f"{path_or_hub_id}: config.json has model_type={d.get('model_type')!r}, not 'imagegpt'"
         )
     config = SimpleNamespace(**{**HF_CONFIG_DEFAULTS, **d})
-    return _from_hf_state_dict(_read_weights(path_or_hub_id), config, None)
+    model = _from_hf_state_dict(_read_weights(path_or_hub_id), config, None)
+    if not classifier and _is_classifier(model):
+        log.warning(
+            "%s holds a classifier; using its transformer, without the head", path_or_hub_id
+        )
+        model = model.model
+    return model
 
 
 def save_pretrained(model_or_classifier, directory, *, palette=None) -> Path:
@@ -421,9 +428,6 @@ def load_any(path):
 
         model, palette, _ = load_model(p)
         return model, palette
-    model = from_pretrained(path)
-    if _is_classifier(model):
-        log.warning("%s holds a classifier; using its transformer, without the head", path)
-        model = model.model
+    model = from_pretrained(path, classifier=False)
     has_palette = _resolve(path, "preprocessor_config.json", required=False) is not None
     return model, load_palette(path) if has_palette else None

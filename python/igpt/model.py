@@ -221,7 +221,7 @@ class IGPT(nn.Module):
         """Load a transformers ImageGPT directory or hub id (``igpt.hf.from_pretrained``)."""
         from igpt.hf import from_pretrained
 
-        return from_pretrained(path_or_hub_id)
+        return from_pretrained(path_or_hub_id, classifier=False)
 
     def save_pretrained(self, directory, *, palette=None) -> None:
         """Write transformers' ImageGPT layout to ``directory`` (``igpt.hf.save_pretrained``)."""
