@@ -278,3 +278,35 @@ def test_bad_pretrained_dirs_raise(tmp_path):
         Palette.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="RMS norms"):
         _igpt_model(norm="layer").save_pretrained(tmp_path / "x")
+
+
+def test_export_and_import_checkpoints(tmp_path):
+    from igpt.checkpoint import load_model
+    from igpt.finetune import load_classifier
+    from igpt.hf import export_checkpoint, import_pretrained
+
+    model = _igpt_model()
+    palette = Palette(torch.rand(16, 3) * 255)
+    save_checkpoint(tmp_path / "run" / "ckpt_00000005.pt", model, step=5, palette=palette)
+    export_checkpoint(tmp_path / "run", tmp_path / "hf")
+    hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "hf")
+    _assert_same_weights(model, from_hf(hf))
+    out = import_pretrained(tmp_path / "hf", tmp_path / "imported.pt")
+    back, back_palette, ckpt = load_model(out)
+    _assert_same_weights(model, back)
+    assert torch.equal(back_palette.centroids, palette.centroids) and ckpt["objective"] == "ar"
+    # a fine-tuning checkpoint exports as HF's classifier (its head bias must be zero)
+    clf = _igpt_classifier()
+    info = {"n_classes": 3, "layer": clf.layer}
+    save_checkpoint(
+        tmp_path / "ft.pt", clf.model, palette=palette, head=clf.head.state_dict(), finetune=info
+    )
+    export_checkpoint(tmp_path / "ft.pt", tmp_path / "hf_clf")
+    x = torch.randint(0, 16, (2, 16))
+    hf_clf = transformers.ImageGPTForImageClassification.from_pretrained(tmp_path / "hf_clf")
+    with torch.no_grad():
+        ours = load_classifier(tmp_path / "ft.pt")[0].eval()(x, generative=False)[1]
+        theirs = hf_clf.eval()(input_ids=_hf_input(x, 16)).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    export_checkpoint(tmp_path / "ft.pt", tmp_path / "hf_lm", head=False)
+    assert type(IGPT.from_pretrained(tmp_path / "hf_lm")) is IGPT

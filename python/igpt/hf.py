@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # HF's causal-mask buffers, not weights
-CAUSAL, CLASSIFIER = "ImageGPTForCausalImageModeling", "ImageGPTForImageClassification"
+_CAUSAL, _CLASSIFIER = "ImageGPTForCausalImageModeling", "ImageGPTForImageClassification"
 
 # transformers.ImageGPTConfig's defaults, for config.json files that leave keys out (HF
 # writes only what differs from them). tests/test_hf.py checks them against transformers.
@@ -128,7 +128,7 @@ def hf_config_dict(config: IGPTConfig, n_classes: int | None = None) -> dict:
         )
     d = {
         "model_type": "imagegpt",
-        "architectures": [CAUSAL if n_classes is None else CLASSIFIER],
+        "architectures": [_CAUSAL if n_classes is None else _CLASSIFIER],
         **HF_CONFIG_DEFAULTS,
         "vocab_size": config.vocab_size,
         "n_positions": config.n_positions,
@@ -431,3 +431,28 @@ def load_any(path):
     model = from_pretrained(path, classifier=False)
     has_palette = _resolve(path, "preprocessor_config.json", required=False) is not None
     return model, load_palette(path) if has_palette else None
+
+
+def export_checkpoint(checkpoint, directory, *, head: bool = True) -> Path:
+    """``igpt export-hf``: an igpt checkpoint (file or run directory) to a transformers
+    directory, with its palette. A fine-tuning checkpoint becomes
+    ``ImageGPTForImageClassification`` (``head=False``: its ``IGPT`` only, causal)."""
+    from igpt.checkpoint import load_checkpoint, load_model
+
+    if head and "head" in load_checkpoint(checkpoint):
+        from igpt.finetune import load_classifier
+
+        model, palette, _ = load_classifier(checkpoint)
+    else:
+        model, palette, _ = load_model(checkpoint)
+    return save_pretrained(model, directory, palette=palette)
+
+
+def import_pretrained(path_or_hub_id, out) -> Path:
+    """``igpt import-hf``: a transformers ImageGPT directory (or hub id) to an igpt
+    checkpoint file ``out`` (weights, config and palette, step 0, objective "ar"), which
+    every ``--checkpoint`` takes. Returns ``out``."""
+    from igpt.checkpoint import save_checkpoint
+
+    model, palette = load_any(path_or_hub_id)
+    return save_checkpoint(out, model, step=0, palette=palette, objective="ar")
