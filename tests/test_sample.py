@@ -82,6 +82,9 @@ def test_decoding_through_the_cache_gives_forwards_logits(fixed_shape):
         for t in range(9, T - 1):
             got.append(step(x[:, t : t + 1], cache))  # predicts token t + 1
     assert cache[0].pos == (10 if fixed_shape else T)  # the fixed step keeps its own position
+    if fixed_shape:
+        with pytest.raises(ValueError, match="one token per step, got 2"):
+            model.decode(x[:, :2], step.caches)
     torch.testing.assert_close(torch.stack(got, dim=1), expect[:, 9:], rtol=1e-5, atol=1e-5)
 
 
