@@ -137,6 +137,22 @@ class Palette:
         """The centroids in [-1, 1] space (x / 127.5 - 1), float32 (K, 3) numpy array."""
         return (self.centroids.double() / 127.5 - 1.0).float().numpy()
 
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id) -> Palette:
+        """The palette of a transformers ImageGPT directory or hub id, from its
+        ``preprocessor_config.json`` (``igpt.hf.load_palette``)."""
+        from igpt.hf import load_palette
+
+        return load_palette(path_or_hub_id)
+
+    def save_pretrained(self, directory, *, n_px: int | None = None) -> Path:
+        """Write ``preprocessor_config.json`` that ``ImageGPTImageProcessor`` reads, with
+        this palette as its ``clusters`` (``igpt.hf.save_palette``; ``n_px`` defaults to
+        the side of the model saved in ``directory``)."""
+        from igpt.hf import save_palette
+
+        return save_palette(self, directory, n_px=n_px)
+
 
 def _pixel_array(pixels_or_images) -> np.ndarray:
     """Flatten uint8 (..., 3) images (numpy, torch or a list of arrays) to (N, 3) uint8."""
