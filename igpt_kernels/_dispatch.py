@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "triton", "sdpa", "cublas", "cuda", "cpu", "torch")
 MODES = ("measure", "fixed")
 FORMAT = 1
+UNNAMED = "(a GPU not yet named: first seen while compiling)"
 
 
 def triton_interpreting() -> bool:
@@ -257,7 +258,7 @@ class Dispatcher:
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in self._names:
             if torch.compiler.is_compiling():
-                return None
+                return UNNAMED  # still a GPU (static order); nothing is looked up or timed
             self._names[index] = torch.cuda.get_device_name(index)
         return self._names[index]
 
@@ -289,7 +290,7 @@ class Dispatcher:
         hit = entries.get(key)
         if hit is not None and hit["backend"] in names:
             return hit["backend"]
-        if busy:
+        if busy or gpu == UNNAMED:
             return static
         entry = self._measure(names, static, run)
         if entry is None:

@@ -44,8 +44,10 @@ the second matmul, as FlashAttention does) and float32 (IEEE fp32 dots, no TF32)
 ``TRITON_INTERPRET=1`` (CPU tests) one small config runs, float32/float16 only: the
 interpreter computes bfloat16 wrongly. Limits: B * H <= 65535 (the grid's second axis).
 
-Backends: "triton" (these kernels; the "auto" choice for CUDA tensors) and "torch"
-(``reference.attention``; "auto" on any other device).
+Backends: "triton" (these kernels), "sdpa" (PyTorch's SDPA kernels where they can express
+the mask exactly: the table in ``attention``'s docstring) and "torch" (``reference.attention``,
+"auto" on the CPU). "auto" on a GPU times triton and each eligible SDPA kernel on the first
+call per key and keeps the fastest (``igpt_kernels._dispatch``).
 """
 
 from __future__ import annotations
