@@ -170,9 +170,9 @@ def agrees(out: torch.Tensor, base: torch.Tensor) -> bool:
     base = base.detach().float()
     if not torch.isfinite(base).all():
         return True  # NaN/inf inputs: nothing to judge by
-    tol = 1e-3 if out.dtype in (torch.float32, torch.float64) else 3e-2
+    tol = 5e-3 if out.dtype in (torch.float32, torch.float64) else 2e-2  # TF32 / 16-bit
     err = (out.detach().float() - base).abs().max().item()
-    return err <= tol * (1.0 + base.abs().max().item())
+    return err <= tol * max(base.abs().max().item(), 1e-3)
 
 
 def _default_capturing() -> bool:

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from test_attention import _loop_attention  # the definition, one query at a time
+from test_ln_mlp import _grads, _weights
 
 from igpt_kernels import attention, dequantize, ln_linear, ln_mlp, reference
 from igpt_kernels._dispatch import triton_interpreting
@@ -18,26 +20,6 @@ needs_triton = pytest.mark.skipif(
     reason="needs Triton (compiled on a GPU, or TRITON_INTERPRET=1 on the CPU)",
 )
 MASKS = ["causal", "none", "pad", "causal+pad"]
-
-
-def _definition(q, k, v, causal, pad, scale):
-    """Row by row in float64, from the visible-key rule itself."""
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    out = torch.zeros(B, H, Nq, D, dtype=torch.float64)
-    for b in range(B):
-        for i in range(Nq):
-            seen = torch.tensor(
-                [
-                    (not causal or j <= i + Nk - Nq) and (pad is None or bool(pad[b, j]))
-                    for j in range(Nk)
-                ]
-            )
-            if not seen.any():
-                continue
-            s = (k[b][:, seen].double() @ q[b, :, i].double()[..., None])[..., 0] * scale
-            out[b, :, i] = (torch.softmax(s, -1)[:, None, :] @ v[b][:, seen].double())[:, 0]
-    return out
 
 
 def _inputs(B, H, Nq, Nk, D, mask, dtype=torch.float64, device="cpu", empty_rows=False):
@@ -65,7 +47,7 @@ def _inputs(B, H, Nq, Nk, D, mask, dtype=torch.float64, device="cpu", empty_rows
 def test_any_head_dim_matches_definition(D, mask, backend, Nq, Nk):
     q, k, v, causal, pad = _inputs(2, 2, Nq, Nk, D, mask, empty_rows=True)
     o = attention(q, k, v, causal=causal, key_padding_mask=pad, backend=backend)
-    expect = _definition(q, k, v, causal, pad, 1 / math.sqrt(D))
+    expect = _loop_attention(q, k, v, causal, pad, 1 / math.sqrt(D))
     torch.testing.assert_close(o, expect, rtol=1e-10, atol=1e-10)
     if pad is not None:
         assert torch.equal(o[-1], torch.zeros_like(o[-1]))
@@ -100,7 +82,7 @@ def test_sdpa_flash_kernel_alone(mask):
     if DEVICE == "cuda":
         q, k, v = q.half(), k.half(), v.half()
     o = attention_module.run_backend("sdpa-flash", q, k, v, causal, None, 0.25)
-    expect = _definition(q.cpu(), k.cpu(), v.cpu(), causal, None, 0.25)
+    expect = _loop_attention(q.cpu(), k.cpu(), v.cpu(), causal, None, 0.25)
     torch.testing.assert_close(o.double().cpu(), expect, atol=2e-3, rtol=2e-3)
 
 
@@ -159,6 +141,16 @@ def test_nan_propagates_on_every_backend(mask, dtype, where):
         if where == "q":
             others = torch.cat([o[0, 0, :3], o[0, 0, 4:], o[1].flatten(0, 1)])
             assert torch.isfinite(others).all(), (backend, "rows that never meet the NaN")
+
+
+def test_large_finite_half_queries_stay_finite_on_sdpa():
+    """The NaN check sums each query row; in float16 a row of 600s (sum 76800) would
+    overflow to inf and turn into a false NaN."""
+    q = torch.full((1, 1, 4, 128), 600.0, dtype=torch.float16, device=DEVICE)
+    k, v = (torch.randn(1, 1, 4, 128, device=DEVICE).half() for _ in range(2))
+    for pad in (None, torch.tensor([[True, True, False, True]], device=DEVICE)):
+        o = attention(q, k, v, key_padding_mask=pad, backend="sdpa")
+        assert torch.isfinite(o).all()
 
 
 @pytest.mark.parametrize(
@@ -237,25 +229,6 @@ def test_one_colour_limit_fits_uint16_tokens():
 # --------------------------------------------------------------------------------------
 
 
-def _mlp_weights(d, h, norm, biases, dtype=torch.float64):
-    return dict(
-        norm_weight=1 + 0.1 * torch.randn(d, dtype=dtype),
-        norm_bias=0.1 * torch.randn(d, dtype=dtype) if norm == "layer" and biases else None,
-        fc_weight=torch.randn(h, d, dtype=dtype) / d**0.5,
-        fc_bias=0.1 * torch.randn(h, dtype=dtype) if biases else None,
-        proj_weight=torch.randn(d, h, dtype=dtype) / h**0.5,
-        proj_bias=0.1 * torch.randn(d, dtype=dtype) if biases else None,
-    )
-
-
-def _mlp_grads(x, w, dy, **kwargs):
-    x = x.detach().clone().requires_grad_()
-    w = {k: None if t is None else t.detach().clone().requires_grad_() for k, t in w.items()}
-    y = ln_mlp(x, **w, **kwargs)
-    y.backward(dy.to(y.dtype))
-    return {"y": y.detach(), "x": x.grad, **{k: t.grad for k, t in w.items() if t is not None}}
-
-
 @needs_triton
 @pytest.mark.parametrize(
     "shape,norm,activation,biases,residual,dtype,tol",
@@ -268,11 +241,11 @@ def _mlp_grads(x, w, dy, **kwargs):
 def test_cublas_backend_matches_float64(shape, norm, activation, biases, residual, dtype, tol):
     d = shape[-1]
     x, dy = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
-    w = _mlp_weights(d, 4 * d, norm, biases)
+    w = _weights(d, 4 * d, norm=norm, biases=biases)
     opts = dict(norm=norm, activation=activation, residual=residual)
-    ref = _mlp_grads(x, w, dy, **opts, backend="torch")
+    ref = _grads(ln_mlp, x, w, dy, **opts, backend="torch")
     low = {k: None if t is None else t.to(DEVICE, dtype) for k, t in w.items()}
-    out = _mlp_grads(x.to(DEVICE, dtype), low, dy.to(DEVICE), **opts, backend="cublas")
+    out = _grads(ln_mlp, x.to(DEVICE, dtype), low, dy.to(DEVICE), **opts, backend="cublas")
     atol, rtol = tol
     for name, r in ref.items():
         assert out[name].dtype == dtype, name
@@ -283,7 +256,7 @@ def test_cublas_backend_matches_float64(shape, norm, activation, biases, residua
 
 
 def test_cublas_backend_refuses_what_it_cannot_run():
-    w = {k: None if t is None else t for k, t in _mlp_weights(32, 64, "rms", True).items()}
+    w = {k: None if t is None else t for k, t in _weights(32, 64).items()}
     with pytest.raises(ValueError, match="backend='cublas'.*float64 has no Triton kernel"):
         ln_mlp(torch.randn(3, 32, dtype=torch.float64), **w, backend="cublas")
     with pytest.raises(TypeError, match="_variant"):
@@ -296,12 +269,12 @@ def test_cublas_backend_refuses_what_it_cannot_run():
 @pytest.mark.parametrize("d", [512, 1024])
 def test_cuda_cublas_bf16_error_at_most_twice_eager(d):
     x = torch.randn(8192, d, dtype=torch.float64, device="cuda")
-    w = {k: None if t is None else t.cuda() for k, t in _mlp_weights(d, 4 * d, "rms", True).items()}
+    w = {k: None if t is None else t.cuda() for k, t in _weights(d, 4 * d).items()}
     dy = torch.randn_like(x)
-    ref = _mlp_grads(x, w, dy, backend="torch")
+    ref = _grads(ln_mlp, x, w, dy, backend="torch")
     low = {k: None if t is None else t.bfloat16() for k, t in w.items()}
-    eager = _mlp_grads(x.bfloat16(), low, dy, backend="torch")
-    ours = _mlp_grads(x.bfloat16(), low, dy, backend="cublas")
+    eager = _grads(ln_mlp, x.bfloat16(), low, dy, backend="torch")
+    ours = _grads(ln_mlp, x.bfloat16(), low, dy, backend="cublas")
     for name, r in ref.items():
         err = (ours[name].double() - r).abs().max().item()
         eager_err = (eager[name].double() - r).abs().max().item()
@@ -311,16 +284,13 @@ def test_cuda_cublas_bf16_error_at_most_twice_eager(d):
 @pytest.mark.cuda
 def test_cuda_cublas_autocast_error_at_most_twice_eager():
     x = torch.randn(4096, 512, dtype=torch.float64, device="cuda")
-    w = {
-        k: None if t is None else t.cuda()
-        for k, t in _mlp_weights(512, 2048, "layer", True).items()
-    }
+    w = {k: None if t is None else t.cuda() for k, t in _weights(512, 2048, norm="layer").items()}
     dy = torch.randn_like(x)
-    ref = _mlp_grads(x, w, dy, norm="layer", backend="torch")
+    ref = _grads(ln_mlp, x, w, dy, norm="layer", backend="torch")
     w32 = {k: None if t is None else t.float() for k, t in w.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        eager = _mlp_grads(x.float(), w32, dy, norm="layer", backend="torch")
-        ours = _mlp_grads(x.float(), w32, dy, norm="layer", backend="cublas")
+        eager = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend="torch")
+        ours = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend="cublas")
     for name, r in ref.items():
         assert ours[name].dtype == eager[name].dtype, name
         err = (ours[name].double() - r).abs().max().item()
@@ -390,7 +360,7 @@ def test_attention_traces_under_compile_fullgraph(mask):
 
 def test_ln_mlp_and_dequantize_trace_under_compile_fullgraph():
     torch._dynamo.reset()
-    w = _mlp_weights(16, 32, "layer", True, torch.float32)
+    w = _weights(16, 32, dtype=torch.float32, norm="layer")
 
     def fn(x, nw, nb, w1, b1, w2, b2):
         return ln_mlp(x, nw, nb, w1, b1, w2, b2, norm="layer", activation="gelu") + ln_linear(
