@@ -967,17 +967,18 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
     Which SDPA kernel can take which case exactly (``sdpa_kernel_reason``; "sdpa" lets
     PyTorch pick among the eligible ones and its math kernel; "auto" times each):
 
-        ============================  =====  =========  =====  ===============================
-        case                          flash  efficient  cuDNN  how it is called
-        ============================  =====  =========  =====  ===============================
-        full, or causal with Nq == Nk  yes    yes        yes    ``is_causal`` (equal to
-                                                                bottom-right when square)
-        causal, Nq < Nk               yes    yes        yes    ``causal_lower_right`` (flash,
-                                                                efficient); else a bool mask
-        key padding                   no     yes        yes    bool mask; rows with no key: 0
-        causal + key padding          no     yes        yes    bool mask; rows with no key: 0
-        ============================  =====  =========  =====  ===============================
+        =============================  =====  =========  =====  =============================
+        case                           flash  efficient  cuDNN  how SDPA is called
+        =============================  =====  =========  =====  =============================
+        full, or causal with Nq == Nk  yes    yes        yes    ``is_causal`` (top-left, equal
+                                                                to bottom-right when square)
+        causal, Nq < Nk                yes    yes        yes    ``causal_lower_right`` (flash,
+                                                                efficient), else a bool mask
+        key padding                    no     yes        yes    bool mask; rows with no key: 0
+        causal + key padding           no     yes        yes    bool mask; rows with no key: 0
+        =============================  =====  =========  =====  =============================
 
+    Unmeasured: no GPU has run these paths yet (tests/test_reference.py has the CUDA check).
     dtypes and head dims: flash float16/bfloat16, D <= 256, D % 8 == 0; efficient float16/
     bfloat16 (D % 8 == 0) and float32 (D % 4 == 0); cuDNN float16/bfloat16, D <= 128,
     D % 8 == 0, Nk > 1. On the Triton backend, calls that need no gradient with Nq <= 16
