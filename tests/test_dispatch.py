@@ -388,3 +388,14 @@ def test_ln_linear_auto_candidates(fake_gpu, monkeypatch):
     x = torch.randn(3, 32)
     ln_linear(x, torch.ones(32), None, torch.randn(96, 32), None)
     assert set(tried) == {"triton", "torch"} and tried[-1] == "triton"
+
+
+@pytest.mark.parametrize("D,static", [(64, "triton"), (80, "sdpa")])
+def test_fixed_dispatch_is_the_static_choice(fake_gpu, monkeypatch, D, static):
+    """IGPT_DISPATCH=fixed on a GPU: Triton where it can run, else "sdpa"; nothing timed."""
+    monkeypatch.setenv("IGPT_DISPATCH", "fixed")
+    fake_gpu._mode = None  # read the environment again
+    tried = _fake_attention_backends(monkeypatch, fake_gpu.clock, ATTENTION_COSTS)
+    q, k, v = (torch.randn(1, 2, 8, D, dtype=torch.float16) for _ in range(3))
+    attention(q, k, v)
+    assert tried == [static] and dispatch_table() == []
