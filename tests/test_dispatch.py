@@ -399,3 +399,14 @@ def test_fixed_dispatch_is_the_static_choice(fake_gpu, monkeypatch, D, static):
     q, k, v = (torch.randn(1, 2, 8, D, dtype=torch.float16) for _ in range(3))
     attention(q, k, v)
     assert tried == [static] and dispatch_table() == []
+
+
+def test_agreement_is_loose_for_rounding_and_strict_for_a_wrong_answer():
+    base = torch.randn(64, 64)
+    assert _dispatch.agrees(base + 1e-4 * torch.randn(64, 64), base)
+    assert not _dispatch.agrees(base.roll(1, 0), base)  # e.g. a mask off by one row
+    assert not _dispatch.agrees(base[:, :32], base)
+    half = base.half()
+    assert _dispatch.agrees((base * (1 + 4e-3)).half(), half)
+    assert not _dispatch.agrees((base + 0.1).half(), half)
+    assert _dispatch.agrees(torch.zeros(3), torch.full((3,), float("nan")))  # nothing to judge
