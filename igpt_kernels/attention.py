@@ -836,6 +836,7 @@ def _sdpa(q, k, v, causal, key_padding_mask, scale, kernels):
     from torch.nn.attention import sdpa_kernel
 
     Nq, Nk = q.shape[2], k.shape[2]
+    causal = causal and Nq > 1  # one query, bottom-right: it sees every key (decoding)
     with sdpa_kernel(_sdpa_backends(kernels)):
         if key_padding_mask is None:
             mask = None

@@ -43,7 +43,7 @@ def _inputs(B, H, Nq, Nk, D, mask, dtype=torch.float64, device="cpu", empty_rows
 @pytest.mark.parametrize("D", [1, 7, 16, 80])
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("backend", ["torch", "sdpa"])
-@pytest.mark.parametrize("Nq,Nk", [(6, 6), (3, 9)])
+@pytest.mark.parametrize("Nq,Nk", [(6, 6), (3, 9), (1, 9)])
 def test_any_head_dim_matches_definition(D, mask, backend, Nq, Nk):
     q, k, v, causal, pad = _inputs(2, 2, Nq, Nk, D, mask, empty_rows=True)
     o = attention(q, k, v, causal=causal, key_padding_mask=pad, backend=backend)
