@@ -410,3 +410,22 @@ def test_agreement_is_loose_for_rounding_and_strict_for_a_wrong_answer():
     assert _dispatch.agrees((base * (1 + 4e-3)).half(), half)
     assert not _dispatch.agrees((base + 0.1).half(), half)
     assert _dispatch.agrees(torch.zeros(3), torch.full((3,), float("nan")))  # nothing to judge
+
+
+@pytest.mark.cuda
+def test_cuda_auto_measures_once_and_caches(tmp_path, monkeypatch):
+    """On a real GPU with CUDA events: the first auto call fills the table and the file, the
+    choice is one of the candidates and its output matches the float64 reference."""
+    d = Dispatcher(cache_dir=tmp_path, mode="measure")
+    monkeypatch.setattr(_dispatch, "DISPATCH", d)
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    o = attention(q, k, v, causal=True)
+    (row,) = dispatch_table()
+    assert row["gpu"] == torch.cuda.get_device_name()
+    assert row["backend"] in row["ms"] and row["ms"][row["backend"]] == min(row["ms"].values())
+    assert "triton" in row["ms"] or "triton" in row["dropped"]
+    want = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(o.double(), want, atol=1e-2, rtol=1e-2)
+    assert len(list(tmp_path.glob("dispatch-*.json"))) == 1
+    attention(q[:, :, :200], k[:, :, :200], v[:, :, :200], causal=True)  # the same bucket
+    assert len(dispatch_table()) == 1
