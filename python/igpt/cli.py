@@ -152,16 +152,9 @@ def run(args) -> None:
                 "CUDA kernel" if gpu_quantize is None else f"reference: {gpu_quantize}",
             ),
         ]
-    from igpt_kernels import dispatch_table
-    from igpt_kernels._dispatch import DISPATCH
-
-    learned = dispatch_table()
-    rows.append(("auto on GPU", f"{DISPATCH.mode} (IGPT_DISPATCH), {len(learned)} learned"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:>{width}}: {value}")
-    for row in learned:
-        print(f"  {row['gpu']}: {row['key']} -> {row['backend']} (ms {row.get('ms')})")
 
 
 def main(argv=None) -> None:
