@@ -850,20 +850,13 @@ def _sdpa(q, k, v, causal, key_padding_mask, scale, kernels):
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal and Nq == Nk, scale=scale
             )
-            return o + _nan_of(q, o.dtype)
+            return reference.propagate_nan(o, q)
         mask = reference.attention_mask(Nq, Nk, causal, key_padding_mask, q.device)
         seen = mask.any(-1, keepdim=True)  # (B, 1, Nq or 1, 1): the row sees some key
         o = F.scaled_dot_product_attention(
             torch.where(seen, q, 0.0), k, v, attn_mask=mask | ~seen, scale=scale
         )
-        return torch.where(seen, o + _nan_of(q, o.dtype), 0.0)
-
-
-def _nan_of(q, dtype):
-    """(..., Nq, 1): 0 for a finite query row, NaN for one holding NaN or inf. The sum runs in
-    float32 (float64 for float64) so that large finite 16-bit rows cannot overflow to inf."""
-    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return (0.0 * q.sum(-1, keepdim=True, dtype=wide)).to(dtype)
+        return torch.where(seen, reference.propagate_nan(o, q), 0.0)
 
 
 def _triton(q, k, v, causal, key_padding_mask, scale):

@@ -100,6 +100,23 @@ def attention_mask(Nq, Nk, causal, key_padding_mask, device):
     return mask
 
 
+def propagate_nan(o, q):
+    """o with NaN in every row whose query holds a NaN or an inf, as PyTorch's math gives.
+
+    PyTorch's fused CPU kernel returns zeros for such a query (its running max skips NaN).
+    ``0 * sum(q)`` (summed in float32 or wider, so large finite 16-bit rows cannot overflow)
+    is 0 for a finite row and NaN otherwise. On the CPU it is added only when q has such a
+    row, so finite inputs keep SDPA's output tensor itself (what autograd saves, and its
+    (B, n, H, D) layout); on a GPU (no host sync) and while compiling it is always added,
+    laid out as o.
+    """
+    if not compiling() and q.device.type == "cpu" and bool(torch.isfinite(q).all()):
+        return o
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    nan = (0.0 * q.sum(-1, keepdim=True, dtype=wide)).to(o.dtype)  # (B, H, Nq, 1)
+    return (o.transpose(1, 2) + nan.transpose(1, 2)).transpose(1, 2)
+
+
 def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, backend="auto"):
     """Reference scaled dot-product attention: softmax(q k^T * sm_scale + mask) v.
 
@@ -130,9 +147,7 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
             is_causal=causal and Nq == Nk,
             scale=scale,
         )
-        # The fused CPU kernel returns zeros for a query that holds a NaN (its running max
-        # skips NaN); 0 * sum(q) puts the NaN back and adds exactly 0 otherwise.
-        return (o + 0.0 * qc.sum(-1, keepdim=True)).to(q.dtype)
+        return propagate_nan(o, qc).to(q.dtype)
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
