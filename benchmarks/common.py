@@ -41,6 +41,12 @@ def env() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    try:
+        import igpt_kernels
+
+        kernels_version = igpt_kernels.__version__
+    except ImportError:
+        kernels_version = None
     cuda = torch.cuda.is_available()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -48,6 +54,7 @@ def env() -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "triton": triton_version,
+        "igpt_kernels": kernels_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "commit": commit,
@@ -90,6 +97,7 @@ def peak_gib(fn) -> float | None:
 
 
 def parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --out and --quick."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON output")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")

@@ -201,5 +201,7 @@ def quantize(pixels, palette, *, backend="auto", lut=None):
 
 
 def dequantize(tokens, palette):
-    """Map palette indices (...) back to uint8 RGB (..., 3) (colours rounded, clamped)."""
+    """Map palette indices (...) of any integer dtype (uint16, the token cache's, included)
+    back to uint8 RGB (..., 3), colours rounded and clamped. Ids outside [0, K) raise a
+    ValueError (a check skipped while ``torch.compile`` traces)."""
     return reference.dequantize(tokens, palette)

@@ -43,8 +43,15 @@ def rows() -> list[tuple[str, str]]:
 
 
 def run(args) -> None:
-    """``igpt info``: one ``what: value`` line each, aligned."""
-    table = rows()
+    """``igpt info``: one ``what: value`` line each, aligned, then the choices the measured
+    ``backend="auto"`` has learned on this machine's GPUs."""
+    from igpt_kernels import dispatch_table
+    from igpt_kernels._dispatch import DISPATCH
+
+    learned = dispatch_table()
+    table = rows() + [("auto on GPU", f"{DISPATCH.mode} (IGPT_DISPATCH), {len(learned)} learned")]
     width = max(len(k) for k, _ in table)
     for key, value in table:
         print(f"{key:>{width}}: {value}")
+    for row in learned:
+        print(f"  {row['gpu']}: {row['key']} -> {row['backend']} (ms {row.get('ms')})")
