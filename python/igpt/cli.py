@@ -102,11 +102,14 @@ def pick_device(name: str | None):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from igpt import __version__
+
     parser = argparse.ArgumentParser(
         prog="igpt",
         description="Image GPT: train, probe, fine-tune and sample on hand-written kernels.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -143,6 +146,7 @@ def run(args) -> None:
         ("gpu", torch.cuda.get_device_name() if cuda else "none"),
         ("attention, ln_mlp on CPU", "PyTorch reference"),
         ("quantize on CPU", "C++ kernel" if cpu_quantize is None else f"reference: {cpu_quantize}"),
+        ("quantizer module", palette.extension_status()["summary"]),
     ]
     if cuda:
         rows += [
