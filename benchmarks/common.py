@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from igpt.reporting import format_table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -104,12 +106,4 @@ def write(name: str, rows: list[dict], out: str) -> Path:
 
 def table(rows: list[dict], columns: list[str]) -> str:
     """A Markdown table of ``rows`` restricted to ``columns`` (floats to 3 significant)."""
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return format_table(rows, columns, float_format=".3g")
