@@ -117,6 +117,7 @@ def _this_torch():
 
 
 def test_load_takes_a_matching_prebuilt(monkeypatch):
+    monkeypatch.setattr(_build, "cuda_plan", lambda *a: (False, "test"))  # no CUDA build tried
     fake = _FakeC(_this_torch())
     _prebuilt(monkeypatch, fake)
     module, status = _build.load()
