@@ -112,3 +112,16 @@ def test_alternatives_fit_and_are_not_faster():
     assert [a["relative_time"] for a in p.alternatives] == sorted(
         a["relative_time"] for a in p.alternatives
     )
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_fsdp_can_be_fixed(fsdp):
+    """A trainer stepping back after an OOM keeps its wrapping: plan(fsdp=...) holds to it."""
+    config = IGPTConfig.from_name("igpt-l", n_px=64)
+    free = memory.plan(config, batch_size=8, memory_bytes="40GiB", gpus=8)
+    held = memory.plan(config, batch_size=8, memory_bytes="40GiB", gpus=8, fsdp=fsdp)
+    assert held.fsdp is fsdp
+    assert all(a["fsdp"] is fsdp for a in held.alternatives)
+    assert {a["fsdp"] for a in free.alternatives} == {False, True}
+    if free.fsdp is fsdp:
+        assert held == free
