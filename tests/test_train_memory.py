@@ -141,6 +141,13 @@ def test_max_memory_plans_offload_when_only_offload_fits(tmp_path, palette_file)
     assert all(math.isfinite(x) for x in _losses(t.fit()["out"]))
 
 
+def test_offload_asked_for_stays_on_under_a_plan_without_it(tmp_path, palette_file):
+    t = Trainer(_cfg(tmp_path, palette_file, max_memory=BUDGET, offload_activations=True))
+    assert not t.memory.plan.offload and t.cfg.offload_activations
+    t.memory.adopt(t, t.memory.next_plan(), step=0)
+    assert t.cfg.offload_activations and t.cfg.grad_accum == 4
+
+
 def test_nothing_fits_is_one_clear_error(tmp_path, palette_file):
     with pytest.raises(ValueError) as err:
         Trainer(_cfg(tmp_path, palette_file, max_memory="1MB"))

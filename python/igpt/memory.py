@@ -70,6 +70,7 @@ steps, checkpointing ``p.checkpointing``, FSDP if ``p.fsdp``, and forward + loss
 ``activation_offload(p.offload)``; compare ``torch.cuda.max_memory_allocated()`` after the
 first steps with ``p.predicted_peak_bytes``; after an out-of-memory error, the next plan is
 ``plan(..., memory_bytes=p.predicted_peak_bytes - 1)`` (the fastest with a smaller peak).
+``igpt.memplan.TrainMemory`` does all of this for ``igpt.train.Trainer`` (``--max-memory``).
 """
 
 from __future__ import annotations

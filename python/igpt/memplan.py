@@ -26,7 +26,9 @@ bit for bit, a run that switched to the new plan's settings at the same step, bu
 that used either plan throughout, since another accumulation split sums the gradient in
 another order (float addition is not associative), and so do the steps after it. The step
 back is per process: under torchrun a rank that does not hit the error waits in the
-collective, so it serves one GPU (or ranks that all run out together).
+collective, so it serves one GPU (or ranks that all run out together). A resumed run plans
+afresh from ``max_memory``; to resume a run that stepped back bit for bit, pass the
+settings its ``memory.json`` records (``--grad-accum``, ``--checkpointing``, offload).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class TrainMemory:
         self.config = trainer.raw_model.config
         self.plan = self.plans = None
         self._steps, self._pending = 0, {}
+        self._asked_offload = cfg.offload_activations  # --offload-activations: on in every plan
         if cfg.max_memory is None:
             self.apply(trainer, cfg)
             return
@@ -130,12 +133,12 @@ class TrainMemory:
             trainer.cfg,
             grad_accum=p.accumulation,
             checkpointing=p.checkpointing,
-            offload_activations=p.offload or trainer.cfg.offload_activations,
+            offload_activations=p.offload or self._asked_offload,
         )
         self.apply(trainer, cfg)
         self.plans.append({"from_step": step, **_plan_row(p)})
         self._steps = 0
-        log.info("memory plan from step %s: %s (predicted)", step or 0, p.describe())
+        log.info("memory plan from %s: %s (predicted)", _when(step), p.describe())
         self._write(trainer)
 
     def offload(self, trainer):
@@ -208,6 +211,10 @@ class TrainMemory:
 
     def _write(self, trainer) -> None:
         trainer.run.write_json("memory.json", {"plans": self.plans, **self.options})
+
+
+def _when(step: int | None) -> str:
+    return "the start" if step is None else f"step {step}"
 
 
 def _plan_row(p: memory.Plan) -> dict:
