@@ -178,6 +178,29 @@ def test_flags_come_from_the_config():
     assert cfg.max_memory is None and cfg.offload_activations is False
 
 
+def test_igpt_pretrain_max_memory_applies_the_plan(tmp_path, palette_file, capsys):
+    from igpt import IGPTConfig
+    from igpt.cli import main
+
+    config = IGPTConfig.from_name("igpt-tiny", n_px=8, n_colors=16)
+    cpu = dict(batch_size=4, device="cpu", precision="fp32")
+    roomy = memory.plan(config, memory_bytes="40GiB", **cpu)
+    budget = roomy.predicted_peak_bytes - 1  # the roomy plan just misses: another one runs
+    want = memory.plan(config, memory_bytes=budget, **cpu)
+    assert want.fits and (want.accumulation, want.checkpointing) != (1, 0)
+    out = tmp_path / "cli"
+    args = ["pretrain", "--n-px", "8", "--steps", "2", "--batch-size", "4", "--out", str(out)]
+    args += ["--no-progress", "--device", "cpu", "--palette", palette_file, "--val-size", "4"]
+    main(args + ["--max-memory", str(budget)])
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    train = json.loads((out / "config.json").read_text())["train"]
+    assert (train["grad_accum"], train["checkpointing"], train["offload_activations"]) == (
+        want.accumulation, want.checkpointing, want.offload,
+    )  # fmt: skip
+    plans = json.loads((out / "memory.json").read_text())["plans"]
+    assert plans[0]["predicted_peak_bytes"] == want.predicted_peak_bytes <= budget
+
+
 # ----------------------------------------------------------------------------- out of memory
 
 
