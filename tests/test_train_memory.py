@@ -162,7 +162,7 @@ def test_nothing_fits_is_one_clear_error(tmp_path, palette_file):
 
 @pytest.mark.parametrize("bad", ["lots", "0GiB", "-3G"])
 def test_bad_max_memory_names_itself(tmp_path, palette_file, bad):
-    with pytest.raises(ValueError, match="memory size must be"):
+    with pytest.raises(ValueError, match="^max_memory: memory size must be .*got"):
         _cfg(tmp_path, palette_file, max_memory=bad)
 
 

@@ -197,8 +197,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.n_px is None and self.init_from is None:
             self.n_px = self.data_defaults()["n_px"]
-        if self.max_memory is not None:
-            parse_size(self.max_memory)  # a ValueError naming the format, before any work
+        if self.max_memory is not None:  # checked before any work, like the fields above
+            try:
+                parse_size(self.max_memory)
+            except ValueError as e:
+                raise ValueError(f"max_memory: {e}") from None
 
     def data_defaults(self) -> dict:
         """``n_px`` and ``n_colors`` for ``data`` when the config leaves them None."""
