@@ -51,7 +51,7 @@ def test_unknown_command_exits_with_usage():
 
 
 @pytest.mark.parametrize("command", ["probe", "finetune", "sample", "demo"])
-def test_missing_gpu_is_a_clear_exit(command, monkeypatch, tmp_path):
+def test_missing_gpu_is_a_clear_exit(command, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     args = ["--device", "cuda", "--out", str(tmp_path / "x")]
     if command != "demo":
@@ -59,8 +59,11 @@ def test_missing_gpu_is_a_clear_exit(command, monkeypatch, tmp_path):
         model = IGPT(IGPTConfig(n_px=4, n_layer=1, n_head=1, n_embd=32, n_colors=8))
         save_checkpoint(path, model, palette=torch.rand(8, 3) * 255)
         args += ["--checkpoint", str(path)]
-    with pytest.raises(SystemExit, match="no CUDA GPU is visible; use --device cpu"):
+    with pytest.raises(SystemExit) as e:
         main([command, *args])
+    err = capsys.readouterr().err  # refused while parsing: one line, argparse's status 2
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "--device 'cuda' but no CUDA GPU is visible; use --device cpu" in err
 
 
 def test_user_errors_exit_with_one_line(tmp_path):

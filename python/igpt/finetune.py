@@ -196,12 +196,33 @@ class FinetuneConfig:
     progress: bool = setting(True, "tqdm progress bar")
 
     def __post_init__(self):
+        # every hyper-parameter is checked here, before a model is loaded or a step taken:
+        # an lr of inf or nan would train and write NaN checkpoints
         self.betas = tuple(self.betas)
         check_objective(self.objective)
         for name in ("steps", "batch_size", "eval_every", "n_masks"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        p = self.patience
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise ValueError(f"patience must be None or an int >= 1, got {p!r}")
+        if self.layer is not None and (
+            isinstance(self.layer, bool) or not isinstance(self.layer, int)
+        ):
+            raise ValueError(f"layer must be None or an int, got {self.layer!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        _check_real("lr", self.lr, above=0)
+        _check_real("weight_decay", self.weight_decay, least=0)
+        if self.grad_clip is not None:
+            _check_real("grad_clip", self.grad_clip, above=0)
+        _check_real("mask_prob", self.mask_prob, above=0, most=1)
+        _check_real("val_frac", self.val_frac, above=0, below=1)
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        for beta in self.betas:
+            _check_real("betas", beta, least=0, below=1)
         if self.resume and self.out_dir is None:
             raise ValueError("resume=True needs out_dir (the run to continue)")
 
@@ -209,6 +230,18 @@ class FinetuneConfig:
         """What a run records of its settings (config.json, the result's ``settings``)."""
         keys = ("objective", "joint", "lr", "batch_size", "steps", "seed", "mask_prob")
         return {"n_classes": n_classes, "layer": layer, **{k: getattr(self, k) for k in keys}}
+
+
+def _check_real(name, v, *, above=None, least=None, below=None, most=None) -> None:
+    """Raise ValueError naming ``name`` unless ``v`` is a finite real number in the bounds."""
+    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    ok = ok and math.isfinite(v)
+    ok = ok and (above is None or v > above) and (least is None or v >= least)
+    ok = ok and (below is None or v < below) and (most is None or v <= most)
+    if not ok:
+        bounds = [f"> {above}"] * (above is not None) + [f">= {least}"] * (least is not None)
+        bounds += [f"< {below}"] * (below is not None) + [f"<= {most}"] * (most is not None)
+        raise ValueError(f"{name} must be a finite number {' and '.join(bounds)}, got {v!r}")
 
 
 # ----------------------------------------------------------------------------- finetuner
