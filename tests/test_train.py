@@ -237,7 +237,7 @@ def test_loss_drops_on_digits(tmp_path):
     losses = _losses(tmp_path / "run")
     assert losses[0] == pytest.approx(math.log(16), abs=0.05)  # zero head: uniform logits
     assert np.mean(losses[-5:]) < losses[0] - 0.6, losses
-    assert summary["val_loss"] < losses[0] - 0.5 and summary["val_bpd"] == pytest.approx(
+    assert summary["val_loss"] < losses[0] - 0.5 and summary["val_bits_per_token"] == pytest.approx(
         summary["val_loss"] / math.log(2)
     )
     run = tmp_path / "run"
