@@ -32,6 +32,21 @@ from igpt.checkpoint import (
 
 log = logging.getLogger(__name__)
 
+# metric names older versions logged -> today's. "val_bpd" was bits per token (a pixel's
+# palette colour), not the literature's bits per sub-pixel dimension (a third of it).
+RENAMED = {"val_bpd": "val_bits_per_token"}
+
+
+def _current_names(row):
+    """A metrics row with ``RENAMED`` keys under their new names (bits/dim added beside)."""
+    if not isinstance(row, dict) or not RENAMED.keys() & row.keys():
+        return row
+    row = {RENAMED.get(k, k): v for k, v in row.items()}
+    bits = row.get("val_bits_per_token")
+    if isinstance(bits, (int, float)) and "val_bits_per_dim" not in row:
+        row["val_bits_per_dim"] = bits / 3
+    return row
+
 
 class RunDir:
     """The files of one run under ``path`` (created by the main process, which also removes
@@ -81,12 +96,13 @@ class RunDir:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def read_metrics(self) -> list[dict]:
-        """The logged rows; a line half-written when a process died is skipped."""
+        """The logged rows; a line half-written when a process died is skipped. Rows of
+        older versions come back under today's names (``RENAMED``)."""
         rows = []
         if self.metrics_path.is_file():
             for line in self.metrics_path.read_text().splitlines():
                 with contextlib.suppress(ValueError):
-                    rows.append(json.loads(line))
+                    rows.append(_current_names(json.loads(line)))
         return rows
 
     def truncate_metrics(self, step: int) -> None:

@@ -397,6 +397,8 @@ def _check_resumable(cfg: TrainConfig, path: Path, ckpt: dict) -> list[str]:
             f"pass --steps {step} or more"
         )
     same = set(RESUME_FIXED) | {"out", "resume", "mask_prob", "palette", "n_colors"}
+    if cfg.warmup_steps is None:  # the run's own warm-up is kept
+        same.add("warmup_steps")
     return [
         f"{f.name}: {getattr(old, f.name)!r} -> {getattr(cfg, f.name)!r}"
         for f in dataclasses.fields(TrainConfig)
