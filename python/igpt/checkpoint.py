@@ -133,6 +133,21 @@ def model_config(ckpt: dict, path) -> IGPTConfig:
         raise CheckpointError(f"{path}: its 'config' entry is not an IGPTConfig ({e})") from e
 
 
+def _mismatch(model, weights) -> str:
+    """A short account of how ``weights`` differ from ``model``'s state dict."""
+    want = model.state_dict()
+    have = weights if isinstance(weights, dict) else {}
+    missing = [k for k in want if k not in have]
+    extra = [k for k in have if k not in want]
+    shape = [k for k in want if k in have and getattr(have[k], "shape", None) != want[k].shape]
+    parts = [
+        f"{len(keys)} {what} (e.g. {keys[0]})"
+        for keys, what in ((missing, "missing"), (extra, "unexpected"), (shape, "of other shape"))
+        if keys
+    ]
+    return ", ".join(parts) or "tensors of other types"
+
+
 def resolve_checkpoint(path_or_dir) -> Path:
     """A checkpoint file itself, or the latest checkpoint of a run directory."""
     p = Path(path_or_dir)
@@ -216,10 +231,9 @@ def load_model(path_or_dir, device=None):
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).splitlines()[1:2] or [str(e)[:200]]
         raise CheckpointError(
-            f"{path}: its weights do not fit its own config ({first[0].strip()}); the file "
-            "was not written by igpt.checkpoint.save_checkpoint"
+            f"{path}: its weights do not fit its own config ({_mismatch(model, ckpt['model'])}); "
+            "the file was not written by igpt.checkpoint.save_checkpoint"
         ) from e
     if device is not None:
         model.to(device)
