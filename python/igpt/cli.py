@@ -97,7 +97,9 @@ def user_error_line(e: BaseException) -> str | None:
 def main(argv=None) -> None:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, turn user errors into a line."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the sub-command's parser, which knows the flags that were meant
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -120,13 +120,14 @@ def check_labels(labels, name: str = "labels") -> np.ndarray:
         if bad:
             raise ValueError(
                 f"{name}: {bad} of {y.size} labels are not whole numbers (e.g. "
-                f"{y[~np.isfinite(y) | (y != np.round(y))].flat[0]!r}); labels are class "
+                f"{y[~np.isfinite(y) | (y != np.round(y))].flat[0].item()!r}); labels are class "
                 "indices 0, 1, 2 ..."
             )
     negative = int(np.count_nonzero(y < 0))
     if negative:
+        first = y[y < 0].flat[0].item()
         raise ValueError(
-            f"{name}: {negative} of {y.size} labels are negative (e.g. {y[y < 0].flat[0]!r}); "
+            f"{name}: {negative} of {y.size} labels are negative (e.g. {first!r}); "
             "labels are class indices 0, 1, 2 ...: leave unlabelled images out"
         )
     return y.astype(np.int64)
@@ -262,12 +263,13 @@ def _load_cifar(root: str, kind: str, split: str) -> ImageData:
         batch = _unpickle(path)
         try:
             x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # (n, C, H, W)
-            y = check_labels(batch[label_key], f"{path}: {label_key}").reshape(-1)
+            y = batch[label_key]
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(
                 f"{path} is not a {kind} batch: it needs 'data' (n, 3072) uint8 and "
                 f"{label_key!r} (n,) ({type(e).__name__}: {e})"
             ) from e
+        y = check_labels(y, f"{path}: {label_key}").reshape(-1)
         if len(x) != len(y):
             raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
         images.append(x.transpose(0, 2, 3, 1))  # (n, 32, 32, 3)
@@ -401,9 +403,17 @@ def _load_npz(path: str, split: str) -> ImageData:
 
 
 def _read_npz(path: Path, split: str) -> ImageData:
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if not (magic.startswith(b"PK\x03\x04") or magic == b"\x93NUMPY"):
+        # numpy would try to unpickle it, and say so: not what the file's owner needs to hear
+        raise ValueError(
+            f"npz: {path} is neither a .npz nor a .npy (its first bytes are not numpy's); "
+            "write it with numpy.savez (or numpy.save)"
+        )
     try:
         loaded = np.load(path, allow_pickle=False)
-    except ValueError as e:  # not a .npy/.npz at all, or one that holds pickled objects
+    except ValueError as e:  # a damaged header, or a .npy of pickled objects
         raise ValueError(
             f"npz: {path} is not a .npz or .npy of arrays ({e}); write it with numpy.savez"
         ) from e
@@ -411,15 +421,17 @@ def _read_npz(path: Path, split: str) -> ImageData:
         return _split_fixed(ImageData(_as_rgb_uint8(loaded, path)), split)
     with loaded as z:
         keys = set(z.files)
-        classes = [str(c) for c in z["classes"]] if "classes" in keys else None
+        classes = [str(c) for c in _member(z, "classes", path)] if "classes" in keys else None
         if "train_images" in keys and "test_images" in keys:
             names = ["train", "test"] if split == "all" else [split]
             parts = []
             for s in names:
-                labels = z[f"{s}_labels"] if f"{s}_labels" in keys else None
+                labels = _member(z, f"{s}_labels", path) if f"{s}_labels" in keys else None
                 if labels is not None:
                     labels = check_labels(labels, f"npz: {s}_labels in {path}")
-                parts.append(ImageData(_as_rgb_uint8(z[f"{s}_images"], path), labels, classes))
+                parts.append(
+                    ImageData(_as_rgb_uint8(_member(z, f"{s}_images", path), path), labels, classes)
+                )
             if len(parts) == 1:
                 return parts[0]
             return ImageData(
@@ -432,9 +444,24 @@ def _read_npz(path: Path, split: str) -> ImageData:
                 f"npz: {path} has keys {sorted(keys)}; it needs 'images' (N, H, W, 3) uint8 "
                 "and optionally 'labels', or 'train_images' and 'test_images'"
             )
-        labels = check_labels(z["labels"], f"npz: labels in {path}") if "labels" in keys else None
-        data = ImageData(_as_rgb_uint8(z["images"], path), labels, classes)
+        labels = (
+            check_labels(_member(z, "labels", path), f"npz: labels in {path}")
+            if "labels" in keys
+            else None
+        )
+        data = ImageData(_as_rgb_uint8(_member(z, "images", path), path), labels, classes)
     return _split_fixed(data, split)
+
+
+def _member(z, key: str, path: Path) -> np.ndarray:
+    """``z[key]`` of an open .npz; numpy reads members lazily, so a member of pickled
+    objects is found only here."""
+    try:
+        return z[key]
+    except ValueError as e:
+        raise ValueError(
+            f"npz: {key!r} in {path} cannot be read ({e}); store plain arrays (numpy.savez)"
+        ) from e
 
 
 def _as_rgb_uint8(x: np.ndarray, path) -> np.ndarray:

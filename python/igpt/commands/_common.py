@@ -36,6 +36,7 @@ __all__ = [
     "pick_device",
     "open_checkpoint",
     "labelled_splits",
+    "read_palette",
     "int_list",
     "int_items",
     "flat",
@@ -82,11 +83,10 @@ def number(*, above: float | None = None, least: float | None = None, most: floa
         bad |= least is not None and not value >= least
         bad |= most is not None and not value <= most
         if bad:
-            parts = ["a finite number"]
-            parts += [f"> {above:g}"] if above is not None else []
-            parts += [f">= {least:g}"] if least is not None else []
-            parts += [f"<= {most:g}"] if most is not None else []
-            raise argparse.ArgumentTypeError(f"must be {' '.join(parts)}, got {text!r}")
+            limits = ((">", above), (">=", least), ("<=", most))
+            bounds = [f"{op} {v:g}" for op, v in limits if v is not None]
+            what = " ".join(["a finite number", " and ".join(bounds)]).strip()
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
 
     parse.__name__ = "float"
@@ -112,7 +112,8 @@ def _config_check(cls, flags: dict[str, str]):
         except (ValueError, TypeError) as e:
             text = str(e)
             named = [(m.start(), f) for f, flag in flags.items() if (m := _word(f).search(text))]
-            where = f"argument {flags[min(named)[1]]}: " if named else ""
+            flag = flags[min(named)[1]] if named else None
+            where = f"argument {flag}: " if flag and not _word(flag).search(text) else ""
             raise UsageError(f"{where}{text}") from e
 
     return check
@@ -388,6 +389,20 @@ def open_checkpoint(args: argparse.Namespace, *, source=None, device=None):
         raise UsageError(f"{path} holds no palette, so images cannot be tokenised")
     objective = getattr(args, "objective", None) or objective_of(ckpt)
     return path, model, palette, ckpt, objective
+
+
+def read_palette(path, flag: str = "--palette"):
+    """``Palette.load(path)``, or a ``UsageError`` naming ``flag`` and the file when it is
+    not a palette .npy (a missing file stays a ``FileNotFoundError``)."""
+    from igpt.palette import Palette
+
+    try:
+        return Palette.load(path)
+    except (ValueError, TypeError, EOFError) as e:
+        raise UsageError(
+            f"{flag} {path} is not a palette: it must be a (K, 3) .npy of 0..255 RGB "
+            f"(igpt fit-palette writes one) ({e})"
+        ) from e
 
 
 def labelled_splits(spec: str, limit: int | None = None, splits=("train", "test")) -> tuple:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from igpt.commands._common import UsageError, add_common_arguments, count, number, pick_device
+from igpt.commands._common import (
+    UsageError,
+    add_common_arguments,
+    count,
+    number,
+    pick_device,
+    read_palette,
+)
 
 
 def add_arguments(parser) -> None:
@@ -34,9 +41,7 @@ def add_arguments(parser) -> None:
 def _palette(args, palette, n_colors: int):
     """The checkpoint's palette, or ``--palette``'s; it must have the model's colour count."""
     if args.palette is not None:
-        from igpt.palette import Palette
-
-        palette = Palette.load(args.palette)
+        palette = read_palette(args.palette, "--palette")
     if palette is None:
         raise UsageError("the checkpoint holds no palette; pass --palette FILE.npy")
     if len(palette) != n_colors:
