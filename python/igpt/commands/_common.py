@@ -103,12 +103,20 @@ def run_parse_checks(args: argparse.Namespace) -> None:
 
 
 def _config_check(cls, flags: dict[str, str]):
-    """A parse check that builds ``cls`` from the flags, so that its ``__post_init__``
+    """A parse check that builds ``cls`` from the parsed flags, so that its ``__post_init__``
     refuses odd values before a command reads a file; the error names the flag."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
 
     def check(args):
+        # the fields with flags, and hand-written flags of other fields (e.g. --out for
+        # out_dir); a None there means "the command decides later" (e.g. the objective)
+        values = {
+            name: _config_value(getattr(args, name))
+            for name in names
+            if hasattr(args, name) and (name in flags or getattr(args, name) is not None)
+        }
         try:
-            cls(**{f: _config_value(getattr(args, f)) for f in flags})
+            cls(**values)
         except (ValueError, TypeError) as e:
             text = str(e)
             named = [(m.start(), f) for f, flag in flags.items() if (m := _word(f).search(text))]
