@@ -107,8 +107,11 @@ RESUME_FIXED = (
     "batch_size",
     "seed",
 )
-# sub-pixels per pixel: bits per dimension = bits per token / 3 (one token is one RGB pixel)
+# Sub-pixels per pixel. A token is one pixel's palette colour; the literature's bits/dim
+# counts each of a pixel's 3 sub-pixels as a dimension, so bits/dim = bits per token / 3
+# (of a palette's code, so not comparable with bits/dim of models of raw 8-bit sub-pixels).
 CHANNELS = 3
+VAL_LINE = "step %d: val loss %.4f nats, %.4f bits per token (%.4f bits/dim)"
 
 
 def progress_enabled(progress: bool | None, stream=None) -> bool:
@@ -406,6 +409,30 @@ def _check_resumable(cfg: TrainConfig, path: Path, ckpt: dict) -> list[str]:
     ]
 
 
+def _warmup_steps(cfg: TrainConfig, ckpt: dict | None, n_train: int) -> int:
+    """``cfg.warmup_steps``, else the resumed run's own (never repeated), else one epoch
+    but at most 10% of the steps (and at least 1)."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    epoch = max(1, n_train // cfg.batch_size)
+    if ckpt is not None:  # checkpoints before "warmup" was saved: the rule at their steps
+        planned = TrainConfig.from_dict(ckpt["train_config"]).steps
+        return int(ckpt.get("warmup", max(1, min(epoch, planned // 10))))
+    return max(1, min(epoch, cfg.steps // 10))
+
+
+def _apply_resumed_settings(cfg: TrainConfig, optimizer, scheduler, step: int) -> None:
+    """After a restore, ``cfg``'s lr, betas and weight decay (the optimizer's state brought
+    back the old run's, the scheduler its peak lr) from ``step`` on, on the schedule planned
+    for ``cfg.steps``: the same numbers, bit for bit, when nothing changed."""
+    plan = scheduler.lr_lambdas[0]
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g.update(initial_lr=cfg.lr, lr=cfg.lr * plan(step), betas=cfg.betas)
+        g["weight_decay"] = cfg.weight_decay
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def _check_architecture(path: Path, ckpt: dict, mcfg: IGPTConfig) -> None:
     """A ValueError naming the fields in which the run's model differs from the checkpoint's."""
     theirs = model_config(ckpt, path)
@@ -488,9 +515,11 @@ def _augmentation(cfg: TrainConfig):
     return functools.partial(random_resized_crop, n_px=cfg.n_px)
 
 
-def _run_model(cfg: TrainConfig, n_colors: int, init_cfg, init, device, ckpt=None) -> IGPT:
+def _run_model(cfg: TrainConfig, n_colors: int, init_cfg, init, device, resume=None) -> IGPT:
     """The run's model on ``device``: fresh for ``cfg.model`` (the same on every rank), or
-    ``init_from``'s architecture and weights; with ``cfg.checkpointing`` applied."""
+    ``init_from``'s architecture and weights; with ``cfg.checkpointing`` applied. With
+    ``resume`` (path, checkpoint), a ValueError unless its architecture is the same."""
+    ckpt = resume[1] if resume is not None else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if init_cfg is not None:
         if ckpt is None and (init_cfg.n_px, init_cfg.n_colors) != (cfg.n_px, n_colors):
@@ -504,6 +533,8 @@ def _run_model(cfg: TrainConfig, n_colors: int, init_cfg, init, device, ckpt=Non
         mcfg = IGPTConfig.from_name(
             cfg.model, n_px=cfg.n_px, n_colors=n_colors, **cfg.model_overrides
         )
+    if resume is not None:
+        _check_architecture(*resume, mcfg)
     model = IGPT(mcfg)
     if init is not None:
         model.load_state_dict(init["model"])
@@ -548,21 +579,13 @@ class Trainer:
         init = load_checkpoint(cfg.init_from) if ckpt is None and init_cfg is not None else None
         self.palette = _run_palette(cfg, self.run, d, palette, ckpt or init, data)
         self.batches, self.val_idx, self.val_tokens = _run_data(cfg, d, self.palette, data)
-        self.raw_model = _run_model(cfg, len(self.palette), init_cfg, init, self.device, ckpt)
-        if ckpt is not None:
-            _check_architecture(resume_from, ckpt, self.raw_model.config)
+        self.raw_model = _run_model(cfg, len(self.palette), init_cfg, init, self.device, found)
         self.model = d.wrap(self.raw_model, self.device, bf16=self.amp)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **fused
         )
-        epoch = max(1, len(self.batches.train_idx) // cfg.batch_size)
-        self.warmup = cfg.warmup_steps
-        if self.warmup is None and ckpt is not None:  # the run's own: never repeated
-            planned = TrainConfig.from_dict(ckpt["train_config"]).steps
-            self.warmup = int(ckpt.get("warmup", max(1, min(epoch, planned // 10))))
-        if self.warmup is None:
-            self.warmup = max(1, min(epoch, cfg.steps // 10))
+        self.warmup = _warmup_steps(cfg, ckpt, len(self.batches.train_idx))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda_factory(cfg.steps, self.warmup)
         )
@@ -621,15 +644,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss on the hold-out: ``val_loss`` in nats per token,
-        ``val_bits_per_token`` (nats / ln 2) and ``val_bits_per_dim``.
-
-        A token is one pixel's palette colour; the literature's bits/dim counts each of a
-        pixel's 3 sub-pixels as a dimension, so bits/dim = bits per token / 3 here (a
-        palette's code, not the 8-bit sub-pixels themselves, so it is not comparable with
-        bits/dim of a model of raw sub-pixels). BERT uses a fixed mask (seeded) so
-        evaluations are comparable across steps.
-        """
+        """Hold-out ``val_loss`` (nats per token), ``val_bits_per_token`` (nats / ln 2) and
+        ``val_bits_per_dim`` (per sub-pixel, a third: ``CHANNELS``). BERT uses a fixed mask
+        (seeded) so evaluations are comparable across steps."""
         from tqdm.auto import tqdm
 
         cfg, d, V = self.cfg, self.dist, len(self.val_tokens)
@@ -662,8 +679,7 @@ class Trainer:
         """Train from ``self.step`` to ``cfg.steps``; returns the final metrics."""
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        # log lines go through tqdm.write, above the bar rather than glued onto it
-        with logging_redirect_tqdm():
+        with logging_redirect_tqdm():  # log lines above the bar, not glued onto it
             return self._fit()
 
     def _fit(self) -> dict:
@@ -719,10 +735,8 @@ class Trainer:
     def _log(self, row: dict) -> None:
         self.run.append_metrics([row])
         if "val_loss" in row and self.dist.is_main:
-            log.info(
-                "step %d: val loss %.4f nats, %.4f bits per token (%.4f bits/dim)",
-                *(row["step"], row["val_loss"], row["val_bits_per_token"], row["val_bits_per_dim"]),
-            )
+            keys = ("step", "val_loss", "val_bits_per_token", "val_bits_per_dim")
+            log.info(VAL_LINE, *map(row.get, keys))
 
     def _write_config(self) -> None:
         conf = {
@@ -769,15 +783,7 @@ class Trainer:
         self.skipped = int(ckpt.get("skipped", 0))
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
-        # The optimizer's state brought back the old run's lr, betas and weight decay, the
-        # scheduler its peak lr: this run's settings apply from the resume step on, on the
-        # schedule planned for this run's steps (the same numbers when nothing changed).
-        cfg, plan = self.cfg, self.scheduler.lr_lambdas[0]
-        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
-        for g in self.optimizer.param_groups:
-            g.update(initial_lr=cfg.lr, lr=cfg.lr * plan(self.step), betas=cfg.betas)
-            g["weight_decay"] = cfg.weight_decay
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        _apply_resumed_settings(self.cfg, self.optimizer, self.scheduler, self.step)
 
     def plot(self) -> Path | None:
         """Write ``loss_curve.png`` (train and validation loss against step)."""
