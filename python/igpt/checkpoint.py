@@ -18,6 +18,7 @@ ValueError whose message names the file and says what is wrong with it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import re
@@ -131,6 +132,17 @@ def model_config(ckpt: dict, path) -> IGPTConfig:
         return IGPTConfig.from_dict(dict(ckpt["config"]))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its 'config' entry is not an IGPTConfig ({e})") from e
+
+
+def architecture_differences(path, ckpt: dict, config: IGPTConfig) -> list[str]:
+    """How ``config`` differs from the model config of the checkpoint read from ``path``:
+    one "field <theirs> there, <ours> now" per field (empty: the same architecture)."""
+    theirs = model_config(ckpt, path)
+    return [
+        f"{f.name} {getattr(theirs, f.name)!r} there, {getattr(config, f.name)!r} now"
+        for f in dataclasses.fields(IGPTConfig)
+        if getattr(theirs, f.name) != getattr(config, f.name)
+    ]
 
 
 def _mismatch(model, weights) -> str:

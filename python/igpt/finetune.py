@@ -44,10 +44,10 @@ from igpt._checks import check_tokens
 from igpt.batches import GlobalBatches, ImageSource, TokenSource
 from igpt.checkpoint import (
     CheckpointError,
+    architecture_differences,
     atomic_torch_save,
     checkpoint_state,
     load_checkpoint,
-    model_config,
 )
 from igpt.features import _resolve_layers
 from igpt.model import IGPT
@@ -387,12 +387,7 @@ class Finetuner:
         old, now = {**ckpt["finetune"], "objective": objective_of(ckpt)}, self.settings
         keys = [*FINETUNE_FIXED, "objective"] + ["mask_prob"] * (now["objective"] == "bert")
         diff = [f"{k} {old.get(k)!r} there, {now[k]!r} now" for k in keys if old.get(k) != now[k]]
-        theirs, mine = model_config(ckpt, path), self.model.config
-        diff += [
-            f"model {f.name} {getattr(theirs, f.name)!r} there, {getattr(mine, f.name)!r} now"
-            for f in dataclasses.fields(mine)
-            if getattr(theirs, f.name) != getattr(mine, f.name)
-        ]
+        diff += ["model " + d for d in architecture_differences(path, ckpt, self.model.config)]
         if diff:
             raise ValueError(
                 f"cannot resume {self.run.path} from {Path(path).name}: it was trained with "

@@ -47,6 +47,7 @@ from igpt._rng import rng_state, set_rng_state
 from igpt.batches import GlobalBatches, ImageSource, TokenSource
 from igpt.checkpoint import (
     CheckpointError,
+    architecture_differences,
     checkpoint_state,
     load_checkpoint,
     model_config,
@@ -435,12 +436,7 @@ def _apply_resumed_settings(cfg: TrainConfig, optimizer, scheduler, step: int) -
 
 def _check_architecture(path: Path, ckpt: dict, mcfg: IGPTConfig) -> None:
     """A ValueError naming the fields in which the run's model differs from the checkpoint's."""
-    theirs = model_config(ckpt, path)
-    diff = [
-        f"{f.name} {getattr(theirs, f.name)!r} there, {getattr(mcfg, f.name)!r} now"
-        for f in dataclasses.fields(IGPTConfig)
-        if getattr(theirs, f.name) != getattr(mcfg, f.name)
-    ]
+    diff = architecture_differences(path, ckpt, mcfg)
     if diff:
         raise ValueError(
             f"cannot resume from {path}: it holds another architecture ({'; '.join(diff)}); "
