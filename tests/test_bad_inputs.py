@@ -513,6 +513,9 @@ CLI_CASES = [
     (["fit-palette", "--data", "folder:{out}/nowhere"], "nowhere"),
     (["fit-palette", "--data", "folder:{no_classes}"], "no_classes"),
     (["fit-palette", "--data", "cifar10:{cifar}"], "data_batch_1"),
+    (["fit-palette", "--data", "npz:{pickled_npz}"], "pickled.npz"),
+    (["fit-palette", "--data", "npz:{float_images}"], "float_images.npz"),
+    (["fit-palette", "--data", "npz:{npz}", "--k", "70000", "--out", "{out}/p.npy"], "70000"),
     (["fit-palette", "--data", "npz:{npz}", "--k", "4", "--out", "{a_file}/p.npy"], "a_file"),
     # pretrain
     (["pretrain", "--steps", "0"], "--steps"),
@@ -534,6 +537,10 @@ CLI_CASES = [
     (["pretrain", "--data", "npz:{corrupt_npz}", "--out", "{out}"], "corrupt.npz"),
     (["pretrain", "--checkpoint", "{truncated}", "--out", "{out}"], "truncated.pt"),
     (["pretrain", "--checkpoint", "{evil}", "--out", "{out}"], "evil.pt"),
+    (["pretrain", "--checkpoint", "{no_model}", "--out", "{out}"], "no_model.pt"),
+    (["pretrain", "--palette", "{palette8}", "--n-colors", "16", "--out", "{out}"], "palette8.npy"),
+    (["pretrain", "--out", "{a_file}/sub", "--data", "npz:{npz}", "--n-px", "8"], "a_file"),
+    (["pretrain", "--model", "igpt-huge", "--out", "{out}"], "igpt-huge"),
     # probe
     (["probe", "--checkpoint", "{ckpt}", "--per-class", "-1"], "--per-class"),
     (["probe", "--checkpoint", "{ckpt}", "--per-class", "0"], "--per-class"),
@@ -557,6 +564,22 @@ CLI_CASES = [
     (["probe", "--checkpoint", "{evil}", "--out", "{out}"], "evil.pt"),
     (["probe", "--checkpoint", "{no_model}", "--out", "{out}"], "no_model.pt"),
     (["probe", "--checkpoint", "{no_config}", "--out", "{out}"], "no_config.pt"),
+    (["probe", "--checkpoint", "{wrong_weights}", "--out", "{out}"], "wrong_weights.pt"),
+    (
+        [
+            "probe",
+            "--checkpoint",
+            "{ckpt}",
+            "--cache-dir",
+            "{a_file}/c",
+            "--data",
+            "npz:{npz}",
+            "--out",
+            "{out}",
+        ],
+        "a_file",
+    ),  # fmt: skip
+    (["probe", "--checkpoint", "{ckpt}", "--limit", "1", "--out", "{out}"], "two classes"),
     (["probe", "--checkpoint", "{nopal}", "--out", "{out}"], "nopal.pt"),
     (["probe", "--checkpoint", "{ckpt}", "--data", "npz:{neg_labels}", "--out", "{out}"], "neg"),
     (["probe", "--checkpoint", "{ckpt}", "--data", "npz:{float_labels}", "--out", "{out}"], "flo"),
@@ -591,6 +614,24 @@ CLI_CASES = [
     (["finetune", "--checkpoint", "{ckpt}", "--seed", "-1"], "--seed"),
     (["finetune", "--checkpoint", "{ckpt}", "--limit", "0"], "--limit"),
     (["finetune", "--out", "{out}"], "needs --checkpoint"),
+    (
+        ["finetune", "--checkpoint", "{ckpt}", "--out", "{a_file}", "--data", "npz:{npz}"],
+        "a_file.txt: it is a file where a directory is needed",
+    ),  # fmt: skip
+    (
+        [
+            "finetune",
+            "--checkpoint",
+            "{ckpt}",
+            "--limit",
+            "1",
+            "--data",
+            "npz:{npz}",
+            "--out",
+            "{out}",
+        ],
+        "n_classes",
+    ),  # fmt: skip
     (["finetune", "--checkpoint", "{truncated}", "--out", "{out}"], "truncated.pt"),
     (["finetune", "--checkpoint", "{ckpt}", "--data", "npz:{neg_labels}", "--out", "{out}"], "neg"),
     (
@@ -641,6 +682,25 @@ CLI_CASES = [
             "sample",
             "--checkpoint",
             "{ckpt}",
+            "--n",
+            "1",
+            "--out",
+            "{out}/x.png",
+            "--tokens-out",
+            "{a_file}/t.npy",
+        ],
+        "a_file",
+    ),  # fmt: skip
+    (
+        ["sample", "--checkpoint", "{wrong_weights}", "--n", "1", "--out", "{out}/x.png"],
+        "wrong_weights.pt",
+    ),  # fmt: skip
+    (["sample", "--checkpoint", "{ckpt}", "--split", "val", "--data", "digits", "--n", "1"], "val"),
+    (
+        [
+            "sample",
+            "--checkpoint",
+            "{ckpt}",
             "--rows",
             "99",
             "--data",
@@ -675,6 +735,8 @@ CLI_CASES = [
     (["demo", "--batch-size", "0"], "--batch-size"),
     (["demo", "--device", "tpu"], "--device 'tpu'"),
     (["demo", "--data", "npz:{corrupt_npz}", "--out", "{out}"], "corrupt.npz"),
+    (["demo", "--model", "igpt-huge", "--out", "{out}"], "igpt-huge"),
+    (["demo", "--out", "{a_file}"], "a_file"),
     # plan
     (["plan", "--batch-size", "0", "--memory", "40GiB"], "--batch-size"),
     (["plan", "--batch-size", "8", "--memory", "lots"], "--memory"),
@@ -713,6 +775,20 @@ def _assert_one_line_error(argv, words, outcome):
 @pytest.mark.parametrize("case", [" ".join(argv) for argv, _ in CLI_CASES])
 def test_cli_refuses_in_one_line(case, cli_results):
     argv, words, outcome = cli_results[case]
+    _assert_one_line_error(argv, words, outcome)
+
+
+@pytest.mark.xfail(strict=False, reason="igpt.train (rel-b) / Palette.load: see the report")
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["pretrain", "--checkpoint", "{wrong_weights}", "--out", "{out}"], "wrong_weights.pt"),
+        (["pretrain", "--palette", "{corrupt_palette}", "--out", "{out}"], "corrupt_palette.npy"),
+    ],
+)
+def test_cli_refuses_in_one_line_awaiting_the_library(argv, words, files, tmp_path):
+    argv = [a.format(out=tmp_path, **files) for a in argv]
+    (outcome,) = _run_cli([argv])
     _assert_one_line_error(argv, words, outcome)
 
 

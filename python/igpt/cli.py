@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from igpt.commands._common import (  # noqa: F401  (igpt.cli's names before igpt.commands)
@@ -89,6 +90,8 @@ def user_error_line(e: BaseException) -> str | None:
         return None
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         # the OS's own errors: "[Errno 13] Permission denied: 'x'" says less than this
+        if isinstance(e, FileExistsError) and os.path.isfile(e.filename):
+            return f"cannot use {e.filename}: it is a file where a directory is needed"
         return f"cannot use {e.filename}: {e.strerror}; check the path and its permissions"
     lines = [line for line in str(e).splitlines() if line.strip()]
     return lines[0].strip() if lines else type(e).__name__
