@@ -145,6 +145,19 @@ def architecture_differences(path, ckpt: dict, config: IGPTConfig) -> list[str]:
     ]
 
 
+def load_weights(model: IGPT, ckpt: dict, path) -> IGPT:
+    """``model.load_state_dict(ckpt["model"])``; CheckpointError naming ``path`` and what
+    does not fit when the weights are not those of ``model``'s config."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"{path}: its weights do not fit its own config ({_mismatch(model, ckpt['model'])}); "
+            "the file was not written by igpt.checkpoint.save_checkpoint"
+        ) from e
+    return model
+
+
 def _mismatch(model, weights) -> str:
     """A short account of how ``weights`` differ from ``model``'s state dict."""
     want = model.state_dict()
@@ -239,14 +252,7 @@ def load_model(path_or_dir, device=None):
     """
     path = resolve_checkpoint(path_or_dir)
     ckpt = read_checkpoint(path)
-    model = IGPT(model_config(ckpt, path))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise CheckpointError(
-            f"{path}: its weights do not fit its own config ({_mismatch(model, ckpt['model'])}); "
-            "the file was not written by igpt.checkpoint.save_checkpoint"
-        ) from e
+    model = load_weights(IGPT(model_config(ckpt, path)), ckpt, path)
     if device is not None:
         model.to(device)
     palette = None

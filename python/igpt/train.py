@@ -50,6 +50,7 @@ from igpt.checkpoint import (
     architecture_differences,
     checkpoint_state,
     load_checkpoint,
+    load_weights,
     model_config,
     read_checkpoint,
     resolve_checkpoint,
@@ -533,7 +534,7 @@ def _run_model(cfg: TrainConfig, n_colors: int, init_cfg, init, device, resume=N
         _check_architecture(*resume, mcfg)
     model = IGPT(mcfg)
     if init is not None:
-        model.load_state_dict(init["model"])
+        load_weights(model, init, resolve_checkpoint(cfg.init_from))
         log.info("starting from the weights of %s", resolve_checkpoint(cfg.init_from))
     return apply_checkpointing(model.to(device), cfg.checkpointing)
 
