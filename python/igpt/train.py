@@ -145,7 +145,13 @@ class TrainConfig:
 
     ``batch_size`` is the global batch (all processes, all accumulation micro-steps): it
     must divide by ``world_size * grad_accum``. Building a config reads no file; the
-    trainer resolves what depends on one (``n_px`` from ``init_from``).
+    trainer resolves what depends on one (``n_px`` from ``init_from``). Every value is
+    checked here (non-finite or out-of-range ones raise a ValueError naming the field).
+
+    With ``resume``, the ``RESUME_FIXED`` fields and the palette must be the run's; a new
+    ``steps`` extends (or shortens) the run: from the resume step on, the learning rate is
+    the one a run started with the new ``steps`` would have (the cosine re-planned to reach
+    0 on the new last step), the warm-up the run's own and never repeated.
     """
 
     model: str = setting("igpt-tiny", "named size: igpt-tiny, igpt-s, igpt-m, igpt-l, igpt-xl")
@@ -197,7 +203,11 @@ class TrainConfig:
     seed: int = setting(0, "random seed")
     device: str | None = setting(None, "cpu, cuda, cuda:1 ...", default_text="cuda when available")
     out: str = setting("runs/pretrain", "output directory")
-    resume: bool = setting(False, "continue from the latest checkpoint in --out")
+    resume: bool = setting(
+        False,
+        "continue from the newest intact checkpoint in --out (the model, data, objective, "
+        "batch size, seed and palette must be the run's; other settings may change)",
+    )
     cache_dir: str | None = setting(
         None, "token cache", default_text="$IGPT_CACHE or ~/.cache/igpt"
     )
