@@ -442,7 +442,7 @@ def test_a_finished_run_can_be_extended(tmp_path, palette_file, caplog):
     rows4 = (Path(first.out) / "metrics.jsonl").read_text().splitlines()
     with caplog.at_level(logging.INFO, logger="igpt"):
         summary = pretrain(dataclasses.replace(first, steps=6, warmup_steps=None, resume=True))
-    assert summary["step"] == 6 and "steps: 4 -> 6" in caplog.text
+    assert summary["step"] == 6 and "changed settings: steps: 4 -> 6" in caplog.text
     rows = [json.loads(x) for x in (Path(first.out) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert (Path(first.out) / "metrics.jsonl").read_text().splitlines()[:4] == rows4

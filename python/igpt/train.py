@@ -375,10 +375,10 @@ def _pick_device(want: str | None, d: Distributed) -> torch.device:
     return device
 
 
-def _check_resumable(cfg: TrainConfig, path: Path, ckpt: dict) -> list[str]:
+def _check_resumable(cfg: TrainConfig, path: Path, ckpt: dict) -> None:
     """A ValueError unless the checkpoint at ``path`` was made by a run that shares
-    ``cfg``'s ``RESUME_FIXED`` settings and palette, and is not past ``cfg.steps``.
-    Returns the other settings that changed, as "name: old -> new"."""
+    ``cfg``'s ``RESUME_FIXED`` settings and palette, and is not past ``cfg.steps``; the
+    other settings that changed are logged."""
     from igpt.palette import Palette
 
     if "train_config" not in ckpt or "step" not in ckpt:
@@ -414,11 +414,13 @@ def _check_resumable(cfg: TrainConfig, path: Path, ckpt: dict) -> list[str]:
     same = set(RESUME_FIXED) | {"out", "resume", "mask_prob", "palette", "n_colors"}
     if cfg.warmup_steps is None:  # the run's own warm-up is kept
         same.add("warmup_steps")
-    return [
+    changed = [
         f"{f.name}: {getattr(old, f.name)!r} -> {getattr(cfg, f.name)!r}"
         for f in dataclasses.fields(TrainConfig)
         if f.name not in same and getattr(old, f.name) != getattr(cfg, f.name)
     ]
+    if changed:
+        log.info("resuming %s with changed settings: %s", path, "; ".join(changed))
 
 
 def _warmup_steps(cfg: TrainConfig, ckpt: dict | None, n_train: int) -> int:
@@ -582,7 +584,8 @@ class Trainer:
         d.barrier()
         found = self.run.resume_checkpoint(cfg.resume)
         resume_from, ckpt = found if found is not None else (None, None)
-        changed = _check_resumable(cfg, resume_from, ckpt) if ckpt is not None else []
+        if ckpt is not None:
+            _check_resumable(cfg, resume_from, ckpt)
         init = load_checkpoint(cfg.init_from) if ckpt is None and init_cfg is not None else None
         self.palette = _run_palette(cfg, self.run, d, palette, ckpt or init, data)
         self.batches, self.val_idx, self.val_tokens = _run_data(cfg, d, self.palette, data)
@@ -600,8 +603,6 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
             log.info("resumed from %s at step %d", resume_from, self.step)
-            if changed:
-                log.info("resumed with changed settings: %s", "; ".join(changed))
         self.run.truncate_metrics(self.step)
         self._write_config()
 
