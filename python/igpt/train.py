@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from igpt._rng import rng_state, set_rng_state
 from igpt.batches import GlobalBatches, ImageSource, TokenSource
@@ -685,8 +686,6 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train from ``self.step`` to ``cfg.steps``; returns the final metrics."""
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         with logging_redirect_tqdm():  # log lines above the bar, not glued onto it
             return self._fit()
 
