@@ -1,13 +1,21 @@
-"""Checkpoints: round trip, latest-step lookup, atomic writes that survive a crash."""
+"""Checkpoints: round trip, latest-step lookup, atomic writes that survive a crash, one clear
+error for every file that is not an igpt checkpoint, the newest intact one of a run."""
+
+import logging
+import os
+import stat
 
 import pytest
 import torch
 
 from igpt import IGPT, IGPTConfig
+from igpt._io import atomic_write_text, remove_stale_temp_files
 from igpt.checkpoint import (
+    CheckpointError,
     atomic_torch_save,
     checkpoint_path,
     latest_checkpoint,
+    latest_intact_checkpoint,
     load_checkpoint,
     load_model,
     save_checkpoint,
@@ -73,3 +81,104 @@ def test_checkpoint_refuses_arbitrary_objects(tmp_path):
     atomic_torch_save({"step": 3, "obj": Evil()}, path)
     with pytest.raises(Exception, match="[Ww]eights only"):
         load_checkpoint(path)
+    # one sentence, naming the file and the refused class: never torch's 40 lines
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "refuses to unpickle" in msg
+    assert "Evil" in msg and "untrusted source" in msg
+
+
+def _damaged(tmp_path):
+    """A good checkpoint's bytes, and files made from them as a careless copy would."""
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, _model(), step=1)
+    data = good.read_bytes()
+    files = {
+        "truncated": data[: len(data) // 2],
+        "tail cut": data[:-7],
+        "empty": b"",
+        "random bytes": os.urandom(3000),
+        "text": b"hello, not a checkpoint\n",
+    }
+    for name, payload in files.items():
+        (tmp_path / f"{name.replace(' ', '_')}.pt").write_bytes(payload)
+    return {name: tmp_path / f"{name.replace(' ', '_')}.pt" for name in files}
+
+
+@pytest.mark.parametrize("reader", [load_checkpoint, load_model])
+def test_unreadable_checkpoints_raise_one_line_naming_the_file(tmp_path, reader):
+    for kind, path in _damaged(tmp_path).items():
+        with pytest.raises(CheckpointError) as e:
+            reader(path)
+        msg = str(e.value)
+        assert isinstance(e.value, ValueError) and str(path) in msg and "\n" not in msg, kind
+        want = {"empty": "empty", "truncated": "truncated", "tail cut": "truncated"}
+        assert want.get(kind, "not a torch checkpoint") in msg, (kind, msg)
+
+
+def test_checkpoint_without_model_or_config_is_refused(tmp_path):
+    torch.save({"step": 3, "config": {}}, tmp_path / "a.pt")
+    torch.save({"model": {}}, tmp_path / "b.pt")
+    torch.save([1, 2], tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=r"a.pt is not an igpt checkpoint: it has no 'model'"):
+        load_checkpoint(tmp_path / "a.pt")
+    with pytest.raises(CheckpointError, match=r"b.pt .*no 'config'"):
+        load_model(tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match=r"c.pt holds a list"):
+        load_checkpoint(tmp_path / "c.pt")
+    # a config that is not one, and weights of another model
+    model = _model()
+    torch.save({"model": model.state_dict(), "config": {"n_pix": 4}}, tmp_path / "d.pt")
+    with pytest.raises(CheckpointError, match=r"d.pt: its 'config' entry .*n_pix"):
+        load_model(tmp_path / "d.pt")
+    other = IGPTConfig(n_px=4, n_layer=2, n_head=1, n_embd=32, n_colors=8).to_dict()
+    torch.save({"model": model.state_dict(), "config": other}, tmp_path / "e.pt")
+    with pytest.raises(CheckpointError, match=r"e.pt: its weights do not fit its own config"):
+        load_model(tmp_path / "e.pt")
+
+
+def test_latest_intact_checkpoint_passes_over_a_damaged_newer_one(tmp_path, caplog):
+    for step in (2, 4, 6):
+        save_checkpoint(checkpoint_path(tmp_path, step), _model(), step=step)
+    assert latest_intact_checkpoint(tmp_path)[0].name == "ckpt_00000006.pt"
+    newest = checkpoint_path(tmp_path, 6)
+    newest.write_bytes(newest.read_bytes()[:100])
+    checkpoint_path(tmp_path, 4).write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        path, ckpt = latest_intact_checkpoint(tmp_path)
+    assert path.name == "ckpt_00000002.pt" and ckpt["step"] == 2
+    assert "using " in caplog.text and "ckpt_00000006.pt, ckpt_00000004.pt" in caplog.text
+    checkpoint_path(tmp_path, 2).write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="no checkpoint of .* can be read"):
+        latest_intact_checkpoint(tmp_path)
+    assert latest_intact_checkpoint(tmp_path / "none") is None
+    with pytest.raises(CheckpointError, match="ckpt_00000006.pt is damaged"):
+        load_checkpoint(tmp_path)  # a directory's latest is read as it is, and named
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        save_checkpoint(tmp_path / "b.pt", _model())
+        (tmp_path / "c.txt").write_text("x")  # what open() gives, for comparison
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "d.json", "{}")
+    finally:
+        os.umask(old)
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert mode == {"a.json": 0o644, "b.pt": 0o644, "c.txt": 0o644, "d.json": 0o600}
+
+
+def test_stale_temp_files_are_removed_and_only_igpts(tmp_path):
+    atomic_write_text(tmp_path / "keep.json", "{}")
+    stale = [tmp_path / ".ckpt_00000004.pt.k3j_x9aq.tmp", tmp_path / ".config.json.abcd1234.tmp"]
+    others = [tmp_path / ".notes.tmp", tmp_path / "x.abcd1234.tmp", tmp_path / ".a.b.TOOLONG99.tmp"]
+    for p in stale + others:
+        p.write_bytes(b"half")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".ckpt_1.pt.abcd1234.tmp").write_bytes(b"other folder")
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
+    assert all(p.exists() for p in others) and not any(p.exists() for p in stale)
+    assert (tmp_path / "sub" / ".ckpt_1.pt.abcd1234.tmp").exists()

@@ -51,7 +51,7 @@ def test_unknown_command_exits_with_usage():
 
 
 @pytest.mark.parametrize("command", ["probe", "finetune", "sample", "demo"])
-def test_missing_gpu_is_a_clear_exit(command, monkeypatch, tmp_path):
+def test_missing_gpu_is_a_clear_exit(command, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     args = ["--device", "cuda", "--out", str(tmp_path / "x")]
     if command != "demo":
@@ -59,8 +59,11 @@ def test_missing_gpu_is_a_clear_exit(command, monkeypatch, tmp_path):
         model = IGPT(IGPTConfig(n_px=4, n_layer=1, n_head=1, n_embd=32, n_colors=8))
         save_checkpoint(path, model, palette=torch.rand(8, 3) * 255)
         args += ["--checkpoint", str(path)]
-    with pytest.raises(SystemExit, match="no CUDA GPU is visible; use --device cpu"):
+    with pytest.raises(SystemExit) as e:
         main([command, *args])
+    err = capsys.readouterr().err  # refused while parsing: one line, argparse's status 2
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "--device 'cuda' but no CUDA GPU is visible; use --device cpu" in err
 
 
 def test_user_errors_exit_with_one_line(tmp_path):
@@ -180,3 +183,97 @@ def test_labelled_splits_take_the_first_images(tmp_path):
     np.savez(tmp_path / "x.npz", images=np.zeros((3, 4, 4, 3), np.uint8))
     with pytest.raises(UsageError, match="no labels"):
         labelled_splits(f"npz:{tmp_path / 'x.npz'}", None, splits=("train",))
+
+
+# ----------------------------------------------------------------------------- parse-time checks
+
+
+def test_count_and_number_refuse_odd_values_while_parsing():
+    from igpt.commands._common import count, number
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=count(1))
+    parser.add_argument("--rows", type=count(0, none="none"))
+    parser.add_argument("--lr", type=number(above=0))
+    parser.add_argument("--p", type=number(above=0, most=1))
+    args = parser.parse_args(["--n", "3", "--rows", "none", "--lr", "1e-3", "--p", "1"])
+    assert (args.n, args.rows, args.lr, args.p) == (3, None, 1e-3, 1.0)
+    for argv in (["--n", "0"], ["--n", "-1"], ["--n", "2.5"], ["--rows", "-1"], ["--lr", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    for text in ("inf", "-inf", "nan", "0", "-1", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="number"):
+            number(above=0)(text)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"> 0 and <= 1, got '1.5'"):
+        number(above=0, most=1)("1.5")
+
+
+def test_int_items_check_each_item_and_flat_joins_them():
+    from igpt.commands._common import flat, int_items
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--k", nargs="+", type=int_items("--k", least=1, none="none"))
+    assert flat(parser.parse_args(["--k", "4,25", "400"]).k) == [4, 25, 400]
+    assert flat(parser.parse_args(["--k", "none"]).k) == []
+    assert flat(None) is None
+    for bad in ("-1", "0", "4,x", ","):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--k", bad])
+    with pytest.raises(UsageError, match=">= 1"):
+        int_list("4,0", "--k", least=1)
+
+
+@dataclasses.dataclass
+class Checked:
+    steps: int = 10
+    lr: float = 0.1
+    batch_size: int = dataclasses.field(default=4, metadata={"min": 1})
+    init_from: str | None = dataclasses.field(default=None, metadata={"flag": "--checkpoint"})
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be a positive int, got {self.steps}")
+        if self.init_from == "bad":
+            raise ValueError(f"init_from {self.init_from!r} is not a checkpoint")
+
+
+def test_dataclass_configs_are_checked_right_after_parsing():
+    from igpt.commands._common import run_parse_checks
+
+    parser = argparse.ArgumentParser()
+    dataclass_arguments(parser, Checked)
+    run_parse_checks(parser.parse_args(["--steps", "3"]))  # a good config passes
+    with pytest.raises(UsageError, match="^argument --steps: steps must be a positive int"):
+        run_parse_checks(parser.parse_args(["--steps", "0"]))
+    with pytest.raises(UsageError, match="^argument --checkpoint: init_from 'bad'"):
+        run_parse_checks(parser.parse_args(["--checkpoint", "bad"]))
+    for argv in (["--lr", "inf"], ["--lr", "nan"], ["--batch-size", "0"]):  # type and metadata
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+
+
+def test_every_error_of_the_parser_is_one_line(capsys):
+    for argv in (["probe", "--bogus"], ["probe", "--per-class", "-1"], ["plan"], ["sample", "-n"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"igpt {argv[0]}: error: ") and "-h lists the flags" in err
+    with pytest.raises(SystemExit):
+        main(["probe", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_read_palette_names_the_flag_and_file(tmp_path):
+    from igpt.commands._common import read_palette
+
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    with pytest.raises(UsageError, match=r"--palette .*bad.npy is not a palette"):
+        read_palette(tmp_path / "bad.npy")
+    import numpy as np
+
+    np.save(tmp_path / "shape.npy", np.zeros((4, 2)))
+    with pytest.raises(UsageError, match="shape.npy is not a palette"):
+        read_palette(tmp_path / "shape.npy")
+    with pytest.raises(FileNotFoundError):
+        read_palette(tmp_path / "missing.npy")

@@ -83,8 +83,8 @@ def test_cifar_reader(tmp_path, kind):
 def test_cifar_refuses_foreign_pickles(tmp_path):
     d = _write_cifar(tmp_path, "cifar10")
     (d / "test_batch").write_bytes(pickle.dumps({b"data": ImageData}))  # a class reference
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        load_images(f"cifar10:{d}", "test")
+    with pytest.raises(ValueError, match="test_batch as a CIFAR batch .*refusing"):
+        load_images(f"cifar10:{d}", "test")  # refused, and the message names the file
 
 
 def test_folder_reader_skips_corrupt_files(tmp_path, caplog):
@@ -151,7 +151,7 @@ def test_npz_and_npy_readers(tmp_path):
     split = load_images(f"npz:{tmp_path / 's.npz'}", "test")
     assert np.array_equal(split.images, imgs[7:])
     np.savez(tmp_path / "bad.npz", pixels=imgs)
-    with pytest.raises(KeyError, match="images"):
+    with pytest.raises(ValueError, match="bad.npz has keys .*needs 'images'"):
         load_images(f"npz:{tmp_path / 'bad.npz'}")
 
 
@@ -259,3 +259,37 @@ def test_random_resized_crop():
     assert np.array_equal(out, same)
     full = random_resized_crop(imgs, 16, scale=(1.0, 1.0), ratio=(0.75, 0.75))
     assert np.array_equal(full, resize(imgs, 16))
+
+
+@pytest.mark.parametrize("damage", ["meta.json", "tokens.u16", "labels.npy"])
+def test_token_cache_rebuilds_a_damaged_entry(tmp_path, damage, caplog):
+    pal = _palette()
+    path = tmp_path / "d.npz"
+    images = _rand_images(10, 4, 4)
+    np.savez(path, images=images, labels=np.arange(10) % 2)
+    cached_tokens(f"npz:{path}", "all", pal, 4, cache_dir=tmp_path / "cache")
+    (entry,) = (tmp_path / "cache" / "tokens").iterdir()
+    target = entry / damage
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])  # a cut copy
+    tokens, labels = cached_tokens(f"npz:{path}", "all", pal, 4, cache_dir=tmp_path / "cache")
+    assert "damaged" in caplog.text and str(entry) in caplog.text
+    assert np.array_equal(tokens.astype(np.int64), tokenize(images, pal, 4).numpy())
+    assert labels.tolist() == (np.arange(10) % 2).tolist()
+    caplog.clear()
+    cached_tokens(f"npz:{path}", "all", pal, 4, cache_dir=tmp_path / "cache")
+    assert "damaged" not in caplog.text  # the rebuilt entry reads back
+
+
+def test_cifar_batches_of_the_wrong_content_name_the_file(tmp_path):
+    d = _write_cifar(tmp_path, "cifar10")
+    only_data = {b"data": np.zeros((2, 3072), np.uint8)}
+    (d / "test_batch").write_bytes(pickle.dumps(only_data, protocol=2))
+    with pytest.raises(ValueError, match="test_batch is not a cifar10 batch.*'labels'"):
+        load_images(f"cifar10:{d}", "test")
+    (d / "test_batch").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(ValueError, match="test_batch is not a CIFAR batch"):
+        load_images(f"cifar10:{d}", "test")
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, -1]}
+    (d / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(ValueError, match="test_batch.*1 of 2 labels are negative"):
+        load_images(f"cifar10:{d}", "test")

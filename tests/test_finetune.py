@@ -1,6 +1,7 @@
 """igpt.finetune: the classifier, the joint loss, learning on digits, resume, BERT predictions."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -89,6 +90,50 @@ def test_resume_takes_the_same_steps_as_an_uninterrupted_run(tmp_path):
     clf, _, ckpt = load_classifier(tmp_path / "whole" / "best.pt")
     assert ckpt["step"] == whole["best_step"]
     np.testing.assert_array_equal(predict(clf, x), predict(whole["classifier"], x))
+
+
+def test_resume_extends_and_refuses_only_what_would_make_the_run_meaningless(tmp_path):
+    from igpt.finetune import FinetuneConfig, Finetuner
+
+    x, y = synthetic(32)
+    kw = dict(steps=2, batch_size=8, lr=1e-3, eval_every=2, progress=False, out_dir=tmp_path)
+    finetune(tiny(), x, y, **kw)
+    again = {**kw, "resume": True}
+    for change, said in [
+        (dict(batch_size=4), "batch_size 8 there, 4 now"),
+        (dict(objective="bert"), "objective 'ar' there, 'bert' now"),
+        (dict(joint=False), "joint True there, False now"),
+        (dict(layer=1), "layer 2 there, 1 now"),
+        (dict(seed=3), "seed 0 there, 3 now"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(said)) as e:
+            finetune(tiny(), x, y, **{**again, **change})
+        assert "cannot resume" in str(e.value) and "ckpt_00000002.pt" in str(e.value)
+    with pytest.raises(ValueError, match="n_classes 4 there, 6 now"):
+        finetune(tiny(), x, y, n_classes=6, **again)
+    with pytest.raises(ValueError, match="model n_layer 2 there, 3 now"):
+        finetune(tiny(n_layer=3), x, y, **again)
+    with pytest.raises(ValueError, match=r"at step 2, past steps=1; pass --steps 2"):
+        finetune(tiny(), x, y, **{**again, "steps": 1})
+    # allowed: more steps and another learning rate, which the saved optimizer must not undo
+    cfg = FinetuneConfig(**{**again, "steps": 4, "lr": 5e-4, "weight_decay": 0.01})
+    t = Finetuner(tiny(), cfg, x, y)
+    assert t.state["step"] == 2
+    assert [(g["lr"], g["weight_decay"]) for g in t.opt.param_groups] == [(5e-4, 0.01)]
+    assert t.fit()["step"] == 4
+
+
+def test_resume_with_a_damaged_checkpoint_says_so(tmp_path):
+    from igpt.checkpoint import CheckpointError
+
+    x, y = synthetic(16)
+    kw = dict(steps=1, batch_size=4, eval_every=1, progress=False, out_dir=tmp_path)
+    finetune(tiny(), x, y, **kw)
+    (tmp_path / "ckpt_00000001.pt").write_bytes(b"PK\x03\x04 cut")
+    (tmp_path / ".ckpt_00000002.pt.abcd_123.tmp").write_bytes(b"left by a kill")
+    with pytest.raises(CheckpointError, match=r"ckpt_00000001.pt are all damaged"):
+        finetune(tiny(), x, y, resume=True, **{**kw, "steps": 2})
+    assert not list(tmp_path.glob(".*.tmp"))  # removed when the run directory was opened
 
 
 def test_bert_classifier_only_loss_learns_and_mask_ensemble_is_seeded():

@@ -3,9 +3,12 @@ masks, activation checkpointing, the trainer, bit-for-bit resume, the non-finite
 DDP and FSDP2 (2 processes == 1 process at the same global batch), the LR search, the CLI."""
 
 import dataclasses
+import io
 import json
+import logging
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -237,9 +240,12 @@ def test_loss_drops_on_digits(tmp_path):
     losses = _losses(tmp_path / "run")
     assert losses[0] == pytest.approx(math.log(16), abs=0.05)  # zero head: uniform logits
     assert np.mean(losses[-5:]) < losses[0] - 0.6, losses
-    assert summary["val_loss"] < losses[0] - 0.5 and summary["val_bpd"] == pytest.approx(
+    assert summary["val_loss"] < losses[0] - 0.5 and summary["val_bits_per_token"] == pytest.approx(
         summary["val_loss"] / math.log(2)
     )
+    # the literature's bits/dim: per sub-pixel, three per token (pixel)
+    assert summary["val_bits_per_dim"] == pytest.approx(summary["val_bits_per_token"] / 3)
+    assert "val_bpd" not in summary
     run = tmp_path / "run"
     conf = json.loads((run / "config.json").read_text())
     assert conf["train"]["steps"] == 30 and conf["model"]["n_colors"] == 16
@@ -323,6 +329,75 @@ def test_config_names_the_bad_field(tmp_path, field, value):
         _cfg(tmp_path, **{field: value})
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", float("inf")),
+        ("lr", float("nan")),
+        ("lr", 0.0),
+        ("lr", -1e-3),
+        ("lr", "3e-3"),
+        ("weight_decay", float("nan")),
+        ("weight_decay", -0.1),
+        ("grad_clip", float("inf")),
+        ("mask_prob", 0.0),
+        ("val_frac", 0.0),
+        ("val_frac", 1.0),
+        ("steps", 0),
+        ("steps", True),
+        ("steps", 2.5),
+        ("batch_size", 0),
+        ("grad_accum", 0),
+        ("log_every", 0),
+        ("ckpt_every", -5),
+        ("seed", -1),
+        ("warmup_steps", -1),
+        ("warmup_steps", 7),  # more than steps=6
+        ("n_px", 0),
+        ("betas", (1.0, 0.95)),
+        ("betas", (0.9, float("nan"))),
+        ("betas", (0.9,)),
+        ("progress", "yes"),
+    ],
+)
+def test_config_refuses_non_finite_and_out_of_range_values(tmp_path, field, value):
+    """Refused when the config is built, before any data is read (`--lr inf` used to train
+    and write NaN checkpoints); the message names the field, its flag and the value."""
+    with pytest.raises(ValueError, match=rf"^{field} must .*got {re.escape(repr(value))}"):
+        _cfg(tmp_path, **{field: value})
+    assert not (tmp_path / "run").exists()
+
+
+def test_progress_bars_only_on_a_terminal_unless_asked(tmp_path, palette_file, monkeypatch):
+    from tqdm.contrib.logging import _TqdmLoggingHandler
+
+    from igpt.train import progress_enabled
+
+    class Tty:
+        def isatty(self):
+            return True
+
+    assert progress_enabled(None, Tty()) and not progress_enabled(None, io.StringIO())
+    assert progress_enabled(True, io.StringIO()) and not progress_enabled(False, Tty())
+    assert TrainConfig().progress is None  # auto
+    # while training, log lines go through tqdm.write (not glued onto a bar)
+    seen = []
+    real_step = Trainer.train_step
+
+    def step(self, s):
+        seen.append(any(isinstance(h, _TqdmLoggingHandler) for h in logging.root.handlers))
+        return real_step(self, s)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    handler = logging.StreamHandler(sys.stderr)
+    logging.root.addHandler(handler)
+    try:
+        pretrain(_cfg(tmp_path, palette=palette_file, steps=2, ckpt_every=2, val_size=4))
+    finally:
+        logging.root.removeHandler(handler)
+    assert seen == [True, True] and handler in logging.root.handlers + [handler]
+
+
 def test_palette_file_and_n_colors_must_agree(tmp_path, palette_file):
     with pytest.raises(ValueError, match="has 16 colours but n_colors is 8"):
         Trainer(_cfg(tmp_path, palette=palette_file, n_colors=8))
@@ -334,6 +409,83 @@ def test_resume_refuses_other_settings(tmp_path, palette_file):
         pretrain(_cfg(tmp_path, steps=3, palette=palette_file, batch_size=4, resume=True))
     with pytest.raises(FileExistsError, match="--resume"):  # never silently mix two runs
         pretrain(_cfg(tmp_path, steps=3, palette=palette_file))
+    # every change that would make the run meaningless is named, with both values
+    again = dict(steps=3, palette=palette_file, resume=True)
+    for change, said in [
+        (dict(batch_size=4), "batch_size 8 there, 4 now"),
+        (dict(objective="bert"), "objective 'ar' there, 'bert' now"),
+        (dict(data="npz:/x.npz"), "data 'digits' there, 'npz:/x.npz' now"),
+        (dict(model_overrides={**TINY, "n_layer": 3}), "model_overrides"),
+        (dict(n_px=4), "n_px 8 there, 4 now"),
+        (dict(seed=1), "seed 0 there, 1 now"),
+        (dict(val_frac=0.2), "val_frac 0.1 there, 0.2 now"),
+        (dict(n_colors=8, palette=None), "n_colors 16 there, 8 now"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(said)) as e:
+            pretrain(_cfg(tmp_path, **{**again, **change}))
+        assert "cannot resume" in str(e.value) and "ckpt_00000003.pt" in str(e.value)
+    other = tmp_path / "other.npy"
+    Palette(torch.full((16, 3), 7.0)).save(other)
+    with pytest.raises(ValueError, match="is not the run's 16-colour palette"):
+        pretrain(_cfg(tmp_path, **{**again, "palette": str(other)}))
+    with pytest.raises(ValueError, match=r"at step 3, past steps=2; pass --steps 3"):
+        pretrain(_cfg(tmp_path, **{**again, "steps": 2}))
+
+
+def test_a_finished_run_can_be_extended(tmp_path, palette_file, caplog):
+    """--resume --steps 6 on a finished 4-step run: from step 4 on, the LR of a run planned
+    for 6 steps with the first run's warm-up (2 steps, not repeated; the default for 6
+    steps would be 1), so the cosine ends at 0 on the new last step."""
+    kw = dict(palette=palette_file, ckpt_every=2, val_size=4, warmup_steps=2)
+    first = _cfg(tmp_path, "ext", steps=4, **kw)
+    pretrain(first)
+    rows4 = (Path(first.out) / "metrics.jsonl").read_text().splitlines()
+    with caplog.at_level(logging.INFO, logger="igpt"):
+        summary = pretrain(dataclasses.replace(first, steps=6, warmup_steps=None, resume=True))
+    assert summary["step"] == 6 and "changed settings: steps: 4 -> 6" in caplog.text
+    rows = [json.loads(x) for x in (Path(first.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert (Path(first.out) / "metrics.jsonl").read_text().splitlines()[:4] == rows4
+    plan4, plan6 = lr_lambda_factory(4, 2), lr_lambda_factory(6, 2)
+    lrs = [r["lr"] for r in rows]  # the LR step s (row s + 1) used
+    assert lrs[:4] == [3e-3 * plan4(s) for s in range(4)]
+    assert lrs[4:] == [3e-3 * plan6(s) for s in (4, 5)]
+    assert lrs[4] == pytest.approx(3e-3 * 0.5) and lrs[3] == 3e-3 * plan4(3)
+    # the same numbers as a run planned for 6 steps from the start takes at steps 5 and 6
+    planned = _cfg(tmp_path, "planned", steps=6, **kw)
+    pretrain(planned)
+    assert [r["lr"] for r in map(json.loads, open(Path(planned.out) / "metrics.jsonl"))][4:] == lrs[
+        4:
+    ]
+    ckpt = load_checkpoint(first.out)
+    assert ckpt["step"] == 6 and ckpt["warmup"] == 2
+    assert json.loads((Path(first.out) / "config.json").read_text())["train"]["steps"] == 6
+    # a changed lr applies from the resume step on (the optimizer's saved lr does not win)
+    pretrain(dataclasses.replace(first, steps=8, warmup_steps=None, lr=1e-3, resume=True))
+    lrs = [json.loads(x)["lr"] for x in (Path(first.out) / "metrics.jsonl").open()]
+    assert lrs[6:] == [1e-3 * lr_lambda_factory(8, 2)(s) for s in (6, 7)]
+
+
+def test_resume_passes_over_a_damaged_checkpoint_and_stale_temp_files(
+    tmp_path, palette_file, caplog
+):
+    kw = dict(palette=palette_file, steps=4, ckpt_every=2, val_size=4)
+    full = _cfg(tmp_path, "full", **kw)
+    pretrain(full)
+    damaged = _cfg(tmp_path, "damaged", **kw)
+    pretrain(damaged)
+    newest = Path(damaged.out) / "ckpt_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy cut short
+    stale = Path(damaged.out) / ".ckpt_00000004.pt.x1y2z3w4.tmp"
+    stale.write_bytes(b"what a kill left")
+    with caplog.at_level(logging.WARNING):
+        summary = pretrain(damaged, resume=True)
+    assert "ckpt_00000004.pt is damaged" in caplog.text
+    assert "using " + str(Path(damaged.out) / "ckpt_00000002.pt") in caplog.text
+    assert summary["step"] == 4 and _losses(damaged.out) == _losses(full.out)
+    a, b = load_checkpoint(full.out)["model"], load_checkpoint(damaged.out)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(Path(damaged.out).glob(".*tmp"))
 
 
 def test_crash_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, palette_file):
@@ -685,3 +837,91 @@ def test_init_from_starts_at_the_checkpoints_weights_and_palette(tmp_path, palet
         trainer.close()
     with pytest.raises(ValueError, match="init_from .* n_px=8"):
         Trainer(_cfg(tmp_path, "third", n_px=16, init_from=first.out))
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+# The child trains and SIGKILLs itself at a chosen moment: no `finally`, no `except`, no
+# flush runs, as when the machine or the OOM killer stops a run.
+_KILLED_CHILD = """
+import json, os, signal, sys
+import torch
+from igpt.train import TrainConfig, Trainer, pretrain
+
+cfg, moment, at = TrainConfig(**json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+if moment == "step":  # in the middle of the training step `at`
+    real_step = Trainer.train_step
+    def train_step(self, step):
+        if step == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(self, step)
+    Trainer.train_step = train_step
+else:  # part-way through writing the checkpoint of step `at`
+    real_save = torch.save
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == at and "optimizer" in obj:
+            f.write(b"PK\\x03\\x04 the first bytes of a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *args, **kwargs)
+    torch.save = save
+pretrain(cfg)
+"""
+
+
+_KILL_RUN = dict(steps=6, ckpt_every=2, val_size=4, keep_checkpoints=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, palette_file):
+    """The run the killed ones must reproduce (trained once for the module)."""
+    cfg = _cfg(tmp_path_factory.mktemp("kill"), "full", palette=palette_file, **_KILL_RUN)
+    pretrain(cfg)
+    return Path(cfg.out)
+
+
+@pytest.mark.parametrize(
+    "moment, at, truncate",
+    [
+        ("step", 3, False),  # during training, past the checkpoint of step 2
+        ("save", 4, False),  # during the checkpoint write of step 4
+        ("step", 5, True),  # during training, and the latest checkpoint (4) then truncated
+    ],
+)
+def test_kill_9_then_resume_is_bit_identical_and_leaves_no_temp_files(
+    tmp_path, palette_file, uninterrupted, moment, at, truncate
+):
+    killed = _cfg(tmp_path, "killed", palette=palette_file, **_KILL_RUN)
+    res = subprocess.run(
+        [sys.executable, "-c", _KILLED_CHILD, json.dumps(killed.to_dict()), moment, str(at)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == -9, res.stderr
+    run = Path(killed.out)
+    latest = latest_checkpoint(run)
+    assert latest.name == ("ckpt_00000004.pt" if truncate else "ckpt_00000002.pt")
+    if moment == "save":
+        assert len(list(run.glob(".ckpt_00000004.pt.*.tmp"))) == 1  # what the kill left
+    if truncate:
+        latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 3])
+    summary = pretrain(killed, resume=True)
+    assert summary["step"] == 6 and _losses(run) == _losses(uninterrupted)
+    a, b = load_checkpoint(uninterrupted), load_checkpoint(run)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert sorted(p.name for p in run.glob("*.pt")) == ["ckpt_00000004.pt", "ckpt_00000006.pt"]
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert (
+        summary["val_loss"] == json.loads((uninterrupted / "summary.json").read_text())["val_loss"]
+    )
+
+
+def test_old_metrics_files_are_read_under_the_new_names(tmp_path):
+    from igpt.rundir import RunDir
+
+    run = RunDir(tmp_path / "old")
+    run.metrics_path.write_text('{"step": 2, "loss": 1.0, "val_loss": 0.6931, "val_bpd": 1.5}\n')
+    (row,) = run.read_metrics()
+    assert "val_bpd" not in row and row["val_bits_per_token"] == 1.5
+    assert row["val_bits_per_dim"] == 0.5 and row["val_loss"] == 0.6931

@@ -10,11 +10,19 @@ Layout of the dict: ``model`` (state dict), ``config`` (IGPTConfig fields), ``st
 ``scheduler``, ``rng`` ...); the model's generative objective goes under ``objective``
 (``objective_of`` reads it). A run directory holds ``ckpt_XXXXXXXX.pt`` files;
 ``latest_checkpoint(run_dir)`` picks the one with the highest step.
+
+Reading one that is not an igpt checkpoint (empty, truncated, random bytes, a pickle of
+arbitrary objects, a dict without ``model`` or ``config``) raises ``CheckpointError``, a
+ValueError whose message names the file and says what is wrong with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -24,7 +32,15 @@ from igpt.config import IGPTConfig
 from igpt.model import IGPT
 from igpt.objectives import objective_of  # noqa: F401  (public name of igpt.checkpoint)
 
+log = logging.getLogger(__name__)
+
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+# what every igpt checkpoint holds (checkpoint_state writes both)
+REQUIRED_KEYS = ("model", "config")
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be read as an igpt checkpoint; the message names it and says why."""
 
 
 def checkpoint_path(run_dir, step: int) -> Path:
@@ -32,13 +48,52 @@ def checkpoint_path(run_dir, step: int) -> Path:
     return Path(run_dir) / f"ckpt_{step:08d}.pt"
 
 
-def latest_checkpoint(run_dir) -> Path | None:
-    """The checkpoint with the highest step in ``run_dir``, or None if there is none."""
+def run_checkpoints(run_dir) -> list[Path]:
+    """The ``ckpt_XXXXXXXX.pt`` files of ``run_dir``, oldest step first (none: ``[]``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The checkpoint with the highest step in ``run_dir``, or None if there is none.
+
+    It only looks at names; ``latest_intact_checkpoint`` also reads them."""
+    found = run_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def latest_intact_checkpoint(run_dir, map_location="cpu") -> tuple[Path, dict] | None:
+    """``(path, checkpoint)`` of the newest checkpoint of ``run_dir`` that reads back.
+
+    A damaged newer one (a truncated copy, a disk that filled up) is passed over with a
+    warning naming it and the one used instead. None without checkpoints; CheckpointError
+    when every one is damaged.
+    """
+    found = run_checkpoints(run_dir)
+    damaged = []
+    for path in reversed(found):
+        try:
+            ckpt = load_checkpoint(path, map_location=map_location)
+        except CheckpointError as e:
+            log.warning("%s", e)
+            damaged.append(path)
+            continue
+        if damaged:
+            log.warning(
+                "using %s: the newer %s cannot be read (see above); training redoes the "
+                "steps after %s",
+                *(path, ", ".join(p.name for p in damaged), path.name),
+            )
+        return path, ckpt
+    if damaged:
+        raise CheckpointError(
+            f"no checkpoint of {Path(run_dir)} can be read ({', '.join(p.name for p in damaged)} "
+            "are all damaged); start afresh in another --out"
+        )
+    return None
 
 
 def atomic_torch_save(obj, path) -> None:
@@ -71,6 +126,53 @@ def save_checkpoint(path, model: IGPT, *, step: int = 0, palette=None, **extra) 
     return Path(path)
 
 
+def model_config(ckpt: dict, path) -> IGPTConfig:
+    """The IGPTConfig of a checkpoint read from ``path``; CheckpointError if it is not one."""
+    try:
+        return IGPTConfig.from_dict(dict(ckpt["config"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its 'config' entry is not an IGPTConfig ({e})") from e
+
+
+def architecture_differences(path, ckpt: dict, config: IGPTConfig) -> list[str]:
+    """How ``config`` differs from the model config of the checkpoint read from ``path``:
+    one "field <theirs> there, <ours> now" per field (empty: the same architecture)."""
+    theirs = model_config(ckpt, path)
+    return [
+        f"{f.name} {getattr(theirs, f.name)!r} there, {getattr(config, f.name)!r} now"
+        for f in dataclasses.fields(IGPTConfig)
+        if getattr(theirs, f.name) != getattr(config, f.name)
+    ]
+
+
+def load_weights(model: IGPT, ckpt: dict, path) -> IGPT:
+    """``model.load_state_dict(ckpt["model"])``; CheckpointError naming ``path`` and what
+    does not fit when the weights are not those of ``model``'s config."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"{path}: its weights do not fit its own config ({_mismatch(model, ckpt['model'])}); "
+            "the file was not written by igpt.checkpoint.save_checkpoint"
+        ) from e
+    return model
+
+
+def _mismatch(model, weights) -> str:
+    """A short account of how ``weights`` differ from ``model``'s state dict."""
+    want = model.state_dict()
+    have = weights if isinstance(weights, dict) else {}
+    missing = [k for k in want if k not in have]
+    extra = [k for k in have if k not in want]
+    shape = [k for k in want if k in have and getattr(have[k], "shape", None) != want[k].shape]
+    parts = [
+        f"{len(keys)} {what} (e.g. {keys[0]})"
+        for keys, what in ((missing, "missing"), (extra, "unexpected"), (shape, "of other shape"))
+        if keys
+    ]
+    return ", ".join(parts) or "tensors of other types"
+
+
 def resolve_checkpoint(path_or_dir) -> Path:
     """A checkpoint file itself, or the latest checkpoint of a run directory."""
     p = Path(path_or_dir)
@@ -84,9 +186,63 @@ def resolve_checkpoint(path_or_dir) -> Path:
     return p
 
 
+def read_checkpoint(path, map_location="cpu", *, mmap: bool = False) -> dict:
+    """``torch.load(path, weights_only=True)`` of one file, with every way it can fail turned
+    into a CheckpointError naming ``path``; the result is a dict with ``model`` and ``config``.
+
+    A pickle of anything but tensors, numbers, strings and containers stays refused.
+    """
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001  (bytes that are not a checkpoint fail in any way)
+        raise CheckpointError(_why_unreadable(path, e)) from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(ckpt).__name__}, not an igpt checkpoint (a dict with "
+            f"{' and '.join(REQUIRED_KEYS)}); write one with igpt.checkpoint.save_checkpoint"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not an igpt checkpoint: it has no {' or '.join(repr(k) for k in missing)} "
+            f"entry (it has {sorted(map(str, ckpt))[:8]}); write one with "
+            "igpt.checkpoint.save_checkpoint"
+        )
+    return ckpt
+
+
+def _why_unreadable(path: Path, e: BaseException) -> str:
+    """The one sentence for a file torch.load could not read."""
+    size = path.stat().st_size if path.is_file() else 0
+    if size == 0:
+        return f"checkpoint {path} is empty (0 bytes): a write that never finished; delete it"
+    with open(path, "rb") as f:
+        torch_file = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    if not torch_file:
+        return f"{path} is not a torch checkpoint (its {size} bytes are not a torch.save file)"
+    if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it holds a {found.group(1)} object" if found else "it holds arbitrary objects"
+        return (
+            f"igpt refuses to unpickle {path} (weights only: {what}): it is not an igpt "
+            "checkpoint or it is from an untrusted source"
+        )
+    return (
+        f"checkpoint {path} is damaged ({size} bytes, truncated or corrupt: "
+        f"{type(e).__name__}); delete it or use an older checkpoint of the run"
+    )
+
+
 def load_checkpoint(path_or_dir, map_location="cpu") -> dict:
-    """Read a checkpoint (file or run directory) with ``weights_only=True``."""
-    return torch.load(resolve_checkpoint(path_or_dir), map_location=map_location, weights_only=True)
+    """Read a checkpoint (file or run directory: its latest) with ``weights_only=True``.
+
+    Raises FileNotFoundError for a missing file or a directory without checkpoints and
+    CheckpointError (a ValueError) for a file that is not an igpt checkpoint.
+    """
+    return read_checkpoint(resolve_checkpoint(path_or_dir), map_location)
 
 
 def load_model(path_or_dir, device=None):
@@ -94,9 +250,9 @@ def load_model(path_or_dir, device=None):
 
     The palette comes back as an ``igpt.palette.Palette`` when the checkpoint has one.
     """
-    ckpt = load_checkpoint(path_or_dir)
-    model = IGPT(IGPTConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    path = resolve_checkpoint(path_or_dir)
+    ckpt = read_checkpoint(path)
+    model = load_weights(IGPT(model_config(ckpt, path)), ckpt, path)
     if device is not None:
         model.to(device)
     palette = None

@@ -34,6 +34,8 @@ import json
 import logging
 import os
 import pickle
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +68,7 @@ class ImageData:
     def __post_init__(self):
         check_images(self.images)
         if self.labels is not None:
-            self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+            self.labels = check_labels(self.labels).reshape(-1)
             if len(self.labels) != len(self.images):
                 raise ValueError(
                     f"labels has {len(self.labels)} entries but images has {len(self.images)}"
@@ -99,6 +101,36 @@ def check_images(images, name: str = "images") -> None:
         raise TypeError(f"{name} must be uint8 RGB, got dtype {images.dtype}")
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{name} must be (N, H, W, 3), got shape {images.shape}")
+
+
+def check_labels(labels, name: str = "labels") -> np.ndarray:
+    """``labels`` as int64 class indices, or a ValueError that counts the bad ones.
+
+    Integers >= 0 pass, and so do floats with integer values (3.0, as a reader may store
+    them); 3.7, NaN and negative labels are refused rather than truncated, so that a file
+    of scores or of -1 "unlabelled" markers never trains a classifier in silence.
+    """
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    y = np.asarray(labels)
+    if y.dtype == np.bool_ or y.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be integer class indices, got dtype {y.dtype}")
+    if y.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(y) | (y != np.round(y))))
+        if bad:
+            raise ValueError(
+                f"{name}: {bad} of {y.size} labels are not whole numbers (e.g. "
+                f"{y[~np.isfinite(y) | (y != np.round(y))].flat[0].item()!r}); labels are class "
+                "indices 0, 1, 2 ..."
+            )
+    negative = int(np.count_nonzero(y < 0))
+    if negative:
+        first = y[y < 0].flat[0].item()
+        raise ValueError(
+            f"{name}: {negative} of {y.size} labels are negative (e.g. {first!r}); "
+            "labels are class indices 0, 1, 2 ...: leave unlabelled images out"
+        )
+    return y.astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -187,8 +219,18 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        d = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    """A CIFAR batch file as a dict with str keys; a ValueError naming the file if it is
+    damaged, not a pickle, or holds anything but numpy arrays, lists and bytes."""
+    try:
+        with open(path, "rb") as f:
+            d = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"cannot read {path} as a CIFAR batch ({type(e).__name__}: {e}); "
+            "download and extract the python version of the data set again"
+        ) from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a CIFAR batch: it holds a {type(d).__name__}, not a dict")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
@@ -219,9 +261,19 @@ def _load_cifar(root: str, kind: str, split: str) -> ImageData:
         if not path.is_file():
             raise FileNotFoundError(f"{kind}: missing batch file {path}")
         batch = _unpickle(path)
-        x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # (n, C, H, W)
+        try:
+            x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # (n, C, H, W)
+            y = batch[label_key]
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(
+                f"{path} is not a {kind} batch: it needs 'data' (n, 3072) uint8 and "
+                f"{label_key!r} (n,) ({type(e).__name__}: {e})"
+            ) from e
+        y = check_labels(y, f"{path}: {label_key}").reshape(-1)
+        if len(x) != len(y):
+            raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
         images.append(x.transpose(0, 2, 3, 1))  # (n, 32, 32, 3)
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        labels.append(y)
     classes = None
     if (d / meta).is_file():
         names = _unpickle(d / meta).get(names_key)
@@ -235,10 +287,20 @@ def _read_image(path: Path) -> np.ndarray | None:
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            return _rgb8(im)
     except Exception as e:  # PIL raises many kinds of errors on bad files
         log.debug("skipping unreadable image %s: %s", path, e)
         return None
+
+
+def _rgb8(im) -> np.ndarray:
+    """A PIL image as uint8 (H, W, 3) RGB; 16-bit grey ("I;16", or "I" holding 0..65535, as
+    PIL opens 16-bit PNGs) is scaled to 8 bits, where ``convert("RGB")`` would clip it."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        x = np.asarray(im).astype(np.float64)
+        grey = np.round(np.clip(x, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def _square(image: np.ndarray, size: int) -> np.ndarray:
@@ -330,18 +392,46 @@ def _load_npz(path: str, split: str) -> ImageData:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"npz: {path} does not exist")
-    loaded = np.load(path, allow_pickle=False)
+    try:
+        return _read_npz(path, split)
+    except (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError, OSError) as e:
+        # numpy reads members lazily: a damaged archive can fail at any key, not only here
+        raise ValueError(
+            f"npz: cannot read {path} ({type(e).__name__}: {e}); it must be a .npz from "
+            "numpy.savez (or a .npy from numpy.save): write it again"
+        ) from e
+
+
+def _read_npz(path: Path, split: str) -> ImageData:
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if not (magic.startswith(b"PK\x03\x04") or magic == b"\x93NUMPY"):
+        # numpy would try to unpickle it, and say so: not what the file's owner needs to hear
+        raise ValueError(
+            f"npz: {path} is neither a .npz nor a .npy (its first bytes are not numpy's); "
+            "write it with numpy.savez (or numpy.save)"
+        )
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as e:  # a damaged header, or a .npy of pickled objects
+        raise ValueError(
+            f"npz: {path} is not a .npz or .npy of arrays ({e}); write it with numpy.savez"
+        ) from e
     if isinstance(loaded, np.ndarray):  # a bare .npy of images
         return _split_fixed(ImageData(_as_rgb_uint8(loaded, path)), split)
     with loaded as z:
         keys = set(z.files)
-        classes = [str(c) for c in z["classes"]] if "classes" in keys else None
+        classes = [str(c) for c in _member(z, "classes", path)] if "classes" in keys else None
         if "train_images" in keys and "test_images" in keys:
             names = ["train", "test"] if split == "all" else [split]
             parts = []
             for s in names:
-                labels = z[f"{s}_labels"] if f"{s}_labels" in keys else None
-                parts.append(ImageData(_as_rgb_uint8(z[f"{s}_images"], path), labels, classes))
+                labels = _member(z, f"{s}_labels", path) if f"{s}_labels" in keys else None
+                if labels is not None:
+                    labels = check_labels(labels, f"npz: {s}_labels in {path}")
+                parts.append(
+                    ImageData(_as_rgb_uint8(_member(z, f"{s}_images", path), path), labels, classes)
+                )
             if len(parts) == 1:
                 return parts[0]
             return ImageData(
@@ -350,19 +440,37 @@ def _load_npz(path: str, split: str) -> ImageData:
                 classes,
             )
         if "images" not in keys:
-            raise KeyError(
+            raise ValueError(
                 f"npz: {path} has keys {sorted(keys)}; it needs 'images' (N, H, W, 3) uint8 "
                 "and optionally 'labels', or 'train_images' and 'test_images'"
             )
-        labels = z["labels"] if "labels" in keys else None
-        data = ImageData(_as_rgb_uint8(z["images"], path), labels, classes)
+        labels = (
+            check_labels(_member(z, "labels", path), f"npz: labels in {path}")
+            if "labels" in keys
+            else None
+        )
+        data = ImageData(_as_rgb_uint8(_member(z, "images", path), path), labels, classes)
     return _split_fixed(data, split)
+
+
+def _member(z, key: str, path: Path) -> np.ndarray:
+    """``z[key]`` of an open .npz; numpy reads members lazily, so a member of pickled
+    objects is found only here."""
+    try:
+        return z[key]
+    except ValueError as e:
+        raise ValueError(
+            f"npz: {key!r} in {path} cannot be read ({e}); store plain arrays (numpy.savez)"
+        ) from e
 
 
 def _as_rgb_uint8(x: np.ndarray, path) -> np.ndarray:
     """Accept (N, H, W, 3) uint8, and (N, H, W) or (N, H, W, 1) grey by repeating."""
     if x.dtype != np.uint8:
-        raise TypeError(f"npz: images in {path} must be uint8, got {x.dtype}")
+        raise ValueError(
+            f"npz: images in {path} must be uint8 (0..255), got {x.dtype}; convert them "
+            "with .astype(np.uint8) after scaling to 0..255"
+        )
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim == 4 and x.shape[-1] == 1:
@@ -529,6 +637,19 @@ def _source_fingerprint(spec: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _read_cache(folder: Path):
+    """(tokens memmap, labels) of a token cache entry; raises when any part is damaged."""
+    meta = json.loads((folder / "meta.json").read_text())
+    shape = tuple(int(v) for v in meta["shape"])
+    if len(shape) != 2 or (folder / "tokens.u16").stat().st_size != 2 * shape[0] * shape[1]:
+        raise ValueError(f"tokens.u16 does not hold the {shape} tokens meta.json records")
+    tokens = np.memmap(folder / "tokens.u16", np.uint16, "r", shape=shape)
+    labels = np.load(folder / "labels.npy") if meta["has_labels"] else None
+    if labels is not None and len(labels) != shape[0]:
+        raise ValueError(f"labels.npy has {len(labels)} labels for {shape[0]} images")
+    return tokens, labels
+
+
 def default_cache_dir() -> Path:
     """``$IGPT_CACHE`` or ``~/.cache/igpt``."""
     return Path(os.environ.get("IGPT_CACHE", Path.home() / ".cache" / "igpt"))
@@ -574,10 +695,11 @@ def cached_tokens(
     folder = root / "tokens" / key
     meta_path = folder / "meta.json"
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        tokens = np.memmap(folder / "tokens.u16", np.uint16, "r", shape=tuple(meta["shape"]))
-        labels = np.load(folder / "labels.npy") if meta["has_labels"] else None
-        return tokens, labels
+        try:
+            return _read_cache(folder)
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+            # a damaged entry (a full disk, a hand edit) is rebuilt, never read as tokens
+            log.warning("token cache: %s is damaged (%s); tokenising again", folder, e)
     if data is None:
         data = load_images(spec, split)
     tokens = tokenize(data.images, palette, n_px)

@@ -34,6 +34,17 @@ from igpt._io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+# what the report keeps of the pre-training summary (bits per token = nats / ln 2, bits per
+# dimension = bits per token / 3; metrics.json of older versions said val_bpd for the first)
+PRETRAIN_KEYS = (
+    "step",
+    "loss",
+    "val_loss",
+    "val_bits_per_token",
+    "val_bits_per_dim",
+    "skipped",
+)
+
 DEFAULTS = {"steps": 600, "batch_size": 32, "lr": 3e-3}
 
 
@@ -160,7 +171,7 @@ def _metrics(results, summary, net, palette, data, model, timings) -> dict:
         "n_colors": len(palette),
         "params": net.num_params(),
         "device": str(next(net.parameters()).device),
-        "pretrain": {k: summary.get(k) for k in ("step", "loss", "val_loss", "val_bpd", "skipped")},
+        "pretrain": {k: summary.get(k) for k in PRETRAIN_KEYS},
         "probe": {
             "pretrained": layers(results["layers"]),
             "random init": layers(results["random_init"]),
@@ -197,8 +208,10 @@ def _write_report(out: Path, m: dict, results: dict) -> None:
         f"quantized to {m['n_colors']} colours ({m['n_train']} training images, {m['n_test']} test "
         f"images; device {m['device']}; {m['wall_s']['total']:.0f} s in all).",
         "",
-        f"Final validation loss: {pre['val_loss']:.3f} nats/token "
-        f"({pre['val_bpd']:.3f} bits/token).",
+        f"Final validation loss: {pre['val_loss']:.3f} nats per token (pixel), "
+        f"{pre['val_bits_per_token']:.3f} bits per token, "
+        f"{pre['val_bits_per_dim']:.3f} bits per dimension (sub-pixel; of the palette's "
+        "tokens, not comparable with bits/dim of models of raw 8-bit sub-pixels).",
         "",
         "Linear probes: L-BFGS logistic regression, L2 chosen on a 10% hold-out; layer 0 is the "
         "embeddings, the last is after the final norm; raw pixels are the images at "

@@ -12,6 +12,12 @@ pre-training betas at a constant rate, early stopping on hold-out accuracy. BERT
 masked inputs in training and evaluation, and the evaluation can ensemble several masks
 (sec. 4.6, ``n_masks``).
 
+Resume (``resume=True``) continues from the run's latest checkpoint; ``steps`` may be
+raised to extend a run (the rate is constant, so there is no schedule to re-plan) and a
+new ``lr``, ``betas`` or ``weight_decay`` applies from the resume step on. The settings
+that define the classifier (``FINETUNE_FIXED``, the number of classes, the architecture)
+must match the checkpoint's, or the resume is refused naming each.
+
 ``finetune(...)`` is ``Finetuner(model, FinetuneConfig(...), tokens, labels).fit()``. It
 shares its pieces with pre-training: batches from ``igpt.batches`` (a pure function of
 (seed, step), so a resumed run takes the steps of one that never stopped) and the run
@@ -26,6 +32,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,15 +42,32 @@ from tqdm.auto import tqdm
 
 from igpt._checks import check_tokens
 from igpt.batches import GlobalBatches, ImageSource, TokenSource
-from igpt.checkpoint import atomic_torch_save, checkpoint_state, load_checkpoint
+from igpt.checkpoint import (
+    CheckpointError,
+    architecture_differences,
+    atomic_torch_save,
+    checkpoint_state,
+    load_checkpoint,
+)
 from igpt.features import _resolve_layers
 from igpt.model import IGPT
-from igpt.objectives import MASK_PROB, OBJECTIVES, MaskRows, check_objective, generative_loss
+from igpt.objectives import (
+    MASK_PROB,
+    OBJECTIVES,
+    MaskRows,
+    check_objective,
+    generative_loss,
+    objective_of,
+)
 from igpt.probe import _as_labels, modal_prediction
 from igpt.rundir import RunDir
-from igpt.train import setting
+from igpt.train import progress_enabled, setting
 
 log = logging.getLogger(__name__)
+
+# what a resumed fine-tuning run must share with its checkpoint's run: the head, the loss
+# and the batch of every step (the architecture and n_classes are checked beside them)
+FINETUNE_FIXED = ("n_classes", "layer", "joint", "batch_size", "seed")
 
 
 class IGPTClassifier(nn.Module):
@@ -193,15 +217,38 @@ class FinetuneConfig:
     resume: bool = setting(False, "continue from the latest checkpoint in the run directory")
     seed: int = setting(0, "batches, masks, augmentations and the hold-out split")
     device: str | None = setting(None, "cpu, cuda ...", default_text="the model's")
-    progress: bool = setting(True, "tqdm progress bar")
+    progress: bool | None = setting(
+        None, "tqdm progress bars", default_text="when stderr is a terminal"
+    )
 
     def __post_init__(self):
+        # every hyper-parameter is checked here, before a model is loaded or a step taken:
+        # an lr of inf or nan would train and write NaN checkpoints
         self.betas = tuple(self.betas)
         check_objective(self.objective)
         for name in ("steps", "batch_size", "eval_every", "n_masks"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        p = self.patience
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise ValueError(f"patience must be None or an int >= 1, got {p!r}")
+        if self.layer is not None and (
+            isinstance(self.layer, bool) or not isinstance(self.layer, int)
+        ):
+            raise ValueError(f"layer must be None or an int, got {self.layer!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        _check_real("lr", self.lr, above=0)
+        _check_real("weight_decay", self.weight_decay, least=0)
+        if self.grad_clip is not None:
+            _check_real("grad_clip", self.grad_clip, above=0)
+        _check_real("mask_prob", self.mask_prob, above=0, most=1)
+        _check_real("val_frac", self.val_frac, above=0, below=1)
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        for beta in self.betas:
+            _check_real("betas", beta, least=0, below=1)
         if self.resume and self.out_dir is None:
             raise ValueError("resume=True needs out_dir (the run to continue)")
 
@@ -209,6 +256,18 @@ class FinetuneConfig:
         """What a run records of its settings (config.json, the result's ``settings``)."""
         keys = ("objective", "joint", "lr", "batch_size", "steps", "seed", "mask_prob")
         return {"n_classes": n_classes, "layer": layer, **{k: getattr(self, k) for k in keys}}
+
+
+def _check_real(name, v, *, above=None, least=None, below=None, most=None) -> None:
+    """Raise ValueError naming ``name`` unless ``v`` is a finite real number in the bounds."""
+    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    ok = ok and math.isfinite(v)
+    ok = ok and (above is None or v > above) and (least is None or v >= least)
+    ok = ok and (below is None or v < below) and (most is None or v <= most)
+    if not ok:
+        bounds = [f"> {above}"] * (above is not None) + [f">= {least}"] * (least is not None)
+        bounds += [f"< {below}"] * (below is not None) + [f"<= {most}"] * (most is not None)
+        raise ValueError(f"{name} must be a finite number {' and '.join(bounds)}, got {v!r}")
 
 
 # ----------------------------------------------------------------------------- finetuner
@@ -296,17 +355,16 @@ class Finetuner:
         return tokens, labels, images
 
     def _open_run(self) -> None:
-        latest = self.run.check_fresh(self.cfg.resume)
-        if latest is not None:
-            ckpt = load_checkpoint(latest)
-            if int(ckpt["finetune"]["n_classes"]) != self.n_classes:
-                raise ValueError(
-                    f"{latest} has {ckpt['finetune']['n_classes']} classes, "
-                    f"the data has {self.n_classes}"
-                )
+        found = self.run.resume_checkpoint(self.cfg.resume)
+        if found is not None:
+            latest, ckpt = found
+            self._check_resumable(latest, ckpt)
             self.model.load_state_dict(ckpt["model"])
             self.clf.head.load_state_dict(ckpt["head"])
             self.opt.load_state_dict(ckpt["optimizer"])
+            cfg = self.cfg  # this run's settings, not the ones the optimizer state brought back
+            for g in self.opt.param_groups:
+                g.update(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
             self.state.update({k: ckpt["state"][k] for k in self.state})
             s = self.state
             log.info(
@@ -316,6 +374,31 @@ class Finetuner:
         conf = {"model": self.model.config.to_dict(), "finetune": self.settings}
         self.run.write_json("config.json", conf)
         self.run.truncate_metrics(self.state["step"])
+
+    def _check_resumable(self, path, ckpt: dict) -> None:
+        """A ValueError unless the checkpoint at ``path`` is of a fine-tuning run with this
+        run's ``FINETUNE_FIXED`` settings, objective and architecture, not past ``steps``."""
+        missing = [k for k in ("finetune", "head", "optimizer", "state") if k not in ckpt]
+        if missing:
+            raise CheckpointError(
+                f"{path} is not a fine-tuning checkpoint (it has no {', '.join(missing)}); "
+                "fine-tune from it with --checkpoint and a new --out instead"
+            )
+        old, now = {**ckpt["finetune"], "objective": objective_of(ckpt)}, self.settings
+        keys = [*FINETUNE_FIXED, "objective"] + ["mask_prob"] * (now["objective"] == "bert")
+        diff = [f"{k} {old.get(k)!r} there, {now[k]!r} now" for k in keys if old.get(k) != now[k]]
+        diff += ["model " + d for d in architecture_differences(path, ckpt, self.model.config)]
+        if diff:
+            raise ValueError(
+                f"cannot resume {self.run.path} from {Path(path).name}: it was trained with "
+                f"other settings ({'; '.join(diff)}); pass the run's values, or use another --out"
+            )
+        if int(ckpt["state"]["step"]) > self.cfg.steps:
+            raise ValueError(
+                f"cannot resume {self.run.path}: {Path(path).name} is at step "
+                f"{ckpt['state']['step']}, past steps={self.cfg.steps}; pass --steps "
+                f"{ckpt['state']['step']} or more"
+            )
 
     def _info(self) -> dict:
         # the objective is recorded once, at the checkpoint's top level (objective_of)
@@ -410,10 +493,22 @@ class Finetuner:
         The result holds ``classifier``, ``best_val_acc``, ``best_step``, ``step`` (the last
         step trained), ``stopped_early``, ``history`` (one dict per evaluation), ``settings``.
         """
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        # log lines go through tqdm.write, above the bar rather than glued onto it
+        with logging_redirect_tqdm():
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg, s = self.cfg, self.state
         self.clf.train()
         stopped_early, pending = False, []
-        bar = tqdm(total=cfg.steps, initial=s["step"], desc="finetune", disable=not cfg.progress)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=s["step"],
+            desc="finetune",
+            disable=not progress_enabled(cfg.progress),
+        )
         while s["step"] < cfg.steps and not (stopped_early := self._stop_early()):
             row = self._step(s["step"])
             s["step"] = row["step"]

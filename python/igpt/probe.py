@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from igpt.data import check_labels
 from igpt.features import _resolve_layers, extract_features, random_init_model, raw_pixel_features
 from igpt.model import IGPT
 from igpt.objectives import MaskRows, bert_mask  # noqa: F401  (public names of igpt.probe)
@@ -64,14 +65,16 @@ def _as_features(x, name: str, ndim: int = 2) -> np.ndarray:
 
 
 def _as_labels(y, n: int, name: str) -> np.ndarray:
+    """``y`` as int64 class indices (N,) for ``n`` rows: ``igpt.data.check_labels`` refuses
+    3.7 and negative labels (with their count) instead of truncating them."""
     if isinstance(y, torch.Tensor):
         y = y.detach().cpu().numpy()
     y = np.asarray(y)
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+    if y.ndim != 1 or y.dtype == np.bool_ or y.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be integer labels (N,), got {y.dtype} {y.shape}")
     if len(y) != n:
         raise ValueError(f"{name} has {len(y)} labels for {n} feature rows")
-    return y.astype(np.int64)
+    return check_labels(y, name)
 
 
 # ----------------------------------------------------------------------------- probes

@@ -1,7 +1,8 @@
 """A run directory, as pre-training and fine-tuning both keep one.
 
     run = RunDir("runs/x")                  # is_main=False on the other torchrun ranks
-    latest = run.check_fresh(resume)        # the checkpoint to resume from, or None
+    latest = run.check_fresh(resume)        # the latest checkpoint's name, or None
+    found = run.resume_checkpoint(resume)   # (path, checkpoint) of the newest intact one, or None
     run.truncate_metrics(step)              # drop rows a killed run logged past it
     run.append_metrics([{"step": 1, "loss": 2.3}])
     run.save_checkpoint(state, step, keep=3)
@@ -9,8 +10,9 @@
 
 It holds ``config.json``, ``metrics.jsonl`` (one JSON object per logged step, with at least
 ``step``), ``ckpt_XXXXXXXX.pt`` and the PNG curves. JSON and checkpoints are written
-atomically (``igpt._io``): a crash leaves the old file or the new one. Only the main process
-writes; the others may read.
+atomically (``igpt._io``): a crash leaves the old file or the new one, and the temporary
+files of writes a kill interrupted are removed when the run directory is opened again. Only
+the main process writes; the others may read.
 """
 
 from __future__ import annotations
@@ -20,19 +22,41 @@ import json
 import logging
 from pathlib import Path
 
-from igpt._io import atomic_write_text
-from igpt.checkpoint import atomic_torch_save, checkpoint_path, latest_checkpoint
+from igpt._io import atomic_write_text, remove_stale_temp_files
+from igpt.checkpoint import (
+    atomic_torch_save,
+    checkpoint_path,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
+# metric names older versions logged -> today's. "val_bpd" was bits per token (a pixel's
+# palette colour), not the literature's bits per sub-pixel dimension (a third of it).
+RENAMED = {"val_bpd": "val_bits_per_token"}
+
+
+def _current_names(row):
+    """A metrics row with ``RENAMED`` keys under their new names (bits/dim added beside)."""
+    if not isinstance(row, dict) or not RENAMED.keys() & row.keys():
+        return row
+    row = {RENAMED.get(k, k): v for k, v in row.items()}
+    bits = row.get("val_bits_per_token")
+    if isinstance(bits, (int, float)) and "val_bits_per_dim" not in row:
+        row["val_bits_per_dim"] = bits / 3
+    return row
+
 
 class RunDir:
-    """The files of one run under ``path`` (created by the main process)."""
+    """The files of one run under ``path`` (created by the main process, which also removes
+    the temporary files a killed run left there)."""
 
     def __init__(self, path, *, is_main: bool = True):
         self.path, self.is_main = Path(path), is_main
         if is_main:
             self.path.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.path)
         self.metrics_path = self.path / "metrics.jsonl"
 
     def check_fresh(self, resume: bool) -> Path | None:
@@ -51,6 +75,13 @@ class RunDir:
             log.info("resume: no checkpoint in %s yet; starting from step 0", self.path)
         return latest
 
+    def resume_checkpoint(self, resume: bool, map_location="cpu") -> tuple[Path, dict] | None:
+        """``check_fresh``, then ``(path, checkpoint)`` of the newest checkpoint that reads
+        back (a damaged newer one is passed over with a warning naming both), or None."""
+        if self.check_fresh(resume) is None:
+            return None
+        return latest_intact_checkpoint(self.path, map_location=map_location)
+
     def write_json(self, name: str, obj) -> Path:
         """``obj`` as indented JSON in ``name``, atomically (main process only)."""
         path = self.path / name
@@ -65,12 +96,13 @@ class RunDir:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def read_metrics(self) -> list[dict]:
-        """The logged rows; a line half-written when a process died is skipped."""
+        """The logged rows; a line half-written when a process died is skipped. Rows of
+        older versions come back under today's names (``RENAMED``)."""
         rows = []
         if self.metrics_path.is_file():
             for line in self.metrics_path.read_text().splitlines():
                 with contextlib.suppress(ValueError):
-                    rows.append(json.loads(line))
+                    rows.append(_current_names(json.loads(line)))
         return rows
 
     def truncate_metrics(self, step: int) -> None:

@@ -7,8 +7,20 @@
 Adam(0.9, 0.95), no weight decay, linear warm-up then cosine decay to 0, bf16 autocast on
 the GPU over fp32 master weights, gradient accumulation, activation checkpointing (every
 k-th block, ``apply_checkpointing``), a guard that skips non-finite steps (the loss spikes
-of appendix A), validation loss in nats and bits per dimension on a 10% hold-out, the
-learning-rate search of sec. 3.4, and torchrun (DDP, or FSDP2 ``fully_shard``).
+of appendix A), validation loss in nats per token, bits per token and bits per dimension
+(per sub-pixel, the literature's bits/dim) on a 10% hold-out, the learning-rate search of
+sec. 3.4, and torchrun (DDP, or FSDP2 ``fully_shard``).
+
+Resume and extension: ``resume=True`` continues the run in ``out`` from its newest checkpoint
+that reads back (a damaged newer one is passed over with a warning). The settings that
+define what is trained on what (``RESUME_FIXED``: the model, the data and its split, the
+objective, the global batch, the seed, the palette) must match the checkpoint's run; the
+others may change. ``steps`` may be raised (or lowered, not below the checkpoint's step) to
+extend a run, finished or not: from the resume step on, the learning rate follows the
+schedule a run started with the new ``steps`` would have had, with the run's original
+warm-up (never repeated), so the cosine now ends at 0 on the new last step; a finished
+2000-step run extended to 4000 steps goes on at half the peak rate and decays to 0 at 4000.
+A changed ``lr``, ``betas`` or ``weight_decay`` takes effect from the resume step on.
 
 The pieces live beside it: the objectives and their masks in ``igpt.objectives``, the batch
 of every step in ``igpt.batches``, the process group in ``igpt.distributed``, the run's
@@ -30,10 +42,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from igpt._rng import rng_state, set_rng_state
 from igpt.batches import GlobalBatches, ImageSource, TokenSource
-from igpt.checkpoint import checkpoint_state, load_checkpoint, resolve_checkpoint
+from igpt.checkpoint import (
+    CheckpointError,
+    architecture_differences,
+    checkpoint_state,
+    load_checkpoint,
+    load_weights,
+    model_config,
+    read_checkpoint,
+    resolve_checkpoint,
+)
 from igpt.config import IGPTConfig
 from igpt.distributed import Distributed, dist_env, init_distributed
 from igpt.memory import parse_size
@@ -76,6 +98,36 @@ DATA_DEFAULTS = {"digits": {"n_px": 16, "n_colors": 16}}
 OTHER_DATA_DEFAULTS = {"n_px": 32, "n_colors": 512}
 # sec. 3.4: "we sequentially try the learning rates 0.01, 0.003, 0.001, 0.0003, ..."
 LR_GRID = (0.01, 0.003, 0.001, 0.0003, 0.0001, 3e-5, 1e-5)
+# What a resumed run must share with the run of its checkpoint: the architecture, the data
+# and its train/hold-out split, the objective, the global batch and the seed that draws the
+# batch of every step. Any other setting may change on resume (steps: see the module doc).
+RESUME_FIXED = (
+    "model",
+    "model_overrides",
+    "n_px",
+    "init_from",
+    "data",
+    "val_frac",
+    "objective",
+    "batch_size",
+    "seed",
+)
+# Sub-pixels per pixel. A token is one pixel's palette colour; the literature's bits/dim
+# counts each of a pixel's 3 sub-pixels as a dimension, so bits/dim = bits per token / 3
+# (of a palette's code, so not comparable with bits/dim of models of raw 8-bit sub-pixels).
+CHANNELS = 3
+VAL_LINE = "step %d: val loss %.4f nats, %.4f bits per token (%.4f bits/dim)"
+
+
+def progress_enabled(progress: bool | None, stream=None) -> bool:
+    """Whether to draw tqdm bars: ``progress`` if set, else (None: auto) only when ``stream``
+    (default stderr, where tqdm draws) is a terminal, so logs and pipes get no bars."""
+    if progress is not None:
+        return bool(progress)
+    import sys
+
+    stream = sys.stderr if stream is None else stream
+    return bool(getattr(stream, "isatty", lambda: False)())
 
 
 def setting(default, help: str, **meta):
@@ -96,7 +148,13 @@ class TrainConfig:
 
     ``batch_size`` is the global batch (all processes, all accumulation micro-steps): it
     must divide by ``world_size * grad_accum``. Building a config reads no file; the
-    trainer resolves what depends on one (``n_px`` from ``init_from``).
+    trainer resolves what depends on one (``n_px`` from ``init_from``). Every value is
+    checked here (non-finite or out-of-range ones raise a ValueError naming the field).
+
+    With ``resume``, the ``RESUME_FIXED`` fields and the palette must be the run's; a new
+    ``steps`` extends (or shortens) the run: from the resume step on, the learning rate is
+    the one a run started with the new ``steps`` would have (the cosine re-planned to reach
+    0 on the new last step), the warm-up the run's own and never repeated.
     """
 
     model: str = setting("igpt-tiny", "named size: igpt-tiny, igpt-s, igpt-m, igpt-l, igpt-xl")
@@ -109,11 +167,18 @@ class TrainConfig:
         "digits", "digits (bundled), cifar10:DIR, cifar100:DIR, folder:DIR or npz:FILE"
     )
     objective: str = setting("ar", "generative objective", choices=OBJECTIVES)
-    steps: int = setting(1000, "optimizer steps")
+    steps: int = setting(
+        1000,
+        "optimizer steps; raise it with --resume to extend a run: the cosine is re-planned to "
+        "end at the new last step (from the resume step on, the LR of a run started with "
+        "these steps), the warm-up is not repeated",
+    )
     batch_size: int = setting(64, "global batch size (all processes and micro-steps)")
     grad_accum: int = setting(1, "gradient accumulation micro-steps")
     lr: float = setting(3e-3, "peak learning rate")
-    warmup_steps: int | None = setting(None, "LR warm-up steps", default_text="one epoch, <= 10%%")
+    warmup_steps: int | None = setting(
+        None, "LR warm-up steps", default_text="one epoch, <= 10%% of steps; on resume the run's"
+    )
     weight_decay: float = setting(0.0, "Adam weight decay")
     betas: tuple[float, float] = setting((0.9, 0.95), "Adam betas")
     grad_clip: float = setting(0.0, "clip the gradient norm (0: off)")
@@ -150,11 +215,17 @@ class TrainConfig:
     seed: int = setting(0, "random seed")
     device: str | None = setting(None, "cpu, cuda, cuda:1 ...", default_text="cuda when available")
     out: str = setting("runs/pretrain", "output directory")
-    resume: bool = setting(False, "continue from the latest checkpoint in --out")
+    resume: bool = setting(
+        False,
+        "continue from the newest intact checkpoint in --out (the model, data, objective, "
+        "batch size, seed and palette must be the run's; other settings may change)",
+    )
     cache_dir: str | None = setting(
         None, "token cache", default_text="$IGPT_CACHE or ~/.cache/igpt"
     )
-    progress: bool = setting(True, "tqdm progress bar")
+    progress: bool | None = setting(
+        None, "tqdm progress bars", default_text="when stderr is a terminal"
+    )
     model_overrides: dict = setting({}, "IGPTConfig fields to override on the named size")
     init_from: str | None = setting(
         None,
@@ -165,7 +236,7 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
+        self.betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else self.betas
         for name, allowed in (
             ("objective", OBJECTIVES),
             ("precision", PRECISIONS),
@@ -173,28 +244,38 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not 0.0 < self.val_frac < 1.0:
-            raise ValueError(f"val_frac must lie in (0, 1), got {self.val_frac!r}")
         # checked here, before data are read and a palette is fitted, not at the first step
-        for name in ("checkpointing", "val_every", "keep_checkpoints"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        # (`--lr inf` would otherwise train and write NaN checkpoints)
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+            _check_int(self, name, 1)
+        for name in ("checkpointing", "val_every", "keep_checkpoints", "seed"):
+            _check_int(self, name, 0)
         for name, lo in (("warmup_steps", 0), ("val_size", 1), ("n_px", 1), ("n_colors", 1)):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < lo):
-                raise ValueError(f"{name} must be None or an int >= {lo}, got {v!r}")
-        if not 0.0 < self.mask_prob <= 1.0:
-            raise ValueError(f"mask_prob must lie in (0, 1], got {self.mask_prob!r}")
-        for name in ("weight_decay", "grad_clip"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            _check_int(self, name, lo, optional=True)
+        if self.warmup_steps is not None and self.warmup_steps > self.steps:
+            raise ValueError(
+                f"warmup_steps must be <= steps ({self.steps}), got {self.warmup_steps!r}"
+                f"{_flag('warmup_steps')}"
+            )
+        _check_float(self, "lr", "> 0", lambda v: v > 0)
+        _check_float(self, "weight_decay", ">= 0", lambda v: v >= 0)
+        _check_float(self, "grad_clip", ">= 0 (0: off)", lambda v: v >= 0)
+        _check_float(self, "mask_prob", "in (0, 1]", lambda v: 0 < v <= 1, "lie")
+        _check_float(self, "val_frac", "in (0, 1)", lambda v: 0 < v < 1, "lie")
+        b = self.betas
+        if not (
+            isinstance(b, tuple)
+            and len(b) == 2
+            and all(_is_real(x) and math.isfinite(x) and 0 <= x < 1 for x in b)
+        ):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {b!r}{_flag('betas')}")
+        for name in ("fsdp", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be True, False or None (auto), got {self.progress!r}")
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides must be a dict, got {self.model_overrides!r}")
         if self.n_px is None and self.init_from is None:
             self.n_px = self.data_defaults()["n_px"]
         if self.max_memory is not None:  # checked before any work, like the fields above
@@ -220,10 +301,37 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def _flag(name: str) -> str:
+    return f" (--{name.replace('_', '-')})"
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_int(cfg, name: str, lo: int, *, optional: bool = False) -> None:
+    """A ValueError unless ``cfg.<name>`` is an int >= ``lo`` (or None when optional)."""
+    v = getattr(cfg, name)
+    if optional and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        what = "a positive int" if lo == 1 else f"an int >= {lo}"
+        what = f"None or {what}" if optional else what
+        raise ValueError(f"{name} must be {what}, got {v!r}{_flag(name)}")
+
+
+def _check_float(cfg, name: str, want: str, ok, verb: str = "be") -> None:
+    """A ValueError unless ``cfg.<name>`` is a finite number for which ``ok`` holds."""
+    v = getattr(cfg, name)
+    if not (_is_real(v) and math.isfinite(v) and ok(v)):
+        text = f"a finite number {want}" if verb == "be" else want
+        raise ValueError(f"{name} must {verb} {text}, got {v!r}{_flag(name)}")
+
+
 def _init_config(init_from) -> IGPTConfig:
     """The model config of the checkpoint a run starts from (read without its tensors)."""
     path = resolve_checkpoint(init_from)
-    return IGPTConfig.from_dict(torch.load(path, mmap=True, weights_only=True)["config"])
+    return model_config(read_checkpoint(path, mmap=True), path)
 
 
 def lr_lambda_factory(steps: int, warmup: int):
@@ -284,16 +392,85 @@ def _pick_device(want: str | None, d: Distributed) -> torch.device:
     return device
 
 
-def _check_resumable(cfg: TrainConfig, ckpt: dict) -> None:
-    """A ValueError unless the checkpoint was made by a run with ``cfg``'s fixed settings."""
-    old = TrainConfig.from_dict(ckpt.get("train_config", {}))
-    fixed = ("model", "n_px", "data", "objective", "batch_size", "steps", "seed", "init_from")
-    diff = [f for f in fixed if getattr(old, f) != getattr(cfg, f)]
+def _check_resumable(cfg: TrainConfig, path: Path, ckpt: dict) -> None:
+    """A ValueError unless the checkpoint at ``path`` was made by a run that shares
+    ``cfg``'s ``RESUME_FIXED`` settings and palette, and is not past ``cfg.steps``; the
+    other settings that changed are logged."""
+    from igpt.palette import Palette
+
+    if "train_config" not in ckpt or "step" not in ckpt:
+        raise CheckpointError(
+            f"{path} is not a pre-training checkpoint (it has no train_config or step); "
+            "start from its weights with --checkpoint and a new --out instead"
+        )
+    old = TrainConfig.from_dict(ckpt["train_config"])
+    fixed = [f for f in RESUME_FIXED if getattr(old, f) != getattr(cfg, f)]
+    if cfg.objective == "bert" and old.mask_prob != cfg.mask_prob:
+        fixed.append("mask_prob")
+    diff = [f"{f} {getattr(old, f)!r} there, {getattr(cfg, f)!r} now" for f in fixed]
+    saved = Palette(ckpt["palette"]) if "palette" in ckpt else None
+    if cfg.palette is not None and saved is not None:
+        given = Palette.load(cfg.palette)
+        if given.centroids.shape != saved.centroids.shape or not torch.equal(
+            given.centroids, saved.centroids
+        ):
+            diff.append(f"palette: {cfg.palette} is not the run's {len(saved)}-colour palette")
+    if cfg.n_colors is not None and saved is not None and cfg.n_colors != len(saved):
+        diff.append(f"n_colors {len(saved)} there, {cfg.n_colors} now")
     if diff:
-        desc = ", ".join(f"{f}: {getattr(old, f)!r} -> {getattr(cfg, f)!r}" for f in diff)
         raise ValueError(
-            f"cannot resume {cfg.out}: the checkpoint was made with different "
-            f"settings ({desc}); pass the original flags or use a new --out"
+            f"cannot resume {cfg.out} from {path.name}: it was trained with other settings "
+            f"({'; '.join(diff)}); pass the run's values, or start a new run in another --out"
+        )
+    step = int(ckpt["step"])
+    if step > cfg.steps:
+        raise ValueError(
+            f"cannot resume {cfg.out}: {path.name} is at step {step}, past steps={cfg.steps}; "
+            f"pass --steps {step} or more"
+        )
+    same = set(RESUME_FIXED) | {"out", "resume", "mask_prob", "palette", "n_colors"}
+    if cfg.warmup_steps is None:  # the run's own warm-up is kept
+        same.add("warmup_steps")
+    changed = [
+        f"{f.name}: {getattr(old, f.name)!r} -> {getattr(cfg, f.name)!r}"
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in same and getattr(old, f.name) != getattr(cfg, f.name)
+    ]
+    if changed:
+        log.info("resuming %s with changed settings: %s", path, "; ".join(changed))
+
+
+def _warmup_steps(cfg: TrainConfig, ckpt: dict | None, n_train: int) -> int:
+    """``cfg.warmup_steps``, else the resumed run's own (never repeated), else one epoch
+    but at most 10% of the steps (and at least 1)."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    epoch = max(1, n_train // cfg.batch_size)
+    if ckpt is not None:  # checkpoints before "warmup" was saved: the rule at their steps
+        planned = TrainConfig.from_dict(ckpt["train_config"]).steps
+        return int(ckpt.get("warmup", max(1, min(epoch, planned // 10))))
+    return max(1, min(epoch, cfg.steps // 10))
+
+
+def _apply_resumed_settings(cfg: TrainConfig, optimizer, scheduler, step: int) -> None:
+    """After a restore, ``cfg``'s lr, betas and weight decay (the optimizer's state brought
+    back the old run's, the scheduler its peak lr) from ``step`` on, on the schedule planned
+    for ``cfg.steps``: the same numbers, bit for bit, when nothing changed."""
+    plan = scheduler.lr_lambdas[0]
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g.update(initial_lr=cfg.lr, lr=cfg.lr * plan(step), betas=cfg.betas)
+        g["weight_decay"] = cfg.weight_decay
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _check_architecture(path: Path, ckpt: dict, mcfg: IGPTConfig) -> None:
+    """A ValueError naming the fields in which the run's model differs from the checkpoint's."""
+    diff = architecture_differences(path, ckpt, mcfg)
+    if diff:
+        raise ValueError(
+            f"cannot resume from {path}: it holds another architecture ({'; '.join(diff)}); "
+            "pass the run's --model and --n-px, or use another --out"
         )
 
 
@@ -364,12 +541,14 @@ def _augmentation(cfg: TrainConfig):
     return functools.partial(random_resized_crop, n_px=cfg.n_px)
 
 
-def _run_model(cfg: TrainConfig, n_colors: int, init_cfg, init, device) -> IGPT:
+def _run_model(cfg: TrainConfig, n_colors: int, init_cfg, init, device, resume=None) -> IGPT:
     """The run's model on ``device``: fresh for ``cfg.model`` (the same on every rank), or
-    ``init_from``'s architecture and weights; with ``cfg.checkpointing`` applied."""
+    ``init_from``'s architecture and weights; with ``cfg.checkpointing`` applied. With
+    ``resume`` (path, checkpoint), a ValueError unless its architecture is the same."""
+    ckpt = resume[1] if resume is not None else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if init_cfg is not None:
-        if (init_cfg.n_px, init_cfg.n_colors) != (cfg.n_px, n_colors):
+        if ckpt is None and (init_cfg.n_px, init_cfg.n_colors) != (cfg.n_px, n_colors):
             raise ValueError(
                 f"init_from {cfg.init_from} holds a model for n_px={init_cfg.n_px} and "
                 f"{init_cfg.n_colors} colours, but this run has n_px={cfg.n_px} and a "
@@ -380,9 +559,11 @@ def _run_model(cfg: TrainConfig, n_colors: int, init_cfg, init, device) -> IGPT:
         mcfg = IGPTConfig.from_name(
             cfg.model, n_px=cfg.n_px, n_colors=n_colors, **cfg.model_overrides
         )
+    if resume is not None:
+        _check_architecture(*resume, mcfg)
     model = IGPT(mcfg)
     if init is not None:
-        model.load_state_dict(init["model"])
+        load_weights(model, init, resolve_checkpoint(cfg.init_from))
         log.info("starting from the weights of %s", resolve_checkpoint(cfg.init_from))
     return apply_checkpointing(model.to(device), cfg.checkpointing)
 
@@ -418,24 +599,21 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
         self.run = RunDir(cfg.out, is_main=d.is_main)
         d.barrier()
-        resume_from = self.run.check_fresh(cfg.resume)
-        ckpt = load_checkpoint(resume_from) if resume_from is not None else None
+        found = self.run.resume_checkpoint(cfg.resume)
+        resume_from, ckpt = found if found is not None else (None, None)
         if ckpt is not None:
-            _check_resumable(cfg, ckpt)
+            _check_resumable(cfg, resume_from, ckpt)
         init = load_checkpoint(cfg.init_from) if ckpt is None and init_cfg is not None else None
         self.palette = _run_palette(cfg, self.run, d, palette, ckpt or init, data)
         self.batches, self.val_idx, self.val_tokens = _run_data(cfg, d, self.palette, data)
-        self.raw_model = _run_model(cfg, len(self.palette), init_cfg, init, self.device)
+        self.raw_model = _run_model(cfg, len(self.palette), init_cfg, init, self.device, found)
         self.memory = TrainMemory(self)  # --max-memory's plan: sets cfg, micro, checkpointing
         self.model = d.wrap(self.raw_model, self.device, bf16=self.amp)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **fused
         )
-        epoch = max(1, len(self.batches.train_idx) // cfg.batch_size)
-        self.warmup = cfg.warmup_steps
-        if self.warmup is None:
-            self.warmup = max(1, min(epoch, cfg.steps // 10))
+        self.warmup = _warmup_steps(cfg, ckpt, len(self.batches.train_idx))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda_factory(cfg.steps, self.warmup)
         )
@@ -492,11 +670,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss on the hold-out in nats per token and bits per dimension.
-
-        A dimension is one token (one pixel's palette colour), so bits/dim = nats / ln 2.
-        BERT uses a fixed mask (seeded) so evaluations are comparable across steps.
-        """
+        """Hold-out ``val_loss`` (nats per token), ``val_bits_per_token`` (nats / ln 2) and
+        ``val_bits_per_dim`` (per sub-pixel, a third: ``CHANNELS``). BERT uses a fixed mask
+        (seeded) so evaluations are comparable across steps."""
         from tqdm.auto import tqdm
 
         cfg, d, V = self.cfg, self.dist, len(self.val_tokens)
@@ -508,7 +684,7 @@ class Trainer:
         self.model.eval()
         bs = max(1, self.micro)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        show = d.is_main and cfg.progress
+        show = d.is_main and progress_enabled(cfg.progress)
         for b in tqdm(range(math.ceil(V / (bs * d.world))), "validation", disable=not show):
             lo = (b * d.world + d.rank) * bs
             hi, weight = min(lo + bs, V), 1.0
@@ -522,16 +698,21 @@ class Trainer:
         d.all_reduce(total)
         self.model.train(was_training)
         nats = (total[0] / total[1].clamp(min=1)).item()
-        return {"val_loss": nats, "val_bpd": nats / math.log(2)}
+        bits = nats / math.log(2)
+        return {"val_loss": nats, "val_bits_per_token": bits, "val_bits_per_dim": bits / CHANNELS}
 
     def fit(self) -> dict:
         """Train from ``self.step`` to ``cfg.steps``; returns the final metrics."""
+        with logging_redirect_tqdm():  # log lines above the bar, not glued onto it
+            return self._fit()
+
+    def _fit(self) -> dict:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         self.model.train()
         desc = f"pretrain {cfg.model} {cfg.objective}"
-        show = self.dist.is_main and cfg.progress
+        show = self.dist.is_main and progress_enabled(cfg.progress)
         bar = tqdm(total=cfg.steps, initial=self.step, desc=desc, disable=not show)
         window, t_last = [], time.perf_counter()
         # the rows logged up to the step we start from: a run resumed when already finished
@@ -579,10 +760,8 @@ class Trainer:
     def _log(self, row: dict) -> None:
         self.run.append_metrics([row])
         if "val_loss" in row and self.dist.is_main:
-            log.info(
-                "step %d: val loss %.4f nats, %.4f bits/dim",
-                *(row["step"], row["val_loss"], row["val_bpd"]),
-            )
+            keys = ("step", "val_loss", "val_bits_per_token", "val_bits_per_dim")
+            log.info(VAL_LINE, *map(row.get, keys))
 
     def _write_config(self) -> None:
         conf = {
@@ -614,6 +793,7 @@ class Trainer:
             train_config=self.cfg.to_dict(),
             objective=self.cfg.objective,
             skipped=self.skipped,
+            warmup=self.warmup,
             optimizer_format=d.optimizer_format,
         )
         path = self.run.save_checkpoint(state, self.step, keep=self.cfg.keep_checkpoints)
@@ -628,6 +808,7 @@ class Trainer:
         self.skipped = int(ckpt.get("skipped", 0))
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
+        _apply_resumed_settings(self.cfg, self.optimizer, self.scheduler, self.step)
 
     def plot(self) -> Path | None:
         """Write ``loss_curve.png`` (train and validation loss against step)."""
@@ -644,7 +825,8 @@ class Trainer:
 def pretrain(config: TrainConfig | None = None, *, palette=None, data=None, **overrides) -> dict:
     """Run one pre-training job: ``pretrain(TrainConfig(...))`` or ``pretrain(steps=100, ...)``.
 
-    Returns the summary (final step, loss, val_loss, val_bpd, skipped, out).
+    Returns the summary (final step, loss, val_loss, val_bits_per_token, val_bits_per_dim,
+    skipped, out).
     """
     cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
     trainer = Trainer(cfg, palette=palette, data=data)

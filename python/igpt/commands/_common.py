@@ -3,36 +3,132 @@
     add_common_arguments(parser, "checkpoint", "data", "device")   # flags with one meaning
     dataclass_arguments(parser, TrainConfig, skip=("model_overrides",))
     cfg = config_from_args(TrainConfig, args, progress=not args.no_progress)
+    parser.add_argument("--n", type=count(1))          # a hand-written flag, checked
     device = pick_device(args.device)
     path, model, palette, ckpt, objective = open_checkpoint(args, device=device)
     train, test = labelled_splits(args.data, args.limit)
 
 A user's mistake raises ``UsageError`` (a ``ValueError``); ``igpt.cli.main`` prints it as one
-line, or the traceback with ``-v``.
+line, or the traceback with ``-v``. Odd values are refused while parsing, before anything is
+read: ``count``/``number`` are the ``type=`` of hand-written flags, float fields of a config
+take finite numbers only, and ``dataclass_arguments`` builds the whole config right after
+parsing (``run_parse_checks``), so its ``__post_init__`` speaks for each of its flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
 
 __all__ = [
     "UsageError",
+    "count",
+    "number",
+    "run_parse_checks",
     "add_common_arguments",
     "dataclass_arguments",
     "config_from_args",
     "pick_device",
     "open_checkpoint",
     "labelled_splits",
+    "read_palette",
     "int_list",
+    "int_items",
+    "flat",
 ]
 
 
 class UsageError(ValueError):
     """A command given something it cannot use; the message says what to pass instead."""
+
+
+# ----------------------------------------------------------------------------- checked types
+
+
+def count(least: int = 1, *, none: str | None = None):
+    """``type=`` of an int flag that must be ``>= least``: ``count(1)`` for sizes and steps.
+
+    ``none`` names a word that stands for None (e.g. "none" for "skip it")."""
+
+    def parse(text):
+        if none is not None and str(text).lower() == none:
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
+        return value
+
+    parse.__name__ = "int"  # argparse's own messages say "invalid int value"
+    return parse
+
+
+def number(*, above: float | None = None, least: float | None = None, most: float | None = None):
+    """``type=`` of a float flag: finite, and ``> above`` / ``>= least`` / ``<= most`` if given."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a number, got {text!r}") from None
+        bad = not math.isfinite(value)
+        bad |= above is not None and not value > above
+        bad |= least is not None and not value >= least
+        bad |= most is not None and not value <= most
+        if bad:
+            limits = ((">", above), (">=", least), ("<=", most))
+            bounds = [f"{op} {v:g}" for op, v in limits if v is not None]
+            what = " ".join(["a finite number", " and ".join(bounds)]).strip()
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+def run_parse_checks(args: argparse.Namespace) -> None:
+    """The checks that need every flag at once, run right after parsing: the configs of
+    ``dataclass_arguments`` and ``--device``. Raises ``UsageError`` naming the flag."""
+    for check in getattr(args, "_parse_checks", ()):
+        check(args)
+    if getattr(args, "device", None) is not None:
+        pick_device(args.device)
+
+
+def _config_check(cls, flags: dict[str, str]):
+    """A parse check that builds ``cls`` from the parsed flags, so that its ``__post_init__``
+    refuses odd values before a command reads a file; the error names the flag."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    def check(args):
+        # the fields with flags, and hand-written flags of other fields (e.g. --out for
+        # out_dir); a None there means "the command decides later" (e.g. the objective)
+        values = {
+            name: _config_value(getattr(args, name))
+            for name in names
+            if hasattr(args, name) and (name in flags or getattr(args, name) is not None)
+        }
+        try:
+            cls(**values)
+        except (ValueError, TypeError) as e:
+            text = str(e)
+            named = [(m.start(), f) for f, flag in flags.items() if (m := _word(f).search(text))]
+            flag = flags[min(named)[1]] if named else None
+            where = f"argument {flag}: " if flag and not _word(flag).search(text) else ""
+            raise UsageError(f"{where}{text}") from e
+
+    return check
+
+
+def _word(name: str):
+    return re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
 
 
 # ----------------------------------------------------------------------------- dataclass flags
@@ -52,16 +148,19 @@ def _flag_kwargs(name: str, tp) -> dict:
     tp, _ = _unwrap_optional(tp)
     if tp is bool:
         return {"action": argparse.BooleanOptionalAction}
-    if tp in (int, float, str):
+    if tp is float:
+        return {"type": number()}
+    if tp in (int, str):
         return {"type": tp}
     if tp is Path or (isinstance(tp, type) and issubclass(tp, Path)):
         return {"type": Path}
     if typing.get_origin(tp) is tuple:
         items = typing.get_args(tp)
+        item = number() if items and items[0] is float else items[0] if items else None
         if len(items) == 2 and items[1] is Ellipsis and items[0] in (int, float, str):
-            return {"type": items[0], "nargs": "+"}
+            return {"type": item, "nargs": "+"}
         if items and all(i is items[0] for i in items) and items[0] in (int, float, str):
-            return {"type": items[0], "nargs": len(items)}
+            return {"type": item, "nargs": len(items)}
     raise TypeError(
         f"dataclass_arguments cannot make a flag for field {name!r} of type {tp!r}; "
         "pass it in skip=(...) and add the flag by hand"
@@ -82,13 +181,18 @@ def dataclass_arguments(
     """Add one flag per field of the dataclass ``cls``: ``--field-name``, dest ``field_name``.
 
     The type comes from the annotation (int, float, str, Path, ``X | None``, a tuple of one
-    item type: ``nargs``), the default from the field, so defaults are stated once. Field
-    metadata may give ``help`` (shown with the default), ``choices``, ``flag`` (another flag
-    name, e.g. ``--checkpoint`` for ``init_from``), ``metavar`` and ``default_text`` (how to
-    show a None default, e.g. "one epoch"). Bools become ``--flag/--no-flag``. ``skip`` names
-    fields to leave out; ``helps`` replaces some fields' help text (name -> text).
+    item type: ``nargs``; float flags take finite numbers only), the default from the field, so
+    defaults are stated once. Right after parsing, ``run_parse_checks`` builds ``cls`` from
+    these flags (the other fields at their defaults), so that the dataclass's own checks
+    refuse odd values, naming the flag, before a command reads anything. Field metadata may
+    give ``help`` (shown with the default), ``choices``, ``flag`` (another flag name, e.g.
+    ``--checkpoint`` for ``init_from``), ``metavar``, ``default_text`` (how to show a None
+    default, e.g. "one epoch") and ``min`` (the least value of an int field). Bools become
+    ``--flag/--no-flag``. ``skip`` names fields to leave out; ``helps`` replaces some fields'
+    help text (name -> text).
     """
     hints = typing.get_type_hints(cls)
+    flags = {}
     unknown = set(skip) | set(helps or {})
     unknown -= {f.name for f in dataclasses.fields(cls)}
     if unknown:
@@ -98,6 +202,8 @@ def dataclass_arguments(
             continue
         meta = f.metadata
         kwargs = _flag_kwargs(f.name, hints[f.name])
+        if "min" in meta and kwargs.get("type") is int:
+            kwargs["type"] = count(meta["min"])
         default = _default(f)
         text = (helps or {}).get(f.name, meta.get("help", ""))
         if default is None:
@@ -117,6 +223,9 @@ def dataclass_arguments(
         if "flag" in meta and "metavar" not in kwargs and "action" not in kwargs:
             kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
         parser.add_argument(flag, dest=f.name, default=default, help=text, **kwargs)
+        flags[f.name] = flag
+    checks = [*(parser.get_default("_parse_checks") or []), _config_check(cls, flags)]
+    parser.set_defaults(_parse_checks=checks)
 
 
 def config_from_args(cls, args: argparse.Namespace, **overrides):
@@ -130,20 +239,50 @@ def config_from_args(cls, args: argparse.Namespace, **overrides):
         if f.init and hasattr(args, f.name)
     }
     values.update(overrides)
-    for k, v in values.items():
-        if isinstance(v, list):
-            values[k] = tuple(v)  # argparse gives lists for nargs; configs hold tuples
-    return cls(**values)
+    return cls(**{k: _config_value(v) for k, v in values.items()})
 
 
-def int_list(text, name: str = "value") -> list[int]:
-    """``"4,25 400"`` (or a list of such strings from ``nargs="+"``) -> [4, 25, 400]."""
+def _config_value(v):
+    return tuple(v) if isinstance(v, list) else v  # argparse gives lists for nargs
+
+
+def int_list(text, name: str = "value", *, least: int | None = None) -> list[int]:
+    """``"4,25 400"`` (or a list of such strings from ``nargs="+"``) -> [4, 25, 400].
+
+    With ``least``, every value must be ``>= least``. Raises ``UsageError`` naming ``name``.
+    """
     if isinstance(text, (list, tuple)):
         text = " ".join(str(t) for t in text)
     try:
-        return [int(v) for v in str(text).replace(",", " ").split()]
+        values = [int(v) for v in str(text).replace(",", " ").split()]
     except ValueError:
         raise UsageError(f"{name} expects integers like 4,25,400, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{name} expects integers like 4,25,400, got {text!r}")
+    if least is not None and min(values) < least:
+        raise UsageError(f"{name} expects integers >= {least}, got {text!r}")
+    return values
+
+
+def int_items(name: str, *, least: int | None = None, none: str | None = None):
+    """``type=`` of an ``nargs="+"`` flag of integer lists like ``4,25 400``: each item is
+    checked while parsing (``int_list``); ``none`` is a word that stands for no values."""
+
+    def parse(text):
+        if none is not None and text.lower() == none:
+            return []
+        try:
+            return int_list(text, name, least=least)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{name} ")) from None
+
+    parse.__name__ = "int list"
+    return parse
+
+
+def flat(items) -> list | None:
+    """The values of an ``nargs="+"`` flag of ``int_items``, as one list (None stays None)."""
+    return None if items is None else [v for item in items for v in item]
 
 
 # ----------------------------------------------------------------------------- shared flags
@@ -164,7 +303,7 @@ def add_common_arguments(
                 help="named size: igpt-tiny, igpt-s, igpt-m, igpt-l, igpt-xl (default %(default)s)",
             ),
         ),
-        "n_px": (("--n-px",), dict(type=int, default=None, help="image side in pixels")),
+        "n_px": (("--n-px",), dict(type=count(1), default=None, help="image side in pixels")),
         "data": (
             ("--data",),
             dict(
@@ -181,9 +320,9 @@ def add_common_arguments(
                 help="generative objective (default %(default)s)",
             ),
         ),
-        "steps": (("--steps",), dict(type=int, default=None, help="optimizer steps")),
-        "batch_size": (("--batch-size",), dict(type=int, default=None, help="batch size")),
-        "lr": (("--lr",), dict(type=float, default=None, help="peak learning rate")),
+        "steps": (("--steps",), dict(type=count(1), default=None, help="optimizer steps")),
+        "batch_size": (("--batch-size",), dict(type=count(1), default=None, help="batch size")),
+        "lr": (("--lr",), dict(type=number(above=0), default=None, help="peak learning rate")),
         "out": (("--out",), dict(default=None, help="output directory")),
         "resume": (
             ("--resume",),
@@ -199,7 +338,7 @@ def add_common_arguments(
             ("--device",),
             dict(default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
         ),
-        "seed": (("--seed",), dict(type=int, default=0, help="random seed (default 0)")),
+        "seed": (("--seed",), dict(type=count(0), default=0, help="random seed (default 0)")),
     }
     for name in names:
         flags, kwargs = specs[name]
@@ -222,8 +361,12 @@ def pick_device(name: str | None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name!r} is not a device name ({e}); use cpu or cuda") from e
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(
+            f"--device {name!r} is not a device name igpt runs on; use cpu, cuda or cuda:N"
+        )
     if device.type == "cuda":
         n = torch.cuda.device_count()
         if n == 0:
@@ -254,6 +397,20 @@ def open_checkpoint(args: argparse.Namespace, *, source=None, device=None):
         raise UsageError(f"{path} holds no palette, so images cannot be tokenised")
     objective = getattr(args, "objective", None) or objective_of(ckpt)
     return path, model, palette, ckpt, objective
+
+
+def read_palette(path, flag: str = "--palette"):
+    """``Palette.load(path)``, or a ``UsageError`` naming ``flag`` and the file when it is
+    not a palette .npy (a missing file stays a ``FileNotFoundError``)."""
+    from igpt.palette import Palette
+
+    try:
+        return Palette.load(path)
+    except (ValueError, TypeError, EOFError) as e:
+        raise UsageError(
+            f"{flag} {path} is not a palette: it must be a (K, 3) .npy of 0..255 RGB "
+            f"(igpt fit-palette writes one) ({e})"
+        ) from e
 
 
 def labelled_splits(spec: str, limit: int | None = None, splits=("train", "test")) -> tuple:

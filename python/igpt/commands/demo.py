@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from igpt.commands._common import add_common_arguments, pick_device
+from igpt.commands._common import add_common_arguments, count, pick_device
 
 
 def add_arguments(parser) -> None:
@@ -19,13 +19,13 @@ def add_arguments(parser) -> None:
     a("--out", default="runs/demo", help="output folder (default %(default)s)")
     a(
         "--per-class",
-        type=int,
+        type=count(1),
         default=10,
         help="labels per class in the low-data probe (default %(default)s)",
     )
     a(
         "--limit",
-        type=int,
+        type=count(1),
         default=None,
         help="use only the first N images of each split (a quick look)",
     )

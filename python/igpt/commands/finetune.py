@@ -12,6 +12,7 @@ from pathlib import Path
 from igpt.commands._common import (
     UsageError,
     config_from_args,
+    count,
     dataclass_arguments,
     labelled_splits,
     open_checkpoint,
@@ -43,7 +44,7 @@ def add_arguments(parser) -> None:
         default="auto",
         help="training augmentation: cifar = pad 4, random crop, flip (auto: for cifar specs)",
     )
-    a("--limit", type=int, default=None, help="use the first N images per split")
+    a("--limit", type=count(1), default=None, help="use the first N images per split")
 
 
 def _data(args, model, palette):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from igpt.commands._common import add_common_arguments, pick_device
+from igpt.commands._common import add_common_arguments, count, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -16,10 +16,10 @@ log = logging.getLogger(__name__)
 def add_arguments(parser) -> None:
     """Arguments of ``igpt fit-palette``."""
     add_common_arguments(parser, "data", "n_px", "seed", "device")
-    parser.add_argument("--k", type=int, default=512, help="colours (default %(default)s)")
+    parser.add_argument("--k", type=count(1), default=512, help="colours (default %(default)s)")
     parser.add_argument(
         "--sample",
-        type=int,
+        type=count(1),
         default=1_000_000,
         help="pixels drawn at random to fit on (default %(default)s)",
     )

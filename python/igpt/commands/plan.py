@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from igpt.commands._common import UsageError, count
 from igpt.config import SIZES, IGPTConfig
 
 
@@ -19,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``igpt plan``."""
     a = parser.add_argument
     a("--model", default="igpt-s", choices=list(SIZES), help="named size (default %(default)s)")
-    a("--n-px", type=int, default=32, help="image side in pixels (default %(default)s)")
-    a("--batch-size", type=int, required=True, help="global batch (images per optimizer step)")
+    a("--n-px", type=count(1), default=32, help="image side in pixels (default %(default)s)")
+    a("--batch-size", type=count(1), required=True, help="global batch (images per optimizer step)")
     a("--memory", required=True, help="memory per GPU: 40GiB, 40GB, 24G or bytes")
-    a("--gpus", type=int, default=1, help="GPUs to train on (default 1)")
+    a("--gpus", type=count(1), default=1, help="GPUs to train on (default 1)")
     a("--objective", choices=("ar", "bert"), default="ar", help="(default %(default)s)")
     a("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="(default bf16)")
     a("--optimizer", choices=("adam", "sgd"), default="adam", help="(default %(default)s)")
@@ -30,17 +31,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--json", action="store_true", help="print the plan as one JSON object")
 
 
+def _size(text: str) -> int:
+    """``--memory`` in bytes; a UsageError naming the flag when it is no size."""
+    from igpt.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise UsageError(f"--memory: {e}") from None
+
+
 def run(args) -> None:
     """``igpt plan``: print the plan (a table, or JSON with ``--json``)."""
     from igpt import memory
 
-    if args.n_px < 1:
-        raise ValueError(f"--n-px must be a positive int, got {args.n_px}")
     config = IGPTConfig.from_name(args.model, n_px=args.n_px)
     p = memory.plan(
         config,
         batch_size=args.batch_size,
-        memory_bytes=memory.parse_size(args.memory),
+        memory_bytes=_size(args.memory),
         gpus=args.gpus,
         objective=args.objective,
         precision=args.precision,

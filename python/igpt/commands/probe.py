@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
 from igpt.commands._common import (
-    UsageError,
     add_common_arguments,
-    int_list,
+    count,
+    flat,
+    int_items,
     labelled_splits,
+    number,
     open_checkpoint,
     pick_device,
 )
@@ -26,18 +29,26 @@ def add_arguments(parser) -> None:
     # record one (a BERT model must be probed with masked inputs)
     parser.set_defaults(batch_size=64, out="runs/probe", objective=None)
     a = parser.add_argument
-    a("--layers", nargs="+", default=None, help="layers to probe, e.g. 0,8,16,24 (default: all)")
+    a(
+        "--layers",
+        nargs="+",
+        type=int_items("--layers"),
+        default=None,
+        help="layers to probe, e.g. 0,8,16,24 (default: all)",
+    )
     a(
         "--per-class",
         nargs="+",
-        default=["4,25,400"],
+        type=int_items("--per-class", least=1, none="none"),
+        default=[[4, 25, 400]],
         help="low-data probes with k labels per class at the best layer (default 4,25,400; "
         "'none' skips them)",
     )
-    a("--subsets", type=int, default=5, help="random subsets per k (default 5)")
-    a("--concat", type=int, default=5, help="layers concatenated around the best (default 5)")
+    a("--subsets", type=count(1), default=5, help="random subsets per k (default 5)")
+    a("--concat", type=count(0), default=5, help="layers concatenated around the best (default 5)")
     a(
         "--cs",
+        type=_floats,
         default=None,
         help="L2 strengths C to choose from, e.g. 0.01,1,100 (default 1e-4..1e2)",
     )
@@ -47,17 +58,22 @@ def add_arguments(parser) -> None:
         default="lbfgs",
         help="lbfgs (scikit-learn, the paper's) or sgd (GPU, for large sets)",
     )
-    a("--bert-masks", type=int, default=5, help="masks in a BERT model's ensemble (default 5)")
+    a("--bert-masks", type=count(1), default=5, help="masks in a BERT model's ensemble (default 5)")
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init probes")
-    a("--limit", type=int, default=None, help="use the first N images per split")
+    a("--limit", type=count(1), default=None, help="use the first N images per split")
     a("--cache-dir", default=None, help="feature cache (default OUT/cache)")
 
 
-def _floats(text: str, flag: str) -> list[float]:
+def _floats(text: str) -> list[float]:
+    """``--cs``'s type: positive finite numbers like 0.01,1,100, refused while parsing."""
+    positive = number(above=0)
     try:
-        return [float(c) for c in text.replace(",", " ").split()]
-    except ValueError:
-        raise UsageError(f"{flag} needs numbers like 0.01,1,100, got {text!r}") from None
+        values = [positive(c) for c in text.replace(",", " ").split()]
+    except argparse.ArgumentTypeError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"needs positive numbers like 0.01,1,100, got {text!r}")
+    return values
 
 
 def run(args) -> None:
@@ -67,8 +83,7 @@ def run(args) -> None:
 
     device = pick_device(args.device)
     path, model, palette, ckpt, objective = open_checkpoint(args, device=device)
-    layers = int_list(args.layers, "--layers") if args.layers else None
-    per_class = [] if args.per_class == ["none"] else int_list(args.per_class, "--per-class")
+    layers, per_class = flat(args.layers), flat(args.per_class)
     train, test = labelled_splits(args.data, args.limit)
     out = Path(args.out)
     log.info(
@@ -86,7 +101,7 @@ def run(args) -> None:
         baselines=not args.no_baselines,
         concat=args.concat,
         method=args.method,
-        Cs=_floats(args.cs, "--cs") if args.cs else None,
+        Cs=args.cs,
         objective=objective,
         n_masks=args.bert_masks,
         batch_size=args.batch_size,

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from igpt.commands._common import UsageError, add_common_arguments, pick_device
+from igpt.commands._common import (
+    UsageError,
+    add_common_arguments,
+    count,
+    number,
+    pick_device,
+    read_palette,
+)
 
 
 def add_arguments(parser) -> None:
     """Arguments of ``igpt sample``."""
     add_common_arguments(parser, "checkpoint", "device", "seed", "batch_size")
     a = parser.add_argument
-    a("--n", type=int, default=16, help="images to sample or complete")
+    a("--n", type=count(1), default=16, help="images to sample or complete")
     a(
         "--complete-from",
         "--data",  # the design's common flag name for a data spec
@@ -20,23 +27,21 @@ def add_arguments(parser) -> None:
         "sampling from scratch",
     )
     a("--split", default="test", help="split of --complete-from (test)")
-    a("--rows", type=int, default=None, help="top rows kept (default: half)")
-    a("--n-samples", type=int, default=4, help="completions per image (4)")
-    a("--temperature", type=float, default=1.0, help="0 = greedy (1.0)")
-    a("--top-k", type=int, default=None, help="sample among the k likeliest")
-    a("--top-p", type=float, default=None, help="nucleus sampling mass")
+    a("--rows", type=count(0), default=None, help="top rows kept (default: half)")
+    a("--n-samples", type=count(1), default=4, help="completions per image (4)")
+    a("--temperature", type=number(least=0), default=1.0, help="0 = greedy (1.0)")
+    a("--top-k", type=count(1), default=None, help="sample among the k likeliest")
+    a("--top-p", type=number(above=0, most=1), default=None, help="nucleus sampling mass")
     a("--palette", default=None, help=".npy palette if the checkpoint has none")
     a("--out", default="samples.png", help="PNG to write (samples.png)")
     a("--tokens-out", default=None, help="also save the raw tokens (.npy)")
-    a("--scale", type=int, default=4, help="pixel size in the PNG (4)")
+    a("--scale", type=count(1), default=4, help="pixel size in the PNG (4)")
 
 
 def _palette(args, palette, n_colors: int):
     """The checkpoint's palette, or ``--palette``'s; it must have the model's colour count."""
     if args.palette is not None:
-        from igpt.palette import Palette
-
-        palette = Palette.load(args.palette)
+        palette = read_palette(args.palette, "--palette")
     if palette is None:
         raise UsageError("the checkpoint holds no palette; pass --palette FILE.npy")
     if len(palette) != n_colors:
@@ -53,8 +58,6 @@ def run(args) -> None:
 
     if args.checkpoint is None:
         raise UsageError("igpt sample needs --checkpoint (a checkpoint file or run directory)")
-    if args.n < 1:
-        raise UsageError(f"--n must be >= 1, got {args.n}")
     model, palette, _ = load_for_sampling(args.checkpoint, device=pick_device(args.device))
     cfg = model.config
     palette = _palette(args, palette, cfg.n_colors)
