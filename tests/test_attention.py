@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_utils import poison_allocations, set_autotune
 
 from igpt_kernels import attention, reference
 from igpt_kernels._dispatch import triton_interpreting
@@ -146,9 +147,9 @@ def _kernel_test_mode(monkeypatch):
     test_cuda_every_config_is_correct checks the other autotune candidates, and the
     interpreter runs through the autotuner (with its single config).
     """
-    monkeypatch.setattr(attention_module, "POISON_OUTPUTS", True)
+    poison_allocations(monkeypatch)
     if DEVICE == "cuda":
-        monkeypatch.setattr(attention_module, "AUTOTUNE", False)
+        set_autotune(monkeypatch, False)
 
 
 def _inputs(B, H, Nq, Nk, D, mask, dtype, empty_rows=False):
@@ -290,7 +291,7 @@ def test_triton_backward_is_deterministic(monkeypatch):
     q, k, v, causal, pad = _inputs(1, 2, 130, 130, 32, "causal+pad", torch.float16)
     grads = []
     for autotune in (DEVICE == "cpu", False):  # the same config both times
-        monkeypatch.setattr(attention_module, "AUTOTUNE", autotune)
+        set_autotune(monkeypatch, autotune)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         o = attention(*leaves, causal=causal, key_padding_mask=pad, backend="triton")
         o.sum().backward()  # dO is an expanded ones tensor: every stride is 0
@@ -311,11 +312,25 @@ def test_decode_splits_heuristic():
         assert 1 < splits(1, 8, 1, 4096, cuda) <= attention_module.MAX_SPLITS
 
 
+def test_grid_limits():
+    """(batch, head) pairs ride the grid's first axis (2^31 - 1), blocks its second (65535):
+    B * H past 65535 (8192 sampled images x 8 heads) is accepted, past 2^31 - 1 refused."""
+    check = attention_module.check_grid
+    check(8192 * 8, 64)
+    check(attention_module.MAX_BATCH_HEADS, attention_module.MAX_GRID_Y)
+    with pytest.raises(ValueError, match="B \\* H = 2147483648"):
+        check(2**31, 1)
+    with pytest.raises(ValueError, match="65536 blocks"):
+        check(1, 65536)
+
+
 @needs_triton
-def test_triton_grid_limit_raises():
-    q = torch.randn(1, attention_module.MAX_GRID_Y + 1, 1, 32, device=DEVICE)
-    with pytest.raises(ValueError, match="B \\* H = 65536"):
-        attention(q, q, q, backend="triton")
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_grid_order_many_heads(causal):
+    """Many (batch, head) pairs with several query blocks each: every (bh, block) program
+    lands on its own rows (the grid's axis 0 is B * H, axis 1 the blocks, causal reversed)."""
+    q, k, v, causal, pad = _inputs(3, 5, 70, 70, 32, "causal" if causal else "none", torch.float32)
+    _check_against_float64(q, k, v, causal, pad, 2e-5, 1e-4)
 
 
 def test_backend_choice_and_reasons():

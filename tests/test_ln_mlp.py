@@ -4,6 +4,7 @@ import importlib
 
 import pytest
 import torch
+from kernel_utils import poison_allocations, set_autotune
 
 from igpt_kernels import ln_linear, ln_mlp, reference
 
@@ -95,27 +96,13 @@ def _default_configs_on_gpu(monkeypatch):
     candidate for every shape, dtype and flag set. test_cuda_every_config_is_correct checks
     the other candidates; the interpreter has a single config anyway."""
     if DEVICE == "cuda":
-        monkeypatch.setattr(ln_mlp_module, "AUTOTUNE", False)
+        set_autotune(monkeypatch, False)
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
     """Fill every tensor the kernels allocate with NaN, so an unwritten element fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def nan_empty_like(*args, **kwargs):
-        t = empty_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def patch():
-        monkeypatch.setattr(torch, "empty", nan_empty)
-        monkeypatch.setattr(torch, "empty_like", nan_empty_like)
-
-    return patch
+    return lambda: poison_allocations(monkeypatch)
 
 
 def _grads(fn, x, w, dy, **kwargs):
@@ -209,7 +196,7 @@ def test_autotune_off_runs_the_first_config(monkeypatch):
     dy = torch.randn(7, 32, device=DEVICE)
     runs = []
     for autotune in (DEVICE == "cpu", False):
-        monkeypatch.setattr(ln_mlp_module, "AUTOTUNE", autotune)
+        set_autotune(monkeypatch, autotune)
         runs.append(_grads(ln_mlp, x, w, dy, backend="triton"))
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name]), name
@@ -453,7 +440,8 @@ def test_cuda_small_shapes_error_at_most_twice_eager(dtype):
 def test_cuda_every_config_is_correct(index, monkeypatch):
     """Each autotune candidate past the default (index 0, which every other GPU test runs)
     in turn, at a size that is no multiple of any block."""
-    for tuned in (ln_mlp_module._ln_fc_tuned, ln_mlp_module._mm_tuned, ln_mlp_module._wgrad_tuned):
+    tuned_kernels = ("_ln_fc_tuned", "_mm_tuned", "_mm_dact_tuned", "_wgrad_tuned")
+    for tuned in (getattr(ln_mlp_module, name) for name in tuned_kernels):
         chosen = tuned.configs[min(index, len(tuned.configs) - 1)]
         monkeypatch.setattr(tuned, "configs", [chosen])
     _compare((300, 96), "layer", "gelu", True, True, torch.float16, backend="triton")
