@@ -36,7 +36,7 @@ except ImportError:  # CPU-only installs (macOS, Windows) have no Triton
     )
     tl = SimpleNamespace(constexpr=int)
 
-__all__ = ["AUTOTUNE", "HAS_TRITON", "Tuned", "configs", "sm_count", "tl", "triton"]
+__all__ = ["AUTOTUNE", "HAS_TRITON", "Tuned", "configs", "device_arch", "sm_count", "tl", "triton"]
 
 
 # --------------------------------------------------------------------------------------
@@ -76,23 +76,45 @@ def configs(names, rows, **fixed):
     ]
 
 
+def device_arch(device) -> int:
+    """The config family of a device: 90 for Hopper and later, 80 for Ampere/Ada (and for
+    the interpreter, whose single config list is the same for both)."""
+    if device.type == "cuda":
+        import torch
+
+        return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+    return 80
+
+
 class Tuned:
-    """A kernel, its configs (the first is the default) and its autotuner over them."""
+    """A kernel, its configs (the first is the default) and its autotuner over them.
+
+    ``config_list`` is one list, or a dict of lists per ``device_arch`` (90, 80) where the
+    architectures need different tiles (register pressure differs: sm_80's mma.sync keeps
+    operands in registers that sm_90a's wgmma reads from shared memory).
+    """
 
     def __init__(self, kernel, config_list, key):
         self.kernel = kernel
-        self.configs = config_list
-        self.autotuner = triton.autotune(config_list, key=key)(kernel) if HAS_TRITON else None
+        if not isinstance(config_list, dict):
+            config_list = {90: config_list, 80: config_list}
+        self.by_arch = config_list
+        self._key = key
+        self._tuners = {}
 
     def launch(self, grid, *args, **kwargs):
-        """Run autotuned (``AUTOTUNE``) or with the default config.
+        """Run autotuned (``AUTOTUNE``) or with the default config of the device's list.
 
         grid: a function of the config's meta-parameters to the launch grid.
         """
+        config_list = self.by_arch[device_arch(args[0].device)]
         if AUTOTUNE:
-            self.autotuner[grid](*args, **kwargs)
+            key = id(config_list)
+            if key not in self._tuners:
+                self._tuners[key] = triton.autotune(config_list, key=self._key)(self.kernel)
+            self._tuners[key][grid](*args, **kwargs)
             return
-        config = self.configs[0]
+        config = config_list[0]
         self.kernel[grid(config.kwargs)](
             *args,
             **kwargs,

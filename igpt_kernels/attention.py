@@ -36,8 +36,9 @@ a second kernel merges the chunks by their lse. This path is forward-only: input
 require grad take the main kernel.
 
 Head dim 96 (iGPT-L) runs as 128 in registers with the extra columns masked on every load
-and store: one code path, 25% wasted MMA work on that shape. The alternative, two dots of
-64 + 32, is not implemented, so it is unmeasured against this.
+and store: one code path, 25% wasted MMA work on that shape. The forward can instead run
+it as 64 + 32 (two dots and two accumulators per product, ``HD96_SPLIT``); which is faster
+is unmeasured (no GPU yet), so the padded path stays the default.
 
 dtypes: float16 and bfloat16 (fp32 accumulation, p and dS rounded to the input dtype for
 the second matmul, as FlashAttention does) and float32 (tf32x3 dots: three TF32
@@ -54,6 +55,7 @@ Backends: "triton" (these kernels; the "auto" choice for CUDA tensors) and "torc
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -68,6 +70,12 @@ MAX_BATCH_HEADS = 2**31 - 1
 MAX_GRID_Y = 65535
 DECODE_MAX_Q = 16  # the flash-decoding path takes Nq up to this (one BLOCK_M of 16)
 MAX_SPLITS = 64
+# Head dim 96 (iGPT-L) in the forward: "pad" runs it as 128 with masked columns (one code
+# path, +33% MMA work); "split" as 64 + 32 (two dots per product, two accumulators, no
+# wasted MMA work). Neither has been timed on a GPU: "pad" stays the default until
+# benchmarks/bench_attention.py (L@48x48) shows "split" faster. IGPT_ATTENTION_HD96=split
+# or setting this to True selects the split. The backward always pads.
+HD96_SPLIT = os.environ.get("IGPT_ATTENTION_HD96", "pad") == "split"
 
 
 # --------------------------------------------------------------------------------------
@@ -153,6 +161,8 @@ def _key_range(
 def _scores(
     q,
     k,
+    q2,
+    k2,
     rows,
     cols,
     pad_base,
@@ -164,9 +174,16 @@ def _scores(
     CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
+    TAIL_D: tl.constexpr,
 ):
-    """Base-2 logits s = q k^T * sm_scale * log2(e), -inf where query row may not see key col."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    """Base-2 logits s = q k^T * sm_scale * log2(e), -inf where query row may not see key col.
+
+    TAIL_D > 0: the head dim is split, and q2 k2^T (the last TAIL_D columns) is added.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if TAIL_D > 0:
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
+    s = s * qk_scale
     if MASKED:
         keep = cols[None, :] < N_CTX_K
         if CAUSAL:
@@ -185,20 +202,28 @@ def _scores(
 
 @triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, pad_base,
+    acc, acc2, l_i, m_i, q, q2, k_base, v_base, pad_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-    offs_m, offs_n, offs_d, lo, hi, qk_scale, N_CTX_Q, N_CTX_K,
+    offs_m, offs_n, offs_d, offs_d2, lo, hi, qk_scale, N_CTX_Q, N_CTX_K,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    TAIL_D: tl.constexpr,
 ):  # fmt: skip
-    """Fold the key blocks [lo, hi) into the running (acc, l_i, m_i) of the online softmax."""
+    """Fold the key blocks [lo, hi) into the running (acc, l_i, m_i) of the online softmax.
+
+    TAIL_D > 0 (head dim 96 as 64 + 32): q2 and acc2 hold the columns offs_d2, with their
+    own K and V tiles, dots and accumulator; otherwise q2 and acc2 are unused.
+    """
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = _load_tile(k_base, cols, stride_kn, stride_kd, N_CTX_K, offs_d, HEAD_DIM, MASKED)
+        k2 = k
+        if TAIL_D > 0:
+            k2 = _load_tile(k_base, cols, stride_kn, stride_kd, N_CTX_K, offs_d2, HEAD_DIM, MASKED)
         s = _scores(
-            q, k, offs_m, cols, pad_base, stride_pn, qk_scale, N_CTX_Q, N_CTX_K,
-            MASKED, CAUSAL, HAS_PAD, PRECISION,
+            q, k, q2, k2, offs_m, cols, pad_base, stride_pn, qk_scale, N_CTX_Q, N_CTX_K,
+            MASKED, CAUSAL, HAS_PAD, PRECISION, TAIL_D,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED or HAS_PAD:
@@ -212,8 +237,11 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, cols, stride_vn, stride_vd, N_CTX_K, offs_d, HEAD_DIM, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        if TAIL_D > 0:
+            v2 = _load_tile(v_base, cols, stride_vn, stride_vd, N_CTX_K, offs_d2, HEAD_DIM, MASKED)
+            acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
@@ -227,10 +255,12 @@ def _attn_fwd_kernel(
     H, N_CTX_Q, N_CTX_K, SPLIT_KEYS, qk_scale, N_KEY,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_D: tl.constexpr = 0,
 ):  # fmt: skip
     """Grid (B * H, cdiv(Nq, BLOCK_M), splits); split s takes keys [s, s + 1) * SPLIT_KEYS.
 
+    TAIL_D > 0: columns [0, BLOCK_D) and [BLOCK_D, BLOCK_D + TAIL_D) are two tiles with
+    their own dots and accumulators (head dim 96 = 64 + 32, see ``HD96_SPLIT``).
     SPLIT=False: writes o in Out's dtype and lse (+inf for a row with no key).
     SPLIT=True: writes this chunk's normalised o (fp32) and its lse (-inf if empty), for
     ``_attn_combine_kernel``. N_KEY only feeds the autotuner's key.
@@ -246,6 +276,12 @@ def _attn_fwd_kernel(
     v_base = V + off_b * stride_vb + off_h * stride_vh
     pad_base = Pad + off_b * stride_pb
     q = _load_tile(q_base, offs_m, stride_qm, stride_qd, N_CTX_Q, offs_d, HEAD_DIM, True)
+    # unused placeholders unless the head dim is split
+    q2, offs_d2, acc2 = q, offs_d, offs_m
+    if TAIL_D > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, TAIL_D)
+        q2 = _load_tile(q_base, offs_m, stride_qm, stride_qd, N_CTX_Q, offs_d2, HEAD_DIM, True)
+        acc2 = tl.zeros([BLOCK_M, TAIL_D], dtype=tl.float32)
 
     full, hi = _key_range(start_m, N_CTX_Q, N_CTX_K, CAUSAL, BLOCK_M, BLOCK_N)
     lo = split * SPLIT_KEYS
@@ -255,17 +291,17 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, pad_base,
+    acc, acc2, l_i, m_i = _attn_fwd_inner(
+        acc, acc2, l_i, m_i, q, q2, k_base, v_base, pad_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-        offs_m, offs_n, offs_d, lo, full, qk_scale, N_CTX_Q, N_CTX_K,
-        False, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION,
+        offs_m, offs_n, offs_d, offs_d2, lo, full, qk_scale, N_CTX_Q, N_CTX_K,
+        False, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION, TAIL_D,
     )  # fmt: skip
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, pad_base,
+    acc, acc2, l_i, m_i = _attn_fwd_inner(
+        acc, acc2, l_i, m_i, q, q2, k_base, v_base, pad_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-        offs_m, offs_n, offs_d, full, hi, qk_scale, N_CTX_Q, N_CTX_K,
-        True, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION,
+        offs_m, offs_n, offs_d, offs_d2, full, hi, qk_scale, N_CTX_Q, N_CTX_K,
+        True, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION, TAIL_D,
     )  # fmt: skip
 
     empty = l_i == 0.0
@@ -280,6 +316,11 @@ def _attn_fwd_kernel(
     _store_tile(
         o_base, offs_m, stride_om, stride_od, N_CTX_Q, offs_d, acc / l_safe[:, None], HEAD_DIM
     )
+    if TAIL_D > 0:
+        _store_tile(
+            o_base, offs_m, stride_om, stride_od, N_CTX_Q, offs_d2, acc2 / l_safe[:, None],
+            HEAD_DIM,
+        )  # fmt: skip
     lse_base = Lse + (off_bh * tl.num_programs(2) + split) * N_CTX_Q
     tl.store(lse_base + offs_m, lse, mask=offs_m < N_CTX_Q)
 
@@ -465,8 +506,8 @@ def _attn_bwd_dq_inner(
         k = _load_tile(k_base, cols, stride_kn, stride_kd, N_CTX_K, offs_d, HEAD_DIM, MASKED)
         v = _load_tile(v_base, cols, stride_vn, stride_vd, N_CTX_K, offs_d, HEAD_DIM, MASKED)
         s = _scores(
-            q, k, offs_m, cols, pad_base, stride_pn, qk_scale, N_CTX_Q, N_CTX_K,
-            MASKED, CAUSAL, HAS_PAD, PRECISION,
+            q, k, q, k, offs_m, cols, pad_base, stride_pn, qk_scale, N_CTX_Q, N_CTX_K,
+            MASKED, CAUSAL, HAS_PAD, PRECISION, 0,
         )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -552,24 +593,33 @@ else:
     # the shared memory of both sm_90a (227 KiB) and sm_80 (163 KiB): tests/test_compile.py
     # checks that, benchmarks/RESULTS.md ("Compiled code") has the numbers. Chosen from
     # those compiles, not from timings: the autotuner decides among them on the GPU.
-    # fp32 runs tf32x3 dots (see _constexprs) whose three-pass operands need about 3x the
-    # registers and 2x the shared memory of a 16-bit tile, hence its small tiles.
+    # fp32 runs tf32x3 dots (see _constexprs), whose split operands (hi and lo parts) need
+    # far more registers than a 16-bit tile: only tiles this small compile without spills
+    # (sm_90a gets one wgmma config; tiles under 64 rows use mma.sync). A dict gives the
+    # lists per architecture ({90: sm_90a and later, 80: sm_80/sm_86/sm_89}).
     _SWEEPS = {
         (_attn_fwd_kernel, "narrow"): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
         (_attn_fwd_kernel, "wide"): [(128, 64, 8, 3), (64, 64, 4, 3)],
-        (_attn_fwd_kernel, "fp32"): [(64, 32, 4, 2)],
+        (_attn_fwd_kernel, "fp32"): {90: [(64, 16, 4, 1), (32, 16, 4, 2)], 80: [(32, 16, 4, 2)]},
         (_attn_bwd_dkdv_kernel, "narrow"): [(64, 128, 8, 3), (32, 64, 4, 3)],
         (_attn_bwd_dkdv_kernel, "wide"): [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)],
-        (_attn_bwd_dkdv_kernel, "fp32"): [(32, 64, 4, 2)],
+        (_attn_bwd_dkdv_kernel, "fp32"): [(16, 16, 4, 2)],
         (_attn_bwd_dq_kernel, "narrow"): [(128, 64, 8, 3), (64, 64, 4, 3)],
         (_attn_bwd_dq_kernel, "wide"): [(128, 32, 8, 3), (64, 64, 4, 3)],
-        (_attn_bwd_dq_kernel, "fp32"): [(64, 32, 4, 2)],
+        (_attn_bwd_dq_kernel, "fp32"): [(16, 16, 4, 1)],
     }
     _DECODE_BLOCK_N = 64
     _SMALL_BLOCK = 64
 
-_CONFIGS = {key: _triton.configs(_BLOCKS, rows) for key, rows in _SWEEPS.items()}
-_TUNED = {key: _triton.Tuned(key[0], c, _TUNE_KEY) for key, c in _CONFIGS.items()}
+
+def _arch_configs(rows):
+    """triton.Configs of a sweep: one list, or one per architecture ({90: rows, 80: rows})."""
+    if isinstance(rows, dict):
+        return {arch: _triton.configs(_BLOCKS, r) for arch, r in rows.items()}
+    return _triton.configs(_BLOCKS, rows)
+
+
+_TUNED = {key: _triton.Tuned(key[0], _arch_configs(r), _TUNE_KEY) for key, r in _SWEEPS.items()}
 
 
 def _config_kind(dtype, block_d) -> str:
@@ -580,7 +630,7 @@ def _config_kind(dtype, block_d) -> str:
 
 def _launch(kernel, grid, *args, **kwargs):
     """Launch ``kernel`` with the configs of its kind (see ``_SWEEPS``), autotuned or not."""
-    kind = _config_kind(args[0].dtype, kwargs["BLOCK_D"])
+    kind = _config_kind(args[0].dtype, kwargs["BLOCK_D"] + kwargs.get("TAIL_D", 0))
     _TUNED[(kernel, kind)].launch(grid, *args, **kwargs)
 
 
@@ -595,6 +645,13 @@ def _empty(shape, dtype, device):
 
 def _block_d(D):
     return triton.next_power_of_2(D)  # 96 runs as 128 with masked columns
+
+
+def _head_split(D):
+    """(BLOCK_D, TAIL_D) of the forward kernel: 96 as 64 + 32 when ``HD96_SPLIT``."""
+    if D == 96 and HD96_SPLIT:
+        return 64, 32
+    return _block_d(D), 0
 
 
 def _constexprs(q, causal, pad):
@@ -669,6 +726,7 @@ def _attn_fwd(q, k, v, pad, causal, sm_scale, *, num_splits=None):
     pad_t, stride_pb, stride_pn = _pad_args(pad, q)
     qk_scale = sm_scale * LOG2E
     common = _constexprs(q, causal, pad)
+    common["BLOCK_D"], common["TAIL_D"] = _head_split(D)
     strides_in = (*q.stride(), *k.stride(), *v.stride(), stride_pb, stride_pn)
     if num_splits is None:
         lse = _empty((B, H, Nq), torch.float32, q.device)

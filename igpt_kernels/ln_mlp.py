@@ -508,17 +508,35 @@ _GEMM_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)]
 _DACT_SWEEP = [row for row in _GEMM_SWEEP if row[1] <= 128]
 # The weight-gradient GEMMs reduce over tokens; BLOCK_K must divide _SPLIT_ALIGN.
 _WGRAD_SWEEP = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
+# Pure float32 (no autocast) runs IEEE fp32 dots on CUDA cores unless torch allows TF32:
+# the 16-bit tiles then spill (sm_80: ptxas drops to 32 registers, ~9 KB of spills), so
+# float32 has its own small tile. It is a correctness path; the "cublas" variant (torch's
+# SGEMM) is the fast one for float32.
+_FP32_SWEEP = [(64, 64, 32, 4, 3)]
 
-if HAS_TRITON:
-    # Keys bucket the token count so a growing T (sampling) does not retune every call.
-    _gemm = _configs(_GEMM_SWEEP, (32, 64, 32))
-    _wgrad_configs = _configs(_WGRAD_SWEEP, (32, 32, 32))
-    _ln_fc_tuned = _triton.Tuned(_ln_fc_kernel, _gemm, ["N", "K", "t_bucket"])
-    _mm_tuned = _triton.Tuned(_mm_kernel, _gemm, ["N", "K", "t_bucket", "HAS_RESID"])
-    _mm_dact_tuned = _triton.Tuned(
-        _mm_kernel, _configs(_DACT_SWEEP, (32, 64, 32)), ["N", "K", "t_bucket", "DACT"]
+# Keys bucket the token count so a growing T (sampling) does not retune every call.
+_KEYS = {
+    "fc": ["N", "K", "t_bucket"],
+    "mm": ["N", "K", "t_bucket", "HAS_RESID"],
+    "dact": ["N", "K", "t_bucket", "DACT"],
+    "wgrad": ["M", "N", "tokens_per_split"],
+}
+_KERNELS = {"fc": _ln_fc_kernel, "mm": _mm_kernel, "dact": _mm_kernel, "wgrad": _wgrad_kernel}
+_SWEEPS = {"fc": _GEMM_SWEEP, "mm": _GEMM_SWEEP, "dact": _DACT_SWEEP, "wgrad": _WGRAD_SWEEP}
+# (name, float32?) -> the kernel with its configs and autotuner
+_TUNED = {
+    (name, fp32): _triton.Tuned(
+        _KERNELS[name],
+        _configs(_FP32_SWEEP if fp32 else _SWEEPS[name], (32, 32 if name == "wgrad" else 64, 32)),
+        _KEYS[name],
     )
-    _wgrad_tuned = _triton.Tuned(_wgrad_kernel, _wgrad_configs, ["M", "N", "tokens_per_split"])
+    for name in _KERNELS
+    for fp32 in (False, True)
+}
+
+
+def _tuned(name, dtype):
+    return _TUNED[(name, dtype == torch.float32)]
 
 
 def _precision(dtype) -> str | None:
@@ -564,7 +582,7 @@ def _ln_fc_fwd(x2, mean, rstd, nw, nb, w, b, act, store_z):
     N = w.shape[0]
     z = torch.empty(T, N, device=x2.device, dtype=w.dtype) if store_z else None
     a = torch.empty(T, N, device=x2.device, dtype=w.dtype) if act is not None else None
-    _ln_fc_tuned.launch(
+    _tuned("fc", w.dtype).launch(
         _grid2d(T, N),
         x2,
         mean if mean is not None else rstd,
@@ -589,7 +607,7 @@ def _ln_fc_fwd(x2, mean, rstd, nw, nb, w, b, act, store_z):
         HAS_BIAS=b is not None,
         ACT=_ACT_ID[act],
         STORE_Z=store_z,
-        PRECISION=_precision(x2.dtype),
+        PRECISION=_precision(w.dtype),  # the dot multiplies n (cast to w.dtype) by w
     )
     return z, a
 
@@ -601,7 +619,7 @@ def _matmul(a, b, *, bias=None, resid=None, z=None, act=None, out_dtype=None):
     c = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
     aout = torch.empty_like(z) if act is not None else None
     dummy = c
-    (_mm_tuned if act is None else _mm_dact_tuned).launch(
+    _tuned("mm" if act is None else "dact", a.dtype).launch(
         _grid2d(M, N),
         a,
         b,
@@ -652,7 +670,7 @@ def _wgrad(g, v, *, norm_args=None, bias_grad=True):
         triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),
         splits,
     )
-    _wgrad_tuned.launch(
+    _tuned("wgrad", g.dtype).launch(
         grid,
         g,
         v,

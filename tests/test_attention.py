@@ -222,6 +222,26 @@ def test_triton_fewer_queries_than_keys(Nq, Nk, D, mask, dtype, atol, rtol):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize(
+    "Nq,Nk,mask", [(70, 70, "causal+pad"), (17, 40, "causal"), (33, 33, "none")]
+)
+def test_triton_head_dim_96_split(Nq, Nk, mask, dtype, atol, rtol, monkeypatch):
+    """Head dim 96 as 64 + 32 (HD96_SPLIT: two dots, two accumulators) against float64,
+    through the main kernel (with its padded backward) and the flash-decoding path."""
+    monkeypatch.setattr(attention_module, "HD96_SPLIT", True)
+    assert attention_module._head_split(96) == (64, 32)
+    q, k, v, causal, pad = _inputs(2, 2, Nq, Nk, 96, mask, dtype)
+    _check_against_float64(q, k, v, causal, pad, atol, rtol)
+    with torch.no_grad():  # Nq <= 16 and no grad: flash-decoding, split into chunks
+        o = attention(q[:, :, -3:], k, v, causal=causal, key_padding_mask=pad, backend="triton")
+    o64 = reference.attention(
+        q[:, :, -3:].double(), k.double(), v.double(), causal=causal, key_padding_mask=pad
+    )
+    torch.testing.assert_close(o.double(), o64, atol=atol, rtol=rtol)
+
+
+@needs_triton
 @pytest.mark.parametrize("mask", ["pad", "causal+pad"])
 def test_triton_rows_without_keys_are_zero(mask):
     q, k, v, causal, pad = _inputs(2, 2, 17, 17, 32, mask, torch.float32, empty_rows=True)
@@ -429,9 +449,9 @@ def test_cuda_decode_error_at_most_twice_sdpa(Nq, Nk, BH, dtype):
 def test_cuda_every_config_is_correct(index, D, mask, monkeypatch):
     """Each autotune candidate in turn, on awkward sizes (N not a block multiple, Nq < Nk,
     head dim 96 padded to 128)."""
-    for key, configs in attention_module._CONFIGS.items():
-        chosen = configs[min(index, len(configs) - 1)]
-        monkeypatch.setitem(attention_module._CONFIGS, key, [chosen])
+    for tuned in attention_module._TUNED.values():
+        chosen = {a: [c[min(index, len(c) - 1)]] for a, c in tuned.by_arch.items()}
+        monkeypatch.setattr(tuned, "by_arch", chosen)
     q, k, v, causal, pad = _inputs(2, 3, 257, 301, D, mask, torch.float16)
     _check_against_float64(q, k, v, causal, pad, 1e-2, 1e-2)
 
@@ -444,3 +464,40 @@ def test_cuda_float32_and_auto():
     torch.testing.assert_close(
         o, attention(q, k, v, causal=causal, key_padding_mask=pad, backend="triton")
     )
+
+
+def _tf32(x):
+    """x rounded to TF32 (10 mantissa bits, to nearest with ties away), as cvt.rna.tf32.f32."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _tf32x3_matmul(a, b):
+    """a @ b the way tf32x3 dots compute it: hi*hi + hi*lo + lo*hi, fp32 accumulation."""
+    a_hi, b_hi = _tf32(a), _tf32(b)
+    a_lo, b_lo = _tf32(a - a_hi), _tf32(b - b_hi)
+    return a_hi @ b_hi + (a_hi @ b_lo + a_lo @ b_hi)
+
+
+def test_tf32x3_dots_are_about_float32_accurate():
+    """fp32 attention runs tf32x3 dots on the GPU. The interpreter ignores input_precision
+    (it multiplies in fp32), so this emulates tf32x3's rounding in torch: the attention it
+    computes stays within the tolerance the CUDA fp32 test uses (1e-4), as plain fp32 does,
+    while single-pass TF32 would not."""
+    q, k, v = (torch.randn(2, 2, 300, 128) for _ in range(3))
+    o64 = reference.attention(q.double(), k.double(), v.double(), causal=False)
+
+    def attn(matmul):
+        p = torch.softmax(matmul(q, k.transpose(-1, -2)) / math.sqrt(128), -1)
+        return matmul(p, v).double()
+
+    errors = {
+        name: (attn(mm) - o64).abs().max().item()
+        for name, mm in [
+            ("fp32", torch.matmul),
+            ("tf32x3", _tf32x3_matmul),
+            ("tf32", lambda a, b: _tf32(a) @ _tf32(b)),
+        ]
+    }
+    assert errors["tf32x3"] < 1e-5 and errors["tf32x3"] < 4 * errors["fp32"] + 1e-6, errors
+    assert errors["tf32"] > 1e-4, errors  # the emulation does round: one pass is not enough

@@ -440,10 +440,9 @@ def test_cuda_small_shapes_error_at_most_twice_eager(dtype):
 def test_cuda_every_config_is_correct(index, monkeypatch):
     """Each autotune candidate past the default (index 0, which every other GPU test runs)
     in turn, at a size that is no multiple of any block."""
-    tuned_kernels = ("_ln_fc_tuned", "_mm_tuned", "_mm_dact_tuned", "_wgrad_tuned")
-    for tuned in (getattr(ln_mlp_module, name) for name in tuned_kernels):
-        chosen = tuned.configs[min(index, len(tuned.configs) - 1)]
-        monkeypatch.setattr(tuned, "configs", [chosen])
+    for tuned in ln_mlp_module._TUNED.values():
+        chosen = {a: [c[min(index, len(c) - 1)]] for a, c in tuned.by_arch.items()}
+        monkeypatch.setattr(tuned, "by_arch", chosen)
     _compare((300, 96), "layer", "gelu", True, True, torch.float16, backend="triton")
 
 
