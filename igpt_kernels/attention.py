@@ -610,6 +610,7 @@ else:
     }
     _DECODE_BLOCK_N = 64
     _SMALL_BLOCK = 64
+_DECODE_WARPS = 4
 
 
 def _arch_configs(rows):
@@ -744,7 +745,7 @@ def _attn_fwd(q, k, v, pad, causal, sm_scale, *, num_splits=None):
         raise ValueError(f"the decode path takes at most {block_m} queries, got Nq={Nq}")
     chunk = triton.cdiv(triton.cdiv(Nk, max(1, num_splits)), block_n) * block_n
     splits = triton.cdiv(Nk, chunk)
-    warps = 4
+    warps = _DECODE_WARPS
     if splits == 1:
         lse = _empty((B, H, Nq), torch.float32, q.device)
         _attn_fwd_kernel[(B * H, 1, 1)](
