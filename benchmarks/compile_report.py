@@ -412,6 +412,8 @@ def compile_all(cases, workers=2) -> list[dict]:
 def _cell(row):
     if "error" in row:
         return "**error**"
+    if row["regs"] is None:
+        return f"no ptxas report {row['smem_kib']:g}K {row['family']}"
     sp = row["spill_stores"] + row["spill_loads"]
     spill = f" **sp{sp}**" if sp else ""
     over = " **>smem**" if row["smem_kib"] > SMEM_LIMIT_KIB[row["arch"]] else ""

@@ -599,13 +599,24 @@ else:
     # lists per architecture ({90: sm_90a and later, 80: sm_80/sm_86/sm_89}).
     _SWEEPS = {
         (_attn_fwd_kernel, "narrow"): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-        (_attn_fwd_kernel, "wide"): [(128, 64, 8, 3), (64, 64, 4, 3)],
+        # sm_80: 128x64 spills (48-52 B) at D=128 with padding, 64x64 does not
+        (_attn_fwd_kernel, "wide"): {90: [(128, 64, 8, 3), (64, 64, 4, 3)], 80: [(64, 64, 4, 3)]},
         (_attn_fwd_kernel, "fp32"): {90: [(64, 16, 4, 1), (32, 16, 4, 2)], 80: [(32, 16, 4, 2)]},
-        (_attn_bwd_dkdv_kernel, "narrow"): [(64, 128, 8, 3), (32, 64, 4, 3)],
-        (_attn_bwd_dkdv_kernel, "wide"): [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)],
+        # sm_80 (mma.sync keeps more operands in registers): the sm_90 defaults spill there
+        (_attn_bwd_dkdv_kernel, "narrow"): {
+            90: [(64, 128, 8, 3), (32, 64, 4, 3)],
+            80: [(32, 64, 4, 3)],
+        },
+        (_attn_bwd_dkdv_kernel, "wide"): {
+            90: [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)],
+            80: [(64, 64, 8, 3)],
+        },
         (_attn_bwd_dkdv_kernel, "fp32"): [(16, 16, 4, 2)],
         (_attn_bwd_dq_kernel, "narrow"): [(128, 64, 8, 3), (64, 64, 4, 3)],
-        (_attn_bwd_dq_kernel, "wide"): [(128, 32, 8, 3), (64, 64, 4, 3)],
+        (_attn_bwd_dq_kernel, "wide"): {
+            90: [(128, 32, 8, 3), (64, 64, 4, 3)],
+            80: [(64, 32, 4, 3), (128, 32, 8, 2)],
+        },
         (_attn_bwd_dq_kernel, "fp32"): [(16, 16, 4, 1)],
     }
     _DECODE_BLOCK_N = 64
