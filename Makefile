@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)  # csrc: rebuild igpt_kerne
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
-test: install
+test: install  # everything (about 8 minutes on 2 CPU cores; cuda tests skip without a GPU)
 	$(PY) -m pytest -q
+
+test-fast: install  # the inner loop: leaves out the tests marked slow (each over ~10 s)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(PY) -m ruff check .

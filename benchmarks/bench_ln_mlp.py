@@ -1,6 +1,7 @@
 """Benchmark the fused norm-MLP (and the norm-prologue qkv GEMM) against PyTorch.
 
     python benchmarks/bench_ln_mlp.py [--quick] [--out DIR] [--norm rms] [--activation gelu]
+        [--backends eager,compile,triton,cublas,auto] [--dry-run]
     igpt bench ln_mlp
 
 Shapes: T = 32768 tokens (8 images at 64x64), d in {512, 1024, 1536}, h = 4d, bfloat16.
@@ -11,12 +12,15 @@ forward's graph holds (allocator delta, a hook-free cross-check that leaves out 
 peak memory of one training step.
 
 Providers, all in the same run: "eager", ``x + fc2(act(fc1(norm(x))))`` in plain PyTorch
-with the norm in fp32 (as ``igpt_kernels.reference``); "compile", torch.compile of that
-function; "triton", ``igpt_kernels.ln_mlp`` (fused Triton GEMMs, the default);
-"triton-cublas", its internal variant with cuBLAS GEMMs and Triton norm/elementwise
-kernels. The ``ln_linear`` rows time ``linear(norm(x))`` for the qkv projection (n = 3d)
-the same ways. Ratios are against compile and eager of the same shape. Writes
-OUT/ln_mlp.json and OUT/ln_mlp.md; on a machine without a CUDA GPU it says so and exits 0.
+with the norm in fp32 (what ``backend="torch"``, ``igpt_kernels.reference``, computes);
+"compile", torch.compile of that function; "triton", ``ln_mlp(backend="triton")`` (fused
+Triton GEMMs); "cublas", ``ln_mlp(backend="cublas")`` (cuBLAS GEMMs around the Triton norm
+and elementwise kernels); "auto", ``ln_mlp(backend="auto")``, whose first call times the
+eligible backends (``auto_choice`` in its row says which it keeps). The ``ln_linear`` rows
+time ``linear(norm(x))`` for the qkv projection (n = 3d) the same ways (no "cublas"). Ratios
+are against compile and eager of the same shape. Writes OUT/ln_mlp.json and OUT/ln_mlp.md
+(with the GPU, versions and commit); on a machine without a CUDA GPU it says so and exits
+0, unless ``--dry-run``, which runs tiny shapes on the CPU (plumbing only).
 """
 
 from __future__ import annotations
@@ -29,9 +33,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, when run as a script
 
+import importlib  # noqa: E402
+
 import common  # noqa: E402
 
 from igpt_kernels import ln_linear, ln_mlp, reference  # noqa: E402
+
+PROVIDERS = ("eager", "compile", "triton", "cublas", "auto")
 
 
 def eager_mlp(x, nw, nb, w1, b1, w2, b2, norm, activation):
@@ -108,7 +116,7 @@ def measure(name, fn, inputs, flops, dy):
     }
 
 
-DEVICE = "cuda"  # a dry run on the CPU (TRITON_INTERPRET=1) may set "cpu"
+DEVICE = "cuda"  # --dry-run sets "cpu"
 
 
 def _weights(d, n, dtype, norm):
@@ -121,7 +129,41 @@ def _weights(d, n, dtype, norm):
     )
 
 
-def bench_mlp(T, d, dtype, norm, activation):
+def _auto_choice(op, fn_inputs, **opts):
+    """The backend "auto" keeps for this call (timing it now if this is the first)."""
+    module = importlib.import_module("igpt_kernels.ln_mlp")
+    seen = {}
+    real = module._ln_mlp_on if op == "ln_mlp" else module._ln_linear_on
+
+    def spy(name, *args):
+        seen["name"] = name
+        return real(name, *args)
+
+    attr = "_ln_mlp_on" if op == "ln_mlp" else "_ln_linear_on"
+    setattr(module, attr, spy)
+    try:
+        fn_inputs()
+    finally:
+        setattr(module, attr, real)
+    return seen.get("name")
+
+
+def _run_providers(op, providers, chosen, inputs, flops, dy):
+    rows = []
+    for name, fn in providers:
+        if name not in chosen:
+            continue
+        try:
+            row = measure(name, fn, inputs, flops, dy)
+        except Exception as e:  # a backend refusing this shape or GPU: record it, go on
+            row = {"provider": name, "error": f"{type(e).__name__}: {str(e)[:160]}"}
+        if name == "auto":
+            row["auto_choice"] = _auto_choice(op, lambda f=fn: f(*inputs))
+        rows.append(row)
+    return rows
+
+
+def bench_mlp(T, d, dtype, norm, activation, chosen=PROVIDERS):
     h = 4 * d
     x = torch.randn(T, d, device=DEVICE, dtype=dtype)
     nw, nb, w1, b1 = _weights(d, h, dtype, norm)
@@ -135,34 +177,28 @@ def bench_mlp(T, d, dtype, norm, activation):
     def eager(*a):
         return eager_mlp(*a, **opts)
 
-    compiled = torch.compile(eager)
+    def backend(name):
+        return lambda *a: ln_mlp(*a, **opts, backend=name)
 
-    def triton_fused(*a):
-        return ln_mlp(*a, **opts, backend="triton")
-
-    def triton_cublas(*a):
-        return ln_mlp(*a, **opts, backend="triton", _variant="cublas")
-
+    providers = [("eager", eager), ("compile", torch.compile(eager))]
+    providers += [(name, backend(name)) for name in ("triton", "cublas", "auto")]
     with torch.no_grad():
         want = eager(*inputs).float()
-        err = {
-            name: (fn(*inputs).float() - want).abs().max().item()
-            for name, fn in (("triton", triton_fused), ("triton-cublas", triton_cublas))
-        }
-    providers = [
-        ("eager", eager),
-        ("compile", compiled),
-        ("triton", triton_fused),
-        ("triton-cublas", triton_cublas),
-    ]
-    rows = [measure(name, fn, inputs, flops, dy) for name, fn in providers]
+        err = {}
+        for name, fn in providers[2:]:
+            if name in chosen:
+                try:
+                    err[name] = (fn(*inputs).float() - want).abs().max().item()
+                except Exception:  # noqa: BLE001 - recorded by measure below
+                    err[name] = None
+    rows = _run_providers("ln_mlp", providers, chosen, inputs, flops, dy)
     for r in rows:
         r.update(op="ln_mlp", T=T, d=d, h=h, dtype=str(dtype)[6:], **opts)
         r["max_abs_diff_vs_eager"] = err.get(r["provider"], 0.0)
     return rows
 
 
-def bench_linear(T, d, dtype, norm):
+def bench_linear(T, d, dtype, norm, chosen=PROVIDERS):
     n = 3 * d
     x = torch.randn(T, d, device=DEVICE, dtype=dtype)
     inputs = [
@@ -173,24 +209,30 @@ def bench_linear(T, d, dtype, norm):
     def eager(*a):
         return eager_linear(*a, norm=norm)
 
-    def triton_fused(*a):
-        return ln_linear(*a, norm=norm, backend="triton")
+    def backend(name):
+        return lambda *a: ln_linear(*a, norm=norm, backend=name)
 
-    providers = [("eager", eager), ("compile", torch.compile(eager)), ("triton", triton_fused)]
-    rows = [measure(name, fn, inputs, 2 * T * d * n, dy) for name, fn in providers]
+    providers = [("eager", eager), ("compile", torch.compile(eager))]
+    providers += [(name, backend(name)) for name in ("triton", "auto")]
+    rows = _run_providers("ln_linear", providers, chosen, inputs, 2 * T * d * n, dy)
     for r in rows:
         r.update(op="ln_linear", T=T, d=d, h=n, dtype=str(dtype)[6:], norm=norm)
     return rows
 
 
 def add_ratios(rows):
-    """speedup_vs_compile / _vs_eager (fwd+bwd) and saved_vs_eager for each row."""
-    base = {(r["op"], r["d"], r["provider"]): r for r in rows}
+    """speedup_vs_compile / _vs_eager (fwd+bwd) and saved_vs_eager for each row that ran
+    (a ratio is left out where its baseline did not run)."""
+    base = {(r["op"], r["d"], r["provider"]): r for r in rows if "fwd_bwd_ms" in r}
     for r in rows:
-        eager, comp = base[(r["op"], r["d"], "eager")], base[(r["op"], r["d"], "compile")]
-        r["speedup_vs_compile"] = comp["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-        r["speedup_vs_eager"] = eager["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-        if r["saved_gib"] is not None and eager["saved_gib"]:
+        if "fwd_bwd_ms" not in r:
+            continue
+        for other in ("compile", "eager"):
+            b = base.get((r["op"], r["d"], other))
+            if b is not None:
+                r[f"speedup_vs_{other}"] = b["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        eager = base.get((r["op"], r["d"], "eager"))
+        if eager and r["saved_gib"] is not None and eager["saved_gib"]:
             r["saved_vs_eager"] = r["saved_gib"] / eager["saved_gib"]
 
 
@@ -207,30 +249,55 @@ COLUMNS = [
     "saved_vs_eager",
     "held_gib",
     "peak_gib",
+    "auto_choice",
+    "error",
 ]
 
 
-def main(argv=None):
+def parse(argv=None):
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--norm", default="rms", choices=reference.NORMS)
     p.add_argument("--activation", default="gelu", choices=reference.ACTIVATIONS)
     p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument(
+        "--backends", default=",".join(PROVIDERS), help="comma-separated providers to time"
+    )
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (plumbing)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_ln_mlp: no CUDA GPU here; the Triton kernels are benchmarked on a GPU only")
+    args.backends = [b for b in args.backends.split(",") if b]
+    bad = sorted(set(args.backends) - set(PROVIDERS))
+    if bad or not args.backends:
+        p.error(f"--backends takes a comma-separated list of {', '.join(PROVIDERS)}; got {bad}")
+    if args.tokens < 1:
+        p.error(f"--tokens must be >= 1, got {args.tokens}")
+    return args
+
+
+def main(argv=None):
+    global DEVICE
+    args = parse(argv)
+    if not (torch.cuda.is_available() or args.dry_run):
+        print("bench_ln_mlp: no CUDA GPU here (--dry-run runs tiny shapes on the CPU)")
         return 0
-    dims = [512] if args.quick else [512, 1024, 1536]
-    tokens = 8192 if args.quick else args.tokens
+    if args.dry_run:
+        DEVICE, dtype, dims, tokens = "cpu", torch.float32, [32], 64
+    else:
+        DEVICE, dtype = "cuda", torch.bfloat16
+        dims = [512] if args.quick else [512, 1024, 1536]
+        tokens = 8192 if args.quick else args.tokens
     rows = []
     for d in dims:  # results are written after each d, so a time limit keeps what ran
-        rows += bench_mlp(tokens, d, torch.bfloat16, args.norm, args.activation)
-        rows += bench_linear(tokens, d, torch.bfloat16, args.norm)
-        torch.cuda.empty_cache()
+        rows += bench_mlp(tokens, d, dtype, args.norm, args.activation, args.backends)
+        rows += bench_linear(tokens, d, dtype, args.norm, args.backends)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
         add_ratios(rows)
         path = common.write("ln_mlp", rows, args.out)
+        env = common.env()
         text = (
-            f"T={tokens}, bf16, norm={args.norm}, activation={args.activation}, "
-            f"{common.env()['device']}\n\n{common.table(rows, COLUMNS)}\n"
+            f"T={tokens}, {str(dtype)[6:]}, norm={args.norm}, activation={args.activation}, "
+            f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['commit']}"
+            f"\n\n{common.table(rows, COLUMNS)}\n"
         )
         path.with_suffix(".md").write_text(text)
     print(text)

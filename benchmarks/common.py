@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from igpt.reporting import format_table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,6 +41,12 @@ def env() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    try:
+        import igpt_kernels
+
+        kernels_version = igpt_kernels.__version__
+    except ImportError:
+        kernels_version = None
     cuda = torch.cuda.is_available()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -46,6 +54,7 @@ def env() -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "triton": triton_version,
+        "igpt_kernels": kernels_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "commit": commit,
@@ -88,6 +97,7 @@ def peak_gib(fn) -> float | None:
 
 
 def parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --out and --quick."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON output")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
@@ -104,12 +114,4 @@ def write(name: str, rows: list[dict], out: str) -> Path:
 
 def table(rows: list[dict], columns: list[str]) -> str:
     """A Markdown table of ``rows`` restricted to ``columns`` (floats to 3 significant)."""
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return format_table(rows, columns, float_format=".3g")

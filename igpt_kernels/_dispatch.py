@@ -1,21 +1,88 @@
-"""Backend names, their resolution, and the shared argument checks of every op.
+"""Backend names, their resolution, the measured ``"auto"`` choice, and the shared checks.
 
-Every public op takes ``backend="auto"``. ``resolve`` turns that into a concrete name given
-which backends the op has and why each one can or cannot run on the inputs at hand.
+Every public op takes ``backend="auto"``. ``resolve`` turns a name into a concrete backend
+given which backends the op has and why each one can or cannot run the inputs at hand; for
+``"auto"`` it gives the static choice (the first runnable backend of a fixed order).
+
+On a GPU, ``"auto"`` then goes one step further (``Dispatcher.choose``): the first call per
+key times every eligible implementation on the call's own inputs and keeps the fastest.
+
+    key   = op, GPU name, and the op's fields (dtype, mask kind, head dim, power-of-two
+            length buckets, grad or not, ...) plus the names of the eligible candidates,
+            so anything that changes eligibility gives a new key.
+    time  = the median of ``reps`` runs after ``warmup`` runs (and one first run that
+            compiles/autotunes and gives the output), each bracketed by CUDA events, as
+            ``triton.testing.do_bench`` does. Forward only, or forward + backward when the
+            call needs gradients.
+    check = each candidate's output must agree with the static choice's (a loose, dtype-
+            scaled tolerance that catches a wrong mask, not rounding); one that does not, or
+            that raises, is dropped and logged.
+
+Choices live in memory and in ``$XDG_CACHE_HOME/igpt/dispatch-<hash>.json`` (default
+``~/.cache/igpt``), one file per GPU name and torch/triton/igpt_kernels versions, written
+atomically (temporary file + ``os.replace``) and merged with what other processes wrote;
+a file whose header names other versions is ignored. Format::
+
+    {"format": 1, "gpu": "NVIDIA H200",
+     "versions": {"torch": "2.13.0", "triton": "3.9.0", "igpt_kernels": "0.1.0"},
+     "entries": {"<key>": {"backend": "sdpa-cudnn",
+                           "ms": {"triton": 0.41, "sdpa-cudnn": 0.33},
+                           "dropped": {"sdpa-flash": "RuntimeError: ..."}}}}
+
+``IGPT_DISPATCH=fixed`` (or ``set_dispatch("fixed")``) gives the static choice everywhere.
+While ``torch.compile`` traces or a CUDA graph is captured, ``"auto"`` never times: it takes
+a remembered choice or the static one. On the CPU ``"auto"`` is the static choice.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import statistics
+import tempfile
+from pathlib import Path
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+from igpt_kernels._triton import HAS_TRITON
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "sdpa", "cublas", "cuda", "cpu", "torch")
+MODES = ("measure", "fixed")
+FORMAT = 1
+UNNAMED = "(a GPU not yet named: first seen while compiling)"
 
 
 def triton_interpreting() -> bool:
     """True when Triton kernels run in its numpy interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable(t: torch.Tensor, name: str) -> str | None:
+    """None if the Triton kernels can take tensor ``t`` (called ``name``), else why not."""
+    if not HAS_TRITON:
+        return "Triton is not installed (pip install triton; Linux only)"
+    if t.dtype == torch.float64:
+        return (
+            "float64 has no Triton kernel (float64 is not a Triton dtype); use float32, "
+            "float16 or bfloat16, or backend='torch'"
+        )
+    if t.is_cuda:
+        return None
+    if triton_interpreting() and t.device.type == "cpu":
+        if t.dtype == torch.bfloat16:
+            return (
+                "bfloat16 cannot run under TRITON_INTERPRET=1 (Triton's interpreter computes "
+                "bfloat16 wrongly); use float32 or float16 on the CPU, or a CUDA tensor"
+            )
+        return None
+    return (
+        f"Triton needs CUDA tensors, got {name} on {t.device} (on the CPU it runs only "
+        "under TRITON_INTERPRET=1, for tests)"
+    )
 
 
 def resolve(op: str, backend: str, reasons: dict[str, str | None], auto_order: tuple[str, ...]):
@@ -54,3 +121,305 @@ def check_tensor(name: str, t, *, dims=None, dtypes=None, device=None) -> None:
         raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype)[6:]}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above n (1 for n <= 1): the length buckets of the keys."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------
+
+
+class EventClock:
+    """CUDA events as a clock: ``mark()`` records one, ``elapsed_ms(a, b)`` reads two after
+    ``sync()``. Tests pass a clock of their own with the same three methods."""
+
+    def mark(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def sync(self) -> None:
+        torch.cuda.synchronize()
+
+    def elapsed_ms(self, a, b) -> float:
+        return a.elapsed_time(b)
+
+
+def median_ms(fn, clock, *, warmup: int = 2, reps: int = 5) -> float:
+    """Median time of ``fn()`` over ``reps`` runs after ``warmup`` runs, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    marks = []
+    for _ in range(reps):
+        start = clock.mark()
+        fn()
+        marks.append((start, clock.mark()))
+    clock.sync()
+    return statistics.median(clock.elapsed_ms(a, b) for a, b in marks)
+
+
+def agrees(out: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether two backends' outputs agree to within rounding of their dtype (loose: the
+    check is against a wrong mask or layout, which changes outputs by O(1))."""
+    if out.shape != base.shape:
+        return False
+    base = base.detach().float()
+    if not torch.isfinite(base).all():
+        return True  # NaN/inf inputs: nothing to judge by
+    low = out.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(out.device.type)
+    tol = 2e-2 if low else 5e-3  # 16-bit GEMMs (autocast too) / TF32
+    err = (out.detach().float() - base).abs().max().item()
+    return err <= tol * max(base.abs().max().item(), 1e-3)
+
+
+def _default_capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _versions() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import igpt_kernels
+
+    return {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "igpt_kernels": igpt_kernels.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# the dispatcher
+# --------------------------------------------------------------------------------------
+
+
+class Dispatcher:
+    """Measured ``"auto"``: times the eligible backends once per key and remembers the best.
+
+    Every collaborator can be replaced, so the logic runs on a CPU in tests:
+    ``clock`` (``EventClock()``), ``device_name`` (device -> GPU name, or None where auto is
+    static: by default the CUDA device's name, None for any other device), ``capturing``
+    (whether a CUDA graph is being captured), ``versions`` (the cache file's header),
+    ``cache_dir`` (default ``$XDG_CACHE_HOME/igpt`` or ``~/.cache/igpt``; False: no file).
+    """
+
+    def __init__(
+        self,
+        *,
+        clock=None,
+        device_name=None,
+        capturing=None,
+        versions=None,
+        cache_dir=None,
+        mode=None,
+        warmup=2,
+        reps=5,
+    ):
+        self.clock = clock
+        self.device_name = device_name or self._cuda_name
+        self.capturing = capturing or _default_capturing
+        self.versions = versions
+        self.cache_dir = cache_dir
+        self.warmup, self.reps = warmup, reps
+        self._mode = None
+        if mode is not None:
+            self.set_mode(mode)
+        self._entries: dict[str, dict[str, dict]] = {}  # gpu -> key -> entry
+        self._loaded: set[str] = set()
+        self._names: dict = {}
+        self._warned_write = False
+
+    # -- settings ------------------------------------------------------------------------
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"dispatch mode must be one of {MODES}, got {mode!r}")
+        self._mode = mode
+
+    @property
+    def mode(self) -> str:
+        if self._mode is None:
+            env = os.environ.get("IGPT_DISPATCH", "measure")
+            if env not in MODES:
+                raise ValueError(f"IGPT_DISPATCH must be one of {MODES}, got {env!r}")
+            self._mode = env
+        return self._mode
+
+    def _cuda_name(self, device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._names:
+            if torch.compiler.is_compiling():
+                return UNNAMED  # still a GPU (static order); nothing is looked up or timed
+            self._names[index] = torch.cuda.get_device_name(index)
+        return self._names[index]
+
+    def gpu(self, device: torch.device) -> str | None:
+        """The name auto measures under for ``device``, None where auto stays static."""
+        return self.device_name(device)
+
+    # -- the choice ----------------------------------------------------------------------
+
+    @staticmethod
+    def key(op: str, fields: dict, names) -> str:
+        parts = [op, *(f"{k}={v}" for k, v in fields.items()), "of=" + ",".join(names)]
+        return "|".join(parts)
+
+    def choose(self, op, fields, names, static, device, run) -> str:
+        """The backend ``"auto"`` runs for one call.
+
+        names: the eligible candidates; static: the fixed choice; run(name): runs the call
+        once on that backend (forward, or forward + backward) and returns the output.
+        """
+        if len(names) <= 1 or self.mode == "fixed":
+            return static
+        gpu = self.gpu(device)
+        if gpu is None:
+            return static
+        key = self.key(op, fields, names)
+        busy = torch.compiler.is_compiling() or self.capturing()
+        entries = self._table(gpu, load=not busy)
+        hit = entries.get(key)
+        if hit is not None and hit["backend"] in names:
+            return hit["backend"]
+        if busy or gpu == UNNAMED:
+            return static
+        entry = self._measure(names, static, run)
+        if entry is None:
+            return static
+        entries[key] = entry
+        log.info("igpt_kernels %s on %s: %s (ms %s)", key, gpu, entry["backend"], entry["ms"])
+        self._save(gpu)
+        return entry["backend"]
+
+    def _measure(self, names, static, run) -> dict | None:
+        clock = self.clock if self.clock is not None else EventClock()
+        order = sorted(names, key=lambda n: n != static)  # the static choice first: the base
+        ms, dropped, base = {}, {}, None
+        for name in order:
+            try:
+                out = run(name)  # the first run compiles or autotunes; not timed
+                if base is None:
+                    base = out
+                elif not agrees(out, base):
+                    dropped[name] = f"output differs from {order[0]}'s"
+                    log.warning("igpt_kernels: %s disagrees with %s; not used", name, order[0])
+                    continue
+                ms[name] = median_ms(
+                    lambda n=name: run(n), clock, warmup=self.warmup, reps=self.reps
+                )
+            except Exception as e:  # noqa: BLE001 - a backend refusing this GPU or shape
+                dropped[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                log.debug("igpt_kernels: %s failed while timing: %s", name, dropped[name])
+        if not ms:
+            return None
+        best = min(ms, key=ms.get)
+        return {"backend": best, "ms": {n: round(t, 6) for n, t in ms.items()}, "dropped": dropped}
+
+    # -- the table and its file ------------------------------------------------------------
+
+    def _table(self, gpu: str, *, load: bool) -> dict:
+        """The in-memory entries of ``gpu``, read from its file on first use."""
+        entries = self._entries.setdefault(gpu, {})
+        if load and gpu not in self._loaded:
+            self._loaded.add(gpu)
+            for key, entry in self._read(gpu).items():
+                entries.setdefault(key, entry)
+        return entries
+
+    def table(self) -> list[dict]:
+        """Every remembered choice: rows of gpu, key, backend and the times (ms) measured."""
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                gpu = self.gpu(torch.device("cuda", i))
+                if gpu is not None:
+                    self._table(gpu, load=True)
+        return [
+            {"gpu": gpu, "key": key, **entry}
+            for gpu, entries in sorted(self._entries.items())
+            for key, entry in sorted(entries.items())
+        ]
+
+    def header(self, gpu: str) -> dict:
+        versions = self.versions if self.versions is not None else _versions()
+        return {"format": FORMAT, "gpu": gpu, "versions": versions}
+
+    def cache_path(self, gpu: str) -> Path | None:
+        """The JSON file of ``gpu``'s choices under these versions (None: no file)."""
+        if self.cache_dir is False:
+            return None
+        if self.cache_dir is not None:
+            base = Path(self.cache_dir)
+        else:
+            base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "igpt"
+        header = json.dumps(self.header(gpu), sort_keys=True)
+        return base / f"dispatch-{hashlib.sha256(header.encode()).hexdigest()[:16]}.json"
+
+    def _read(self, gpu: str) -> dict:
+        path = self.cache_path(gpu)
+        if path is None or not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("igpt_kernels: ignoring unreadable dispatch cache %s (%s)", path, e)
+            return {}
+        header = self.header(gpu)
+        if not isinstance(data, dict) or any(data.get(k) != v for k, v in header.items()):
+            log.info("igpt_kernels: ignoring dispatch cache %s: written for other versions", path)
+            return {}
+        entries = data.get("entries")
+        if not isinstance(entries, dict):
+            return {}
+        return {
+            k: e
+            for k, e in entries.items()
+            if isinstance(e, dict) and isinstance(e.get("backend"), str)
+        }
+
+    def _save(self, gpu: str) -> None:
+        path = self.cache_path(gpu)
+        if path is None:
+            return
+        entries = {**self._read(gpu), **self._entries.get(gpu, {})}
+        data = {**self.header(gpu), "entries": entries}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dispatch-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as e:
+            if not self._warned_write:
+                self._warned_write = True
+                log.warning("igpt_kernels: cannot write the dispatch cache %s (%s)", path, e)
+
+
+DISPATCH = Dispatcher()
+
+
+def set_dispatch(mode: str) -> None:
+    """``"measure"`` (the default): on a GPU, ``backend="auto"`` times the eligible backends
+    once per key and keeps the fastest. ``"fixed"``: the static choice (as
+    ``IGPT_DISPATCH=fixed``). This call overrides the environment variable."""
+    DISPATCH.set_mode(mode)
+
+
+def dispatch_table() -> list[dict]:
+    """The choices ``backend="auto"`` has learned (this process and the cache file of each
+    visible GPU): a list of ``{"gpu", "key", "backend", "ms", "dropped"}``."""
+    return DISPATCH.table()

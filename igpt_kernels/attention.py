@@ -48,8 +48,10 @@ would run on CUDA cores and spilled heavily in every config that fits an A100). 
 interpreter computes bfloat16 wrongly. Limits: B * H <= 2^31 - 1 (the grid's first axis)
 and at most 65535 blocks of queries or keys (the second): ``check_grid``.
 
-Backends: "triton" (these kernels; the "auto" choice for CUDA tensors) and "torch"
-(``reference.attention``; "auto" on any other device).
+Backends: "triton" (these kernels), "sdpa" (PyTorch's SDPA kernels where they can express
+the mask exactly: the table in ``attention``'s docstring) and "torch" (``reference.attention``,
+"auto" on the CPU). "auto" on a GPU times triton and each eligible SDPA kernel on the first
+call per key and keeps the fastest (``igpt_kernels._dispatch``).
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ import os
 
 import torch
 
-from igpt_kernels import _triton, reference
-from igpt_kernels._dispatch import resolve, triton_interpreting
+from igpt_kernels import _dispatch, _triton, reference
+from igpt_kernels._dispatch import bucket, resolve, triton_interpreting, triton_unavailable
 from igpt_kernels._triton import HAS_TRITON, tl, triton
 
 LOG2E = 1.4426950408889634
@@ -828,58 +830,242 @@ class _Attention(torch.autograd.Function):
 # --------------------------------------------------------------------------------------
 
 
-def _triton_unavailable(q) -> str | None:
-    """None if the Triton kernel can run on q, else why not (for ``resolve``)."""
-    if not HAS_TRITON:
-        return "Triton is not installed (pip install triton; Linux only)"
-    if q.dtype == torch.float64:
-        return "float64 is not a Triton dtype; use float32, float16 or bfloat16, or backend='torch'"
-    if q.is_cuda:
-        return None
-    if triton_interpreting() and q.device.type == "cpu":
-        if q.dtype == torch.bfloat16:
+SDPA_KERNELS = ("flash", "efficient", "cudnn")  # auto times each as "sdpa-<kernel>"
+AUTO_ORDER = ("triton", "sdpa")  # the static "auto" on a GPU
+
+
+def _mask_kind(causal, key_padding_mask) -> str:
+    kind = ("causal" if causal else "full") + ("+pad" if key_padding_mask is not None else "")
+    return kind.removeprefix("full+")
+
+
+def _triton_reason(q) -> str | None:
+    """None if the Triton kernels can run on q, else why not (for ``resolve``)."""
+    why = triton_unavailable(q, "q")
+    if why is not None:
+        return why
+    B, H, _, D = q.shape
+    if D not in reference.HEAD_DIMS:
+        return (
+            f"head_dim {D} is not supported by the Triton kernel (it takes "
+            f"{', '.join(map(str, reference.HEAD_DIMS))}); backend='sdpa' or 'torch' takes any"
+        )
+    if B * H > MAX_BATCH_HEADS:
+        return (
+            f"B * H = {B * H} (batch, head) pairs; the Triton grid takes at most {MAX_BATCH_HEADS}"
+        )
+    return None
+
+
+def sdpa_kernel_reason(kernel, q, k, causal, key_padding_mask) -> str | None:
+    """None if SDPA's ``kernel`` ("flash", "efficient", "cudnn") computes igpt's attention
+    exactly on these inputs (as ``_sdpa`` calls it), else why not.
+
+    This checks the mask semantics and the documented dtype and head-dim limits; what else
+    a kernel refuses (GPU generation, alignment) makes it raise, and ``"auto"`` drops it.
+    """
+    D, Nk = q.shape[-1], k.shape[2]
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if kernel != "flash" and not q.is_cuda:
+        return f"SDPA's {kernel} kernel needs CUDA tensors, got q on {q.device}"
+    if kernel == "flash":
+        if key_padding_mask is not None:
+            return "SDPA's flash kernel takes no mask, so it cannot express key padding"
+        if q.is_cuda and not half:
+            return f"SDPA's flash kernel runs float16 and bfloat16 only, got {str(q.dtype)[6:]}"
+        if q.is_cuda and (D > 256 or D % 8):
+            return f"SDPA's flash kernel takes head dims <= 256 that are multiples of 8, got {D}"
+    if kernel == "efficient":
+        align = 8 if half else 4
+        if q.dtype == torch.float64 or D % align:
             return (
-                "Triton's interpreter (TRITON_INTERPRET=1) computes bfloat16 wrongly; "
-                "use float32 or float16 on the CPU, or a CUDA tensor"
+                "SDPA's efficient kernel takes float16, bfloat16 and float32 with head dims "
+                f"a multiple of {align}, got {str(q.dtype)[6:]} and {D}"
             )
-        return None
-    return (
-        f"the Triton kernel needs CUDA tensors, got q on {q.device} (on the CPU it runs only "
-        "under TRITON_INTERPRET=1, for tests)"
-    )
+    if kernel == "cudnn":
+        if not half or D % 8 or D > 128:
+            return (
+                "SDPA's cuDNN kernel takes float16 and bfloat16 with head dims <= 128 that "
+                f"are multiples of 8, got {str(q.dtype)[6:]} and {D}"
+            )
+        if Nk == 1:
+            return "SDPA's cuDNN kernel does not take a single key (Nk=1)"
+    return None
+
+
+def _sdpa_backends(kernels):
+    from torch.nn.attention import SDPBackend
+
+    names = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    return [names[k] for k in kernels]
+
+
+def _sdpa(q, k, v, causal, key_padding_mask, scale, kernels):
+    """igpt's attention through ``F.scaled_dot_product_attention``, restricted to ``kernels``.
+
+    SDPA's ``is_causal`` is top-left aligned, so it is used only when Nq == Nk (where it
+    equals bottom-right). Nq < Nk causal takes ``causal_lower_right`` on CUDA when flash or
+    efficient may run (flash's own causal flag is bottom-right; efficient has the mask type),
+    else an explicit boolean mask. Key padding is an explicit boolean mask; a query with no
+    visible key is given every key with q zeroed (so nothing of it reaches dk, dv) and its
+    output set to 0, as the SDPA kernels differ there (NaN or zeros). ``0 * sum(q)`` is added
+    to every row that sees a key: the fused CPU kernel drops a NaN in q, PyTorch's math keeps it.
+    """
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    Nq, Nk = q.shape[2], k.shape[2]
+    causal = causal and Nq > 1  # one query, bottom-right: it sees every key (decoding)
+    with sdpa_kernel(_sdpa_backends(kernels)):
+        if key_padding_mask is None:
+            mask = None
+            if causal and Nq < Nk:
+                if q.is_cuda and {"flash", "efficient"} & set(kernels):
+                    from torch.nn.attention.bias import causal_lower_right
+
+                    mask = causal_lower_right(Nq, Nk)
+                else:
+                    mask = reference.attention_mask(Nq, Nk, True, None, q.device)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and Nq == Nk, scale=scale
+            )
+            return reference.propagate_nan(o, q)
+        mask = reference.attention_mask(Nq, Nk, causal, key_padding_mask, q.device)
+        seen = mask.any(-1, keepdim=True)  # (B, 1, Nq or 1, 1): the row sees some key
+        o = F.scaled_dot_product_attention(
+            torch.where(seen, q, 0.0), k, v, attn_mask=mask | ~seen, scale=scale
+        )
+        return torch.where(seen, reference.propagate_nan(o, q), 0.0)
+
+
+def _triton(q, k, v, causal, key_padding_mask, scale):
+    pad = None if key_padding_mask is None else key_padding_mask.to(torch.int8)
+    B, H, Nq, _ = q.shape
+    if not _needs_grad(q, k, v) and Nq <= DECODE_MAX_Q:
+        splits = decode_splits(B, H, Nq, k.shape[2], q.device)
+        return _attn_fwd(q, k, v, pad, causal, scale, num_splits=splits)[0]
+    return _Attention.apply(q, k, v, pad, causal, scale)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def run_backend(name, q, k, v, causal, key_padding_mask, scale):
+    """Attention on one concrete backend: "triton", "sdpa" (SDPA restricted to the kernels
+    that can express the mask, and its math kernel), "sdpa-<kernel>" or "torch"."""
+    if name == "triton":
+        return _triton(q, k, v, causal, key_padding_mask, scale)
+    if name == "torch":
+        return reference.attention(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, sm_scale=scale
+        )
+    if name == "sdpa":
+        kernels = [
+            kern
+            for kern in SDPA_KERNELS
+            if sdpa_kernel_reason(kern, q, k, causal, key_padding_mask) is None
+        ]
+        return _sdpa(q, k, v, causal, key_padding_mask, scale, [*kernels, "math"])
+    return _sdpa(q, k, v, causal, key_padding_mask, scale, [name.removeprefix("sdpa-")])
+
+
+def choose_backend(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, backend="auto"):
+    """The backend ``attention`` runs for these arguments (on a GPU, ``"auto"`` times the
+    candidates here on the first call per key; see ``igpt_kernels._dispatch``)."""
+    reference.check_attention(q, k, v, causal, key_padding_mask, sm_scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    return _choose(q, k, v, causal, key_padding_mask, scale, backend)
+
+
+def _choose(q, k, v, causal, key_padding_mask, scale, backend):
+    dispatcher = _dispatch.DISPATCH
+    on_gpu = dispatcher.gpu(q.device) is not None
+    reasons = {"triton": _triton_reason(q), "sdpa": None}
+    static = resolve("attention", backend, reasons, AUTO_ORDER if on_gpu else ())
+    if backend != "auto" or not on_gpu:
+        return static
+    names = [] if reasons["triton"] else ["triton"]
+    names += [
+        f"sdpa-{kern}"
+        for kern in SDPA_KERNELS
+        if sdpa_kernel_reason(kern, q, k, causal, key_padding_mask) is None
+    ]
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    grad = _needs_grad(q, k, v)
+    fields = {
+        "dtype": str(q.dtype)[6:],
+        "mask": _mask_kind(causal, key_padding_mask),
+        "D": D,
+        "Nq": bucket(Nq),
+        "Nk": bucket(Nk),
+        "square": Nq == Nk,
+        "BH": bucket(B * H),
+        "grad": grad,
+    }
+
+    def run(name):
+        if not grad:
+            return run_backend(name, q, k, v, causal, key_padding_mask, scale)
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+        o = run_backend(name, *leaves, causal, key_padding_mask, scale)
+        want = [t for t in leaves if t.requires_grad]
+        torch.autograd.grad(o, want, torch.ones_like(o))
+        return o.detach()
+
+    return dispatcher.choose("attention", fields, names, static, q.device, run)
 
 
 def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, backend="auto"):
     """Scaled dot-product attention with iGPT's masks, differentiable in q, k and v.
 
     Args:
-        q: (B, H, Nq, D) float16, bfloat16 or float32 (float64 on the "torch" backend).
+        q: (B, H, Nq, D) float16, bfloat16 or float32 (float64 on "sdpa" and "torch"). Any
+            head dim D >= 1 on "sdpa" and "torch"; D in {32, 64, 96, 128} on "triton".
         k, v: (B, H, Nk, D), same dtype and device as q, Nq <= Nk. Any strides.
         causal: True for the AR model (bottom-right aligned), False for BERT.
         key_padding_mask: optional (B, Nk) bool, True where a key may be attended.
-        sm_scale: softmax scale, default 1/sqrt(D).
-        backend: "auto" (Triton for CUDA tensors, else the reference), "triton" or "torch".
+        sm_scale: softmax scale, a finite number > 0; default 1/sqrt(D).
+        backend: "auto", "triton", "sdpa" or "torch" (the reference). "auto" on the CPU is
+            the reference; on a GPU the fastest correct candidate measured on that GPU
+            (``igpt_kernels._dispatch``; ``IGPT_DISPATCH=fixed``: Triton where it can run,
+            else "sdpa").
 
     Returns:
-        o: (B, H, Nq, D) in q's dtype, contiguous. A query that sees no key gets zeros.
+        o: (B, H, Nq, D) in q's dtype (contiguous from "triton"; SDPA's layout from "sdpa").
+        A query that sees no key gets zeros; a NaN in a query, or in a key or value it
+        attends, gives NaN, as PyTorch's attention does.
 
-    On the Triton backend, calls that need no gradient with Nq <= 16 take the
-    flash-decoding kernel; the others the autotuned FlashAttention-2 kernels (the first
-    call per sequence-length bucket, head dim and mask kind autotunes; see
-    ``igpt_kernels._triton.AUTOTUNE``).
+    Which SDPA kernel can take which case exactly (``sdpa_kernel_reason``; "sdpa" lets
+    PyTorch pick among the eligible ones and its math kernel; "auto" times each):
+
+        =============================  =====  =========  =====  =============================
+        case                           flash  efficient  cuDNN  how SDPA is called
+        =============================  =====  =========  =====  =============================
+        full, or causal with Nq == Nk  yes    yes        yes    ``is_causal`` (top-left, equal
+                                                                to bottom-right when square)
+        causal, Nq < Nk                yes    yes        yes    ``causal_lower_right`` (flash,
+                                                                efficient), else a bool mask
+        key padding                    no     yes        yes    bool mask; rows with no key: 0
+        causal + key padding           no     yes        yes    bool mask; rows with no key: 0
+        =============================  =====  =========  =====  =============================
+
+    Unmeasured: no GPU has run these paths yet (tests/test_reference.py has the CUDA check).
+    dtypes and head dims: flash float16/bfloat16, D <= 256, D % 8 == 0; efficient float16/
+    bfloat16 (D % 8 == 0) and float32 (D % 4 == 0); cuDNN float16/bfloat16, D <= 128,
+    D % 8 == 0, Nk > 1. On the Triton backend, calls that need no gradient with Nq <= 16
+    take the flash-decoding kernel; the others the autotuned FlashAttention-2 kernels
+    (see ``igpt_kernels._triton.AUTOTUNE``).
     """
     reference.check_attention(q, k, v, causal, key_padding_mask, sm_scale)
-    auto_order = ("triton",) if q.is_cuda else ()
-    name = resolve("attention", backend, {"triton": _triton_unavailable(q)}, auto_order)
-    if name == "torch" or q.numel() == 0 or k.shape[2] == 0:
-        return reference.attention(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, sm_scale=sm_scale
-        )
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    pad = None if key_padding_mask is None else key_padding_mask.to(torch.int8)
-    B, H, Nq, _ = q.shape
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not needs_grad and Nq <= DECODE_MAX_Q:
-        splits = decode_splits(B, H, Nq, k.shape[2], q.device)
-        return _attn_fwd(q, k, v, pad, causal, scale, num_splits=splits)[0]
-    return _Attention.apply(q, k, v, pad, causal, scale)
+    name = _choose(q, k, v, causal, key_padding_mask, scale, backend)
+    if q.numel() == 0 or k.shape[2] == 0:
+        name = "torch"
+    return run_backend(name, q, k, v, causal, key_padding_mask, scale)

@@ -45,15 +45,15 @@ bias may be None; norm_bias must be None for "rms". Under CUDA autocast with flo
 autocast dtype, the norm reads float32 x and rounds its output to that dtype on the A-tile
 load, and the residual is added to the fp32 accumulator: eager autocast's semantics.
 
-Variants: the default ("fused") runs every GEMM in Triton with the fusions above. The
-internal ``_variant="cublas"`` runs all six GEMMs (two forward, four backward) with torch
-(cuBLAS) and keeps only the norm and elementwise parts in Triton (it must write n and a to
-memory as temporaries); it saves the same tensors for backward.
+Backends: "triton" runs every GEMM in Triton with the fusions above. "cublas" runs all six
+GEMMs (two forward, four backward) with torch (cuBLAS) and keeps only the norm and
+elementwise parts in Triton (it must write n and a to memory as temporaries); it saves the
+same tensors for backward. "torch" is the eager reference. "auto" on a GPU times the three
+on the first call per (dtype, autocast, d, h, token bucket, grad, ...) and keeps the fastest
+(``igpt_kernels._dispatch``); ``IGPT_DISPATCH=fixed`` gives "triton" where it can run.
 
-Measured: nothing on a GPU yet. No GPU was available when this was written, so "fused" is
-the default by design (both variants meet the memory goal), not by measurement; correctness
-was checked under the interpreter (fp32/fp16) only. ``benchmarks/bench_ln_mlp.py`` times
-both variants against eager and torch.compile; if "cublas" wins there, make it the default.
+Measured: nothing on a GPU yet; correctness was checked under the interpreter (fp32/fp16)
+only. ``benchmarks/bench_ln_mlp.py`` times every backend against eager and torch.compile.
 The GEMM block sizes are autotuned on the GPU from a short list (``_triton.AUTOTUNE``;
 ``IGPT_AUTOTUNE=0`` runs the first of each list, as the GPU tests do).
 
@@ -65,14 +65,12 @@ from __future__ import annotations
 
 import torch
 
-from igpt_kernels import _triton, reference
-from igpt_kernels._dispatch import resolve, triton_interpreting
-from igpt_kernels._triton import HAS_TRITON, tl, triton
+from igpt_kernels import _dispatch, _triton, reference
+from igpt_kernels._dispatch import bucket, resolve, triton_interpreting, triton_unavailable
+from igpt_kernels._triton import tl, triton
 
 MAX_D = 8192  # the norm backward holds one row of x in registers
 _ACT_ID = {None: 0, "quick_gelu": 1, "gelu": 2}
-_VARIANTS = ("fused", "cublas")
-DEFAULT_VARIANT = "fused"  # see "Measured" in the docstring before changing
 _MIN_TOKENS_PER_SPLIT = 1024  # the weight-gradient GEMMs split T no finer than this,
 _SPLIT_ALIGN = 256  # into chunks of a multiple of this (of every BLOCK_K)
 _NORM_BWD_TILE = 4096  # elements per (rows x d) tile of the norm backward
@@ -948,24 +946,48 @@ class _LnLinear(torch.autograd.Function):
 # --------------------------------------------------------------------------------------
 
 
-def _triton_unavailable(x) -> str | None:
-    """Why the Triton kernels cannot run on x, or None when they can."""
-    if not HAS_TRITON:
-        return "Triton is not installed"
-    if x.dtype == torch.float64:
-        return "float64 has no Triton kernel; use backend='torch'"
-    if not (x.is_cuda or triton_interpreting()):
-        return f"x is on {x.device}; the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)"
-    if triton_interpreting() and x.dtype == torch.bfloat16:
-        return "bfloat16 cannot run under TRITON_INTERPRET=1; use float16 or float32"
-    if x.shape[-1] > MAX_D:
-        return f"d={x.shape[-1]} is larger than the kernels' limit of {MAX_D}"
-    return None
+def _triton_reason(x) -> str | None:
+    """Why the Triton kernels (of "triton" and of "cublas") cannot run on x, or None."""
+    why = triton_unavailable(x, "x")
+    if why is None and x.shape[-1] > MAX_D:
+        why = f"d={x.shape[-1]} is larger than the Triton kernels' limit of {MAX_D}"
+    return why
 
 
-def _pick(op, x, backend):
-    auto_order = ("triton",) if x.is_cuda else ()
-    return resolve(op, backend, {"triton": _triton_unavailable(x)}, auto_order)
+def _choose(op, x, backend, reasons, fields, run):
+    """The backend of one call: ``resolve`` for a named one or the static "auto" (Triton on
+    a GPU where it can run), then on a GPU the measured choice among the runnable ones."""
+    dispatcher = _dispatch.DISPATCH
+    on_gpu = dispatcher.gpu(x.device) is not None
+    static = resolve(op, backend, reasons, ("triton",) if on_gpu else ())
+    if backend != "auto" or not on_gpu:
+        return static
+    names = [name for name, why in reasons.items() if why is None] + ["torch"]
+    fields = {
+        "dtype": str(x.dtype)[6:],
+        "autocast": str(_autocast_dtype(x))[6:] if _autocast_dtype(x) is not None else "off",
+        "T": bucket(x.numel() // x.shape[-1]),
+        **fields,
+    }
+    return dispatcher.choose(op, fields, names, static, x.device, run)
+
+
+def _timing_run(fn, x, params):
+    """run(name) for the dispatcher: one call of ``fn(name, x, *params)``, with a backward
+    through detached copies when the call needs gradients (nothing reaches .grad)."""
+
+    def run(name):
+        if not _needs_grad(x, *params):
+            return fn(name, x, *params)
+        leaves = [
+            None if t is None else t.detach().requires_grad_(t.requires_grad) for t in (x, *params)
+        ]
+        y = fn(name, *leaves)
+        want = [t for t in leaves if t is not None and t.requires_grad]
+        torch.autograd.grad(y, want, torch.ones_like(y))
+        return y.detach()
+
+    return run
 
 
 def _autocast_dtype(x):
@@ -1005,7 +1027,6 @@ def ln_mlp(
     activation="quick_gelu",
     residual=True,
     backend="auto",
-    _variant=None,
 ):
     """Norm -> fc -> activation -> proj (+ residual), differentiable in x and every weight.
 
@@ -1014,9 +1035,12 @@ def ln_mlp(
         norm_weight: (d,) or None; norm_bias: (d,) or None (must be None for norm="rms").
         fc_weight: (h, d); fc_bias: (h,) or None.
         proj_weight: (d, h); proj_bias: (d,) or None.
-        norm: "rms" or "layer". eps: the norm's epsilon.
+        norm: "rms" or "layer". eps: the norm's epsilon, a finite number > 0.
         activation: "quick_gelu" or "gelu". residual: add x to the output.
-        backend: "auto" (Triton for CUDA tensors, else the reference), "triton" or "torch".
+        backend: "auto", "triton" (fused Triton GEMMs), "cublas" (torch's GEMMs around the
+            Triton norm) or "torch" (the eager reference). "auto" on the CPU is the
+            reference; on a GPU the fastest of the three measured on that GPU
+            (``IGPT_DISPATCH=fixed``: "triton" where it can run).
 
     Returns:
         y: (..., d) in x's dtype. Under CUDA autocast with float32 inputs the GEMMs run in
@@ -1026,36 +1050,39 @@ def ln_mlp(
     reference.check_ln_mlp(
         x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, norm, eps, activation
     )
-    variant = DEFAULT_VARIANT if _variant is None else _variant
-    if variant not in _VARIANTS:
-        raise ValueError(f"_variant must be one of {_VARIANTS}, got {_variant!r}")
-    name = _pick("ln_mlp", x, backend)
-    if name == "torch" or x.numel() == 0:
+    params = (norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias)
+    opts = (norm, float(eps), activation, bool(residual))
+
+    def call(name, x, *params):
+        return _ln_mlp_on(name, x, params, *opts)
+
+    why = _triton_reason(x)
+    fields = {
+        "d": x.shape[-1],
+        "h": fc_weight.shape[0],
+        "norm": norm,
+        "act": activation,
+        "residual": bool(residual),
+        "grad": _needs_grad(x, *params),
+    }
+    name = _choose(
+        "ln_mlp", x, backend, {"triton": why, "cublas": why}, fields, _timing_run(call, x, params)
+    )
+    return _ln_mlp_on(name if x.numel() else "torch", x, params, *opts)
+
+
+def _ln_mlp_on(name, x, params, norm, eps, activation, residual):
+    if name == "torch":
         return reference.ln_mlp(
-            x,
-            norm_weight,
-            norm_bias,
-            fc_weight,
-            fc_bias,
-            proj_weight,
-            proj_bias,
-            norm=norm,
-            eps=eps,
-            activation=activation,
-            residual=residual,
+            x, *params, norm=norm, eps=eps, activation=activation, residual=residual
         )
+    norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias = params
     gemm = _for_gemm(_autocast_dtype(x), fc_weight, fc_bias, proj_weight, proj_bias)
-    params = _unit_stride((norm_weight, norm_bias, *gemm))
+    weights = _unit_stride((norm_weight, norm_bias, *gemm))
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
+    variant = "fused" if name == "triton" else "cublas"
     y = _LnMlp.apply(
-        x2,
-        *params,
-        norm,
-        float(eps),
-        activation,
-        bool(residual),
-        variant,
-        _needs_grad(x, *params),
+        x2, *weights, norm, eps, activation, residual, variant, _needs_grad(x, *weights)
     )
     return y.view(x.shape)
 
@@ -1067,18 +1094,31 @@ def ln_linear(x, norm_weight, norm_bias, weight, bias, *, norm="rms", eps=1e-5, 
         x: (..., d) float16, bfloat16 or float32 (float64 on the "torch" backend).
         norm_weight: (d,) or None; norm_bias: (d,) or None (must be None for norm="rms").
         weight: (n, d) (nn.Linear layout); bias: (n,) or None.
-        norm: "rms" or "layer". eps: the norm's epsilon.
-        backend: "auto" (Triton for CUDA tensors, else the reference), "triton" or "torch".
+        norm: "rms" or "layer". eps: the norm's epsilon, a finite number > 0.
+        backend: "auto", "triton" or "torch". "auto" on the CPU is the reference; on a GPU
+            the faster of the two measured there (``IGPT_DISPATCH=fixed``: "triton").
 
     Returns:
         y: (..., n) in x's dtype, or in autocast's dtype under CUDA autocast (the norm stays
         in float32). Saves only x and the fp32 row stats for backward.
     """
     reference.check_ln_linear(x, norm_weight, norm_bias, weight, bias, norm, eps)
-    name = _pick("ln_linear", x, backend)
-    if name == "torch" or x.numel() == 0:
+    params = (norm_weight, norm_bias, weight, bias)
+
+    def call(name, x, *params):
+        return _ln_linear_on(name, x, params, norm, float(eps))
+
+    fields = {"d": x.shape[-1], "n": weight.shape[0], "norm": norm, "grad": _needs_grad(x, *params)}
+    reasons = {"triton": _triton_reason(x)}
+    name = _choose("ln_linear", x, backend, reasons, fields, _timing_run(call, x, params))
+    return _ln_linear_on(name if x.numel() else "torch", x, params, norm, float(eps))
+
+
+def _ln_linear_on(name, x, params, norm, eps):
+    norm_weight, norm_bias, weight, bias = params
+    if name == "torch":
         return reference.ln_linear(x, norm_weight, norm_bias, weight, bias, norm=norm, eps=eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
-    params = _unit_stride((norm_weight, norm_bias, *_for_gemm(_autocast_dtype(x), weight, bias)))
-    y = _LnLinear.apply(x2, *params, norm, float(eps), _needs_grad(x, *params))
+    weights = _unit_stride((norm_weight, norm_bias, *_for_gemm(_autocast_dtype(x), weight, bias)))
+    y = _LnLinear.apply(x2, *weights, norm, eps, _needs_grad(x, *weights))
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -12,6 +12,7 @@ and ``palette.py``.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +20,30 @@ import torch.nn.functional as F
 from igpt_kernels._dispatch import check_tensor
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-HEAD_DIMS = (32, 64, 96, 128)
+HEAD_DIMS = (32, 64, 96, 128)  # the Triton attention kernel's list; the reference takes any
 NORMS = ("rms", "layer")
 ACTIVATIONS = ("quick_gelu", "gelu")
+# The one limit on palette size, which the model config imports too: token ids 0..65535 fit
+# the uint16 token cache.
 MAX_COLORS = 65536
+
+
+def compiling() -> bool:
+    """True while ``torch.compile`` traces: value checks that read tensor data are skipped
+    then (a data-dependent branch would break the graph)."""
+    return torch.compiler.is_compiling()
+
+
+def check_positive(name: str, value, *, allow_none: bool = False) -> None:
+    """Raise TypeError unless ``value`` is a real number (not a bool), ValueError unless it
+    is finite and > 0."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        need = "a positive finite number" + (" or None" if allow_none else "")
+        raise TypeError(f"{name} must be {need}, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -45,8 +66,8 @@ def check_attention(q, k, v, causal, key_padding_mask, sm_scale) -> None:
             f"k must be (B, H, Nk, D) = ({B}, {H}, Nk, {D}) to match q, got {tuple(k.shape)}"
         )
     Nk = k.shape[2]
-    if D not in HEAD_DIMS:
-        raise ValueError(f"head_dim {D} is not supported; use one of {HEAD_DIMS}")
+    if D == 0:
+        raise ValueError(f"q must have head_dim D >= 1, got shape {tuple(q.shape)}")
     if Nq > Nk:
         raise ValueError(f"q has more positions than k (Nq={Nq} > Nk={Nk}); need Nq <= Nk")
     if not isinstance(causal, bool):
@@ -60,8 +81,7 @@ def check_attention(q, k, v, causal, key_padding_mask, sm_scale) -> None:
                 f"key_padding_mask must be (B, Nk) = ({B}, {Nk}), got "
                 f"{tuple(key_padding_mask.shape)}"
             )
-    if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and sm_scale > 0):
-        raise ValueError(f"sm_scale must be a positive number or None, got {sm_scale!r}")
+    check_positive("sm_scale", sm_scale, allow_none=True)
 
 
 def attention_mask(Nq, Nk, causal, key_padding_mask, device):
@@ -80,15 +100,33 @@ def attention_mask(Nq, Nk, causal, key_padding_mask, device):
     return mask
 
 
+def propagate_nan(o, q):
+    """o with NaN in every row whose query holds a NaN or an inf, as PyTorch's math gives.
+
+    PyTorch's fused CPU kernel returns zeros for such a query (its running max skips NaN).
+    ``0 * sum(q)`` (summed in float32 or wider, so large finite 16-bit rows cannot overflow)
+    is 0 for a finite row and NaN otherwise. On the CPU it is added only when q has such a
+    row, so finite inputs keep SDPA's output tensor itself (what autograd saves, and its
+    (B, n, H, D) layout); on a GPU (no host sync) and while compiling it is always added,
+    laid out as o.
+    """
+    if not compiling() and q.device.type == "cpu" and bool(torch.isfinite(q).all()):
+        return o
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    nan = (0.0 * q.sum(-1, keepdim=True, dtype=wide)).to(o.dtype)  # (B, H, Nq, 1)
+    return (o.transpose(1, 2) + nan.transpose(1, 2)).transpose(1, 2)
+
+
 def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, backend="auto"):
     """Reference scaled dot-product attention: softmax(q k^T * sm_scale + mask) v.
 
-    q: (B, H, Nq, D); k, v: (B, H, Nk, D) with Nq <= Nk; returns o: (B, H, Nq, D) in q's
-    dtype. Scores and softmax are computed in float32 (float64 for float64 inputs). Without
-    key padding this is PyTorch's ``scaled_dot_product_attention`` (an explicit bottom-right
-    mask when Nq < Nk); with padding, the explicit softmax below, where a query that sees no
-    key gets a zero output and zero gradients, as the flash kernel does. ``backend`` is
-    accepted for signature parity and must be "auto" or "torch".
+    q: (B, H, Nq, D); k, v: (B, H, Nk, D) with Nq <= Nk and any head dim D >= 1; returns
+    o: (B, H, Nq, D) in q's dtype. Scores and softmax are computed in float32 (float64 for
+    float64 inputs). Without key padding this is PyTorch's ``scaled_dot_product_attention``
+    (an explicit bottom-right mask when Nq < Nk); with padding, the explicit softmax below,
+    where a query that sees no key gets a zero output and zero gradients, as the flash
+    kernel does. A NaN in a query, or in a key or value it attends, makes its output NaN.
+    ``backend`` is accepted for signature parity and must be "auto" or "torch".
     """
     check_attention(q, k, v, causal, key_padding_mask, sm_scale)
     if backend not in ("auto", "torch"):
@@ -96,26 +134,25 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     Nq, Nk = q.shape[2], k.shape[2]
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     mask = attention_mask(Nq, Nk, causal, key_padding_mask, q.device)
     if key_padding_mask is None:
         # Every query sees at least one key, so PyTorch's own fused op computes the same
         # softmax without an N x N buffer on the CPU (tests check it against the loop).
         o = F.scaled_dot_product_attention(
-            q.to(compute),
-            k.to(compute),
-            v.to(compute),
+            qc,
+            kc,
+            vc,
             attn_mask=None if Nq == Nk else mask,
             is_causal=causal and Nq == Nk,
             scale=scale,
         )
-        return o.to(q.dtype)
-    s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+        return propagate_nan(o, qc).to(q.dtype)
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
+    s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
-    if mask is not None:
-        p = p.masked_fill(~mask, 0.0)  # rows with no visible key are NaN after softmax
-    return torch.matmul(p, v.to(compute)).to(q.dtype)
+    p = p.masked_fill(~mask, 0.0)  # rows with no visible key are NaN after softmax
+    return torch.matmul(p, vc).to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -130,8 +167,7 @@ def _check_norm_input(x, norm, eps) -> None:
         raise ValueError(f"x must be (..., d) with d >= 1, got shape {tuple(x.shape)}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    check_positive("eps", eps)
 
 
 def _check_weights(x, given: dict, expect: dict, dims: str, norm, norm_bias) -> None:
@@ -242,13 +278,15 @@ def ln_mlp(
 
 
 def check_palette(palette) -> None:
-    """Validate a (K, 3) float32 palette of finite RGB values, 1 <= K <= 65536."""
+    """Validate a (K, 3) float32 palette of finite RGB values, 1 <= K <= MAX_COLORS.
+
+    The finiteness check reads the values, so ``torch.compile`` tracing skips it."""
     check_tensor("palette", palette, dims=2, dtypes=(torch.float32,))
     if palette.shape[1] != 3 or not 1 <= palette.shape[0] <= MAX_COLORS:
         raise ValueError(
             f"palette must be (K, 3) with 1 <= K <= {MAX_COLORS}, got {tuple(palette.shape)}"
         )
-    if not torch.isfinite(palette).all():
+    if not compiling() and not torch.isfinite(palette).all():
         raise ValueError("palette contains NaN or infinite values")
 
 
@@ -262,22 +300,49 @@ def check_quantize(pixels, palette) -> None:
         raise ValueError(f"palette is on {palette.device} but pixels are on {pixels.device}")
 
 
+INT_DTYPES = (
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+)
+
+
 def check_dequantize(tokens, palette) -> None:
-    """Validate the arguments of ``dequantize``, including the range of the token ids."""
+    """Validate the arguments of ``dequantize``, including the range of the token ids.
+
+    Any integer dtype is taken (uint16 is the package's token cache). The range check reads
+    the values, so ``torch.compile`` tracing skips it."""
     check_palette(palette)
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+    if tokens.dtype not in INT_DTYPES:
         raise TypeError(f"tokens must be an integer tensor, got {str(tokens.dtype)[6:]}")
     if tokens.device != palette.device:
         raise ValueError(f"tokens are on {tokens.device} but palette is on {palette.device}")
-    if tokens.numel():
-        lo, hi = int(tokens.min()), int(tokens.max())
+    if tokens.numel() and not compiling():
+        ids = token_ids(tokens)
+        lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= palette.shape[0]:
             raise ValueError(
                 f"tokens must lie in [0, {palette.shape[0]}) for a palette of "
                 f"{palette.shape[0]} colours, got values in [{lo}, {hi}]"
             )
+
+
+def token_ids(tokens):
+    """Integer tokens of any dtype as int64 indices (torch's uint16/32/64 lack min, max and
+    indexing kernels)."""
+    if tokens.dtype == torch.int64:
+        return tokens
+    if tokens.dtype == torch.uint64:
+        # values >= 2^63 would wrap to negative int64 and be reported as out of range
+        return tokens.view(torch.int64)
+    return tokens.to(torch.int64)
 
 
 def quantize(pixels, palette, *, backend="auto"):
@@ -306,7 +371,7 @@ def quantize(pixels, palette, *, backend="auto"):
 def dequantize(tokens, palette):
     """Map token ids (...) back to uint8 RGB (..., 3) through the palette (rounded, clamped)."""
     check_dequantize(tokens, palette)
-    return palette.round().clamp(0, 255).to(torch.uint8)[tokens.long()]
+    return palette.round().clamp(0, 255).to(torch.uint8)[token_ids(tokens)]
 
 
 # --------------------------------------------------------------------------------------

@@ -1,5 +1,11 @@
-"""Shared test set-up: Triton's interpreter on CPU-only machines, seeds, the cuda marker."""
+"""Shared test set-up: Triton's interpreter on CPU-only machines, seeds, markers, fixtures.
 
+Tiers: ``pytest -m "not slow"`` (``make test-fast``) leaves out the tests marked ``slow``
+(each over ~10 s on a 2-core CPU); ``cuda`` tests skip themselves without a GPU.
+``DEVICE`` and ``needs_triton`` are for the kernel tests (``from conftest import ...``).
+"""
+
+import importlib.util
 import os
 import random
 
@@ -13,6 +19,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None
+    or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs Triton (compiled on a GPU, or TRITON_INTERPRET=1 on the CPU)",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,3 +56,28 @@ def one_thread():
     with threadpool_limits(limits=1):
         yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def digits_palette():
+    """A 16-colour palette fitted on the bundled digits (what their checkpoints hold)."""
+    from igpt.data import load_images
+    from igpt.palette import fit_palette
+
+    return fit_palette(load_images("digits", "train").images, k=16)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, digits_palette):
+    """``save(path, *, objective="ar", palette=True, **config)``: a tiny 8x8 model's checkpoint
+    with the digits palette (or none), saved at ``path``; returns the path."""
+    from igpt import IGPT, IGPTConfig
+    from igpt.checkpoint import save_checkpoint
+
+    def save(path, *, objective="ar", palette=True, step=0, **config):
+        fields = {**dict(n_px=8, n_layer=2, n_head=1, n_embd=32, n_colors=16), **config}
+        pal = digits_palette if palette else None
+        model = IGPT(IGPTConfig(**fields))
+        return save_checkpoint(path, model, step=step, palette=pal, objective=objective)
+
+    return save

@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from igpt.cli import main
 
 
@@ -10,6 +12,7 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+@pytest.mark.slow  # ~45-60 s on 2 cores
 def test_demo_writes_every_artefact_with_finite_numbers(tmp_path, capsys, one_thread):
     out = tmp_path / "demo"
     main(

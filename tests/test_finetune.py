@@ -121,7 +121,8 @@ def test_bert_finetune_checkpoints_say_bert_so_sampling_refuses_them(tmp_path):
     x, y = synthetic(16)
     kw = dict(objective="bert", steps=1, batch_size=4, eval_every=1, progress=False)
     finetune(tiny(), x, y, out_dir=tmp_path, **kw)
-    assert load_checkpoint(tmp_path)["objective"] == "bert"
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["objective"] == "bert" and "objective" not in ckpt["finetune"]  # one key
     for path in (tmp_path, tmp_path / "best.pt"):
         with pytest.raises(ValueError, match="BERT"):
             load_for_sampling(path)

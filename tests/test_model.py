@@ -1,5 +1,9 @@
 """IGPT: causality, the BERT path, init, features, parameter counts, config, errors."""
 
+import math
+import re
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,22 +93,6 @@ def test_features_match_a_naive_layer_loop(bert):
     torch.testing.assert_close(f[:, -1], hidden.mean(1), rtol=1e-6, atol=1e-6)
 
 
-def test_checkpointing_gives_the_same_gradients():
-    torch.manual_seed(1)
-    model = tiny(n_layer=3)
-    _randomize_head(model)
-    x = torch.randint(0, 16, (2, 16))
-    grads = []
-    for every in (0, 1, 2):
-        model.zero_grad()
-        model.set_checkpointing(every)
-        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for g in grads[1:]:
-        for a, b in zip(grads[0], g, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
 def test_layer_norm_and_gelu_variant_runs_and_trains():
     model = tiny(norm="layer", activation="gelu", bias=False)
     assert model.transformer.ln_f.bias is None
@@ -170,6 +158,69 @@ def test_bad_config_raises(kwargs, words):
         IGPTConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs,exc,words",
+    [
+        ({"bias": "no"}, TypeError, "bias must be True or False, got 'no'"),
+        ({"bias": 1}, TypeError, "bias must be True or False"),
+        ({"eps": math.nan}, ValueError, "eps must be finite and > 0, got nan"),
+        ({"eps": math.inf}, ValueError, "eps must be finite and > 0"),
+        ({"eps": 0.0}, ValueError, "eps must be finite and > 0"),
+        ({"eps": -1e-5}, ValueError, "eps must be finite and > 0"),
+        ({"eps": "1e-5"}, TypeError, "eps must be a positive number"),
+        ({"eps": True}, TypeError, "eps must be a positive number"),
+        ({"n_px": 32.0}, TypeError, "n_px must be a positive int, got 32.0"),
+        ({"n_layer": True}, TypeError, "n_layer must be a positive int, got True"),
+        ({"n_head": "8"}, TypeError, "n_head must be a positive int"),
+        ({"n_colors": -3}, ValueError, "n_colors must be a positive int"),
+        ({"norm": None}, ValueError, "norm must be one of"),
+        ({"activation": ["gelu"]}, ValueError, "activation must be one of"),
+    ],
+)
+def test_config_fields_are_type_checked(kwargs, exc, words):
+    with pytest.raises(exc, match=re.escape(words)):
+        IGPTConfig(**kwargs)
+
+
+def test_config_constants_are_the_kernels_and_the_colour_limit_is_the_palettes():
+    from igpt.config import ACTIVATIONS, MAX_COLORS, NORMS
+    from igpt.palette import Palette
+    from igpt_kernels import reference
+
+    assert (NORMS, ACTIVATIONS, MAX_COLORS) == (reference.NORMS, reference.ACTIVATIONS, 65536)
+    # the largest palette is a valid model: ids 0..65535 (uint16 caches), SOS id 65536
+    palette = Palette(torch.zeros(MAX_COLORS, 3))
+    cfg = IGPTConfig(n_px=2, n_layer=1, n_head=1, n_embd=32, n_colors=len(palette))
+    assert cfg.sos_id == 65536 and cfg.vocab_size == 65537
+    tokens = torch.from_numpy(np.array([[0, 65535, 7, 65535]], dtype=np.uint16))
+    assert IGPT(cfg)(tokens).shape == (1, 4, MAX_COLORS)
+    with pytest.raises(ValueError, match="n_colors must be at most 65536"):
+        IGPTConfig(n_colors=MAX_COLORS + 1)
+
+
+def test_numpy_ints_and_int_eps_are_normalised(tmp_path):
+    cfg = IGPTConfig(n_px=np.int64(4), n_layer=1, n_head=2, n_embd=64, eps=1)
+    assert type(cfg.n_px) is int and type(cfg.eps) is float
+    cfg.save(tmp_path / "c.json")
+    assert IGPTConfig.load(tmp_path / "c.json") == cfg
+
+
+@pytest.mark.parametrize("n_embd,n_head", [(64, 4), (48, 2), (40, 5)])
+def test_any_head_dim_runs_on_the_cpu(n_embd, n_head):
+    """Head dims 16, 24 and 8: the config and the model take them; only the Triton kernel
+    keeps a list of head dims, and the CPU path does not use it."""
+    model = tiny(n_embd=n_embd, n_head=n_head)
+    _randomize_head(model)
+    x = torch.randint(0, 16, (2, 16))
+    logits = model(x)
+    assert logits.shape == (2, 16, 16) and torch.isfinite(logits).all()
+    F.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
+    out = model.eval().generate(2, temperature=0)
+    with torch.no_grad():
+        again = model(out).argmax(-1)
+    assert torch.equal(again, out)  # greedy: each token is the argmax given the ones before
+
+
 def test_unknown_name_raises():
     with pytest.raises(ValueError, match="unknown model name 'igpt-q'"):
         IGPTConfig.from_name("igpt-q")
@@ -197,3 +248,28 @@ def test_unknown_name_raises():
 def test_bad_tokens_raise(tokens, mask, exc, words):
     with pytest.raises(exc, match=words):
         tiny()(tokens, bert_mask=mask)
+
+
+@pytest.mark.parametrize(
+    "backend,bert",
+    [pytest.param("inductor", False, marks=pytest.mark.slow), ("aot_eager", True)],
+)
+def test_compiled_fullgraph_forward_and_backward_equal_eager(backend, bert):
+    """No host sync or graph break in forward: torch.compile(fullgraph=True) traces it whole
+    (inductor generates its own CPU code, so it agrees to float32 rounding, not bitwise)."""
+    torch._dynamo.reset()
+    model = tiny()
+    _randomize_head(model)
+    x = torch.randint(0, 16, (2, 16))
+    mask = torch.rand(2, 16) < 0.3 if bert else None
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    got = compiled(x, mask)
+    expect = model(x, mask)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+    grads = []
+    for out in (got, expect):
+        model.zero_grad()
+        F.cross_entropy(out.flatten(0, 1), x.flatten()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -59,7 +59,9 @@ def test_features_equal_naive_per_layer_loop(bert):
 
 
 def test_bert_eval_mask_is_blockwise_and_batch_independent(monkeypatch):
-    monkeypatch.setattr(probe, "MASK_BLOCK", 8)
+    from igpt import objectives  # probe's masks are the objective's (one scheme)
+
+    monkeypatch.setattr(objectives, "MASK_BLOCK", 8)
     whole = probe.bert_mask((21, 16), 0.3, seed=5)
     assert whole.shape == (21, 16) and 0.15 < whole.float().mean() < 0.45
     rows = probe.MaskRows((21, 16), 0.3, seed=5)
@@ -235,20 +237,12 @@ def test_features_on_cuda_bf16_match_cpu():
     torch.testing.assert_close(gpu, cpu, rtol=5e-2, atol=5e-2)
 
 
-def test_igpt_probe_command_writes_report_and_reuses_cache(tmp_path, capsys, caplog):
-    from igpt.checkpoint import save_checkpoint
+def test_igpt_probe_command_writes_report_and_reuses_cache(
+    tmp_path, capsys, caplog, tiny_checkpoint
+):
     from igpt.cli import main
-    from igpt.data import load_images
-    from igpt.palette import fit_palette
 
-    palette = fit_palette(load_images("digits", "train").images, k=16)
-    save_checkpoint(
-        tmp_path / "run" / "ckpt_00000007.pt",
-        tiny(n_layer=2, n_px=8),
-        step=7,
-        palette=palette,
-        objective="ar",
-    )
+    tiny_checkpoint(tmp_path / "run" / "ckpt_00000007.pt", step=7, n_head=2, n_embd=64)
     argv = [
         "probe",
         "--checkpoint",
@@ -276,13 +270,51 @@ def test_igpt_probe_command_writes_report_and_reuses_cache(tmp_path, capsys, cap
     assert report["low_data"]["rows"][0]["per_class"] == 2
     assert (tmp_path / "out" / "depth.png").stat().st_size > 1000
     assert "best layer" in capsys.readouterr().out
+    assert not list((tmp_path / "out").glob("*.tmp"))  # written through igpt._io
     cached = sorted((tmp_path / "out" / "cache").glob("features_*.pt"))
     assert len(cached) == 4  # pretrained and random-init, train and test
     caplog.clear()
-    with caplog.at_level("INFO", logger="igpt.probe"):
+    with caplog.at_level("INFO", logger="igpt"):  # igpt.features reads the cache
         main(argv)
     assert sum("features from cache" in r.message for r in caplog.records) == 4
     assert sorted((tmp_path / "out" / "cache").glob("features_*.pt")) == cached
+
+
+def test_evaluate_is_the_probe_command_and_the_demo_baselines(tiny_checkpoint, tmp_path):
+    """probe.evaluate: the raw-pixel baseline is of the images at the model's n_px, the
+    low-data baselines use the same subsets, and the report writer takes its result."""
+    from igpt.checkpoint import load_model
+    from igpt.data import ImageData, load_images, resize
+    from igpt.reporting import summary_text, write_report
+
+    model, palette, _ = load_model(tiny_checkpoint(tmp_path / "m.pt"))
+    train, test = (load_images("digits", s) for s in ("train", "test"))
+    train, test = train.subset(np.arange(120)), test.subset(np.arange(80))
+    res = probe.evaluate(
+        model, palette, train, test, per_class=(3,), n_subsets=2, concat=0, Cs=[1.0],
+        low_data_baselines=True, progress=False,
+    )  # fmt: skip
+    assert res["n_train"] == 120 and res["n_test"] == 80 and res["n_layer"] == 2
+    raw = [probe.raw_pixel_features(resize(d.images, 8)) for d in (train, test)]
+    direct = probe.linear_probe(raw[0], train.labels, raw[1], test.labels, Cs=[1.0])
+    assert res["raw_pixels"]["test_acc"] == direct["test_acc"]
+    low = probe.low_data_probe(
+        raw[0], train.labels, raw[1], test.labels, per_class=(3,), n_subsets=2, Cs=[1.0],
+        progress=False,
+    )  # fmt: skip
+    assert res["low_data_baselines"]["raw pixels"]["rows"][0]["accs"] == low["rows"][0]["accs"]
+    assert set(res["low_data_baselines"]) == {"random init", "raw pixels"}
+    assert "random init" in summary_text(res) and "raw pixels" in summary_text(res)
+    paths = write_report(res, tmp_path / "out")
+    assert json.loads(paths["json"].read_text())["layers"]["best_layer"] in (0, 1, 2)
+    with pytest.raises(ValueError, match="test has no labels"):
+        probe.evaluate(model, palette, train, ImageData(test.images), progress=False)
+
+
+def test_probe_masks_are_the_objectives_masks():
+    from igpt import objectives
+
+    assert probe.bert_mask is objectives.bert_mask and probe.MaskRows is objectives.MaskRows
 
 
 @pytest.mark.cuda
@@ -293,14 +325,11 @@ def test_sgd_probe_on_cuda():
     assert res["test_acc"] >= 0.95
 
 
-def test_igpt_probe_objective_flag_masks_a_checkpoint_that_records_none(tmp_path):
+def test_igpt_probe_objective_flag_masks_a_checkpoint_that_records_none(tmp_path, digits_palette):
     from igpt.checkpoint import save_checkpoint
     from igpt.cli import main
-    from igpt.data import load_images
-    from igpt.palette import fit_palette
 
-    palette = fit_palette(load_images("digits", "train").images, k=16)
-    path = save_checkpoint(tmp_path / "m.pt", tiny(n_layer=1, n_px=8), palette=palette)
+    path = save_checkpoint(tmp_path / "m.pt", tiny(n_layer=1, n_px=8), palette=digits_palette)
     argv = ["probe", "--checkpoint", str(path), "--data", "digits", "--limit", "60"]
     argv += ["--per-class", "none", "--no-baselines", "--concat", "0", "--cs", "1"]
     argv += ["--bert-masks", "2", "--objective", "bert", "--out", str(tmp_path / "out")]

@@ -66,6 +66,28 @@ def test_fixed_shape_step_equals_the_sliced_cache():
     assert torch.equal(model.generate(2, seed=4, cuda_graph=True), model.generate(2, seed=4))
 
 
+@pytest.mark.parametrize("fixed_shape", [False, True])
+def test_decoding_through_the_cache_gives_forwards_logits(fixed_shape):
+    """The trunk with a KVCache (prefill, then one token a step) is forward's computation."""
+    from igpt.generation import FixedShapeStep
+
+    model = tiny()
+    x = torch.randint(0, K, (3, T))
+    with torch.no_grad():
+        expect = model(x)  # (3, T, K)
+        cache = model.kv_cache(3)
+        sos = torch.full((3, 1), model.config.sos_id)
+        got = [model.decode(torch.cat([sos, x[:, :9]], dim=1), cache)]  # predicts token 9
+        step = FixedShapeStep(model, cache) if fixed_shape else model.decode
+        for t in range(9, T - 1):
+            got.append(step(x[:, t : t + 1], cache))  # predicts token t + 1
+    assert cache[0].pos == (10 if fixed_shape else T)  # the fixed step keeps its own position
+    if fixed_shape:
+        with pytest.raises(ValueError, match="one token per step, got 2"):
+            model.decode(x[:, :2], step.caches)
+    torch.testing.assert_close(torch.stack(got, dim=1), expect[:, 9:], rtol=1e-5, atol=1e-5)
+
+
 def test_seed_reproduces_and_different_seeds_differ():
     model = tiny()
     a = model.generate(4, seed=7)
@@ -294,7 +316,14 @@ def test_cache_decode_through_the_triton_kernel_matches(monkeypatch):
     out = model.generate(2, prefix=prefix, temperature=0, cuda_graph=True)  # masked whole cache
     torch.testing.assert_close(out, expect, rtol=0, atol=0)
     # the sliced cache must never be read past the slice: poison what is not written yet
-    zeros = IGPT.kv_cache
-    monkeypatch.setattr(IGPT, "kv_cache", lambda *a, **kw: zeros(*a, **kw).fill_(math.nan))
+    empty = IGPT.kv_cache
+
+    def poisoned(*args, **kwargs):
+        caches = empty(*args, **kwargs)
+        for cache in caches:
+            cache.kv.fill_(math.nan)
+        return caches
+
+    monkeypatch.setattr(IGPT, "kv_cache", poisoned)
     out = model.generate(2, prefix=prefix, temperature=0)
     torch.testing.assert_close(out, expect, rtol=0, atol=0)

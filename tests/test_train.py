@@ -1,5 +1,6 @@
-"""igpt.train: objectives, the trainer, bit-for-bit resume, the non-finite guard, gloo DDP
-(2 processes == 1 process at the same global batch), the LR search and the CLI."""
+"""igpt.train and the pieces it is built on (igpt.objectives, igpt.batches): objectives and
+masks, activation checkpointing, the trainer, bit-for-bit resume, the non-finite guard, gloo
+DDP and FSDP2 (2 processes == 1 process at the same global batch), the LR search, the CLI."""
 
 import dataclasses
 import json
@@ -17,13 +18,12 @@ import torch.nn.functional as F
 
 from igpt import IGPT, IGPTConfig
 from igpt.checkpoint import latest_checkpoint, load_checkpoint, load_model
+from igpt.objectives import MaskRows, ar_loss, bert_loss, bert_mask, objective_of
 from igpt.palette import Palette
 from igpt.train import (
     TrainConfig,
     Trainer,
-    ar_loss,
-    bert_loss,
-    bert_mask,
+    apply_checkpointing,
     lr_lambda_factory,
     lr_search,
     pretrain,
@@ -80,8 +80,7 @@ def _losses(run_dir):
 
 
 def test_bert_mask_statistics():
-    g = torch.Generator().manual_seed(0)
-    m = bert_mask((256, 1024), 0.15, g)
+    m = bert_mask((256, 1024), 0.15, seed=0)
     assert m.dtype == torch.bool and m.shape == (256, 1024)
     assert abs(m.float().mean().item() - 0.15) < 0.003
     # independence: per-position rates are all near p and neighbours are uncorrelated
@@ -89,11 +88,32 @@ def test_bert_mask_statistics():
     a, b = m[:, :-1].float().flatten(), m[:, 1:].float().flatten()
     assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.01
     assert m.sum(1).float().std() == pytest.approx(math.sqrt(1024 * 0.15 * 0.85), rel=0.15)
-    assert not bert_mask((4, 9), 0.0).any() and bert_mask((4, 9), 1.0).all()
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(bert_mask((5, 7), 0.3, g1), bert_mask((5, 7), 0.3, g2))
+    assert not bert_mask((4, 9), 0.0, seed=0).any() and bert_mask((4, 9), 1.0, seed=0).all()
+    assert torch.equal(bert_mask((5, 7), 0.3, seed=3), bert_mask((5, 7), 0.3, seed=3))
+    assert torch.equal(bert_mask((5, 7), 0.3, seed=3), bert_mask((5, 7), 0.3, seed=(3,)))
+    assert not torch.equal(bert_mask((5, 7), 0.3, seed=(3, 1)), bert_mask((5, 7), 0.3, seed=3))
     with pytest.raises(ValueError, match="probability"):
-        bert_mask((2, 2), 1.5)
+        bert_mask((2, 2), 1.5, seed=0)
+
+
+def test_mask_rows_are_the_mask_whatever_the_batching(monkeypatch):
+    """Any row range, read in any order and batch size, is that slice of the whole mask
+    (across block boundaries too), so every device and batch size sees one mask."""
+    import igpt.objectives
+
+    monkeypatch.setattr(igpt.objectives, "MASK_BLOCK", 8)
+    whole = bert_mask((21, 16), 0.3, seed=(5, 2))
+    rows = MaskRows((21, 16), 0.3, seed=(5, 2))
+    for bs in (1, 3, 8, 21):
+        got = torch.cat([rows(s, s + bs) for s in reversed(range(0, 21, bs))][::-1])
+        assert torch.equal(got, whole)
+    assert rows(19, 40).shape == (2, 16) and rows(21, 30).shape == (0, 16)
+
+
+def test_objective_is_read_from_one_key_and_old_finetune_checkpoints():
+    assert objective_of({"objective": "bert"}) == "bert"
+    assert objective_of({"finetune": {"objective": "bert"}}) == "bert"  # before one key
+    assert objective_of({}) == "ar"
 
 
 def _model(n_colors=8):
@@ -111,7 +131,7 @@ def test_ar_loss_is_mean_cross_entropy():
 
 def test_bert_loss_counts_masked_positions_only():
     model, tokens = _model(), torch.randint(0, 8, (3, 16))
-    mask = bert_mask(tokens.shape, 0.4, torch.Generator().manual_seed(1))
+    mask = bert_mask(tokens.shape, 0.4, seed=1)
     logits = model(tokens, bert_mask=mask)
     ref = F.cross_entropy(logits[mask], tokens[mask])
     assert torch.allclose(bert_loss(model, tokens, mask=mask), ref)
@@ -120,10 +140,71 @@ def test_bert_loss_counts_masked_positions_only():
     out = bert_loss(model, other, mask=mask)
     ref2 = F.cross_entropy(model(other, bert_mask=mask)[mask], tokens[mask])
     assert torch.allclose(out, ref2)
-    g = torch.Generator().manual_seed(1)
-    assert torch.allclose(bert_loss(model, tokens, 0.4, g), ref)
+    assert torch.allclose(bert_loss(model, tokens, 0.4, seed=1), ref)
     empty = bert_loss(model, tokens, mask=torch.zeros_like(mask))
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_generative_loss_is_fp32_whatever_the_logits_dtype():
+    from igpt.objectives import generative_loss
+
+    logits, tokens = torch.randn(2, 5, 8, dtype=torch.float64) * 4, torch.randint(0, 8, (2, 5))
+    ref = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    low = generative_loss(logits.to(torch.bfloat16), tokens)
+    assert low.dtype == torch.float32
+    # the bf16 logits' rounding only (~3 digits), not a bf16 log-softmax's
+    assert low.item() == pytest.approx(ref.item(), rel=1e-2)
+    with pytest.raises(ValueError, match="reduction"):
+        generative_loss(logits, tokens, reduction="none")
+
+
+def test_checkpointing_gives_the_same_gradients_and_state_dict():
+    """Moved here from test_model.py: recomputation is the trainer's, not the model's."""
+    torch.manual_seed(1)
+    model = IGPT(IGPTConfig(n_px=4, n_colors=16, **{**TINY, "n_layer": 3}))
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    keys = list(model.state_dict())
+    x = torch.randint(0, 16, (2, 16))
+    grads = []
+    for every in (0, 1, 2):
+        model.zero_grad()
+        apply_checkpointing(model, every)
+        assert list(model.state_dict()) == keys
+        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g in grads[1:]:
+        for a, b in zip(grads[0], g, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="every must be an int >= 0, got -1"):
+        apply_checkpointing(model, -1)
+
+
+def test_checkpointing_recomputes_only_chosen_blocks_in_training(monkeypatch):
+    import copy
+
+    import igpt.train
+
+    calls = []
+    real = igpt.train.checkpoint
+    monkeypatch.setattr(igpt.train, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = apply_checkpointing(
+        IGPT(IGPTConfig(n_px=4, n_colors=8, n_layer=5, n_embd=64, n_head=2)), 2
+    )
+    x = torch.randint(0, 8, (2, 16))
+    model(x).sum().backward()
+    assert len(calls) == 3  # blocks 0, 2, 4
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    model(x)
+    assert len(calls) == 3  # no recomputation without gradients or in eval mode
+    twin = copy.deepcopy(model).train()  # a copy recomputes its own blocks, not the original's
+    twin(x).sum().backward()
+    assert len(calls) == 6 and model.transformer.h[0].attn.c_attn.weight.grad is not None
+    assert all(p.grad is not None for p in twin.parameters())
+    apply_checkpointing(model.train(), 0)
+    model(x).sum().backward()
+    assert len(calls) == 6
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -309,12 +390,64 @@ def test_non_finite_steps_are_skipped_and_reported(tmp_path, monkeypatch, palett
 
 def test_batches_are_a_function_of_the_step(tmp_path, palette_file):
     t = Trainer(_cfg(tmp_path, palette=palette_file, batch_size=500))
-    n = len(t.train_idx)
-    seen = np.concatenate([t.batch_indices(s) for s in range(3)])  # 1500 > one epoch
-    assert sorted(seen[:n]) == sorted(t.train_idx)  # an epoch visits every image once
-    assert np.array_equal(t.batch_indices(2), t.batch_indices(2))
+    train_idx = t.batches.train_idx
+    n = len(train_idx)
+    seen = np.concatenate([t.batches.indices(s) for s in range(3)])  # 1500 > one epoch
+    assert sorted(seen[:n]) == sorted(train_idx)  # an epoch visits every image once
+    assert np.array_equal(t.batches.indices(2), t.batches.indices(2))
     assert not set(seen) & set(t.val_idx)
     t.close()
+
+
+def test_run_dir_bookkeeping(tmp_path):
+    """What pre-training and fine-tuning share: the fresh-or-resume check, metrics that a
+    killed run left half-written, pruning, atomic JSON."""
+    from igpt.rundir import RunDir
+
+    run = RunDir(tmp_path / "r")
+    assert run.check_fresh(resume=False) is None and run.check_fresh(resume=True) is None
+    run.append_metrics([{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)])
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 4, "lo')  # the process died mid-row
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3]
+    run.truncate_metrics(2)
+    assert run.read_metrics() == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+    for step in (1, 2, 3):
+        run.save_checkpoint({"step": step}, step, keep=2)
+    assert sorted(p.name for p in run.path.glob("*.pt")) == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
+    with pytest.raises(FileExistsError, match=r"latest ckpt_00000003.pt.*--resume"):
+        run.check_fresh(resume=False)
+    assert run.check_fresh(resume=True).name == "ckpt_00000003.pt"
+    assert json.loads(run.write_json("s.json", {"a": [1]}).read_text()) == {"a": [1]}
+    assert not list(run.path.glob(".*tmp"))
+    other = RunDir(tmp_path / "r", is_main=False)  # another rank: reads, never writes
+    other.append_metrics([{"step": 9}])
+    other.truncate_metrics(0)
+    assert [r["step"] for r in run.read_metrics()] == [1, 2]
+
+
+def test_image_batches_augment_per_row_or_per_batch():
+    from igpt.batches import GlobalBatches, ImageSource
+    from igpt.data import pad_crop_flip
+
+    images = np.random.default_rng(0).integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
+    palette = Palette(torch.rand(8, 3, generator=torch.Generator().manual_seed(0)) * 255)
+    calls = []
+
+    def augment(x, *, rng):
+        calls.append(len(x))
+        return pad_crop_flip(x, pad=2, rng=rng)
+
+    per_row = GlobalBatches(ImageSource(images, palette, 6, augment), np.arange(20), 8, seed=1)
+    whole = per_row.tokens(3)
+    assert calls == [1] * 8 and torch.equal(per_row.tokens(3, slice(2, 5)), whole[2:5])
+    calls.clear()
+    source = ImageSource(images, palette, 6, augment, per_row=False)
+    per_batch = GlobalBatches(source, np.arange(20), 8, seed=1)
+    assert torch.equal(per_batch.tokens(3), per_batch.tokens(3)) and calls == [8, 8]
+    assert not torch.equal(per_batch.tokens(3), per_batch.tokens(4))
+    with pytest.raises(ValueError, match="train_idx is empty"):
+        GlobalBatches(source, np.arange(0), 8, seed=1)
 
 
 def test_palette_is_fitted_afresh_and_without_the_holdout(tmp_path, monkeypatch):
@@ -333,7 +466,7 @@ def test_palette_is_fitted_afresh_and_without_the_holdout(tmp_path, monkeypatch)
     t.close()
     images = resize(load_images("digits").images, 8)
     fitted = sorted(map(bytes, seen[0]))
-    assert fitted == sorted(map(bytes, images[t.train_idx]))  # < 4096 images: all of them
+    assert fitted == sorted(map(bytes, images[t.batches.train_idx]))  # < 4096 images: all of them
     # a run that died before its first checkpoint left palette.npy; the next run in that
     # directory asks for another palette size and must get it, not the stale file
     t = Trainer(_cfg(tmp_path, n_colors=8))
@@ -342,20 +475,22 @@ def test_palette_is_fitted_afresh_and_without_the_holdout(tmp_path, monkeypatch)
 
 
 def test_augmented_training_and_checkpointing_policy(tmp_path, palette_file, monkeypatch):
-    import igpt.model
+    import igpt.train
     from igpt.data import tokenize
 
     t = Trainer(_cfg(tmp_path, "aug", palette=palette_file, augment="cifar"))
     rows = slice(0, 8)
-    batch = t.batch_tokens(0, rows)
-    assert torch.equal(batch, t.batch_tokens(0, rows))  # a function of the step
-    plain = tokenize(t.images[t.batch_indices(0)[rows]], t.palette, 8)
+    batch = t.batches.tokens(0, rows)
+    assert torch.equal(batch, t.batches.tokens(0, rows))  # a function of the step
+    plain = tokenize(t.batches.source.images[t.batches.indices(0)[rows]], t.palette, 8)
     assert not torch.equal(batch, plain)  # the images were augmented
+    # rows 4..7 alone (another process's share) are augmented as within the whole batch
+    assert torch.equal(t.batches.tokens(0, slice(4, 8)), batch[4:])
     t.close()
 
     calls = []
-    real = igpt.model.checkpoint
-    monkeypatch.setattr(igpt.model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = igpt.train.checkpoint
+    monkeypatch.setattr(igpt.train, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     kw = dict(palette=palette_file, augment="cifar", steps=2)
     recomputed = pretrain(_cfg(tmp_path, "ckpt", checkpointing=1, **kw))
     assert len(calls) == 2 * TINY["n_layer"]  # every block of both training forwards
@@ -428,7 +563,7 @@ def test_two_gloo_processes_match_one(tmp_path, palette_file):
     kw = dict(objective="bert", palette=palette_file, steps=3, ckpt_every=3, device="cpu")
     one = _cfg(tmp_path, "one", grad_accum=2, **kw)  # same global batch, 2 micro-steps
     pretrain(one)
-    two = _cfg(tmp_path, "two", **kw)
+    two = _cfg(tmp_path, "two", checkpointing=1, **kw)  # and recomputation under DDP
     _spawn_two(two)
     a, b = _losses(one.out), _losses(two.out)
     assert len(a) == len(b) == 3
@@ -439,8 +574,8 @@ def test_two_gloo_processes_match_one(tmp_path, palette_file):
 
 
 def test_fsdp2_two_processes_match_one_and_resume(tmp_path, palette_file):
-    """fully_shard over gloo: same losses as one process; its (full, gathered) checkpoints
-    load as plain models and resume under FSDP bit-for-bit."""
+    """fully_shard over gloo, with activation checkpointing: same losses as one process; its
+    (full, gathered) checkpoints load as plain models and resume under FSDP bit-for-bit."""
     pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
     from torch.distributed import fsdp
 
@@ -450,7 +585,7 @@ def test_fsdp2_two_processes_match_one_and_resume(tmp_path, palette_file):
     kw = dict(palette=palette_file, steps=4, ckpt_every=2, device="cpu", keep_checkpoints=0)
     one = _cfg(tmp_path, "one", **kw)
     pretrain(one)
-    two = _cfg(tmp_path, "two", fsdp=True, **kw)
+    two = _cfg(tmp_path, "two", fsdp=True, checkpointing=1, **kw)
     _spawn_two(two)
     full = _losses(two.out)
     np.testing.assert_allclose(_losses(one.out), full, rtol=1e-5)
@@ -535,9 +670,10 @@ def test_init_from_starts_at_the_checkpoints_weights_and_palette(tmp_path, palet
     second = _cfg(
         tmp_path, "second", model="igpt-s", n_px=None, steps=1, lr=1e-12, init_from=first.out
     )
-    assert second.n_px == trained.config.n_px
+    assert second.n_px is None  # a config reads no file: the trainer resolves n_px
     trainer = Trainer(second)
     try:
+        assert trainer.cfg.n_px == trained.config.n_px
         assert trainer.raw_model.config == trained.config
         assert torch.equal(trainer.palette.centroids, trained_palette.centroids)
         for a, b in zip(

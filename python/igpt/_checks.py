@@ -51,3 +51,35 @@ def check_tokens(
                 f"[{lo}, {hi}]"
             )
     return tokens
+
+
+def check_bert_mask(bert_mask, shape: tuple[int, ...]) -> None:
+    """A TypeError/ValueError unless ``bert_mask`` is a bool tensor of the tokens' ``shape``."""
+    if not isinstance(bert_mask, torch.Tensor) or bert_mask.dtype != torch.bool:
+        raise TypeError(
+            f"bert_mask must be a bool tensor (B, n), True = masked, got {_describe(bert_mask)}"
+        )
+    if bert_mask.shape != shape:
+        raise ValueError(
+            f"bert_mask must have tokens' shape {tuple(shape)}, got {tuple(bert_mask.shape)}"
+        )
+
+
+def check_inputs(tokens, bert_mask, config) -> torch.Tensor:
+    """``IGPT.forward``'s inputs checked against ``config``; returns ``tokens`` (B, n).
+
+    Shapes and dtypes always; the value range only for CPU tensors outside
+    ``torch.compile``: it needs the values, which is a host sync on a GPU and a graph break
+    when compiled, so the training layer checks tokens where it makes them (igpt.data).
+    """
+    tokens = check_tokens(tokens)
+    if not 1 <= tokens.shape[1] <= config.n_positions:
+        raise ValueError(
+            f"tokens must have 1 <= n <= n_px^2 = {config.n_positions} positions, "
+            f"got {tokens.shape[1]}"
+        )
+    if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_tokens(tokens, n_colors=config.n_colors)
+    if bert_mask is not None:
+        check_bert_mask(bert_mask, tokens.shape)
+    return tokens

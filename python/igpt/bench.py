@@ -1,14 +1,16 @@
-"""``igpt bench [NAME ...]``: run the benchmark scripts of a source checkout.
+"""The benchmark scripts of a source checkout, found and run (``igpt bench`` calls this).
 
 The scripts live in ``benchmarks/bench_NAME.py`` beside the package sources (an editable
 install, as ``make`` sets up); each compares a kernel or the whole model against the
-PyTorch way in the same run and writes JSON under ``--out``.
+PyTorch way in the same run and writes JSON under ``--out``. Each runs as its own Python
+process, as ``python benchmarks/bench_NAME.py``, so its folder (with ``common.py``) is on
+its import path without this process's ``sys.path`` changing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,26 +24,19 @@ def available() -> list[str]:
     return sorted(p.stem.removeprefix("bench_") for p in BENCH_DIR.glob("bench_*.py"))
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for JSON output")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+def run_benchmarks(names=None, *, out="benchmarks/results", quick: bool = False) -> None:
+    """Run the benchmarks ``names`` (default: all) one after the other.
 
-
-def run(args) -> None:
+    Raises FileNotFoundError outside a source checkout, ValueError for an unknown name, and
+    ``subprocess.CalledProcessError`` when a script fails (its own traceback is printed).
+    """
     if not BENCH_DIR.is_dir():
-        raise SystemExit(f"igpt bench needs a source checkout: {BENCH_DIR} does not exist")
-    names = args.names or available()
+        raise FileNotFoundError(f"igpt bench needs a source checkout: {BENCH_DIR} does not exist")
+    names = list(names or available())
     unknown = sorted(set(names) - set(available()))
     if unknown:
-        raise SystemExit(f"unknown benchmark(s) {unknown}; available: {available()}")
-    sys.path.insert(0, str(BENCH_DIR))  # the scripts share benchmarks/common.py
+        raise ValueError(f"unknown benchmark(s) {unknown}; available: {available()}")
     for name in names:
-        spec = importlib.util.spec_from_file_location(
-            f"bench_{name}", BENCH_DIR / f"bench_{name}.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        argv = ["--out", args.out] + (["--quick"] if args.quick else [])
         log.info("running benchmark %s", name)
-        module.main(argv)
+        argv = ["--out", str(out)] + (["--quick"] if quick else [])
+        subprocess.run([sys.executable, str(BENCH_DIR / f"bench_{name}.py"), *argv], check=True)

@@ -7,7 +7,8 @@ previous checkpoint intact and never a half-written one under the final name.
 
 Layout of the dict: ``model`` (state dict), ``config`` (IGPTConfig fields), ``step``,
 ``palette`` (float32 (K, 3) or absent), and whatever the caller adds (``optimizer``,
-``scheduler``, ``rng``, ``objective`` ...). A run directory holds ``ckpt_XXXXXXXX.pt`` files;
+``scheduler``, ``rng`` ...); the model's generative objective goes under ``objective``
+(``objective_of`` reads it). A run directory holds ``ckpt_XXXXXXXX.pt`` files;
 ``latest_checkpoint(run_dir)`` picks the one with the highest step.
 """
 
@@ -21,6 +22,7 @@ import torch
 from igpt._io import atomic_write
 from igpt.config import IGPTConfig
 from igpt.model import IGPT
+from igpt.objectives import objective_of  # noqa: F401  (public name of igpt.checkpoint)
 
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 
@@ -44,18 +46,28 @@ def atomic_torch_save(obj, path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def checkpoint_state(model: IGPT, *, step: int = 0, palette=None, state_dict=None, **extra):
+    """The dict ``save_checkpoint`` writes: ``model`` (``state_dict``, default the model's
+    own), ``config``, ``step``, ``palette`` (float32 (K, 3) on the CPU) and ``extra``."""
+    state = {
+        "model": model.state_dict() if state_dict is None else state_dict,
+        "config": model.config.to_dict(),
+        "step": int(step),
+    }
+    if palette is not None:
+        centroids = getattr(palette, "centroids", palette)
+        state["palette"] = torch.as_tensor(centroids, dtype=torch.float32).cpu()
+    state.update(extra)
+    return state
+
+
 def save_checkpoint(path, model: IGPT, *, step: int = 0, palette=None, **extra) -> Path:
     """Save ``model`` (weights + config), ``step``, the palette and ``extra`` entries.
 
     ``extra`` values must be made of tensors, numbers, strings, lists, tuples and dicts
     (optimizer and scheduler ``state_dict()``s are). Returns the path written.
     """
-    state = {"model": model.state_dict(), "config": model.config.to_dict(), "step": int(step)}
-    if palette is not None:
-        centroids = getattr(palette, "centroids", palette)
-        state["palette"] = torch.as_tensor(centroids, dtype=torch.float32).cpu()
-    state.update(extra)
-    atomic_torch_save(state, path)
+    atomic_torch_save(checkpoint_state(model, step=step, palette=palette, **extra), path)
     return Path(path)
 
 
@@ -75,15 +87,6 @@ def resolve_checkpoint(path_or_dir) -> Path:
 def load_checkpoint(path_or_dir, map_location="cpu") -> dict:
     """Read a checkpoint (file or run directory) with ``weights_only=True``."""
     return torch.load(resolve_checkpoint(path_or_dir), map_location=map_location, weights_only=True)
-
-
-def objective_of(ckpt: dict, default: str = "ar") -> str:
-    """The generative objective ("ar" or "bert") a checkpoint's model was trained with.
-
-    Pre-training checkpoints record it as ``objective``; fine-tuning ones under
-    ``finetune``. Older checkpoints without either are taken as ``default``.
-    """
-    return ckpt.get("objective") or ckpt.get("finetune", {}).get("objective") or default
 
 
 def load_model(path_or_dir, device=None):

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 
-NORMS = ("rms", "layer")
-ACTIVATIONS = ("quick_gelu", "gelu")
+# One definition each, shared with the kernels. MAX_COLORS (65536) is the palette limit:
+# palette ids 0..65535 fit igpt.data's uint16 token caches, and the start-of-sequence id,
+# n_colors, is never stored there (the model prepends it), so it may be 65536.
+from igpt_kernels.reference import ACTIVATIONS, MAX_COLORS, NORMS
+
+__all__ = ["ACTIVATIONS", "MAX_COLORS", "NORMS", "SIZES", "IGPTConfig"]
 
 # name -> (n_layer, n_embd, n_head). iGPT-XL's head count is not given in the paper; 24 heads
-# keep the head dim at 128, the largest the attention kernel supports.
+# keep the head dim at 128, the largest the Triton attention kernel takes (the reference and
+# SDPA take any head dim, so other sizes run too).
 SIZES = {
     "igpt-tiny": (4, 128, 4),
     "igpt-s": (24, 512, 8),
@@ -25,10 +32,14 @@ class IGPTConfig:
     """Hyper-parameters of an iGPT model (GPT-2 field names).
 
     n_px: image side; a sequence has n_px * n_px tokens in raster order.
-    n_colors: palette size; the vocabulary adds one start-of-sequence id (the last one).
+    n_colors: palette size, 1..MAX_COLORS (65536); the vocabulary adds one
+        start-of-sequence id (the last one, n_colors).
     norm: "rms" (iGPT's and HF ImageGPT's, no bias) or "layer" (LayerNorm).
     activation: "quick_gelu" (x * sigmoid(1.702 x), iGPT's) or "gelu".
     bias: biases in the attention and MLP linear layers (and LayerNorm when norm="layer").
+    eps: the norms' epsilon, finite and > 0.
+
+    Every field is type-checked: a wrong type is a TypeError, a bad value a ValueError.
     """
 
     n_px: int = 32
@@ -44,16 +55,26 @@ class IGPTConfig:
     def __post_init__(self):
         for name in ("n_px", "n_layer", "n_head", "n_embd", "n_colors"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{name} must be a positive int, got {value!r}")
+            if value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+            setattr(self, name, int(value))  # numpy ints become plain ints (JSON, hashing)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.n_colors > 65535:
-            raise ValueError(f"n_colors must be at most 65535, got {self.n_colors}")
+        if self.n_colors > MAX_COLORS:
+            raise ValueError(f"n_colors must be at most {MAX_COLORS}, got {self.n_colors}")
+        for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not isinstance(self.bias, bool):
+            raise TypeError(f"bias must be True or False, got {self.bias!r}")
+        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool):
+            raise TypeError(f"eps must be a positive number, got {self.eps!r}")
+        if not 0 < self.eps < math.inf:  # also refuses NaN
+            raise ValueError(f"eps must be finite and > 0, got {self.eps!r}")
+        self.eps = float(self.eps)
 
     @property
     def vocab_size(self) -> int:
@@ -72,6 +93,7 @@ class IGPTConfig:
 
     @property
     def head_dim(self) -> int:
+        """n_embd // n_head; any value (only the Triton attention kernel has a list)."""
         return self.n_embd // self.n_head
 
     @classmethod
@@ -84,10 +106,12 @@ class IGPTConfig:
         return cls(**fields)
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (``from_dict`` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> IGPTConfig:
+        """A config from ``to_dict``'s output; unknown keys are a ValueError."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -95,10 +119,12 @@ class IGPTConfig:
         return cls(**d)
 
     def save(self, path) -> None:
+        """Write the fields to a JSON file."""
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
 
     @classmethod
     def load(cls, path) -> IGPTConfig:
+        """Read a JSON file written by ``save``."""
         with open(path) as f:
             return cls.from_dict(json.load(f))

@@ -23,7 +23,7 @@ Splits: ``"train"``, ``"test"`` and ``"all"``. Sources that come without a test 
 (digits, a folder or npz without split entries) are split deterministically: the last 20%
 of a fixed permutation (digits: the last 20% in file order) is ``"test"``. ``"all"`` is
 every image. The validation set used while training is carved out of ``"train"`` with
-``holdout_split``.
+``holdout_split``; the batches a run draws from the rest come from ``igpt.batches``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from igpt._io import atomic_write_bytes
+from igpt_kernels.reference import MAX_COLORS
 
 log = logging.getLogger(__name__)
 
@@ -554,8 +555,10 @@ def cached_tokens(
         (tokens, labels): a read-only uint16 memmap (N, n_px * n_px) and int64 labels or
         None. Convert batches with ``torch.from_numpy(tokens[idx].astype(np.int64))``.
     """
-    if len(palette) > 65536:
-        raise ValueError(f"a uint16 cache holds at most 65536 colours, palette has {len(palette)}")
+    if len(palette) > MAX_COLORS:  # every palette id fits a uint16
+        raise ValueError(
+            f"a uint16 cache holds at most {MAX_COLORS} colours, palette has {len(palette)}"
+        )
     key_src = json.dumps(
         {
             "spec": _spec_key(spec),

@@ -9,12 +9,8 @@ AR: the start-of-sequence id is prepended inside, so logits[:, i] predicts token
 BERT: token embeddings at masked positions are zeroed and attention sees both directions.
 Attention and the norm-MLP are the ``igpt_kernels`` ops, which run the Triton kernels on a
 GPU and the PyTorch reference elsewhere. Parameter names follow GPT-2 and transformers'
-ImageGPT, so ``igpt.hf`` converts weights by name.
-
-Sampling (``IGPT.generate``) keeps every layer's keys and values in a cache allocated once
-for the whole image, (L, 2, B, H, n_px^2, hd): the prefix is run in one causal pass that
-fills it, then each new token is a single query attending to the cached keys, which is the
-bottom-right-aligned causal case of ``attention`` (Nq = 1 <= Nk).
+ImageGPT, so ``igpt.hf`` converts weights by name and reads and writes its directories.
+Decoding runs the same block loop with one ``igpt.generation.KVCache`` per layer.
 """
 
 from __future__ import annotations
@@ -24,11 +20,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
+from igpt import generation
+from igpt._checks import check_inputs
 from igpt.config import IGPTConfig
-from igpt.generation import FixedShapeStep, check_generate_args, check_prefix, next_token
 from igpt_kernels import attention, ln_mlp
 
 
@@ -55,24 +50,18 @@ class SelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x, causal: bool, kv=None, pos=0, visible=None):
-        """x (B, n, d) at positions pos..pos+n-1. With ``kv``, this layer's cache slice
-        (2, B, H, n_px^2, hd), the new keys and values are stored in it and the queries
-        attend to every cached position up to pos + n - 1. For fixed shapes (CUDA graphs)
-        ``pos`` may be a (1,) tensor: then the first Nk cached positions are attended, with
-        ``visible`` (B, Nk) bool masking the ones not written yet."""
+    def forward(self, x, causal: bool, cache=None):
+        """x (B, n, d). With a ``cache`` (decoding) the new keys and values are stored in it
+        and the queries attend to every key it holds (bottom-right-aligned causal)."""
         B, n, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)  # 3 x (B, n, d)
         q, k, v = (
             t.view(B, n, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v)
         )  # 3 x (B, H, n, hd)
-        if kv is not None and visible is None:
-            kv[:, :, :, pos : pos + n] = torch.stack((k, v))
-            k, v = kv[:, :, :, : pos + n]  # 2 x (B, H, pos + n, hd), views of the cache
-        elif kv is not None:
-            kv.index_copy_(3, pos, torch.stack((k, v)))
-            k, v = kv[:, :, :, : visible.shape[1]]  # 2 x (B, H, Nk, hd)
-        y = attention(q, k, v, causal=causal, key_padding_mask=visible)  # (B, H, n, hd)
+        mask = None
+        if cache is not None:
+            k, v, mask = cache.update(k, v)  # 2 x (B, H, Nk, hd), mask None or (B, Nk)
+        y = attention(q, k, v, causal=causal, key_padding_mask=mask)  # (B, H, n, hd)
         y = y.transpose(1, 2).reshape(B, n, d)  # (B, n, d)
         return self.c_proj(y)
 
@@ -86,18 +75,10 @@ class MLP(nn.Module):
 
     def forward(self, x, norm: Norm):
         """x + c_proj(act(c_fc(norm(x)))), fused into one kernel call."""
+        fc, proj = self.c_fc, self.c_proj
+        weights = (norm.weight, norm.bias, fc.weight, fc.bias, proj.weight, proj.bias)
         return ln_mlp(
-            x,
-            norm.weight,
-            norm.bias,
-            self.c_fc.weight,
-            self.c_fc.bias,
-            self.c_proj.weight,
-            self.c_proj.bias,
-            norm=norm.kind,
-            eps=norm.eps,
-            activation=self.activation,
-            residual=True,
+            x, *weights, norm=norm.kind, eps=norm.eps, activation=self.activation, residual=True
         )
 
 
@@ -109,9 +90,9 @@ class Block(nn.Module):
         self.ln_2 = Norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, causal: bool = True, kv=None, pos=0, visible=None):
-        x = x + self.attn(self.ln_1(x), causal, kv, pos, visible)
-        return self.mlp(x, self.ln_2)
+    def forward(self, x, causal: bool = True, cache=None):
+        x = x + self.attn(self.ln_1(x), causal, cache)
+        return self.mlp(x, self.ln_2)  # x + mlp(ln_2(x)): the residual add is fused in
 
 
 class IGPT(nn.Module):
@@ -129,7 +110,6 @@ class IGPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.n_colors, bias=False)
-        self.checkpoint_every = 0  # activation checkpointing: 0 off, k = every k-th block
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -152,54 +132,19 @@ class IGPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, 0.02)
 
-    def set_checkpointing(self, every: int) -> None:
-        """Recompute block activations in the backward: 0 off, 1 every block, k every k-th."""
-        if not isinstance(every, int) or every < 0:
-            raise ValueError(f"every must be an int >= 0, got {every!r}")
-        self.checkpoint_every = every
-
     def num_params(self, position_embeddings: bool = True) -> int:
         """Number of parameters; the paper's sizes match the count without ``wpe``."""
         n = sum(p.numel() for p in self.parameters())
         return n if position_embeddings else n - self.transformer.wpe.weight.numel()
 
-    def _check_inputs(self, tokens, bert_mask):
-        if (
-            not isinstance(tokens, torch.Tensor)
-            or tokens.dtype.is_floating_point
-            or tokens.dtype == torch.bool
-            or tokens.dim() != 2
-        ):
-            got = (
-                f"{tokens.dtype} {tuple(tokens.shape)}"
-                if isinstance(tokens, torch.Tensor)
-                else type(tokens).__name__
-            )
-            raise TypeError(f"tokens must be an integer tensor (B, n), got {got}")
-        n = tokens.shape[1]
-        if not 1 <= n <= self.config.n_positions:
-            raise ValueError(
-                f"tokens must have 1 <= n <= n_px^2 = {self.config.n_positions} positions, got {n}"
-            )
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.n_colors):
-            raise ValueError(
-                f"tokens must lie in [0, n_colors={self.config.n_colors}), got "
-                f"values in [{int(tokens.min())}, {int(tokens.max())}]"
-            )
-        if bert_mask is not None:
-            if not isinstance(bert_mask, torch.Tensor) or bert_mask.dtype != torch.bool:
-                raise TypeError("bert_mask must be a bool tensor (B, n), True = masked")
-            if bert_mask.shape != tokens.shape:
-                raise ValueError(
-                    f"bert_mask must have tokens' shape {tuple(tokens.shape)}, "
-                    f"got {tuple(bert_mask.shape)}"
-                )
-
-    def embed(self, tokens, bert_mask=None):
-        """h^0 (B, n, d). AR input is [SOS] + tokens[:, :-1]; BERT zeroes masked tokens."""
-        self._check_inputs(tokens, bert_mask)
-        B, n = tokens.shape
+    def embed(self, tokens, bert_mask=None, cache=None):
+        """h^0 (B, n, d). AR input is [SOS] + tokens[:, :-1]; BERT zeroes masked tokens. With
+        ``cache`` (decoding), ``tokens`` are input ids (SOS or colours) at its next positions."""
         wte, wpe = self.transformer.wte, self.transformer.wpe
+        if cache is not None:
+            return wte(tokens) + wpe(cache[0].positions(tokens.shape[1]))  # (B, n, d)
+        tokens = check_inputs(tokens, bert_mask, self.config)
+        B, n = tokens.shape
         if bert_mask is None:
             sos = tokens.new_full((B, 1), self.config.sos_id)
             h = wte(torch.cat([sos, tokens[:, :-1]], dim=1))  # (B, n, d)
@@ -207,33 +152,30 @@ class IGPT(nn.Module):
             h = wte(tokens) * (~bert_mask).unsqueeze(-1).to(wte.weight.dtype)  # (B, n, d)
         return h + wpe(torch.arange(n, device=tokens.device))
 
-    def _run_block(self, i, block, h, causal):
-        k = self.checkpoint_every
-        if k and self.training and torch.is_grad_enabled() and i % k == 0:
-            return checkpoint(block, h, causal, use_reentrant=False)
-        return block(h, causal)
-
-    def trunk(self, tokens, bert_mask=None, *, pool_layers=(), run_all: bool = True):
-        """The one pass through the blocks that forward, features and classifiers share.
+    def trunk(self, tokens, bert_mask=None, *, pool_layers=(), run_all: bool = True, cache=None):
+        """The one pass through the blocks that forward, features, decoding and classifiers share.
 
         Returns ``(n_L, pooled)``: n_L = ln_f(h^L) (B, n, d), or None when ``run_all`` is
         False; pooled (B, len(pool_layers), d) float32, or None without ``pool_layers``,
         where layer l < L pools ln_1 of block l's input and l = L pools n_L (see
         ``features``). With ``run_all=False`` the loop stops after the last pooled layer.
+        ``cache``: one ``igpt.generation.KVCache`` per layer (``kv_cache``), AR only; then
+        ``tokens`` are input ids appended to it (see ``embed``).
         """
         L = self.config.n_layer
         want = sorted(set(pool_layers))
         if want and not 0 <= want[0] <= want[-1] <= L:
             raise ValueError(f"pool_layers must lie in [0, {L}], got {list(pool_layers)}")
         stop = L if run_all or not want else want[-1]
-        h = self.embed(tokens, bert_mask)  # (B, n, d)
+        h = self.embed(tokens, bert_mask, cache)  # (B, n, d)
+        caches = [None] * L if cache is None else cache
         pooled = {}
-        for i, block in enumerate(self.transformer.h):
+        for i, (block, layer_cache) in enumerate(zip(self.transformer.h, caches, strict=True)):
             if i in want:
                 pooled[i] = block.ln_1(h).float().mean(dim=1)  # (B, d)
             if i == stop:
                 break
-            h = self._run_block(i, block, h, bert_mask is None)
+            h = block(h, bert_mask is None, layer_cache)
         n_L = self.transformer.ln_f(h) if stop == L else None  # (B, n, d)
         if L in want:
             pooled[L] = n_L.float().mean(dim=1)
@@ -262,35 +204,30 @@ class IGPT(nn.Module):
         """
         return self.trunk(tokens, bert_mask, pool_layers=range(self.config.n_layer + 1))[1]
 
-    # ----------------------------------------------------------------------------------
-    # sampling
-    # ----------------------------------------------------------------------------------
-
-    def kv_cache(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
-        """A zeroed key/value cache for whole images: (L, 2, B, H, n_px^2, hd).
-
-        Allocated once per ``generate`` call; each step writes one position of it in place.
-        Zeroed, not empty: the fixed-shape (CUDA graph) step multiplies the unwritten values
-        by zero attention weights, and 0 * NaN from uninitialised memory would be NaN.
-        """
-        c = self.config
-        shape = (c.n_layer, 2, batch_size, c.n_head, c.n_positions, c.head_dim)
+    def kv_cache(self, batch_size: int, device=None, dtype=None) -> list[generation.KVCache]:
+        """An empty key/value cache for whole images: one ``KVCache`` per layer, all views
+        of one zeroed (L, 2, B, H, n_px^2, hd) buffer."""
         w = self.transformer.wte.weight
-        return torch.zeros(shape, device=device or w.device, dtype=dtype or w.dtype)
+        device, dtype = device or w.device, dtype or w.dtype
+        return generation.KVCache.for_model(self.config, batch_size, device, dtype)
 
-    def _decode(self, ids, pos, cache, visible=None):
-        """Logits (B, n_colors) after the last of ``ids`` (B, m), the *input* ids (SOS or
-        colours) at positions pos..pos+m-1, writing their keys and values into ``cache``.
-        ``pos`` is an int, or a (1,) tensor together with ``visible`` (see SelfAttention)."""
-        wte, wpe = self.transformer.wte, self.transformer.wpe
-        if visible is None:
-            positions = torch.arange(pos, pos + ids.shape[1], device=ids.device)
-        else:
-            positions = pos
-        h = wte(ids) + wpe(positions)  # (B, m, d)
-        for block, kv in zip(self.transformer.h, cache, strict=True):
-            h = block(h, True, kv, pos, visible)
-        return self.lm_head(self.transformer.ln_f(h[:, -1]))  # (B, n_colors)
+    def decode(self, ids, cache) -> torch.Tensor:
+        """Logits (B, n_colors) after the last of the input ids (B, m) (SOS or colours),
+        which are appended to ``cache`` (from ``kv_cache``)."""
+        return self.lm_head(self.trunk(ids, cache=cache)[0][:, -1])
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id) -> IGPT:
+        """Load a transformers ImageGPT directory or hub id (``igpt.hf.from_pretrained``)."""
+        from igpt.hf import from_pretrained
+
+        return from_pretrained(path_or_hub_id, classifier=False)
+
+    def save_pretrained(self, directory, *, palette=None) -> None:
+        """Write transformers' ImageGPT layout to ``directory`` (``igpt.hf.save_pretrained``)."""
+        from igpt.hf import save_pretrained
+
+        save_pretrained(self, directory, palette=palette)
 
     @torch.no_grad()  # not inference_mode: callers may edit the returned tokens in place
     def generate(
@@ -306,49 +243,18 @@ class IGPT(nn.Module):
         progress: bool = False,
         cuda_graph: bool = False,
     ) -> torch.Tensor:
-        """Sample ``n`` whole images, left to right, with a key/value cache (AR models only).
+        """Sample ``n`` whole images (n, n_px^2) int64 left to right with a key/value cache.
 
-        Args:
-            n: number of images.
-            prefix: optional integer tensor (n, p) or (p,) (shared by all images) of palette
-                ids for the first p raster positions; they are copied unchanged into the
-                output and the model samples the remaining n_px^2 - p.
-            temperature: logits are divided by it; 0 means greedy (argmax).
-            top_k: sample among the k most likely colours only.
-            top_p: nucleus sampling, among the smallest set of colours whose probability
-                reaches top_p, 0 < top_p <= 1.
-            seed: seeds a private ``torch.Generator``, so the same seed, inputs and device
-                give the same images; None draws from torch's global generator.
-            device: where to sample; the model must already be there (default: its device).
-            progress: show a tqdm bar over the positions.
-            cuda_graph: replay each one-token step as a captured CUDA graph (no Python
-                between kernels; a step then attends to one of 8 fixed cache lengths,
-                masked). Off the GPU the same fixed-shape steps run eagerly (for tests).
-
-        Returns:
-            int64 tensor (n, n_px^2) of palette ids on ``device``.
-
-        The prefix is run in one causal pass that fills the cache; then each position costs
-        one query per layer against the cached keys. A model trained with the BERT
-        objective has no left-to-right distribution to sample from: do not use this for it.
+        ``prefix``: palette ids (n, p), or (p,) shared by all images, copied unchanged into
+        the first p raster positions. ``temperature`` divides the logits (0: greedy);
+        ``top_k`` keeps the k likeliest colours, ``top_p`` the smallest set reaching that
+        probability (0 < top_p <= 1). ``seed`` seeds a private generator (same seed, inputs
+        and device, same images; None: torch's global one). ``device`` must be the model's
+        (default). ``progress`` shows a tqdm bar. ``cuda_graph`` replays each one-token
+        step as a CUDA graph attending to one of 8 fixed cache lengths, masked (eager off
+        the GPU). The prefix is one causal pass filling the cache, then each position is
+        one query per layer. AR models only: a BERT model has no left-to-right distribution.
         """
-        N = self.config.n_positions
-        device = check_generate_args(self, n, temperature, top_k, top_p, device)
-        prefix = check_prefix(self, prefix, n, device)
-        p = prefix.shape[1]
-        out = torch.empty(n, N, dtype=torch.long, device=device)
-        out[:, :p] = prefix
-        if p == N:
-            return out
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(int(seed))
-        cache = self.kv_cache(n, device)
-        sos = torch.full((n, 1), self.config.sos_id, dtype=torch.long, device=device)
-        logits = self._decode(torch.cat([sos, prefix], dim=1), 0, cache)  # prefill
-        step = FixedShapeStep(self, cache, p + 1) if cuda_graph and p + 1 < N else self._decode
-        for t in tqdm(range(p, N), desc="sampling", unit="px", disable=not progress):
-            out[:, t] = next_token(logits, temperature, top_k, top_p, generator)
-            if t + 1 < N:
-                logits = step(out[:, t : t + 1], t + 1, cache)
-        return out
+        return generation.sample(
+            self, n, prefix, temperature, top_k, top_p, seed, device, progress, cuda_graph
+        )

@@ -1,4 +1,4 @@
-"""Colour palettes: k-means fitting, the ``Palette`` object, and ``igpt fit-palette``.
+"""Colour palettes: k-means fitting, the ``Palette`` object, and a preview picture.
 
 iGPT shortens sequences 3x by replacing every RGB pixel with the index of the nearest of K
 (512) k-means colours (paper sec. 3.2). A ``Palette`` holds those K colours as float32
@@ -16,8 +16,9 @@ Fitting runs k-means++ seeding then Lloyd iterations on a random sample of pixel
 identical colours merged (their counts become sample weights): scikit-learn's KMeans on the
 CPU, a torch implementation on a GPU whose assignment step is the quantize kernel itself.
 
-``igpt fit-palette --data SPEC --k 512 --out palette.npy`` fits on a data set and writes the
-.npy and a PNG (same stem) with the swatches and a few images before/after quantization.
+``save_preview`` draws the swatches and a few images before/after quantization;
+``igpt fit-palette --data SPEC --k 512 --out palette.npy`` (``igpt.commands.fit_palette``)
+fits on a data set and writes the .npy and that PNG (same stem).
 """
 
 from __future__ import annotations
@@ -135,6 +136,22 @@ class Palette:
     def to_hf(self) -> np.ndarray:
         """The centroids in [-1, 1] space (x / 127.5 - 1), float32 (K, 3) numpy array."""
         return (self.centroids.double() / 127.5 - 1.0).float().numpy()
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id) -> Palette:
+        """The palette of a transformers ImageGPT directory or hub id, from its
+        ``preprocessor_config.json`` (``igpt.hf.load_palette``)."""
+        from igpt.hf import load_palette
+
+        return load_palette(path_or_hub_id)
+
+    def save_pretrained(self, directory, *, n_px: int | None = None) -> Path:
+        """Write ``preprocessor_config.json`` that ``ImageGPTImageProcessor`` reads, with
+        this palette as its ``clusters`` (``igpt.hf.save_palette``; ``n_px`` defaults to
+        the side of the model saved in ``directory``)."""
+        from igpt.hf import save_palette
+
+        return save_palette(self, directory, n_px=n_px)
 
 
 def _pixel_array(pixels_or_images) -> np.ndarray:
@@ -281,43 +298,14 @@ def _kmeans_torch(
     return centres.clamp_(0, 255)
 
 
-# ----------------------------------------------------------------------------- the command
-
-
-def add_arguments(parser) -> None:
-    """Arguments of ``igpt fit-palette``."""
-    from igpt.cli import add_common_arguments
-
-    add_common_arguments(parser, "data", "n_px", "seed", "device")
-    parser.add_argument("--k", type=int, default=512, help="colours (default %(default)s)")
-    parser.add_argument(
-        "--sample",
-        type=int,
-        default=1_000_000,
-        help="pixels drawn at random to fit on (default %(default)s)",
-    )
-    parser.add_argument(
-        "--out",
-        default="palette.npy",
-        help="the .npy to write, or a directory for DIR/palette.npy; the PNG goes beside "
-        "it with the same stem (default %(default)s)",
-    )
-
-
-def _output_path(out: str) -> Path:
-    path = Path(out)
-    if path.suffix != ".npy":
-        path = path / "palette.npy"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+# ----------------------------------------------------------------------------- preview
 
 
 def save_preview(palette: Palette, images: np.ndarray, path, *, n_images: int = 6) -> None:
     """Write a PNG: the palette's swatches (index order) over a few images before/after."""
-    import matplotlib
+    from igpt.reporting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     k = len(palette)
     cols = int(np.ceil(np.sqrt(k)))
@@ -342,27 +330,3 @@ def save_preview(palette: Palette, images: np.ndarray, path, *, n_images: int = 
                 a.set_ylabel(label)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
-
-
-def run(args) -> None:
-    """``igpt fit-palette``: fit on a data set, write the palette .npy and a preview PNG."""
-    import time
-
-    from igpt.cli import pick_device
-    from igpt.data import load_images, resize
-
-    images = load_images(args.data, split="train").images
-    if args.n_px is not None:
-        images = resize(images, args.n_px)
-    n, h, w = images.shape[:3]
-    log.info("fitting %d colours on %s: %d images of %dx%d", args.k, args.data, n, h, w)
-    start = time.perf_counter()
-    device = None if args.device is None else pick_device(args.device)
-    palette = fit_palette(images, k=args.k, sample=args.sample, seed=args.seed, device=device)
-    log.info("fitted in %.1f s", time.perf_counter() - start)
-    path = _output_path(args.out)
-    palette.save(path)
-    rng = np.random.default_rng(args.seed)
-    shown = images[np.sort(rng.choice(len(images), size=min(6, len(images)), replace=False))]
-    save_preview(palette, shown, path.with_suffix(".png"))
-    log.info("wrote %s and %s", path, path.with_suffix(".png"))

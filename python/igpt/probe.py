@@ -1,33 +1,29 @@
 """Linear probes: how good are the features of every layer (paper sec. 2.3-2.4, 4.1-4.7).
 
-    feats = extract_features(model, tokens)            # (N, L + 1, d) float32, f^0 .. f^L
+    results = evaluate(model, palette, train, test)    # what `igpt probe` and the demo run
     res = probe_layers(train_feats, y_train, test_feats, y_test)
     res["best_layer"], res["rows"]                     # (layer, val_acc, test_acc) per layer
     low = low_data_probe(train_feats[:, l], y_train, test_feats[:, l], y_test, per_class=(4, 25))
 
-f^l is the mean over positions of n^l, the block's own normalised input (``IGPT.features``),
-computed for every layer in one forward pass. The probe is the paper's: features
-standardised, multinomial logistic regression with L-BFGS (scikit-learn), the L2 strength
-C chosen on a 10% hold-out of the training set, then refit on train + hold-out and scored on
-the test set. ``sgd_probe`` is the same probe trained with SGD (momentum 0.9, cosine
-schedule) on the GPU, for feature sets where L-BFGS is too slow.
+The features come from ``igpt.features`` (``extract_features``, re-exported here). The probe
+is the paper's: features standardised, multinomial logistic regression with L-BFGS
+(scikit-learn), the L2 strength C chosen on a 10% hold-out of the training set, then refit on
+train + hold-out and scored on the test set. ``sgd_probe`` is the same probe trained with SGD
+(momentum 0.9, cosine schedule) on the GPU, for feature sets where L-BFGS is too slow.
 
 BERT models see masked inputs at evaluation too (``bert_mask_seed``); sec. 4.6's ensemble
 takes the modal prediction over 5 independent masks, ties broken at random with a seed
-(``modal_prediction``, ``bert_ensemble_probe``). Baselines: ``raw_pixel_features`` and
-``random_init_model``. ``write_report`` writes the table, JSON and the accuracy-vs-depth PNG.
-The ``igpt probe`` command runs the whole evaluation on a checkpoint and a dataset.
+(``modal_prediction``, ``bert_ensemble_probe``). Baselines: ``raw_pixel_features`` (of the
+images resized to the model's n_px) and ``random_init_model``. ``igpt.reporting`` writes the
+table, JSON and the accuracy-vs-depth PNG (``write_report``, re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,31 +31,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from igpt.features import _resolve_layers, extract_features, random_init_model, raw_pixel_features
 from igpt.model import IGPT
+from igpt.objectives import MaskRows, bert_mask  # noqa: F401  (public names of igpt.probe)
+from igpt.reporting import (  # noqa: F401  (public names of igpt.probe)
+    format_table,
+    plot_accuracy_vs_depth,
+    summary_text,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 7))
-CACHE_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def _as_tokens(tokens, name: str = "tokens") -> torch.Tensor:
-    if isinstance(tokens, np.ndarray):
-        if tokens.dtype.kind == "u" and tokens.dtype != np.uint8:
-            tokens = tokens.astype(np.int64)  # e.g. igpt.data's uint16 token cache
-        tokens = torch.from_numpy(np.ascontiguousarray(tokens))
-    if not isinstance(tokens, torch.Tensor):
-        raise TypeError(
-            f"{name} must be an integer tensor or numpy array (N, n), got {type(tokens).__name__}"
-        )
-    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dim() != 2:
-        raise TypeError(
-            f"{name} must be an integer (N, n) array, got {tokens.dtype} {tuple(tokens.shape)}"
-        )
-    return tokens
 
 
 def _as_features(x, name: str, ndim: int = 2) -> np.ndarray:
@@ -85,216 +72,6 @@ def _as_labels(y, n: int, name: str) -> np.ndarray:
     if len(y) != n:
         raise ValueError(f"{name} has {len(y)} labels for {n} feature rows")
     return y.astype(np.int64)
-
-
-# ----------------------------------------------------------------------------- features
-
-
-MASK_BLOCK = 4096  # rows of an evaluation mask drawn from one generator
-
-
-class MaskRows:
-    """Rows [start, stop) of the BERT evaluation mask of an (N, n) dataset, drawn lazily.
-
-    Each position is masked independently with probability ``prob`` (sec. 2.2, p = 0.15), by
-    ``igpt.train.bert_mask``. Rows come in blocks of ``MASK_BLOCK``, block b from a CPU
-    generator seeded by (seed, b), so the mask depends only on (seed, N, n): the same on every
-    device and for every batch size, without ever holding all N rows' random numbers. The
-    last two blocks drawn are kept.
-    """
-
-    def __init__(self, shape, prob: float = 0.15, *, seed: int):
-        if not 0.0 < prob < 1.0:
-            raise ValueError(f"prob must be in (0, 1), got {prob}")
-        self.N, self.n = (int(v) for v in shape)
-        self.prob, self.seed = prob, int(seed)
-        self._blocks: dict[int, torch.Tensor] = {}
-
-    def _block(self, b: int) -> torch.Tensor:
-        if b not in self._blocks:
-            from igpt.train import bert_mask as draw  # the pre-training objective's masks
-
-            seed = int(np.random.SeedSequence([self.seed, b]).generate_state(1)[0])
-            rows = min(MASK_BLOCK, self.N - b * MASK_BLOCK)
-            self._blocks = {k: v for k, v in self._blocks.items() if k == b - 1}
-            self._blocks[b] = draw((rows, self.n), self.prob, torch.Generator().manual_seed(seed))
-        return self._blocks[b]
-
-    def __call__(self, start: int, stop: int) -> torch.Tensor:
-        """bool (stop - start, n), True = masked."""
-        stop = min(stop, self.N)
-        parts = [
-            self._block(b)[max(start - b * MASK_BLOCK, 0) : stop - b * MASK_BLOCK]
-            for b in range(start // MASK_BLOCK, -(-stop // MASK_BLOCK))
-        ]
-        return torch.cat(parts) if parts else torch.zeros(0, self.n, dtype=torch.bool)
-
-
-def bert_mask(shape, prob: float = 0.15, *, seed: int) -> torch.Tensor:
-    """The whole BERT evaluation mask (N, n) for ``seed``: bool, True = masked.
-
-    ``extract_features(..., bert_mask_seed=seed)`` uses exactly this mask (see ``MaskRows``).
-    """
-    return MaskRows(shape, prob, seed=seed)(0, int(shape[0]))
-
-
-def _fingerprint_tensor(h, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
-
-
-def _cache_path(model, tokens, layers, bert_mask_seed, mask_prob, cache_dir, cache_key) -> Path:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"v{CACHE_VERSION}|{layers}|{bert_mask_seed}|{mask_prob}|".encode())
-    if cache_key is not None:
-        h.update(f"key:{cache_key}|".encode())
-    else:  # no key: the weights themselves name the model
-        for name, t in model.state_dict().items():
-            h.update(name.encode())
-            _fingerprint_tensor(h, t)
-    _fingerprint_tensor(h, tokens)  # a different dataset never hits, whatever the key says
-    return Path(cache_dir) / f"features_{h.hexdigest()}.pt"
-
-
-def _resolve_layers(layers, n_layer: int) -> list[int]:
-    if layers is None:
-        return list(range(n_layer + 1))
-    out = []
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise TypeError(f"layers must be ints in [0, {n_layer}], got {layer!r}")
-        l_ = int(layer) + (n_layer + 1 if layer < 0 else 0)
-        if not 0 <= l_ <= n_layer:
-            raise ValueError(f"layer {layer} is out of range: this model has layers 0..{n_layer}")
-        out.append(l_)
-    if not out:
-        raise ValueError("layers is empty; pass None for all layers")
-    return out
-
-
-@torch.no_grad()
-def extract_features(
-    model: IGPT,
-    tokens,
-    *,
-    batch_size: int = 64,
-    layers: Sequence[int] | None = None,
-    bert_mask_seed: int | None = None,
-    bert_mask_prob: float = 0.15,
-    device=None,
-    cache_dir=None,
-    cache_key: str | None = None,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Pooled features of every layer for a whole dataset, in one pass per batch.
-
-    Args:
-        model: an ``IGPT``. It is put in eval mode for the pass (and restored after).
-        tokens: integer (N, n) tensor or numpy array of palette tokens.
-        batch_size: images per forward pass.
-        layers: which of f^0 .. f^L to keep (ints, negative counts from L); None keeps all.
-        bert_mask_seed: None runs the AR input. An int runs the BERT input with the mask
-            ``bert_mask((N, n), bert_mask_prob, seed=bert_mask_seed)`` (masks at evaluation).
-        device: where to run; None means the model's device. A model elsewhere is moved.
-        cache_dir: a folder to cache the result in. The file name hashes ``cache_key``
-            (or, without one, the model's weights), the tokens themselves, ``layers`` and the
-            mask settings, so a second call with the same inputs reads the file instead of
-            running the model.
-        cache_key: a string naming the model (e.g. checkpoint path, step and data spec).
-        progress: show a tqdm bar.
-
-    Returns:
-        float32 CPU tensor (N, len(layers), d): features[:, j] = f^{layers[j]}. On CUDA the
-        model runs under bf16 autocast; the pooling is in float32.
-    """
-    if not isinstance(model, IGPT):
-        raise TypeError(
-            f"model must be an igpt.IGPT, got {type(model).__name__} (convert a transformers "
-            "ImageGPT with igpt.hf.from_hf)"
-        )
-    tokens = _as_tokens(tokens)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    layer_ids = _resolve_layers(layers, model.config.n_layer)
-    path = None
-    if cache_dir is not None:
-        path = _cache_path(
-            model, tokens, layer_ids, bert_mask_seed, bert_mask_prob, cache_dir, cache_key
-        )
-        if path.is_file():
-            log.info("features from cache %s", path)
-            return torch.load(path, map_location="cpu", weights_only=True)["features"]
-
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    if next(model.parameters()).device != device:
-        log.info("moving the model to %s for feature extraction", device)
-        model.to(device)
-    N, n = tokens.shape
-    mask = (
-        MaskRows((N, n), bert_mask_prob, seed=bert_mask_seed)
-        if bert_mask_seed is not None
-        else None
-    )
-    out = torch.empty(N, len(layer_ids), model.config.n_embd, dtype=torch.float32)
-    select = None if layer_ids == list(range(model.config.n_layer + 1)) else layer_ids
-    was_training = model.training
-    model.eval()
-    try:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-        starts = range(0, N, batch_size)
-        for s in tqdm(starts, desc="features", unit="batch", disable=not progress):
-            x = tokens[s : s + batch_size].to(device, torch.long, non_blocking=True)
-            m = mask(s, s + batch_size).to(device) if mask is not None else None
-            with autocast:
-                f = model.features(x, bert_mask=m)  # (B, L + 1, d) float32
-            out[s : s + batch_size] = (f if select is None else f[:, select]).float().cpu()
-    finally:
-        model.train(was_training)
-
-    if path is not None:
-        from igpt.checkpoint import atomic_torch_save
-
-        atomic_torch_save({"features": out, "layers": layer_ids, "key": str(cache_key)}, path)
-        log.info("cached features in %s", path)
-    return out
-
-
-def raw_pixel_features(images_or_tokens, *, palette=None) -> torch.Tensor:
-    """The raw-pixel baseline: each image as one flat float32 vector in [0, 1].
-
-    Args:
-        images_or_tokens: uint8 images (N, H, W, 3) (numpy or torch), or integer tokens
-            (N, n) together with ``palette``, whose colours replace the tokens.
-        palette: an ``igpt.palette.Palette`` (only for tokens).
-
-    Returns:
-        float32 (N, H * W * 3) or (N, n * 3).
-    """
-    x = images_or_tokens
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"images_or_tokens must be a numpy array or tensor, got {type(x).__name__}")
-    if x.dtype == torch.uint8 and x.dim() == 4 and x.shape[-1] == 3:
-        return x.reshape(len(x), -1).float() / 255.0
-    if x.dim() == 2 and not x.dtype.is_floating_point and x.dtype != torch.bool:
-        if palette is None:
-            raise ValueError("tokens need palette=... to turn them back into pixels")
-        return palette.dequantize(x.cpu().long()).reshape(len(x), -1).float() / 255.0
-    raise ValueError(
-        "images_or_tokens must be uint8 images (N, H, W, 3) or integer tokens (N, n), got "
-        f"{x.dtype} {tuple(x.shape)}"
-    )
-
-
-def random_init_model(model_or_config, *, seed: int = 0) -> IGPT:
-    """A freshly initialised IGPT of the same size: the 'what did pretraining buy' baseline."""
-    config = getattr(model_or_config, "config", model_or_config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return IGPT(config)
 
 
 # ----------------------------------------------------------------------------- probes
@@ -769,342 +546,121 @@ def bert_ensemble_probe(
     }
 
 
-# ----------------------------------------------------------------------------- reports
+# ----------------------------------------------------------------------------- the evaluation
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    """A Markdown table of ``rows`` (dicts) restricted to ``columns``."""
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4f}"
-        if isinstance(v, (list, tuple)):
-            return ",".join(str(i) for i in v)
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def plot_accuracy_vs_depth(
-    curves: dict,
-    path,
+def evaluate(
+    model: IGPT,
+    palette,
+    train,
+    test,
     *,
-    n_layer: int | None = None,
-    baselines: dict | None = None,
-    title: str = "Linear probe accuracy vs depth",
-) -> Path:
-    """The paper's figure 2: probe accuracy against relative depth l / L, as a PNG.
+    layers: Sequence[int] | None = None,
+    per_class: Sequence[int] = (4, 25, 400),
+    n_subsets: int = 5,
+    baselines: bool = True,
+    low_data_baselines: bool = False,
+    concat: int = 5,
+    method: str = "lbfgs",
+    Cs: Sequence[float] | None = None,
+    objective: str = "ar",
+    n_masks: int = 5,
+    batch_size: int = 64,
+    seed: int = 0,
+    device=None,
+    cache_dir=None,
+    cache_key: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """The whole linear evaluation of a model on labelled images (``igpt probe``, the demo).
+
+    Probes every layer (``probe_layers``), then k labels per class at the best layer
+    (``low_data_probe``, L-BFGS only), the BERT mask ensemble for a BERT model, and with
+    ``baselines`` the same probes of raw pixels (the images resized to the model's n_px, the
+    input the model sees) and of a randomly initialised model of the same size.
 
     Args:
-        curves: name -> ``probe_layers`` result (or its ``rows``); one line per name.
-        path: the PNG to write.
-        n_layer: L, the model's depth (default: the largest layer in the rows).
-        baselines: name -> accuracy, drawn as horizontal dashed lines (e.g. raw pixels).
+        model, palette: the model and the palette that tokenises its images.
+        train, test: ``igpt.data.ImageData`` with labels.
+        layers: layers to probe (default all); per_class, n_subsets: the low-data probes.
+        low_data_baselines: also run the low-data probes on both baselines (at the random
+            model's best layer), with the same subsets.
+        concat: layers concatenated around the best one (0 skips it).
+        method: "lbfgs" or "sgd"; Cs: the L2 strengths L-BFGS chooses from (default 1e-4..1e2).
+        objective: "ar", or "bert" for masked inputs; n_masks: masks in the BERT ensemble.
+        batch_size, device, cache_dir, cache_key, progress: as in ``extract_features``.
+        seed: the masks, the hold-outs, the subsets and the random model.
+
+    Returns:
+        dict with ``objective``, ``n_train``, ``n_test``, ``n_layer``, ``layers`` and, as they
+        ran, ``low_data``, ``bert_ensemble``, ``raw_pixels``, ``random_init`` and
+        ``low_data_baselines`` (name -> ``low_data_probe`` result).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, res in curves.items():
-        rows = res["rows"] if isinstance(res, dict) else res
-        layers = [r["layer"] for r in rows]
-        depth = max(n_layer or max(layers), 1)
-        ax.plot(
-            [lay / depth for lay in layers],
-            [100 * r["test_acc"] for r in rows],
-            marker="o",
-            markersize=3,
-            label=name,
-        )
-    for i, (name, acc) in enumerate((baselines or {}).items()):
-        ax.axhline(100 * acc, linestyle="--", color=f"C{len(curves) + i}", label=name)
-    ax.set_xlabel("relative depth l / L")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items() if k != "classifier"}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    return obj
-
-
-def write_report(results: dict, out_dir) -> dict:
-    """Write ``probe.json``, ``probe.md`` (tables) and ``depth.png`` for a probe run.
-
-    ``results`` holds ``layers`` (a ``probe_layers`` result) and optionally ``random_init``
-    (the same for the baseline model), ``raw_pixels`` (a ``linear_probe`` result),
-    ``low_data`` (a ``low_data_probe`` result) and ``bert_ensemble``. Returns the paths.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "probe.json", "table": out / "probe.md", "png": out / "depth.png"}
-    text = json.dumps(_jsonable(results), indent=2)
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(text)
-    tmp.replace(paths["json"])
-    paths["table"].write_text(summary_text(results) + "\n")
-    curves = {"pretrained": results["layers"]}
-    if results.get("random_init"):
-        curves["random init"] = results["random_init"]
-    baselines = {}
-    if results.get("raw_pixels"):
-        baselines["raw pixels"] = results["raw_pixels"]["test_acc"]
-    plot_accuracy_vs_depth(
-        curves, paths["png"], n_layer=results.get("n_layer"), baselines=baselines
-    )
-    return paths
-
-
-def summary_text(results: dict) -> str:
-    """The Markdown summary of a probe run: per-layer table, baselines, low-data, BERT."""
-    rows = results["layers"]["rows"]
-    reg = "C" if rows and "C" in rows[0] else "weight_decay"
-    parts = [
-        "## Linear probe per layer",
-        "",
-        format_table(rows, ["layer", "val_acc", "test_acc", reg]),
-    ]
-    lay = results["layers"]
-    lines = [f"best layer {lay['best_layer']}: test acc {lay['best']['test_acc']:.4f}"]
-    if lay.get("concat"):
-        c = lay["concat"]
-        lines.append(f"concat of layers {c['layers']}: test acc {c['test_acc']:.4f}")
-    if results.get("random_init"):
-        r = results["random_init"]
-        lines.append(
-            f"random-init model, best layer {r['best_layer']}: test acc {r['best']['test_acc']:.4f}"
-        )
-    if results.get("raw_pixels"):
-        lines.append(f"raw pixels: test acc {results['raw_pixels']['test_acc']:.4f}")
-    if results.get("bert_ensemble"):
-        b = results["bert_ensemble"]
-        lines.append(
-            f"BERT layer {b['layer']}: one mask {b['single_mask_acc']:.4f}, "
-            f"{b['n_masks']}-mask ensemble {b['ensemble_acc']:.4f}"
-        )
-    parts += ["", *(f"- {line}" for line in lines)]
-    if results.get("low_data"):
-        rows = [
-            {
-                "per class": r["per_class"],
-                "n_train": r["n_train"],
-                "test acc": f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
-            }
-            for r in results["low_data"]["rows"]
-        ]
-        parts += [
-            "",
-            "## Low-data probe (mean ± std over subsets, %)",
-            "",
-            format_table(rows, ["per class", "n_train", "test acc"]),
-        ]
-    return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------- igpt probe
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in str(text).replace(",", " ").split()]
-    except ValueError:
-        raise ValueError(f"expected integers like 4,25,400, got {text!r}") from None
-
-
-def add_arguments(parser) -> None:
-    """Arguments of ``igpt probe``."""
-    from igpt.cli import add_common_arguments
-
-    add_common_arguments(
-        parser, "checkpoint", "data", "objective", "batch_size", "out", "device", "seed"
-    )
-    # objective: the checkpoint's own by default; the flag is for checkpoints that do not
-    # record one (a BERT model must be probed with masked inputs)
-    parser.set_defaults(batch_size=64, out="runs/probe", objective=None)
-    parser.add_argument(
-        "--layers", nargs="+", default=None, help="layers to probe, e.g. 0,8,16,24 (default: all)"
-    )
-    parser.add_argument(
-        "--per-class",
-        nargs="+",
-        default=["4,25,400"],
-        help="low-data probes with k labels per class at the best layer (default 4,25,400; "
-        "'none' skips them)",
-    )
-    parser.add_argument("--subsets", type=int, default=5, help="random subsets per k (default 5)")
-    parser.add_argument(
-        "--concat", type=int, default=5, help="layers concatenated around the best (default 5)"
-    )
-    parser.add_argument(
-        "--cs",
-        default=None,
-        help="L2 strengths C to choose from, e.g. 0.01,1,100 (default 1e-4..1e2)",
-    )
-    parser.add_argument(
-        "--method",
-        choices=("lbfgs", "sgd"),
-        default="lbfgs",
-        help="lbfgs (scikit-learn, the paper's) or sgd (GPU, for large sets)",
-    )
-    parser.add_argument(
-        "--bert-masks", type=int, default=5, help="masks in a BERT model's ensemble (default 5)"
-    )
-    parser.add_argument(
-        "--no-baselines", action="store_true", help="skip the raw-pixel and random-init probes"
-    )
-    parser.add_argument("--limit", type=int, default=None, help="use the first N images per split")
-    parser.add_argument("--cache-dir", default=None, help="feature cache (default OUT/cache)")
-
-
-def _load_split(spec: str, split: str, limit: int | None):
-    from igpt.data import load_images
-
-    data = load_images(spec, split)
-    if data.labels is None:
-        raise SystemExit(f"--data {spec} has no labels in its {split!r} split; probes need labels")
-    return data.subset(np.arange(min(limit, len(data)))) if limit else data
-
-
-def run(args) -> None:
-    """``igpt probe``: probe every layer of a checkpoint on a labelled dataset."""
-    from igpt.checkpoint import load_model, objective_of, resolve_checkpoint
     from igpt.data import resize, tokenize
 
-    if args.checkpoint is None:
-        raise SystemExit("igpt probe needs --checkpoint FILE_OR_RUN_DIR")
-    path = resolve_checkpoint(args.checkpoint)
-    from igpt.cli import pick_device
-
-    device = pick_device(args.device)
-    model, palette, ckpt = load_model(path, device=device)
-    if palette is None:
-        raise SystemExit(f"{path} holds no palette, so images cannot be tokenised")
-    objective = args.objective or objective_of(ckpt)
+    for name, split in (("train", train), ("test", test)):
+        if split.labels is None:
+            raise ValueError(f"{name} has no labels; a linear probe needs labelled images")
+    if method == "sgd" and Cs is not None:
+        log.warning("Cs applies to the L-BFGS probe; --method sgd chooses a weight decay")
+    lbfgs_kw = {"seed": seed} if Cs is None else {"seed": seed, "Cs": list(Cs)}
+    kw = lbfgs_kw if method == "lbfgs" else {"seed": seed, "device": device}
     n_px, L = model.config.n_px, model.config.n_layer
-    layers = _resolve_layers(_int_list(" ".join(args.layers)), L) if args.layers else None
-    per_class = [] if args.per_class == ["none"] else _int_list(" ".join(args.per_class))
-    probe_kw = {"seed": args.seed}
-    if args.cs:
-        try:
-            probe_kw["Cs"] = [float(c) for c in args.cs.replace(",", " ").split()]
-        except ValueError:
-            raise SystemExit(f"--cs needs numbers like 0.01,1,100, got {args.cs!r}") from None
-    if args.method == "sgd":
-        probe_kw = {"seed": args.seed, "device": device}
-
-    train = _load_split(args.data, "train", args.limit)
-    test = _load_split(args.data, "test", args.limit)
     x, xt = tokenize(train.images, palette, n_px), tokenize(test.images, palette, n_px)
-    out = Path(args.out)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
-    key = f"{path.resolve()}|{path.stat().st_mtime_ns}|step={ckpt.get('step')}|{args.data}"
-    bert_seed = args.seed if objective == "bert" else None
-    log.info(
-        "probing %s (%s, L=%d) on %s: %d train, %d test images",
-        path,
-        objective,
-        L,
-        args.data,
-        len(x),
-        len(xt),
-    )
+    y, yt = train.labels, test.labels
+    ids = _resolve_layers(layers, L)
+    feat_kw = dict(batch_size=batch_size, layers=ids, device=device, progress=progress)
+    feat_kw["bert_mask_seed"] = seed if objective == "bert" else None
 
-    def features(m, tokens, split, tag):
-        return extract_features(
-            m,
-            tokens,
-            batch_size=args.batch_size,
-            layers=layers,
-            bert_mask_seed=bert_seed,
-            device=device,
-            cache_dir=cache_dir,
-            cache_key=f"{key}|{split}|{tag}",
-        )
+    def features(m, tag):
+        keys = [None if cache_key is None else f"{cache_key}|{s}|{tag}" for s in ("train", "test")]
+        return [
+            extract_features(m, t, cache_dir=cache_dir, cache_key=k, **feat_kw)
+            for t, k in zip((x, xt), keys, strict=True)
+        ]
 
-    ids = layers if layers is not None else list(range(L + 1))
-    f, ft = features(model, x, "train", "model"), features(model, xt, "test", "model")
-    results = {
-        "checkpoint": str(path),
-        "data": args.data,
-        "objective": objective,
-        "n_train": len(x),
-        "n_test": len(xt),
-        "n_layer": L,
-    }
+    results = {"objective": objective, "n_train": len(x), "n_test": len(xt), "n_layer": L}
+    f, ft = features(model, "model")
     results["layers"] = probe_layers(
-        f,
-        train.labels,
-        ft,
-        test.labels,
-        layer_ids=ids,
-        concat=args.concat,
-        method=args.method,
-        **probe_kw,
+        f, y, ft, yt, layer_ids=ids, concat=concat, method=method, progress=progress, **kw
     )
-    j = ids.index(results["layers"]["best_layer"])
-    if per_class and args.method == "sgd":
-        log.info("low-data probes use L-BFGS; skipped with --method sgd")
-    elif per_class:
-        results["low_data"] = low_data_probe(
-            f[:, j],
-            train.labels,
-            ft[:, j],
-            test.labels,
-            per_class=per_class,
-            n_subsets=args.subsets,
-            **probe_kw,
-        )
+    low = _low_data(per_class, n_subsets, method, progress, y, yt, lbfgs_kw)
+    if low is not None:
+        j = ids.index(results["layers"]["best_layer"])
+        results["low_data"] = low(f[:, j], ft[:, j])
     del f, ft
-    if objective == "bert" and args.bert_masks > 1:
+    if objective == "bert" and n_masks > 1:
         results["bert_ensemble"] = bert_ensemble_probe(
-            model,
-            x,
-            train.labels,
-            xt,
-            test.labels,
-            layer=results["layers"]["best_layer"],
-            n_masks=args.bert_masks,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=device,
-            cache_dir=cache_dir,
-            cache_key=f"{key}|ensemble",
-            **({} if args.method == "sgd" else {"Cs": probe_kw["Cs"]} if "Cs" in probe_kw else {}),
-        )
-    if not args.no_baselines:
+            model, x, y, xt, yt, layer=results["layers"]["best_layer"], n_masks=n_masks,
+            seed=seed, batch_size=batch_size, device=device, cache_dir=cache_dir,
+            cache_key=None if cache_key is None else f"{cache_key}|ensemble",
+            progress=progress, **({} if method == "sgd" or Cs is None else {"Cs": list(Cs)}),
+        )  # fmt: skip
+    if baselines:
         raw = [raw_pixel_features(resize(d.images, n_px)) for d in (train, test)]
-        fit = linear_probe if args.method == "lbfgs" else sgd_probe
-        results["raw_pixels"] = fit(raw[0], train.labels, raw[1], test.labels, **probe_kw)
-        fresh = random_init_model(model.config, seed=args.seed).to(device)
-        rf = features(fresh, x, "train", f"random-init-{args.seed}")
-        rft = features(fresh, xt, "test", f"random-init-{args.seed}")
+        fit = linear_probe if method == "lbfgs" else sgd_probe
+        results["raw_pixels"] = fit(raw[0], y, raw[1], yt, **kw)
+        fresh = random_init_model(model.config, seed=seed).to(next(model.parameters()).device)
+        rf, rft = features(fresh, f"random-init-{seed}")
         results["random_init"] = probe_layers(
-            rf,
-            train.labels,
-            rft,
-            test.labels,
-            layer_ids=ids,
-            concat=0,
-            method=args.method,
-            **probe_kw,
+            rf, y, rft, yt, layer_ids=ids, concat=0, method=method, progress=progress, **kw
         )
-    paths = write_report(results, out)
-    print(summary_text(results))
-    print(f"\nwrote {paths['json']}, {paths['table']} and {paths['png']}")
+        if low_data_baselines and low is not None:
+            j = ids.index(results["random_init"]["best_layer"])
+            results["low_data_baselines"] = {
+                "random init": low(rf[:, j], rft[:, j]),
+                "raw pixels": low(*raw),
+            }
+    return results
+
+
+def _low_data(per_class, n_subsets, method, progress, y, yt, probe_kw):
+    """``feats, test_feats -> low_data_probe(...)`` for ``evaluate``, or None if none run."""
+    if not per_class:
+        return None
+    if method == "sgd":
+        log.info("low-data probes use L-BFGS; skipped with --method sgd")
+        return None
+    return lambda f, ft: low_data_probe(
+        f, y, ft, yt, per_class=per_class, n_subsets=n_subsets, progress=progress, **probe_kw
+    )

@@ -1,4 +1,4 @@
-"""Samples from an AR iGPT: unconditional images, image completions, PNG grids, ``igpt sample``.
+"""Samples from an AR iGPT: unconditional images, image completions, PNG grids.
 
     model, palette, ckpt = load_for_sampling("runs/demo")      # refuses BERT checkpoints
     tokens = unconditional(model, 16, temperature=1.0, seed=0)  # (16, n_px^2)
@@ -10,7 +10,7 @@ Completion keeps a raster-order prefix of every image (the top ``rows`` rows, or
 (Chen et al., 2020, fig. 1). Sampling itself is ``IGPT.generate`` (KV cache, temperature,
 top-k, top-p); this module batches it, keeps seeds reproducible and draws the pictures: one
 row per image, the masked input (the part the model did not see in grey), the completions,
-then the original.
+then the original. ``igpt sample`` (``igpt.commands.sample``) runs this on a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from igpt._checks import check_tokens
 from igpt._io import atomic_write
-from igpt.cli import add_common_arguments, pick_device
 from igpt.model import IGPT
 
 log = logging.getLogger(__name__)
@@ -97,24 +97,6 @@ def unconditional(
     return _batched_generate(model, n, None, batch_size, seed, progress, sampling)
 
 
-def _as_token_images(tokens, n_positions: int) -> torch.Tensor:
-    if not isinstance(tokens, (torch.Tensor, np.ndarray)):
-        raise TypeError(f"tokens must be a tensor or numpy array, got {type(tokens).__name__}")
-    tokens = torch.as_tensor(tokens)
-    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dim() not in (2, 3):
-        raise TypeError(
-            f"tokens must be integer palette ids (N, n_px^2) or (N, n_px, n_px), got "
-            f"{tokens.dtype} {tuple(tokens.shape)}"
-        )
-    tokens = tokens.reshape(len(tokens), -1)
-    if tokens.shape[1] != n_positions:
-        raise ValueError(
-            f"tokens must hold n_px^2 = {n_positions} pixels per image (the model's size), "
-            f"got {tokens.shape[1]}"
-        )
-    return tokens.long()
-
-
 def prefix_length(n_px: int, rows: int | None = None, n_prefix: int | None = None) -> int:
     """Raster positions kept by a completion: ``rows * n_px``, or ``n_prefix``; half by default."""
     if rows is not None and n_prefix is not None:
@@ -161,7 +143,13 @@ def complete(
         prefix of each image.
     """
     cfg = model.config
-    tokens = _as_token_images(tokens, cfg.n_positions)
+    tokens = check_tokens(tokens, dims=(2, 3), shape_hint="(N, n_px^2) or (N, n_px, n_px)")
+    tokens = tokens.reshape(len(tokens), -1).long()
+    if tokens.shape[1] != cfg.n_positions:
+        raise ValueError(
+            f"tokens must hold n_px^2 = {cfg.n_positions} pixels per image (the model's size), "
+            f"got {tokens.shape[1]}"
+        )
     p = prefix_length(cfg.n_px, rows, n_prefix)
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
@@ -284,94 +272,3 @@ def save_grid(
         ids = torch.as_tensor(completions).cpu().long().numpy()
         atomic_write(tokens_path, lambda f: np.save(f, ids))
     return path
-
-
-# --------------------------------------------------------------------------------------
-# igpt sample
-# --------------------------------------------------------------------------------------
-
-
-def add_arguments(parser) -> None:
-    """Arguments of ``igpt sample``."""
-    add_common_arguments(parser, "checkpoint", "device", "seed", "batch_size")
-    parser.add_argument("--n", type=int, default=16, help="images to sample or complete")
-    parser.add_argument(
-        "--complete-from",
-        "--data",  # the design's common flag name for a data spec
-        dest="complete_from",
-        metavar="DATA",
-        default=None,
-        help="complete images of this dataset spec (digits, cifar10:DIR, ...) instead of "
-        "sampling from scratch",
-    )
-    parser.add_argument("--split", default="test", help="split of --complete-from (test)")
-    parser.add_argument("--rows", type=int, default=None, help="top rows kept (default: half)")
-    parser.add_argument("--n-samples", type=int, default=4, help="completions per image (4)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (1.0)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    parser.add_argument("--palette", default=None, help=".npy palette if the checkpoint has none")
-    parser.add_argument("--out", default="samples.png", help="PNG to write (samples.png)")
-    parser.add_argument("--tokens-out", default=None, help="also save the raw tokens (.npy)")
-    parser.add_argument("--scale", type=int, default=4, help="pixel size in the PNG (4)")
-
-
-def run(args) -> None:
-    """``igpt sample``: unconditional samples or completions of a dataset, as a PNG grid."""
-    if args.checkpoint is None:
-        raise SystemExit("igpt sample needs --checkpoint (a checkpoint file or run directory)")
-    if args.n < 1:
-        raise SystemExit(f"--n must be >= 1, got {args.n}")
-    device = pick_device(args.device)
-    try:
-        model, palette, _ = load_for_sampling(args.checkpoint, device=device)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"igpt sample: {e}") from e
-    if args.palette is not None:
-        from igpt.palette import Palette
-
-        palette = Palette.load(args.palette)
-    if palette is None:
-        raise SystemExit("igpt sample: the checkpoint holds no palette; pass --palette FILE.npy")
-    cfg = model.config
-    if len(palette) != cfg.n_colors:
-        raise SystemExit(
-            f"igpt sample: the palette has {len(palette)} colours but the model was trained "
-            f"on n_colors={cfg.n_colors}"
-        )
-    sampling = dict(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        batch_size=args.batch_size or 64,
-        progress=True,
-    )
-    try:
-        if args.complete_from is None:
-            originals, n_prefix = None, 0
-            samples = unconditional(model, args.n, **sampling)
-        else:
-            from igpt.data import load_images, tokenize
-
-            data = load_images(args.complete_from, args.split)
-            originals = tokenize(data.images[: args.n], palette, cfg.n_px)
-            n_prefix = prefix_length(cfg.n_px, rows=args.rows)
-            samples = complete(
-                model, originals, n_prefix=n_prefix, n_samples=args.n_samples, **sampling
-            )
-    except ValueError as e:
-        raise SystemExit(f"igpt sample: {e}") from e
-    path = save_grid(
-        args.out,
-        originals,
-        samples,
-        palette,
-        n_prefix=n_prefix,
-        scale=args.scale,
-        tokens_path=args.tokens_out,
-    )
-    what = "unconditional samples" if originals is None else "completions"
-    print(f"wrote {len(samples.view(-1, cfg.n_positions))} {what} to {path}")
-    if args.tokens_out:
-        print(f"raw tokens in {args.tokens_out}")

@@ -1,0 +1,103 @@
+"""``igpt finetune``: fine-tune a checkpoint on a labelled data set, report test accuracy.
+
+Flags come from ``FinetuneConfig``'s fields (``--out`` is its ``out_dir``), plus the data
+ones; the run writes ``finetune.json`` (the summary) beside the fine-tuning run's files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from igpt.commands._common import (
+    UsageError,
+    config_from_args,
+    dataclass_arguments,
+    labelled_splits,
+    open_checkpoint,
+    pick_device,
+)
+from igpt.finetune import FinetuneConfig, evaluate, finetune
+from igpt.objectives import OBJECTIVES
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser) -> None:
+    """Flags of ``igpt finetune``: FinetuneConfig's fields, and the ones of the command."""
+    a = parser.add_argument
+    a("--checkpoint", default=None, help="checkpoint file, or a run directory for its latest")
+    a("--data", default="digits", help="labelled data: digits, cifar10:DIR ... (default digits)")
+    # where the command's meaning differs from the library's: the checkpoint's objective,
+    # a run directory always, and a device picked like every command's
+    a("--objective", choices=OBJECTIVES, default=None, help="default: the checkpoint's own")
+    a("--out", dest="out_dir", default="runs/finetune", help="run directory (default %(default)s)")
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    skip = ("objective", "out_dir", "device", "joint", "val_frac", "progress")
+    dataclass_arguments(parser, FinetuneConfig, skip=skip)
+    parser.set_defaults(n_masks=5)  # sec. 4.6's ensemble for the test accuracy
+    a("--clf-only", action="store_true", help="train L_CLF alone (default: L_GEN + L_CLF)")
+    a(
+        "--augment",
+        choices=("auto", "none", "cifar"),
+        default="auto",
+        help="training augmentation: cifar = pad 4, random crop, flip (auto: for cifar specs)",
+    )
+    a("--limit", type=int, default=None, help="use the first N images per split")
+
+
+def _data(args, model, palette):
+    """Tokens of both splits of ``--data``, the training augmentation and the class count."""
+    from igpt.data import pad_crop_flip, parse_spec, tokenize
+
+    train, test = labelled_splits(args.data, args.limit)
+    n_px = model.config.n_px
+    x, xt = tokenize(train.images, palette, n_px), tokenize(test.images, palette, n_px)
+    cifar = parse_spec(args.data)[0].startswith("cifar")
+    augment = (
+        pad_crop_flip if args.augment == "cifar" or (args.augment == "auto" and cifar) else None
+    )
+    n_classes = train.num_classes or int(max(train.labels.max(), test.labels.max())) + 1
+    return train, test, x, xt, augment, n_classes
+
+
+def run(args) -> None:
+    """Fine-tune, evaluate on the test split, write finetune.json and print the accuracy."""
+    from igpt.checkpoint import latest_checkpoint
+    from igpt.rundir import RunDir
+
+    source = args.checkpoint
+    if source is None:
+        if not (args.resume and latest_checkpoint(args.out_dir)):
+            raise UsageError("igpt finetune needs --checkpoint FILE_OR_RUN_DIR")
+        source = args.out_dir  # the run's own latest checkpoint holds the model
+    device = pick_device(args.device)
+    path, model, palette, _, objective = open_checkpoint(args, source=source, device=device)
+    train, test, x, xt, augment, n_classes = _data(args, model, palette)
+    log.info(
+        "fine-tuning %s (%s, %s) on %s: %d train, %d test images",
+        *(path, objective, "L_CLF" if args.clf_only else "L_GEN + L_CLF"),
+        *(args.data, len(x), len(xt)),
+    )
+    cfg = config_from_args(
+        FinetuneConfig, args, objective=objective, joint=not args.clf_only, device=str(device)
+    )
+    res = finetune(
+        model, x, train.labels, n_classes=n_classes, train_images=train.images, palette=palette,
+        augment=augment, config=cfg,
+    )  # fmt: skip
+    test_acc = evaluate(
+        res["classifier"], xt, test.labels, objective=objective, n_masks=cfg.n_masks,
+        seed=cfg.seed, device=device, progress=True,  # the whole test set, n_masks times for BERT
+    )  # fmt: skip
+    summary = {k: res[k] for k in ("best_val_acc", "best_step", "step", "stopped_early")}
+    summary.update(test_acc=test_acc, checkpoint=str(path), data=args.data)
+    summary.update(settings=res["settings"], history=res["history"])
+    out = Path(cfg.out_dir)
+    RunDir(out).write_json("finetune.json", summary)
+    ensemble = f" ({cfg.n_masks}-mask ensemble)" if objective == "bert" else ""
+    print(
+        f"best hold-out accuracy {res['best_val_acc']:.4f} at step {res['best_step']}; "
+        f"test accuracy {test_acc:.4f}{ensemble}"
+    )
+    print(f"wrote {out / 'best.pt'}, {out / 'finetune.json'} and {out / 'finetune.png'}")

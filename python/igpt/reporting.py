@@ -1,0 +1,185 @@
+"""Reports of a probe run: Markdown tables, the JSON record, the accuracy-vs-depth figure.
+
+    paths = write_report(results, out_dir)   # probe.json, probe.md, depth.png
+    text = summary_text(results)            # the Markdown that probe.md holds
+
+``results`` is what ``igpt.probe.evaluate`` returns. ``pyplot()`` is the one matplotlib
+set-up (a file-only backend) for every figure the package draws; ``format_table`` is the one
+Markdown table, used by the reports and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from igpt._io import atomic_write, atomic_write_text
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (PNG files, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str], *, float_format=".4f") -> str:
+    """A Markdown table of ``rows`` (dicts) restricted to ``columns``.
+
+    Floats are written with ``float_format``, lists and tuples comma-joined, None as blank.
+    """
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:{float_format}}"
+        if isinstance(v, (list, tuple)):
+            return ",".join(str(i) for i in v)
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_depth(
+    curves: dict,
+    path,
+    *,
+    n_layer: int | None = None,
+    baselines: dict | None = None,
+    title: str = "Linear probe accuracy vs depth",
+) -> Path:
+    """The paper's figure 2: probe accuracy against relative depth l / L, as a PNG.
+
+    Args:
+        curves: name -> ``probe_layers`` result (or its ``rows``); one line per name.
+        path: the PNG to write.
+        n_layer: L, the model's depth (default: the largest layer in the rows).
+        baselines: name -> accuracy, drawn as horizontal dashed lines (e.g. raw pixels).
+    """
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, res in curves.items():
+        rows = res["rows"] if isinstance(res, dict) else res
+        layers = [r["layer"] for r in rows]
+        depth = max(n_layer or max(layers), 1)
+        ax.plot(
+            [lay / depth for lay in layers],
+            [100 * r["test_acc"] for r in rows],
+            marker="o",
+            markersize=3,
+            label=name,
+        )
+    for i, (name, acc) in enumerate((baselines or {}).items()):
+        ax.axhline(100 * acc, linestyle="--", color=f"C{len(curves) + i}", label=name)
+    ax.set_xlabel("relative depth l / L")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
+def jsonable(obj):
+    """``obj`` with numpy scalars as Python numbers and fitted classifiers left out."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items() if k != "classifier"}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    return obj
+
+
+def depth_figure(results: dict, path, *, title: str = "Linear probe accuracy vs depth") -> Path:
+    """``plot_accuracy_vs_depth`` of a probe run: the model, the random init, raw pixels."""
+    curves = {"pretrained": results["layers"]}
+    if results.get("random_init"):
+        curves["random init"] = results["random_init"]
+    baselines = {}
+    if results.get("raw_pixels"):
+        baselines["raw pixels"] = results["raw_pixels"]["test_acc"]
+    return plot_accuracy_vs_depth(
+        curves, path, n_layer=results.get("n_layer"), baselines=baselines, title=title
+    )
+
+
+def write_report(results: dict, out_dir) -> dict:
+    """Write ``probe.json``, ``probe.md`` (tables) and ``depth.png`` for a probe run.
+
+    ``results`` holds ``layers`` (a ``probe_layers`` result) and optionally ``random_init``
+    (the same for the baseline model), ``raw_pixels`` (a ``linear_probe`` result),
+    ``low_data`` (a ``low_data_probe`` result) and ``bert_ensemble``. Returns the paths.
+    """
+    out = Path(out_dir)
+    paths = {"json": out / "probe.json", "table": out / "probe.md", "png": out / "depth.png"}
+    atomic_write_text(paths["json"], json.dumps(jsonable(results), indent=2))
+    atomic_write_text(paths["table"], summary_text(results) + "\n")
+    depth_figure(results, paths["png"])
+    return paths
+
+
+def _low_data_table(low: dict, name: str | None = None) -> list[dict]:
+    return [
+        {
+            **({"features": name} if name else {}),
+            "per class": r["per_class"],
+            "n_train": r["n_train"],
+            "test acc": f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
+        }
+        for r in low["rows"]
+    ]
+
+
+def summary_text(results: dict) -> str:
+    """The Markdown summary of a probe run: per-layer table, baselines, low-data, BERT."""
+    rows = results["layers"]["rows"]
+    reg = "C" if rows and "C" in rows[0] else "weight_decay"
+    parts = [
+        "## Linear probe per layer",
+        "",
+        format_table(rows, ["layer", "val_acc", "test_acc", reg]),
+    ]
+    lay = results["layers"]
+    lines = [f"best layer {lay['best_layer']}: test acc {lay['best']['test_acc']:.4f}"]
+    if lay.get("concat"):
+        c = lay["concat"]
+        lines.append(f"concat of layers {c['layers']}: test acc {c['test_acc']:.4f}")
+    if results.get("random_init"):
+        r = results["random_init"]
+        lines.append(
+            f"random-init model, best layer {r['best_layer']}: test acc {r['best']['test_acc']:.4f}"
+        )
+    if results.get("raw_pixels"):
+        lines.append(f"raw pixels: test acc {results['raw_pixels']['test_acc']:.4f}")
+    if results.get("bert_ensemble"):
+        b = results["bert_ensemble"]
+        lines.append(
+            f"BERT layer {b['layer']}: one mask {b['single_mask_acc']:.4f}, "
+            f"{b['n_masks']}-mask ensemble {b['ensemble_acc']:.4f}"
+        )
+    parts += ["", *(f"- {line}" for line in lines)]
+    low_rows = _low_data_table(results["low_data"]) if results.get("low_data") else []
+    columns = ["per class", "n_train", "test acc"]
+    if results.get("low_data_baselines"):  # the same subsets probed on every feature set
+        low_rows = _low_data_table(results.get("low_data") or {"rows": []}, "pretrained")
+        for name, low in results["low_data_baselines"].items():
+            low_rows += _low_data_table(low, name)
+        columns = ["features", *columns]
+    if low_rows:
+        parts += [
+            "",
+            "## Low-data probe (mean ± std over subsets, %)",
+            "",
+            format_table(low_rows, columns),
+        ]
+    return "\n".join(parts)

@@ -1,0 +1,134 @@
+"""A run directory, as pre-training and fine-tuning both keep one.
+
+    run = RunDir("runs/x")                  # is_main=False on the other torchrun ranks
+    latest = run.check_fresh(resume)        # the checkpoint to resume from, or None
+    run.truncate_metrics(step)              # drop rows a killed run logged past it
+    run.append_metrics([{"step": 1, "loss": 2.3}])
+    run.save_checkpoint(state, step, keep=3)
+    run.plot("loss_curve.png", [("loss (nats / token)", [("loss", "train")])])
+
+It holds ``config.json``, ``metrics.jsonl`` (one JSON object per logged step, with at least
+``step``), ``ckpt_XXXXXXXX.pt`` and the PNG curves. JSON and checkpoints are written
+atomically (``igpt._io``): a crash leaves the old file or the new one. Only the main process
+writes; the others may read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+from igpt._io import atomic_write_text
+from igpt.checkpoint import atomic_torch_save, checkpoint_path, latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class RunDir:
+    """The files of one run under ``path`` (created by the main process)."""
+
+    def __init__(self, path, *, is_main: bool = True):
+        self.path, self.is_main = Path(path), is_main
+        if is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.path / "metrics.jsonl"
+
+    def check_fresh(self, resume: bool) -> Path | None:
+        """The latest checkpoint to resume from (None: start at step 0).
+
+        Raises FileExistsError when the directory holds checkpoints and ``resume`` is
+        False: two runs are never silently mixed in one directory.
+        """
+        latest = latest_checkpoint(self.path)
+        if latest is not None and not resume:
+            raise FileExistsError(
+                f"{self.path} already holds checkpoints (latest {latest.name}); pass "
+                "--resume (resume=True) to continue that run, or choose another --out"
+            )
+        if resume and latest is None:
+            log.info("resume: no checkpoint in %s yet; starting from step 0", self.path)
+        return latest
+
+    def write_json(self, name: str, obj) -> Path:
+        """``obj`` as indented JSON in ``name``, atomically (main process only)."""
+        path = self.path / name
+        if self.is_main:
+            atomic_write_text(path, json.dumps(obj, indent=2))
+        return path
+
+    def append_metrics(self, rows: list[dict]) -> None:
+        """Append rows to metrics.jsonl (main process only)."""
+        if self.is_main and rows:
+            with open(self.metrics_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def read_metrics(self) -> list[dict]:
+        """The logged rows; a line half-written when a process died is skipped."""
+        rows = []
+        if self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    rows.append(json.loads(line))
+        return rows
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop rows past ``step``, the step a run (re)starts from: a killed run may have
+        logged steps its last checkpoint does not hold, and they are about to be redone."""
+        if not self.is_main or not self.metrics_path.is_file():
+            return
+        keep = [
+            r
+            for r in self.read_metrics()
+            if isinstance(r, dict) and r.get("step", step + 1) <= step
+        ]
+        # atomic: a crash here must not lose the rows that are kept
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def save_checkpoint(self, state: dict, step: int, *, keep: int = 0) -> Path:
+        """Write ``state`` as ``ckpt_<step>.pt`` atomically and keep the newest ``keep``
+        checkpoints (0 keeps all). Main process only; returns the path."""
+        path = checkpoint_path(self.path, step)
+        if self.is_main:
+            atomic_torch_save(state, path)
+            if keep > 0:
+                for old in sorted(self.path.glob("ckpt_*.pt"))[:-keep]:
+                    old.unlink(missing_ok=True)
+        return path
+
+    def plot(self, name: str, panels, *, title: str | None = None) -> Path | None:
+        """A PNG of metrics against step, one panel per ``(ylabel, [(key, label), ...])``.
+
+        Rows with ``key`` give a line; keys starting with ``val`` are drawn with markers.
+        Returns None without matplotlib or on a non-main process.
+        """
+        if not self.is_main:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        rows = self.read_metrics()
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.5, 4), dpi=100)
+        for ax, (ylabel, series) in zip(list(getattr(axes, "flat", [axes])), panels, strict=True):
+            for key, label in series:
+                pts = [(r["step"], r[key]) for r in rows if key in r]
+                if pts:
+                    style = "o-" if key.startswith("val") else "-"
+                    ax.plot(*zip(*pts, strict=True), style, label=label, markersize=3)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        path = self.path / name
+        fig.savefig(path)
+        plt.close(fig)
+        return path
