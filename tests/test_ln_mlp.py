@@ -168,7 +168,7 @@ def test_triton_matches_reference(shape, norm, activation, biases, residual, dty
     "shape,norm,activation,biases,residual,dtype", [CASES[1], CASES[2], CASES[5]]
 )
 def test_cublas_variant_matches_reference(shape, norm, activation, biases, residual, dtype):
-    _compare(shape, norm, activation, biases, residual, dtype, backend="triton", _variant="cublas")
+    _compare(shape, norm, activation, biases, residual, dtype, backend="cublas")
 
 
 def test_odd_hidden_size_and_strided_weights(poisoned):
@@ -400,7 +400,7 @@ def test_ln_linear_bad_input_raises(fn, change, exc, words):
 # --------------------------------------------------------------------------------------
 
 
-def _eager_and_ours_errors(T, d, norm, activation, dtype, **kwargs):
+def _eager_and_ours_errors(T, d, norm, activation, dtype, backend="triton"):
     """max |err| vs float64 of eager PyTorch and of the Triton op, per output/gradient."""
     x = torch.randn(T, d, dtype=torch.float64, device="cuda")
     w = {
@@ -412,7 +412,7 @@ def _eager_and_ours_errors(T, d, norm, activation, dtype, **kwargs):
     ref = _grads(ln_mlp, x, w, dy, **opts, backend="torch")
     low = {k: None if v is None else v.to(dtype) for k, v in w.items()}
     eager = _grads(ln_mlp, x.to(dtype), low, dy, **opts, backend="torch")
-    ours = _grads(ln_mlp, x.to(dtype), low, dy, **opts, backend="triton", **kwargs)
+    ours = _grads(ln_mlp, x.to(dtype), low, dy, **opts, backend=backend)
     return {
         k: ((ours[k].double() - r).abs().max().item(), (eager[k].double() - r).abs().max().item())
         for k, r in ref.items()
@@ -421,9 +421,9 @@ def _eager_and_ours_errors(T, d, norm, activation, dtype, **kwargs):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("d", [512, 1024, 1536])
-@pytest.mark.parametrize("variant", ["fused", "cublas"])
+@pytest.mark.parametrize("variant", ["triton", "cublas"])
 def test_cuda_bf16_error_at_most_twice_eager(d, variant):
-    errors = _eager_and_ours_errors(32768, d, "rms", "quick_gelu", torch.bfloat16, _variant=variant)
+    errors = _eager_and_ours_errors(32768, d, "rms", "quick_gelu", torch.bfloat16, variant)
     for name, (ours, eager) in errors.items():
         assert ours <= 2 * eager + 1e-6, (name, ours, eager)
 
@@ -447,7 +447,7 @@ def test_cuda_every_config_is_correct(index, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["fused", "cublas"])
+@pytest.mark.parametrize("variant", ["triton", "cublas"])
 def test_cuda_autocast_error_at_most_twice_eager(variant):
     """The training loop's case: fp32 x and weights under bf16 autocast."""
     x = torch.randn(4096, 512, dtype=torch.float64, device="cuda")
@@ -457,7 +457,7 @@ def test_cuda_autocast_error_at_most_twice_eager(variant):
     w32 = {k: v.float() for k, v in w.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend="torch")
-        ours = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend="triton", _variant=variant)
+        ours = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend=variant)
     for name, r in ref.items():
         assert ours[name].dtype == eager[name].dtype, name
         err = (ours[name].double() - r).abs().max().item()
