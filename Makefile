@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-igpt
 
-.PHONY: install test test-fast lint format bench demo gpu-check clean
+.PHONY: install test test-fast lint format bench demo gpu-check compile-report clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ lint: install
 format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+# Every Triton kernel and config compiled for sm_90a and sm_80 (no GPU needed): the table
+# of registers, spills, shared memory and MMA instructions, into benchmarks/RESULTS.md.
+compile-report: install
+	env -u TRITON_INTERPRET $(PY) benchmarks/compile_report.py --results benchmarks/RESULTS.md
 
 bench: install
 	$(VENV)/bin/igpt bench

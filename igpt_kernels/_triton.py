@@ -3,8 +3,14 @@
 Kernel modules write ``from igpt_kernels._triton import HAS_TRITON, tl, triton`` and decorate
 their kernels as usual. Without Triton the decorators return the function unchanged and
 ``HAS_TRITON`` is False, so dispatch never launches them.
+
+Also the plumbing every op shares, so a new op copies none of it: the one autotune switch
+(``AUTOTUNE``, env ``IGPT_AUTOTUNE``), config lists (``configs``), a kernel with its configs
+and autotuner (``Tuned``, whose ``launch`` honours the switch) and the SM count.
 """
 
+import os
+import warnings
 from types import SimpleNamespace
 
 try:
@@ -30,4 +36,99 @@ except ImportError:  # CPU-only installs (macOS, Windows) have no Triton
     )
     tl = SimpleNamespace(constexpr=int)
 
-__all__ = ["HAS_TRITON", "triton", "tl"]
+__all__ = ["AUTOTUNE", "HAS_TRITON", "Tuned", "configs", "device_arch", "sm_count", "tl", "triton"]
+
+
+# --------------------------------------------------------------------------------------
+# what every Triton op shares: the autotune switch, config lists, launching, the GPU size
+# --------------------------------------------------------------------------------------
+
+_LEGACY_AUTOTUNE_ENV = ("IGPT_ATTENTION_AUTOTUNE", "IGPT_LN_MLP_AUTOTUNE")
+
+
+def _autotune_from_env() -> bool:
+    """IGPT_AUTOTUNE=0 turns autotuning off for every op (the per-op names still work)."""
+    value = os.environ.get("IGPT_AUTOTUNE")
+    for name in _LEGACY_AUTOTUNE_ENV:
+        if name in os.environ:
+            warnings.warn(
+                f"{name} is deprecated; set IGPT_AUTOTUNE instead", DeprecationWarning, stacklevel=2
+            )
+            value = os.environ[name] if value is None else value
+    return value != "0"
+
+
+# Autotuning compiles and times every config of a kernel once per autotune key (shapes,
+# dtypes, flags). False (IGPT_AUTOTUNE=0) launches the first config of each list instead:
+# quick compiles for the GPU tests, possibly slower kernels.
+AUTOTUNE = _autotune_from_env()
+
+
+def configs(names, rows, **fixed):
+    """triton.Configs from rows of (*block sizes named by ``names``, num_warps, num_stages)."""
+    return [
+        triton.Config(
+            {**dict(zip(names, row[:-2], strict=True)), **fixed},
+            num_warps=row[-2],
+            num_stages=row[-1],
+        )
+        for row in rows
+    ]
+
+
+def device_arch(device) -> int:
+    """The config family of a device: 90 for Hopper and later, 80 for Ampere/Ada (and for
+    the interpreter, whose single config list is the same for both)."""
+    if device.type == "cuda":
+        import torch
+
+        return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+    return 80
+
+
+class Tuned:
+    """A kernel, its configs (the first is the default) and its autotuner over them.
+
+    ``config_list`` is one list, or a dict of lists per ``device_arch`` (90, 80) where the
+    architectures need different tiles (register pressure differs: sm_80's mma.sync keeps
+    operands in registers that sm_90a's wgmma reads from shared memory).
+    """
+
+    def __init__(self, kernel, config_list, key):
+        self.kernel = kernel
+        if not isinstance(config_list, dict):
+            config_list = {90: config_list, 80: config_list}
+        self.by_arch = config_list
+        self._key = key
+        self._tuners = {}
+
+    def launch(self, grid, *args, **kwargs):
+        """Run autotuned (``AUTOTUNE``) or with the default config of the device's list.
+
+        grid: a function of the config's meta-parameters to the launch grid.
+        """
+        config_list = self.by_arch[device_arch(args[0].device)]
+        if AUTOTUNE:
+            key = id(config_list)
+            if key not in self._tuners:
+                self._tuners[key] = triton.autotune(config_list, key=self._key)(self.kernel)
+            self._tuners[key][grid](*args, **kwargs)
+            return
+        config = config_list[0]
+        self.kernel[grid(config.kwargs)](
+            *args,
+            **kwargs,
+            **config.kwargs,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device; 4 elsewhere (the interpreter), so tests
+    at tiny shapes exercise the split paths that fill a GPU."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

@@ -36,13 +36,17 @@ a second kernel merges the chunks by their lse. This path is forward-only: input
 require grad take the main kernel.
 
 Head dim 96 (iGPT-L) runs as 128 in registers with the extra columns masked on every load
-and store: one code path, 25% wasted MMA work on that shape. The alternative, two dots of
-64 + 32, is not implemented, so it is unmeasured against this.
+and store: one code path, 25% wasted MMA work on that shape. The forward can instead run
+it as 64 + 32 (two dots and two accumulators per product, ``HD96_SPLIT``); which is faster
+is unmeasured (no GPU yet), so the padded path stays the default.
 
 dtypes: float16 and bfloat16 (fp32 accumulation, p and dS rounded to the input dtype for
-the second matmul, as FlashAttention does) and float32 (IEEE fp32 dots, no TF32). Under
+the second matmul, as FlashAttention does) and float32 (tf32x3 dots: three TF32
+tensor-core passes, about fp32 accuracy, with small tiles of their own; IEEE fp32 dots
+would run on CUDA cores and spilled heavily in every config that fits an A100). Under
 ``TRITON_INTERPRET=1`` (CPU tests) one small config runs, float32/float16 only: the
-interpreter computes bfloat16 wrongly. Limits: B * H <= 65535 (the grid's second axis).
+interpreter computes bfloat16 wrongly. Limits: B * H <= 2^31 - 1 (the grid's first axis)
+and at most 65535 blocks of queries or keys (the second): ``check_grid``.
 
 Backends: "triton" (these kernels), "sdpa" (PyTorch's SDPA kernels where they can express
 the mask exactly: the table in ``attention``'s docstring) and "torch" (``reference.attention``,
@@ -57,17 +61,23 @@ import os
 
 import torch
 
-from igpt_kernels import _dispatch, reference
+from igpt_kernels import _dispatch, _triton, reference
 from igpt_kernels._dispatch import bucket, resolve, triton_interpreting, triton_unavailable
 from igpt_kernels._triton import HAS_TRITON, tl, triton
 
 LOG2E = 1.4426950408889634
-MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis, which indexes (batch, head)
+# (batch, head) pairs index the grid's first axis (CUDA allows 2^31 - 1 programs there),
+# query or key blocks its second (at most 65535: 1M queries at the smallest block of 16).
+MAX_BATCH_HEADS = 2**31 - 1
+MAX_GRID_Y = 65535
 DECODE_MAX_Q = 16  # the flash-decoding path takes Nq up to this (one BLOCK_M of 16)
 MAX_SPLITS = 64
-
-# Tests set this to True so that any output element a kernel fails to write reads as NaN.
-POISON_OUTPUTS = False
+# Head dim 96 (iGPT-L) in the forward: "pad" runs it as 128 with masked columns (one code
+# path, +33% MMA work); "split" as 64 + 32 (two dots per product, two accumulators, no
+# wasted MMA work). Neither has been timed on a GPU: "pad" stays the default until
+# benchmarks/bench_attention.py (L@48x48) shows "split" faster. IGPT_ATTENTION_HD96=split
+# or setting this to True selects the split. The backward always pads.
+HD96_SPLIT = os.environ.get("IGPT_ATTENTION_HD96", "pad") == "split"
 
 
 # --------------------------------------------------------------------------------------
@@ -77,9 +87,25 @@ POISON_OUTPUTS = False
 
 @triton.jit
 def _batch_head(H):
-    """(bh, b, h) of this program, as int64 so that base offsets may pass 2^31."""
-    off_bh = tl.program_id(1).to(tl.int64)
+    """(bh, b, h) of this program, as int64 so that base offsets may pass 2^31.
+
+    (batch, head) is grid axis 0, the one without CUDA's 65535 limit.
+    """
+    off_bh = tl.program_id(0).to(tl.int64)
     return off_bh, off_bh // H, off_bh % H
+
+
+@triton.jit
+def _query_block(CAUSAL: tl.constexpr):
+    """Index of this program's query block (grid axis 1), the heaviest first when causal.
+
+    A causal query block sees more keys the later it is, so running the last blocks first
+    (longest-processing-time order, as FlashAttention-2/3 do) keeps the longest programs
+    out of the grid's tail. Blocks of equal work (non-causal) keep the natural order.
+    """
+    if CAUSAL:
+        return tl.num_programs(1) - 1 - tl.program_id(1)
+    return tl.program_id(1)
 
 
 @triton.jit
@@ -137,6 +163,8 @@ def _key_range(
 def _scores(
     q,
     k,
+    q2,
+    k2,
     rows,
     cols,
     pad_base,
@@ -148,9 +176,16 @@ def _scores(
     CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
+    TAIL_D: tl.constexpr,
 ):
-    """Base-2 logits s = q k^T * sm_scale * log2(e), -inf where query row may not see key col."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    """Base-2 logits s = q k^T * sm_scale * log2(e), -inf where query row may not see key col.
+
+    TAIL_D > 0: the head dim is split, and q2 k2^T (the last TAIL_D columns) is added.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if TAIL_D > 0:
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
+    s = s * qk_scale
     if MASKED:
         keep = cols[None, :] < N_CTX_K
         if CAUSAL:
@@ -169,20 +204,28 @@ def _scores(
 
 @triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, pad_base,
+    acc, acc2, l_i, m_i, q, q2, k_base, v_base, pad_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-    offs_m, offs_n, offs_d, lo, hi, qk_scale, N_CTX_Q, N_CTX_K,
+    offs_m, offs_n, offs_d, offs_d2, lo, hi, qk_scale, N_CTX_Q, N_CTX_K,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    TAIL_D: tl.constexpr,
 ):  # fmt: skip
-    """Fold the key blocks [lo, hi) into the running (acc, l_i, m_i) of the online softmax."""
+    """Fold the key blocks [lo, hi) into the running (acc, l_i, m_i) of the online softmax.
+
+    TAIL_D > 0 (head dim 96 as 64 + 32): q2 and acc2 hold the columns offs_d2, with their
+    own K and V tiles, dots and accumulator; otherwise q2 and acc2 are unused.
+    """
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = _load_tile(k_base, cols, stride_kn, stride_kd, N_CTX_K, offs_d, HEAD_DIM, MASKED)
+        k2 = k
+        if TAIL_D > 0:
+            k2 = _load_tile(k_base, cols, stride_kn, stride_kd, N_CTX_K, offs_d2, HEAD_DIM, MASKED)
         s = _scores(
-            q, k, offs_m, cols, pad_base, stride_pn, qk_scale, N_CTX_Q, N_CTX_K,
-            MASKED, CAUSAL, HAS_PAD, PRECISION,
+            q, k, q2, k2, offs_m, cols, pad_base, stride_pn, qk_scale, N_CTX_Q, N_CTX_K,
+            MASKED, CAUSAL, HAS_PAD, PRECISION, TAIL_D,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED or HAS_PAD:
@@ -196,8 +239,11 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, cols, stride_vn, stride_vd, N_CTX_K, offs_d, HEAD_DIM, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        if TAIL_D > 0:
+            v2 = _load_tile(v_base, cols, stride_vn, stride_vd, N_CTX_K, offs_d2, HEAD_DIM, MASKED)
+            acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
@@ -211,15 +257,17 @@ def _attn_fwd_kernel(
     H, N_CTX_Q, N_CTX_K, SPLIT_KEYS, qk_scale, N_KEY,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_D: tl.constexpr = 0,
 ):  # fmt: skip
-    """Grid (cdiv(Nq, BLOCK_M), B * H, splits); split s takes keys [s, s + 1) * SPLIT_KEYS.
+    """Grid (B * H, cdiv(Nq, BLOCK_M), splits); split s takes keys [s, s + 1) * SPLIT_KEYS.
 
+    TAIL_D > 0: columns [0, BLOCK_D) and [BLOCK_D, BLOCK_D + TAIL_D) are two tiles with
+    their own dots and accumulators (head dim 96 = 64 + 32, see ``HD96_SPLIT``).
     SPLIT=False: writes o in Out's dtype and lse (+inf for a row with no key).
     SPLIT=True: writes this chunk's normalised o (fp32) and its lse (-inf if empty), for
     ``_attn_combine_kernel``. N_KEY only feeds the autotuner's key.
     """
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_block(CAUSAL) * BLOCK_M
     off_bh, off_b, off_h = _batch_head(H)
     split = tl.program_id(2)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -230,6 +278,12 @@ def _attn_fwd_kernel(
     v_base = V + off_b * stride_vb + off_h * stride_vh
     pad_base = Pad + off_b * stride_pb
     q = _load_tile(q_base, offs_m, stride_qm, stride_qd, N_CTX_Q, offs_d, HEAD_DIM, True)
+    # unused placeholders unless the head dim is split
+    q2, offs_d2, acc2 = q, offs_d, offs_m
+    if TAIL_D > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, TAIL_D)
+        q2 = _load_tile(q_base, offs_m, stride_qm, stride_qd, N_CTX_Q, offs_d2, HEAD_DIM, True)
+        acc2 = tl.zeros([BLOCK_M, TAIL_D], dtype=tl.float32)
 
     full, hi = _key_range(start_m, N_CTX_Q, N_CTX_K, CAUSAL, BLOCK_M, BLOCK_N)
     lo = split * SPLIT_KEYS
@@ -239,17 +293,17 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, pad_base,
+    acc, acc2, l_i, m_i = _attn_fwd_inner(
+        acc, acc2, l_i, m_i, q, q2, k_base, v_base, pad_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-        offs_m, offs_n, offs_d, lo, full, qk_scale, N_CTX_Q, N_CTX_K,
-        False, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION,
+        offs_m, offs_n, offs_d, offs_d2, lo, full, qk_scale, N_CTX_Q, N_CTX_K,
+        False, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION, TAIL_D,
     )  # fmt: skip
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, pad_base,
+    acc, acc2, l_i, m_i = _attn_fwd_inner(
+        acc, acc2, l_i, m_i, q, q2, k_base, v_base, pad_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-        offs_m, offs_n, offs_d, full, hi, qk_scale, N_CTX_Q, N_CTX_K,
-        True, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION,
+        offs_m, offs_n, offs_d, offs_d2, full, hi, qk_scale, N_CTX_Q, N_CTX_K,
+        True, CAUSAL, HAS_PAD, HEAD_DIM, BLOCK_N, PRECISION, TAIL_D,
     )  # fmt: skip
 
     empty = l_i == 0.0
@@ -264,6 +318,11 @@ def _attn_fwd_kernel(
     _store_tile(
         o_base, offs_m, stride_om, stride_od, N_CTX_Q, offs_d, acc / l_safe[:, None], HEAD_DIM
     )
+    if TAIL_D > 0:
+        _store_tile(
+            o_base, offs_m, stride_om, stride_od, N_CTX_Q, offs_d2, acc2 / l_safe[:, None],
+            HEAD_DIM,
+        )  # fmt: skip
     lse_base = Lse + (off_bh * tl.num_programs(2) + split) * N_CTX_Q
     tl.store(lse_base + offs_m, lse, mask=offs_m < N_CTX_Q)
 
@@ -277,7 +336,7 @@ def _attn_combine_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Merge flash-decoding chunks: o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = tl.program_id(1) * BLOCK_M
     off_bh, off_b, off_h = _batch_head(H)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -316,8 +375,8 @@ def _attn_bwd_preprocess_kernel(
     H, N_CTX_Q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Delta[bh, i] = sum_d dO[i, d] O[i, d] in fp32. Grid (cdiv(Nq, BLOCK_M), B * H)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    """Delta[bh, i] = sum_d dO[i, d] O[i, d] in fp32. Grid (B * H, cdiv(Nq, BLOCK_M))."""
+    start_m = tl.program_id(1) * BLOCK_M
     off_bh, off_b, off_h = _batch_head(H)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -379,11 +438,13 @@ def _attn_bwd_dkdv_kernel(
     HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV of BLOCK_N keys of one (batch, head). Grid (cdiv(Nk, BLOCK_N), B * H).
+    """dK, dV of BLOCK_N keys of one (batch, head). Grid (B * H, cdiv(Nk, BLOCK_N)).
 
-    DK and DV share one layout (strides stride_g*).
+    DK and DV share one layout (strides stride_g*). Under a causal mask the first key
+    blocks are the heaviest (every later query sees them), so the natural order already
+    runs the heaviest first.
     """
-    start_n = tl.program_id(0) * BLOCK_N
+    start_n = tl.program_id(1) * BLOCK_N
     off_bh, off_b, off_h = _batch_head(H)
     offs_m = tl.arange(0, BLOCK_M)
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -447,8 +508,8 @@ def _attn_bwd_dq_inner(
         k = _load_tile(k_base, cols, stride_kn, stride_kd, N_CTX_K, offs_d, HEAD_DIM, MASKED)
         v = _load_tile(v_base, cols, stride_vn, stride_vd, N_CTX_K, offs_d, HEAD_DIM, MASKED)
         s = _scores(
-            q, k, offs_m, cols, pad_base, stride_pn, qk_scale, N_CTX_Q, N_CTX_K,
-            MASKED, CAUSAL, HAS_PAD, PRECISION,
+            q, k, q, k, offs_m, cols, pad_base, stride_pn, qk_scale, N_CTX_Q, N_CTX_K,
+            MASKED, CAUSAL, HAS_PAD, PRECISION, 0,
         )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -471,8 +532,9 @@ def _attn_bwd_dq_kernel(
     HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dQ of BLOCK_M queries of one (batch, head). Grid (cdiv(Nq, BLOCK_M), B * H)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    """dQ of BLOCK_M queries of one (batch, head). Grid (B * H, cdiv(Nq, BLOCK_M)),
+    causal blocks heaviest first as in the forward."""
+    start_m = _query_block(CAUSAL) * BLOCK_M
     off_bh, off_b, off_h = _batch_head(H)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -511,75 +573,79 @@ def _attn_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------
 
 _TUNE_KEY = ["N_KEY", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
-
-
-def _configs(sweep):
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in sweep
-    ]
-
+_BLOCKS = ("BLOCK_M", "BLOCK_N")
 
 if HAS_TRITON and triton_interpreting():
     # BLOCK_M != BLOCK_N on purpose: the tests then cover diagonals spanning several blocks.
-    _CONFIGS = {
-        (kernel, wide): _configs([sweep])
+    _SWEEPS = {
+        (kernel, kind): [sweep]
         for kernel, sweep in [
             (_attn_fwd_kernel, (32, 16, 4, 1)),
             (_attn_bwd_dkdv_kernel, (16, 32, 4, 1)),
             (_attn_bwd_dq_kernel, (32, 16, 4, 1)),
         ]
-        for wide in (False, True)
+        for kind in ("narrow", "wide", "fp32")
     }
     _DECODE_BLOCK_N = 16
     _SMALL_BLOCK = 16
 else:
-    # Keyed by (kernel, head dim > 64); (BLOCK_M, BLOCK_N, num_warps, num_stages), the
-    # first of each list the default when autotuning is off. Chosen from Triton's sm_90 and
-    # sm_80 compiles (ptxas register and shared-memory use, no spills in the defaults), not
-    # from timings: the autotuner decides among them on the GPU, and skips a config that
-    # needs more shared memory than the GPU has (Ampere has less than Hopper).
-    _CONFIGS = {
-        (_attn_fwd_kernel, False): _configs(
-            [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
-        ),
-        (_attn_fwd_kernel, True): _configs([(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]),
-        (_attn_bwd_dkdv_kernel, False): _configs(
-            [(64, 128, 8, 3), (32, 64, 4, 3), (32, 128, 4, 3)]
-        ),
-        (_attn_bwd_dkdv_kernel, True): _configs([(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)]),
-        (_attn_bwd_dq_kernel, False): _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]),
-        (_attn_bwd_dq_kernel, True): _configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]),
+    # Keyed by (kernel, kind): "narrow" 16-bit head dim <= 64, "wide" 16-bit 96/128,
+    # "fp32" any head dim; (BLOCK_M, BLOCK_N, num_warps, num_stages), the first of each list
+    # the default when autotuning is off. Every config compiles without spills and within
+    # the shared memory of both sm_90a (227 KiB) and sm_80 (163 KiB): tests/test_compile.py
+    # checks that, benchmarks/RESULTS.md ("Compiled code") has the numbers. Chosen from
+    # those compiles, not from timings: the autotuner decides among them on the GPU.
+    # fp32 runs tf32x3 dots (see _constexprs), whose split operands (hi and lo parts) need
+    # far more registers than a 16-bit tile: only tiles this small compile without spills
+    # (sm_90a gets one wgmma config; tiles under 64 rows use mma.sync). A dict gives the
+    # lists per architecture ({90: sm_90a and later, 80: sm_80/sm_86/sm_89}).
+    _SWEEPS = {
+        (_attn_fwd_kernel, "narrow"): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+        # sm_80: 128x64 spills (48-52 B) at D=128 with padding, 64x64 does not
+        (_attn_fwd_kernel, "wide"): {90: [(128, 64, 8, 3), (64, 64, 4, 3)], 80: [(64, 64, 4, 3)]},
+        (_attn_fwd_kernel, "fp32"): {90: [(64, 16, 4, 1), (32, 16, 4, 2)], 80: [(32, 16, 4, 2)]},
+        # sm_80 (mma.sync keeps more operands in registers): the sm_90 defaults spill there
+        (_attn_bwd_dkdv_kernel, "narrow"): {
+            90: [(64, 128, 8, 3), (32, 64, 4, 3)],
+            80: [(32, 64, 4, 3)],
+        },
+        (_attn_bwd_dkdv_kernel, "wide"): {
+            90: [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)],
+            80: [(64, 64, 8, 3)],
+        },
+        (_attn_bwd_dkdv_kernel, "fp32"): [(16, 16, 4, 2)],
+        (_attn_bwd_dq_kernel, "narrow"): [(128, 64, 8, 3), (64, 64, 4, 3)],
+        (_attn_bwd_dq_kernel, "wide"): {
+            90: [(128, 32, 8, 3), (64, 64, 4, 3)],
+            80: [(64, 32, 4, 3)],
+        },
+        (_attn_bwd_dq_kernel, "fp32"): [(16, 16, 4, 1)],
     }
     _DECODE_BLOCK_N = 64
     _SMALL_BLOCK = 64
+_DECODE_WARPS = 4
 
-if HAS_TRITON:
-    _TUNED = {key: triton.autotune(c, key=_TUNE_KEY)(key[0]) for key, c in _CONFIGS.items()}
 
-# Autotuning compiles and times every config once per key (a power-of-two bucket of N, D,
-# causal, padded); IGPT_ATTENTION_AUTOTUNE=0, or setting this to False, runs the default
-# config instead (quick compiles for tests; slower kernels).
-AUTOTUNE = os.environ.get("IGPT_ATTENTION_AUTOTUNE", "1") != "0"
+def _arch_configs(rows):
+    """triton.Configs of a sweep: one list, or one per architecture ({90: rows, 80: rows})."""
+    if isinstance(rows, dict):
+        return {arch: _triton.configs(_BLOCKS, r) for arch, r in rows.items()}
+    return _triton.configs(_BLOCKS, rows)
+
+
+_TUNED = {key: _triton.Tuned(key[0], _arch_configs(r), _TUNE_KEY) for key, r in _SWEEPS.items()}
+
+
+def _config_kind(dtype, block_d) -> str:
+    if dtype == torch.float32:
+        return "fp32"
+    return "wide" if block_d > 64 else "narrow"
 
 
 def _launch(kernel, grid, *args, **kwargs):
-    """Launch ``kernel`` autotuned over its configs for this head dim, or with the default.
-
-    grid: a function of the config's meta-parameters (BLOCK_M, BLOCK_N) to the grid.
-    """
-    key = (kernel, kwargs["BLOCK_D"] > 64)
-    if AUTOTUNE:
-        _TUNED[key][grid](*args, **kwargs)
-        return
-    config = _CONFIGS[key][0]
-    kernel[grid(config.kwargs)](
-        *args,
-        **kwargs,
-        **config.kwargs,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    """Launch ``kernel`` with the configs of its kind (see ``_SWEEPS``), autotuned or not."""
+    kind = _config_kind(args[0].dtype, kwargs["BLOCK_D"] + kwargs.get("TAIL_D", 0))
+    _TUNED[(kernel, kind)].launch(grid, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -588,13 +654,18 @@ def _launch(kernel, grid, *args, **kwargs):
 
 
 def _empty(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _block_d(D):
     return triton.next_power_of_2(D)  # 96 runs as 128 with masked columns
+
+
+def _head_split(D):
+    """(BLOCK_D, TAIL_D) of the forward kernel: 96 as 64 + 32 when ``HD96_SPLIT``."""
+    if D == 96 and HD96_SPLIT:
+        return 64, 32
+    return _block_d(D), 0
 
 
 def _constexprs(q, causal, pad):
@@ -604,8 +675,11 @@ def _constexprs(q, causal, pad):
         BLOCK_D=_block_d(q.shape[-1]),
         CAUSAL=causal,
         HAS_PAD=pad is not None,
-        # fp32 inputs get IEEE fp32 dots, not TF32: a float32 user expects float32 accuracy
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # fp32 inputs get tf32x3 dots: three TF32 tensor-core passes (hi*hi + hi*lo +
+        # lo*hi), about fp32 accuracy. IEEE fp32 dots lower to CUDA-core FMA, which made
+        # ptxas spill tens of KB at any tile that fits and left fp32 at D > 64 over the
+        # A100's shared memory (see the "Compiled code" section of benchmarks/RESULTS.md).
+        PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
     )
 
 
@@ -620,10 +694,21 @@ def _pad_args(pad, q):
     return pad, pad.stride(0), pad.stride(1)
 
 
-def _sm_count(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: small, so tests at tiny shapes exercise the split path
+_sm_count = _triton.sm_count
+
+
+def check_grid(batch_heads: int, blocks: int) -> None:
+    """Raise ValueError if (batch * heads, query or key blocks) exceeds CUDA's grid."""
+    if batch_heads > MAX_BATCH_HEADS:
+        raise ValueError(
+            f"q has B * H = {batch_heads} (batch, head) pairs; the Triton attention grid takes "
+            f"at most {MAX_BATCH_HEADS}: split the batch, or use backend='torch'"
+        )
+    if blocks > MAX_GRID_Y:
+        raise ValueError(
+            f"the sequence needs {blocks} blocks on the grid's second axis, which takes at "
+            f"most {MAX_GRID_Y}: shorten it, or use backend='torch'"
+        )
 
 
 def decode_splits(B, H, Nq, Nk, device) -> int:
@@ -650,19 +735,16 @@ def _attn_fwd(q, k, v, pad, causal, sm_scale, *, num_splits=None):
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    if B * H > MAX_GRID_Y:
-        raise ValueError(
-            f"q has B * H = {B * H} (batch, head) pairs; the Triton attention grid takes at "
-            f"most {MAX_GRID_Y}: split the batch, or use backend='torch'"
-        )
+    check_grid(B * H, triton.cdiv(max(Nq, Nk), 16))
     o = _empty((B, H, Nq, D), q.dtype, q.device)
     pad_t, stride_pb, stride_pn = _pad_args(pad, q)
     qk_scale = sm_scale * LOG2E
     common = _constexprs(q, causal, pad)
+    common["BLOCK_D"], common["TAIL_D"] = _head_split(D)
     strides_in = (*q.stride(), *k.stride(), *v.stride(), stride_pb, stride_pn)
     if num_splits is None:
         lse = _empty((B, H, Nq), torch.float32, q.device)
-        grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H, 1)
+        grid = lambda meta: (B * H, triton.cdiv(Nq, meta["BLOCK_M"]), 1)
         _launch(
             _attn_fwd_kernel, grid, q, k, v, pad_t, o, lse, *strides_in,
             o.stride(0), o.stride(1), 0, o.stride(2), o.stride(3),
@@ -676,10 +758,10 @@ def _attn_fwd(q, k, v, pad, causal, sm_scale, *, num_splits=None):
         raise ValueError(f"the decode path takes at most {block_m} queries, got Nq={Nq}")
     chunk = triton.cdiv(triton.cdiv(Nk, max(1, num_splits)), block_n) * block_n
     splits = triton.cdiv(Nk, chunk)
-    warps = 4
+    warps = _DECODE_WARPS
     if splits == 1:
         lse = _empty((B, H, Nq), torch.float32, q.device)
-        _attn_fwd_kernel[(1, B * H, 1)](
+        _attn_fwd_kernel[(B * H, 1, 1)](
             q, k, v, pad_t, o, lse, *strides_in,
             o.stride(0), o.stride(1), 0, o.stride(2), o.stride(3),
             H, Nq, Nk, chunk, qk_scale, 0, SPLIT=False, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -688,13 +770,13 @@ def _attn_fwd(q, k, v, pad, causal, sm_scale, *, num_splits=None):
         return o, None
     part = _empty((B, H, splits, Nq, D), torch.float32, q.device)
     lse_part = _empty((B, H, splits, Nq), torch.float32, q.device)
-    _attn_fwd_kernel[(1, B * H, splits)](
+    _attn_fwd_kernel[(B * H, 1, splits)](
         q, k, v, pad_t, part, lse_part, *strides_in,
         *part.stride()[:4], part.stride(4),
         H, Nq, Nk, chunk, qk_scale, 0, SPLIT=True, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps, **common,
     )  # fmt: skip
-    _attn_combine_kernel[(1, B * H)](
+    _attn_combine_kernel[(B * H, 1)](
         part, lse_part, o, *part.stride()[:4], *o.stride(), H, Nq, splits,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, num_warps=warps,
     )  # fmt: skip
@@ -706,7 +788,7 @@ def _attn_bwd(do, q, k, v, o, lse, pad, causal, sm_scale):
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     delta = _empty((B, H, Nq), torch.float32, q.device)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(Nq, _SMALL_BLOCK), B * H)](
+    _attn_bwd_preprocess_kernel[(B * H, triton.cdiv(Nq, _SMALL_BLOCK))](
         o, do, delta, *o.stride(), *do.stride(), H, Nq,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_SMALL_BLOCK,
     )  # fmt: skip
@@ -718,11 +800,11 @@ def _attn_bwd(do, q, k, v, o, lse, pad, causal, sm_scale):
     strides_in = (*q.stride(), *k.stride(), *v.stride(), stride_pb, stride_pn, *do.stride())
     scalars = (H, Nq, Nk, sm_scale, sm_scale * LOG2E, _n_key(Nq, Nk))
     common = _constexprs(q, causal, pad)
-    grid = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * H)
+    grid = lambda meta: (B * H, triton.cdiv(Nk, meta["BLOCK_N"]))
     _launch(
         _attn_bwd_dkdv_kernel, grid, *args, dk, dv, *strides_in, *dk.stride(), *scalars, **common
     )
-    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+    grid = lambda meta: (B * H, triton.cdiv(Nq, meta["BLOCK_M"]))
     _launch(_attn_bwd_dq_kernel, grid, *args, dq, *strides_in, *dq.stride(), *scalars, **common)
     return dq, dk, dv
 
@@ -768,8 +850,10 @@ def _triton_reason(q) -> str | None:
             f"head_dim {D} is not supported by the Triton kernel (it takes "
             f"{', '.join(map(str, reference.HEAD_DIMS))}); backend='sdpa' or 'torch' takes any"
         )
-    if B * H > MAX_GRID_Y:
-        return f"B * H = {B * H} (batch, head) pairs; the Triton grid takes at most {MAX_GRID_Y}"
+    if B * H > MAX_BATCH_HEADS:
+        return (
+            f"B * H = {B * H} (batch, head) pairs; the Triton grid takes at most {MAX_BATCH_HEADS}"
+        )
     return None
 
 
@@ -976,7 +1060,8 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
     dtypes and head dims: flash float16/bfloat16, D <= 256, D % 8 == 0; efficient float16/
     bfloat16 (D % 8 == 0) and float32 (D % 4 == 0); cuDNN float16/bfloat16, D <= 128,
     D % 8 == 0, Nk > 1. On the Triton backend, calls that need no gradient with Nq <= 16
-    take the flash-decoding kernel; the others the autotuned FlashAttention-2 kernels.
+    take the flash-decoding kernel; the others the autotuned FlashAttention-2 kernels
+    (see ``igpt_kernels._triton.AUTOTUNE``).
     """
     reference.check_attention(q, k, v, causal, key_padding_mask, sm_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)

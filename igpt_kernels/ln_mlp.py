@@ -54,8 +54,8 @@ on the first call per (dtype, autocast, d, h, token bucket, grad, ...) and keeps
 
 Measured: nothing on a GPU yet; correctness was checked under the interpreter (fp32/fp16)
 only. ``benchmarks/bench_ln_mlp.py`` times every backend against eager and torch.compile.
-The GEMM block sizes are autotuned on the GPU from a short list (``AUTOTUNE``;
-``IGPT_LN_MLP_AUTOTUNE=0`` runs the first of each list, as the GPU tests do).
+The GEMM block sizes are autotuned on the GPU from a short list (``_triton.AUTOTUNE``;
+``IGPT_AUTOTUNE=0`` runs the first of each list, as the GPU tests do).
 
 ``ln_linear`` is the same norm-prologue GEMM without the activation and the second GEMM:
 ``y = norm(x) @ W^T + b``, for the attention block's qkv projection.
@@ -63,13 +63,11 @@ The GEMM block sizes are autotuned on the GPU from a short list (``AUTOTUNE``;
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from igpt_kernels import _dispatch, reference
+from igpt_kernels import _dispatch, _triton, reference
 from igpt_kernels._dispatch import bucket, resolve, triton_interpreting, triton_unavailable
-from igpt_kernels._triton import HAS_TRITON, tl, triton
+from igpt_kernels._triton import tl, triton
 
 MAX_D = 8192  # the norm backward holds one row of x in registers
 _ACT_ID = {None: 0, "quick_gelu": 1, "gelu": 2}
@@ -117,6 +115,59 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
     pid_m = first_m + (pid % per_group) % size_m
     pid_n = (pid % per_group) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The left and right (BLOCK_M, BLOCK_N / 2) column halves of an accumulator tile.
+
+    The epilogues run once per half ("epilogue subtiling", as in Triton's persistent-matmul
+    tutorial): their loads (bias, residual, z) and the activation math then hold half a
+    tile of registers next to the accumulator instead of a whole one. On sm_90a that took
+    the dgrad GEMM's act' epilogue from 255 registers with 48 B of spills to none, and made
+    the 128x256 and 4-stage configs spill-free (see benchmarks/RESULTS.md).
+    """
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _fc_epilogue(
+    acc, rows, cols, row_ok, N, Bias, Z, A, stride_zt,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_Z: tl.constexpr,
+):  # fmt: skip
+    """z = acc + bias and a = act(z), stored for the columns ``cols`` of the tile."""
+    col_ok = cols < N
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    z = acc.to(Z.dtype.element_ty)
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * stride_zt + cols[None, :]
+    if STORE_Z:
+        tl.store(Z + offs, z, mask=ok)
+    if ACT != 0:
+        tl.store(A + offs, _act_fwd(z.to(tl.float32), ACT).to(A.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _mm_epilogue(
+    acc, rows, cols, row_ok, N, C, Bias, R, Z, Aout, stride_cm, stride_rm, stride_zm,
+    HAS_BIAS: tl.constexpr, HAS_RESID: tl.constexpr, DACT: tl.constexpr,
+):  # fmt: skip
+    """c = acc (+ bias) (+ r), or with DACT c = acc * act'(z) and aout = act(z), for ``cols``."""
+    col_ok = cols < N
+    ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESID:
+        r = tl.load(R + rows[:, None] * stride_rm + cols[None, :], mask=ok, other=0.0)
+        acc += r.to(tl.float32)
+    if DACT != 0:
+        z_offs = rows[:, None] * stride_zm + cols[None, :]
+        z = tl.load(Z + z_offs, mask=ok, other=0.0).to(tl.float32)
+        act, dact = _act_bwd(z, DACT)
+        acc = acc * dact
+        tl.store(Aout + z_offs, act.to(Aout.dtype.element_ty), mask=ok)
+    tl.store(C + rows[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -212,15 +263,11 @@ def _ln_fc_kernel(
         w_ptr = W + cols[None, :] * stride_wn + ks[:, None] * stride_wk
         w = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(n, w, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    z = acc.to(Z.dtype.element_ty)
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * stride_zt + cols[None, :]
-    if STORE_Z:
-        tl.store(Z + offs, z, mask=ok)
-    if ACT != 0:
-        tl.store(A + offs, _act_fwd(z.to(tl.float32), ACT).to(A.dtype.element_ty), mask=ok)
+    left, right = _halves(acc, BLOCK_M, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    _fc_epilogue(left, rows, cols, row_ok, N, Bias, Z, A, stride_zt, HAS_BIAS, ACT, STORE_Z)
+    cols += BLOCK_N // 2
+    _fc_epilogue(right, rows, cols, row_ok, N, Bias, Z, A, stride_zt, HAS_BIAS, ACT, STORE_Z)
 
 
 @triton.jit
@@ -270,20 +317,17 @@ def _mm_kernel(
         b_ptr = B + ks[:, None] * stride_bk + cols[None, :] * stride_bn
         b = tl.load(b_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    ok = row_ok[:, None] & col_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESID:
-        r = tl.load(R + rows[:, None] * stride_rm + cols[None, :], mask=ok, other=0.0)
-        acc += r.to(tl.float32)
-    if DACT != 0:
-        z_offs = rows[:, None] * stride_zm + cols[None, :]
-        z = tl.load(Z + z_offs, mask=ok, other=0.0).to(tl.float32)
-        act, dact = _act_bwd(z, DACT)
-        acc = acc * dact
-        tl.store(Aout + z_offs, act.to(Aout.dtype.element_ty), mask=ok)
-    c_ptr = C + rows[:, None] * stride_cm + cols[None, :]
-    tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=ok)
+    left, right = _halves(acc, BLOCK_M, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    _mm_epilogue(
+        left, rows, cols, row_ok, N, C, Bias, R, Z, Aout, stride_cm, stride_rm, stride_zm,
+        HAS_BIAS, HAS_RESID, DACT,
+    )  # fmt: skip
+    cols += BLOCK_N // 2
+    _mm_epilogue(
+        right, rows, cols, row_ok, N, C, Bias, R, Z, Aout, stride_cm, stride_rm, stride_zm,
+        HAS_BIAS, HAS_RESID, DACT,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -355,7 +399,10 @@ def _wgrad_kernel(
             v = tl.where(ok, n, 0.0).to(G.dtype.element_ty)
         acc = tl.dot(g, v, acc, input_precision=PRECISION)
         if HAS_DB:
-            db += tl.sum(g.to(tl.float32), axis=1)
+            # only the first column block stores db: the others skip its shared-memory
+            # reload of g and the row reduction (a branch uniform across the program)
+            if pid_n == 0:
+                db += tl.sum(g.to(tl.float32), axis=1)
     dw_ptr = DW + split * stride_dws + rows[:, None] * stride_dwm + cols[None, :]
     tl.store(dw_ptr, acc, mask=row_ok[:, None] & col_ok[None, :])
     if HAS_DB:
@@ -436,59 +483,66 @@ def _norm_bwd_kernel(
 # --------------------------------------------------------------------------------------
 
 
+_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+
+
 def _configs(gpu_sweep, interpreted):
     """Autotune configs from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) rows; the interpreter
     cannot autotune, so it gets the single ``interpreted`` (BLOCK_M, BLOCK_N, BLOCK_K)."""
     if triton_interpreting():
-        bm, bn, bk = interpreted
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 4})]
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-            num_warps=w,
-            num_stages=s,
-        )
-        for bm, bn, bk, w, s in gpu_sweep
-    ]
+        return _triton.configs(_BLOCKS, [(*interpreted, 4, 3)], GROUP_M=4)
+    return _triton.configs(_BLOCKS, gpu_sweep, GROUP_M=8)
 
 
 # Kept short: every config is compiled for every dtype and flag combination on first use.
-# The first of each list is the default when autotuning is off: on sm_90 (Triton 3.6
-# compiles) 128x128x64 needs no register spills in 16-bit and fits shared memory in float32
-# too (128x256 spills in 16-bit and leaves under 2 KiB of Hopper's 227 KiB in float32).
-_GEMM_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4)]
+# The first of each list is the default when autotuning is off. Every config compiles
+# without register spills and within the shared memory of sm_90a and sm_80 in 16-bit and
+# under autocast (tests/test_compile.py checks; benchmarks/RESULTS.md, "Compiled code",
+# has the numbers): the epilogues run in two column halves (_store_halves), which is what
+# freed the registers for 128x256 and the 4-stage 128x128.
+_GEMM_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)]
+# The dgrad GEMM's act' epilogue (z loaded, act and act' computed) still spills at 128x256
+# with halves (36 B on both architectures), so it keeps the 128-wide tiles.
+_DACT_SWEEP = [row for row in _GEMM_SWEEP if row[1] <= 128]
 # The weight-gradient GEMMs reduce over tokens; BLOCK_K must divide _SPLIT_ALIGN.
-_WGRAD_SWEEP = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4)]
+_WGRAD_SWEEP = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
+# Pure float32 (no autocast) runs IEEE fp32 dots on CUDA cores unless torch allows TF32:
+# the 16-bit tiles then spill (sm_80: ptxas drops to 32 registers, ~9 KB of spills), so
+# float32 has its own small tiles, spill-free on both architectures except dW1 on sm_90a
+# (the norm recomputed on load: 4 B at 32x32x32, 12-20 B at larger tiles; still open). It
+# is a correctness path; the "cublas" variant (torch's SGEMM) is the fast one for float32.
+_FP32_SWEEPS = {
+    "fc": [(64, 64, 32, 4, 3)],
+    "mm": [(64, 64, 32, 4, 3)],
+    "dact": [(64, 64, 32, 4, 3)],
+    "wgrad": [(32, 32, 32, 4, 3)],
+}
 
-# Autotuning compiles and times every config once per key (shapes, dtypes, flags);
-# IGPT_LN_MLP_AUTOTUNE=0, or setting this to False, runs the first config of each list
-# instead (quick compiles for the GPU tests; slower kernels).
-AUTOTUNE = os.environ.get("IGPT_LN_MLP_AUTOTUNE", "1") != "0"
-
-if HAS_TRITON:
-    # Keys bucket the token count so a growing T (sampling) does not retune every call.
-    _gemm = _configs(_GEMM_SWEEP, (32, 64, 32))
-    _wgrad_configs = _configs(_WGRAD_SWEEP, (32, 32, 32))
-    _ln_fc_tuned = triton.autotune(_gemm, key=["N", "K", "t_bucket"])(_ln_fc_kernel)
-    _mm_tuned = triton.autotune(_gemm, key=["N", "K", "t_bucket", "DACT", "HAS_RESID"])(_mm_kernel)
-    _wgrad_tuned = triton.autotune(_wgrad_configs, key=["M", "N", "tokens_per_split"])(
-        _wgrad_kernel
+# Keys bucket the token count so a growing T (sampling) does not retune every call.
+_KEYS = {
+    "fc": ["N", "K", "t_bucket"],
+    "mm": ["N", "K", "t_bucket", "HAS_RESID"],
+    "dact": ["N", "K", "t_bucket", "DACT"],
+    "wgrad": ["M", "N", "tokens_per_split"],
+}
+_KERNELS = {"fc": _ln_fc_kernel, "mm": _mm_kernel, "dact": _mm_kernel, "wgrad": _wgrad_kernel}
+_SWEEPS = {"fc": _GEMM_SWEEP, "mm": _GEMM_SWEEP, "dact": _DACT_SWEEP, "wgrad": _WGRAD_SWEEP}
+# (name, float32?) -> the kernel with its configs and autotuner
+_TUNED = {
+    (name, fp32): _triton.Tuned(
+        _KERNELS[name],
+        _configs(
+            (_FP32_SWEEPS if fp32 else _SWEEPS)[name], (32, 32 if name == "wgrad" else 64, 32)
+        ),
+        _KEYS[name],
     )
+    for name in _KERNELS
+    for fp32 in (False, True)
+}
 
 
-def _launch(tuned, grid, *args, **kwargs):
-    """Launch an autotuned kernel, or (AUTOTUNE off) its plain kernel with its first config."""
-    if AUTOTUNE:
-        tuned[grid](*args, **kwargs)
-        return
-    config = tuned.configs[0]
-    tuned.fn[grid(config.kwargs)](
-        *args,
-        **kwargs,
-        **config.kwargs,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+def _tuned(name, dtype):
+    return _TUNED[(name, dtype == torch.float32)]
 
 
 def _precision(dtype) -> str | None:
@@ -534,8 +588,7 @@ def _ln_fc_fwd(x2, mean, rstd, nw, nb, w, b, act, store_z):
     N = w.shape[0]
     z = torch.empty(T, N, device=x2.device, dtype=w.dtype) if store_z else None
     a = torch.empty(T, N, device=x2.device, dtype=w.dtype) if act is not None else None
-    _launch(
-        _ln_fc_tuned,
+    _tuned("fc", w.dtype).launch(
         _grid2d(T, N),
         x2,
         mean if mean is not None else rstd,
@@ -560,7 +613,7 @@ def _ln_fc_fwd(x2, mean, rstd, nw, nb, w, b, act, store_z):
         HAS_BIAS=b is not None,
         ACT=_ACT_ID[act],
         STORE_Z=store_z,
-        PRECISION=_precision(x2.dtype),
+        PRECISION=_precision(w.dtype),  # the dot multiplies n (cast to w.dtype) by w
     )
     return z, a
 
@@ -572,8 +625,7 @@ def _matmul(a, b, *, bias=None, resid=None, z=None, act=None, out_dtype=None):
     c = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
     aout = torch.empty_like(z) if act is not None else None
     dummy = c
-    _launch(
-        _mm_tuned,
+    _tuned("mm" if act is None else "dact", a.dtype).launch(
         _grid2d(M, N),
         a,
         b,
@@ -601,10 +653,7 @@ def _matmul(a, b, *, bias=None, resid=None, z=None, act=None, out_dtype=None):
     return c, aout
 
 
-def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+_num_sms = _triton.sm_count
 
 
 def _wgrad(g, v, *, norm_args=None, bias_grad=True):
@@ -627,8 +676,7 @@ def _wgrad(g, v, *, norm_args=None, bias_grad=True):
         triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),
         splits,
     )
-    _launch(
-        _wgrad_tuned,
+    _tuned("wgrad", g.dtype).launch(
         grid,
         g,
         v,

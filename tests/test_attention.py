@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_utils import poison_allocations, set_autotune
 
 from igpt_kernels import attention, reference
 from igpt_kernels._dispatch import triton_interpreting
@@ -84,7 +85,8 @@ def _qkv(shape_q=(1, 2, 4, 32), shape_k=(1, 2, 4, 32), dtype=torch.float32):
 @pytest.mark.parametrize(
     "make,kwargs,exc,words",
     [
-        (lambda: _qkv((1, 2, 4, 80), (1, 2, 4, 80)), {}, ValueError, "head_dim 80"),
+        # head_dim 80: every backend but "triton" takes it now (tests/test_reference.py
+        # test_triton_refuses_other_head_dims_and_auto_goes_around checks the refusal)
         (lambda: _qkv((1, 2, 5, 32), (1, 2, 4, 32)), {}, ValueError, "Nq=5 > Nk=4"),
         (lambda: _qkv((1, 2, 4, 32), (1, 3, 4, 32)), {}, ValueError, "k must be"),
         (lambda: (torch.randn(2, 4, 32),) * 3, {}, ValueError, "q must have 4 dimensions"),
@@ -146,9 +148,9 @@ def _kernel_test_mode(monkeypatch):
     test_cuda_every_config_is_correct checks the other autotune candidates, and the
     interpreter runs through the autotuner (with its single config).
     """
-    monkeypatch.setattr(attention_module, "POISON_OUTPUTS", True)
+    poison_allocations(monkeypatch)
     if DEVICE == "cuda":
-        monkeypatch.setattr(attention_module, "AUTOTUNE", False)
+        set_autotune(monkeypatch, False)
 
 
 def _inputs(B, H, Nq, Nk, D, mask, dtype, empty_rows=False):
@@ -221,6 +223,26 @@ def test_triton_fewer_queries_than_keys(Nq, Nk, D, mask, dtype, atol, rtol):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize(
+    "Nq,Nk,mask", [(70, 70, "causal+pad"), (17, 40, "causal"), (33, 33, "none")]
+)
+def test_triton_head_dim_96_split(Nq, Nk, mask, dtype, atol, rtol, monkeypatch):
+    """Head dim 96 as 64 + 32 (HD96_SPLIT: two dots, two accumulators) against float64,
+    through the main kernel (with its padded backward) and the flash-decoding path."""
+    monkeypatch.setattr(attention_module, "HD96_SPLIT", True)
+    assert attention_module._head_split(96) == (64, 32)
+    q, k, v, causal, pad = _inputs(2, 2, Nq, Nk, 96, mask, dtype)
+    _check_against_float64(q, k, v, causal, pad, atol, rtol)
+    with torch.no_grad():  # Nq <= 16 and no grad: flash-decoding, split into chunks
+        o = attention(q[:, :, -3:], k, v, causal=causal, key_padding_mask=pad, backend="triton")
+    o64 = reference.attention(
+        q[:, :, -3:].double(), k.double(), v.double(), causal=causal, key_padding_mask=pad
+    )
+    torch.testing.assert_close(o.double(), o64, atol=atol, rtol=rtol)
+
+
+@needs_triton
 @pytest.mark.parametrize("mask", ["pad", "causal+pad"])
 def test_triton_rows_without_keys_are_zero(mask):
     q, k, v, causal, pad = _inputs(2, 2, 17, 17, 32, mask, torch.float32, empty_rows=True)
@@ -290,7 +312,7 @@ def test_triton_backward_is_deterministic(monkeypatch):
     q, k, v, causal, pad = _inputs(1, 2, 130, 130, 32, "causal+pad", torch.float16)
     grads = []
     for autotune in (DEVICE == "cpu", False):  # the same config both times
-        monkeypatch.setattr(attention_module, "AUTOTUNE", autotune)
+        set_autotune(monkeypatch, autotune)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         o = attention(*leaves, causal=causal, key_padding_mask=pad, backend="triton")
         o.sum().backward()  # dO is an expanded ones tensor: every stride is 0
@@ -311,11 +333,25 @@ def test_decode_splits_heuristic():
         assert 1 < splits(1, 8, 1, 4096, cuda) <= attention_module.MAX_SPLITS
 
 
+def test_grid_limits():
+    """(batch, head) pairs ride the grid's first axis (2^31 - 1), blocks its second (65535):
+    B * H past 65535 (8192 sampled images x 8 heads) is accepted, past 2^31 - 1 refused."""
+    check = attention_module.check_grid
+    check(8192 * 8, 64)
+    check(attention_module.MAX_BATCH_HEADS, attention_module.MAX_GRID_Y)
+    with pytest.raises(ValueError, match="B \\* H = 2147483648"):
+        check(2**31, 1)
+    with pytest.raises(ValueError, match="65536 blocks"):
+        check(1, 65536)
+
+
 @needs_triton
-def test_triton_grid_limit_raises():
-    q = torch.randn(1, attention_module.MAX_GRID_Y + 1, 1, 32, device=DEVICE)
-    with pytest.raises(ValueError, match="B \\* H = 65536"):
-        attention(q, q, q, backend="triton")
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_grid_order_many_heads(causal):
+    """Many (batch, head) pairs with several query blocks each: every (bh, block) program
+    lands on its own rows (the grid's axis 0 is B * H, axis 1 the blocks, causal reversed)."""
+    q, k, v, causal, pad = _inputs(3, 5, 70, 70, 32, "causal" if causal else "none", torch.float32)
+    _check_against_float64(q, k, v, causal, pad, 2e-5, 1e-4)
 
 
 def test_backend_choice_and_reasons():
@@ -414,9 +450,9 @@ def test_cuda_decode_error_at_most_twice_sdpa(Nq, Nk, BH, dtype):
 def test_cuda_every_config_is_correct(index, D, mask, monkeypatch):
     """Each autotune candidate in turn, on awkward sizes (N not a block multiple, Nq < Nk,
     head dim 96 padded to 128)."""
-    for key, configs in attention_module._CONFIGS.items():
-        chosen = configs[min(index, len(configs) - 1)]
-        monkeypatch.setitem(attention_module._CONFIGS, key, [chosen])
+    for tuned in attention_module._TUNED.values():
+        chosen = {a: [c[min(index, len(c) - 1)]] for a, c in tuned.by_arch.items()}
+        monkeypatch.setattr(tuned, "by_arch", chosen)
     q, k, v, causal, pad = _inputs(2, 3, 257, 301, D, mask, torch.float16)
     _check_against_float64(q, k, v, causal, pad, 1e-2, 1e-2)
 
@@ -429,3 +465,40 @@ def test_cuda_float32_and_auto():
     torch.testing.assert_close(
         o, attention(q, k, v, causal=causal, key_padding_mask=pad, backend="triton")
     )
+
+
+def _tf32(x):
+    """x rounded to TF32 (10 mantissa bits, to nearest with ties away), as cvt.rna.tf32.f32."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _tf32x3_matmul(a, b):
+    """a @ b the way tf32x3 dots compute it: hi*hi + hi*lo + lo*hi, fp32 accumulation."""
+    a_hi, b_hi = _tf32(a), _tf32(b)
+    a_lo, b_lo = _tf32(a - a_hi), _tf32(b - b_hi)
+    return a_hi @ b_hi + (a_hi @ b_lo + a_lo @ b_hi)
+
+
+def test_tf32x3_dots_are_about_float32_accurate():
+    """fp32 attention runs tf32x3 dots on the GPU. The interpreter ignores input_precision
+    (it multiplies in fp32), so this emulates tf32x3's rounding in torch: the attention it
+    computes stays within the tolerance the CUDA fp32 test uses (1e-4), as plain fp32 does,
+    while single-pass TF32 would not."""
+    q, k, v = (torch.randn(2, 2, 300, 128) for _ in range(3))
+    o64 = reference.attention(q.double(), k.double(), v.double(), causal=False)
+
+    def attn(matmul):
+        p = torch.softmax(matmul(q, k.transpose(-1, -2)) / math.sqrt(128), -1)
+        return matmul(p, v).double()
+
+    errors = {
+        name: (attn(mm) - o64).abs().max().item()
+        for name, mm in [
+            ("fp32", torch.matmul),
+            ("tf32x3", _tf32x3_matmul),
+            ("tf32", lambda a, b: _tf32(a) @ _tf32(b)),
+        ]
+    }
+    assert errors["tf32x3"] < 1e-5 and errors["tf32x3"] < 4 * errors["fp32"] + 1e-6, errors
+    assert errors["tf32"] > 1e-4, errors  # the emulation does round: one pass is not enough

@@ -4,6 +4,7 @@ import importlib
 
 import pytest
 import torch
+from kernel_utils import poison_allocations, set_autotune
 
 from igpt_kernels import ln_linear, ln_mlp, reference
 
@@ -95,27 +96,13 @@ def _default_configs_on_gpu(monkeypatch):
     candidate for every shape, dtype and flag set. test_cuda_every_config_is_correct checks
     the other candidates; the interpreter has a single config anyway."""
     if DEVICE == "cuda":
-        monkeypatch.setattr(ln_mlp_module, "AUTOTUNE", False)
+        set_autotune(monkeypatch, False)
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
     """Fill every tensor the kernels allocate with NaN, so an unwritten element fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def nan_empty_like(*args, **kwargs):
-        t = empty_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def patch():
-        monkeypatch.setattr(torch, "empty", nan_empty)
-        monkeypatch.setattr(torch, "empty_like", nan_empty_like)
-
-    return patch
+    return lambda: poison_allocations(monkeypatch)
 
 
 def _grads(fn, x, w, dy, **kwargs):
@@ -181,7 +168,7 @@ def test_triton_matches_reference(shape, norm, activation, biases, residual, dty
     "shape,norm,activation,biases,residual,dtype", [CASES[1], CASES[2], CASES[5]]
 )
 def test_cublas_variant_matches_reference(shape, norm, activation, biases, residual, dtype):
-    _compare(shape, norm, activation, biases, residual, dtype, backend="triton", _variant="cublas")
+    _compare(shape, norm, activation, biases, residual, dtype, backend="cublas")
 
 
 def test_odd_hidden_size_and_strided_weights(poisoned):
@@ -209,7 +196,7 @@ def test_autotune_off_runs_the_first_config(monkeypatch):
     dy = torch.randn(7, 32, device=DEVICE)
     runs = []
     for autotune in (DEVICE == "cpu", False):
-        monkeypatch.setattr(ln_mlp_module, "AUTOTUNE", autotune)
+        set_autotune(monkeypatch, autotune)
         runs.append(_grads(ln_mlp, x, w, dy, backend="triton"))
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name]), name
@@ -413,7 +400,7 @@ def test_ln_linear_bad_input_raises(fn, change, exc, words):
 # --------------------------------------------------------------------------------------
 
 
-def _eager_and_ours_errors(T, d, norm, activation, dtype, **kwargs):
+def _eager_and_ours_errors(T, d, norm, activation, dtype, backend="triton"):
     """max |err| vs float64 of eager PyTorch and of the Triton op, per output/gradient."""
     x = torch.randn(T, d, dtype=torch.float64, device="cuda")
     w = {
@@ -425,7 +412,7 @@ def _eager_and_ours_errors(T, d, norm, activation, dtype, **kwargs):
     ref = _grads(ln_mlp, x, w, dy, **opts, backend="torch")
     low = {k: None if v is None else v.to(dtype) for k, v in w.items()}
     eager = _grads(ln_mlp, x.to(dtype), low, dy, **opts, backend="torch")
-    ours = _grads(ln_mlp, x.to(dtype), low, dy, **opts, backend="triton", **kwargs)
+    ours = _grads(ln_mlp, x.to(dtype), low, dy, **opts, backend=backend)
     return {
         k: ((ours[k].double() - r).abs().max().item(), (eager[k].double() - r).abs().max().item())
         for k, r in ref.items()
@@ -434,9 +421,9 @@ def _eager_and_ours_errors(T, d, norm, activation, dtype, **kwargs):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("d", [512, 1024, 1536])
-@pytest.mark.parametrize("variant", ["fused", "cublas"])
+@pytest.mark.parametrize("variant", ["triton", "cublas"])
 def test_cuda_bf16_error_at_most_twice_eager(d, variant):
-    errors = _eager_and_ours_errors(32768, d, "rms", "quick_gelu", torch.bfloat16, _variant=variant)
+    errors = _eager_and_ours_errors(32768, d, "rms", "quick_gelu", torch.bfloat16, variant)
     for name, (ours, eager) in errors.items():
         assert ours <= 2 * eager + 1e-6, (name, ours, eager)
 
@@ -453,14 +440,14 @@ def test_cuda_small_shapes_error_at_most_twice_eager(dtype):
 def test_cuda_every_config_is_correct(index, monkeypatch):
     """Each autotune candidate past the default (index 0, which every other GPU test runs)
     in turn, at a size that is no multiple of any block."""
-    for tuned in (ln_mlp_module._ln_fc_tuned, ln_mlp_module._mm_tuned, ln_mlp_module._wgrad_tuned):
-        chosen = tuned.configs[min(index, len(tuned.configs) - 1)]
-        monkeypatch.setattr(tuned, "configs", [chosen])
+    for tuned in ln_mlp_module._TUNED.values():
+        chosen = {a: [c[min(index, len(c) - 1)]] for a, c in tuned.by_arch.items()}
+        monkeypatch.setattr(tuned, "by_arch", chosen)
     _compare((300, 96), "layer", "gelu", True, True, torch.float16, backend="triton")
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["fused", "cublas"])
+@pytest.mark.parametrize("variant", ["triton", "cublas"])
 def test_cuda_autocast_error_at_most_twice_eager(variant):
     """The training loop's case: fp32 x and weights under bf16 autocast."""
     x = torch.randn(4096, 512, dtype=torch.float64, device="cuda")
@@ -470,7 +457,7 @@ def test_cuda_autocast_error_at_most_twice_eager(variant):
     w32 = {k: v.float() for k, v in w.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend="torch")
-        ours = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend="triton", _variant=variant)
+        ours = _grads(ln_mlp, x.float(), w32, dy, norm="layer", backend=variant)
     for name, r in ref.items():
         assert ours[name].dtype == eager[name].dtype, name
         err = (ours[name].double() - r).abs().max().item()
