@@ -67,7 +67,7 @@ import os
 
 import torch
 
-from igpt_kernels import _dispatch, reference
+from igpt_kernels import _dispatch, _ops, reference
 from igpt_kernels._dispatch import bucket, resolve, triton_interpreting, triton_unavailable
 from igpt_kernels._triton import HAS_TRITON, tl, triton
 
@@ -1033,7 +1033,7 @@ def _ln_mlp_on(name, x, params, norm, eps, activation, residual):
     weights = _unit_stride((norm_weight, norm_bias, *gemm))
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
     variant = "fused" if name == "triton" else "cublas"
-    y = _LnMlp.apply(
+    y = _ops.ln_mlp(
         x2, *weights, norm, eps, activation, residual, variant, _needs_grad(x, *weights)
     )
     return y.view(x.shape)
@@ -1072,5 +1072,5 @@ def _ln_linear_on(name, x, params, norm, eps):
         return reference.ln_linear(x, norm_weight, norm_bias, weight, bias, norm=norm, eps=eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
     weights = _unit_stride((norm_weight, norm_bias, *_for_gemm(_autocast_dtype(x), weight, bias)))
-    y = _LnLinear.apply(x2, *weights, norm, eps, _needs_grad(x, *weights))
+    y = _ops.ln_linear(x2, *weights, norm, eps, _needs_grad(x, *weights))
     return y.view(*x.shape[:-1], weight.shape[0])

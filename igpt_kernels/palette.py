@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from igpt_kernels import reference
+from igpt_kernels import _ops, reference
 from igpt_kernels._dispatch import resolve
 
 log = logging.getLogger(__name__)
@@ -189,15 +189,7 @@ def quantize(pixels, palette, *, backend="auto", lut=None):
                 stacklevel=2,
             )
         return reference.quantize(pixels, palette, backend="torch")
-    flat = pixels.reshape(-1, 3).contiguous()
-    palette = palette.contiguous()
-    if flat.shape[0] == 0:
-        return torch.empty(pixels.shape[:-1], dtype=torch.int64, device=pixels.device)
-    if _use_lut(palette, flat.shape[0], lut):
-        tokens = _ext.lut_gather(flat, get_lut(palette))
-    else:
-        tokens = _ext.quantize(flat, palette)
-    return tokens.reshape(pixels.shape[:-1])
+    return _ops.quantize(pixels, palette, lut)  # the compiled kernels, as one custom op
 
 
 def dequantize(tokens, palette):
