@@ -208,6 +208,21 @@ def _(x2, nw, nb, w1, b1, w2, b2, norm, eps, activation, residual, variant, need
     return y, mean, rstd, x2.new_empty((T, w1.shape[0]), dtype=w1.dtype)
 
 
+def _check_saved(op, x2, norm, mean, rstd, z=None, h=None):
+    """A ValueError unless the saved tensors are those of a forward with needs_grad=True
+    (the kernels read them unchecked: a wrong size would read out of bounds)."""
+    T = x2.shape[0]
+    want = {"mean": (0 if norm == "rms" else T,), "rstd": (T,)}
+    got = {"mean": tuple(mean.shape), "rstd": tuple(rstd.shape)}
+    if z is not None:
+        want["z"], got["z"] = (T, h), tuple(z.shape)
+    if got != want:
+        raise ValueError(
+            f"igpt::{op}_backward needs what igpt::{op} saves with needs_grad=True: shapes "
+            f"{want}, got {got} (was the forward called with needs_grad=False?)"
+        )
+
+
 def _grad_or_empty(grads, need, likes):
     """Each gradient that was asked for, else an empty placeholder of its input's dtype."""
     return tuple(
@@ -237,6 +252,7 @@ def ln_mlp_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x2, nw, nb, w1, b1, w2, b2): each one whose ``need`` flag is set, the
     others empty. The weights' gradients are in the GEMM dtype (w1's, w2's)."""
+    _check_saved("ln_mlp", x2, norm, mean, rstd, z=z, h=w1.shape[0])
     ctx = _Ctx(
         saved_tensors=(x2, None if norm == "rms" else mean, rstd, z, nw, nb, w1, w2),
         cfg=(norm, activation, residual, variant, has_b1, has_b2),
@@ -330,6 +346,7 @@ def ln_linear_bwd(
     need: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x2, nw, nb, w, b): each one whose ``need`` flag is set, the others empty."""
+    _check_saved("ln_linear", x2, norm, mean, rstd)
     ctx = _Ctx(
         saved_tensors=(x2, None if norm == "rms" else mean, rstd, nw, nb, w),
         has_b=has_b,
