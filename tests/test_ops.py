@@ -103,6 +103,19 @@ def test_opcheck_ln_mlp(dtype, variant, norm, with_bias, residual):
 
 
 @needs_triton
+def test_backward_of_an_inference_forward_raises():
+    """needs_grad=False saves nothing: differentiating it is refused, not read out of bounds."""
+    args = _ln_mlp_args(torch.float32, "rms", False)
+    y = _ops.ln_mlp(*args, "rms", 1e-5, "quick_gelu", True, "fused", False)
+    with pytest.raises(ValueError, match="needs_grad=False"):
+        y.sum().backward()
+    x2, nw, nb, w, b, _, _ = _ln_mlp_args(torch.float32, "layer", True)
+    y = _ops.ln_linear(x2, nw, nb, w, b, "layer", 1e-5, False)
+    with pytest.raises(ValueError, match="needs_grad=False"):
+        y.sum().backward()
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_opcheck_ln_linear(dtype, norm):
