@@ -174,20 +174,26 @@ def test_quantize_compiles_as_one_node():
 # --------------------------------------------------------------------------------------
 
 
+def _force_triton(monkeypatch):
+    """Make ``backend="auto"`` take the Triton ops: a fixed-mode dispatcher (Triton where it
+    can run) that treats the CPU as a GPU under the interpreter."""
+    if DEVICE == "cpu":
+        if not _triton_interpreting():
+            pytest.skip("needs Triton and TRITON_INTERPRET=1 on the CPU")
+        dispatcher = _dispatch.Dispatcher(
+            device_name=lambda device: "interpreter", mode="fixed", cache_dir=False
+        )
+    else:
+        dispatcher = _dispatch.Dispatcher(mode="fixed", cache_dir=False)
+    monkeypatch.setattr(_dispatch, "DISPATCH", dispatcher)
+
+
 @pytest.fixture(params=["triton", "reference"])
 def kernels(request, monkeypatch):
-    """Which kernels ``backend="auto"`` takes: "triton" (a dispatcher that treats the CPU as
-    a GPU, fixed mode: the Triton ops) or "reference" (the default CPU path)."""
+    """Which kernels ``backend="auto"`` takes: "triton" (``_force_triton``) or "reference"
+    (the default CPU path)."""
     if request.param == "triton":
-        if DEVICE == "cpu":
-            if not _triton_interpreting():
-                pytest.skip("needs Triton and TRITON_INTERPRET=1 on the CPU")
-            dispatcher = _dispatch.Dispatcher(
-                device_name=lambda device: "interpreter", mode="fixed", cache_dir=False
-            )
-        else:
-            dispatcher = _dispatch.Dispatcher(mode="fixed", cache_dir=False)
-        monkeypatch.setattr(_dispatch, "DISPATCH", dispatcher)
+        _force_triton(monkeypatch)
     return request.param
 
 
@@ -249,10 +255,10 @@ def test_compile_fullgraph_forward_backward_equal_eager(kernels, bert):
 
 
 @pytest.mark.slow
-def test_compile_inductor_with_triton_ops(kernels):
-    """inductor calls the custom ops as extern kernels and generates the rest."""
-    if kernels != "triton":
-        pytest.skip("the reference path under inductor is tests/test_model.py's")
+def test_compile_inductor_with_triton_ops(monkeypatch):
+    """inductor calls the custom ops as extern kernels and generates the rest (the reference
+    path under inductor is tests/test_model.py's)."""
+    _force_triton(monkeypatch)
     torch._dynamo.reset()
     model = _tiny()
     tokens = torch.randint(0, 16, (2, 16), device=DEVICE)
