@@ -336,3 +336,14 @@ def test_fake_tensor_model(kernels):
         logits.sum().backward()
         assert logits.shape == (2, 16, 16)
         assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
+def test_fake_tensor_quantize():
+    if not _compiled_palette_available():
+        pytest.skip("igpt_kernels._C is not built")
+    from igpt_kernels import quantize
+
+    with FakeTensorMode():
+        pixels = torch.zeros(2, 7, 3, dtype=torch.uint8)
+        tokens = quantize(pixels, torch.zeros(16, 3), backend="cpu")
+        assert tokens.shape == (2, 7) and tokens.dtype == torch.int64
