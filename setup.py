@@ -1,12 +1,18 @@
-"""Build script. Metadata lives in pyproject.toml; this file only adds the compiled extension.
+"""Build script. Metadata lives in pyproject.toml; this file adds what it cannot say.
 
-``igpt_kernels._C`` holds the palette quantizer (csrc/): the C++/OpenMP kernels always, the
-CUDA kernels where a CUDA toolkit and a CUDA build of torch exist. Built with ninja through
-torch's BuildExtension (install with ``pip install --no-build-isolation -e .`` so the
-installed torch is the one built against). Environment switches:
+1. The C++/CUDA sources of ``csrc/`` go into the package as ``igpt_kernels/csrc/`` (every wheel
+   and every install from an sdist), so that ``igpt_kernels`` can compile the palette
+   quantizer at first use for whatever torch runs it (igpt_kernels/_build.py).
+2. Where torch is importable at build time (``pip install --no-build-isolation``, which is what
+   ``make install`` runs), the prebuilt extension ``igpt_kernels._C``: the C++/OpenMP kernels
+   always, the CUDA kernels where a CUDA toolkit and a CUDA build of torch exist. It is an
+   optimisation: at run time it is used only when it was built for the torch that runs.
+   Under pip's default build isolation torch is absent, the wheel is pure Python, and the
+   first ``quantize`` compiles the extension once into ``~/.cache/igpt/ext``.
 
-    IGPT_NO_EXT=1       build no extension (igpt_kernels then JIT-builds it or uses the
-                        reference quantizer at run time)
+Environment switches:
+
+    IGPT_NO_EXT=1       build no extension now (it is then compiled at first use)
     IGPT_BUILD_CUDA=1   require the CUDA kernels (fail if they cannot be built)
     IGPT_BUILD_CUDA=0   never build the CUDA kernels
     TORCH_CUDA_ARCH_LIST  GPU architectures, as for any torch extension
@@ -19,7 +25,9 @@ import os
 import shutil
 import sys
 
+import setuptools
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 CPU_SOURCES = ["csrc/binding.cpp", "csrc/palette_cpu.cpp"]
 CUDA_SOURCES = ["csrc/palette_cuda.cu"]
@@ -38,10 +46,13 @@ def _extension_kwargs() -> dict:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        _warn("torch is not importable at build time: not building igpt_kernels._C")
+        _warn(
+            "torch is not importable at build time (pip's build isolation): igpt_kernels._C is "
+            "not prebuilt; the palette quantizer compiles at its first use instead"
+        )
         return {}
     if not shutil.which(os.environ.get("CXX", "c++")):
-        _warn("no C++ compiler found: not building igpt_kernels._C")
+        _warn("no C++ compiler found: igpt_kernels._C is not prebuilt")
         return {}
     force = os.environ.get("IGPT_BUILD_CUDA")
     can_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -85,4 +96,30 @@ def _extension_kwargs() -> dict:
     }
 
 
-setup(**_extension_kwargs())
+class BuildPyWithSources(build_py):
+    """build_py that also copies csrc/ into the built package as igpt_kernels/csrc/.
+
+    Editable installs skip the copy: there igpt_kernels finds the checkout's csrc/ itself.
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "igpt_kernels", "csrc")
+        self.mkpath(target)
+        for name in sorted(os.listdir("csrc")):
+            if name.endswith((".cpp", ".h", ".cu")):
+                self.copy_file(os.path.join("csrc", name), os.path.join(target, name))
+
+
+def _license() -> dict:
+    """MIT, as an SPDX expression where setuptools >= 77 knows them (PEP 639), else as text."""
+    if int(setuptools.__version__.split(".")[0]) >= 77:
+        return {"license_expression": "MIT"}
+    return {"license": "MIT"}
+
+
+kwargs = _extension_kwargs()
+kwargs.setdefault("cmdclass", {})["build_py"] = BuildPyWithSources
+setup(**kwargs, **_license())

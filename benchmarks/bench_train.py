@@ -9,7 +9,9 @@ cross-entropy. Each provider is timed two ways, in the same run, on the same ran
 Providers (all the same size: wte, wpe, L pre-norm blocks, ln_f, untied 512-way head):
 
     igpt            igpt.IGPT (the attention and ln_mlp kernels), no activation checkpointing
-    igpt ckpt=k     the same with model.set_checkpointing(k) (recompute every k-th block)
+    igpt ckpt=k     the same with apply_checkpointing(model, k) (recompute every k-th block)
+    igpt plan=X     the same under ``igpt.memory.plan``'s plan for X per GPU (40GiB): its
+                    micro-batch x accumulation (same global batch), checkpointing, offload
     sdpa eager      a nanoGPT-style model: nn.Linear + F.scaled_dot_product_attention
     sdpa compile    the same under torch.compile
     hf              transformers' ImageGPTForCausalImageModeling
@@ -17,7 +19,11 @@ Providers (all the same size: wte, wpe, L pre-norm blocks, ln_f, untied 512-way 
 
 Reports tokens/s (batch x 4096 / median step time) and peak GiB (torch.cuda.max_memory_
 allocated over a steady-state step: weights, gradients, Adam state and activations), and,
-per model size, each provider's ratios to "sdpa compile" and "sdpa eager". The issue's
+per model size, each provider's ratios to "sdpa compile" and "sdpa eager". Beside the
+measured peak: ``predicted_gib``, ``igpt.memory.estimate``'s peak for the igpt providers and
+sdpa eager (none for the compiled and HF models, which the memory model does not cover),
+and ``measured_vs_predicted``. A second table, ``train_plans.json``, is ``igpt plan``'s
+choice per model size for 24, 40 and 80 GiB (predicted, needs no GPU). The issue's
 goals, read off one run: iGPT-S batch 8 at >= 1.2x sdpa-compile tokens/s with <= 0.5x its
 peak; iGPT-M batch 8 in <= 16 GiB; iGPT-L batch 8 with Adam in <= 40 GiB at >= 1.0x
 sdpa-eager tokens/s.
@@ -45,7 +51,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import parser, table, time_ms, write  # noqa: E402
 
+from igpt import memory  # noqa: E402
+
 BUDGET_S = 130  # igpt bench runs under a 150 s timeout: start no provider after this long
+PLAN_BUDGETS_GIB = (24, 40, 80)
 
 
 class SDPABlock(nn.Module):
@@ -94,14 +103,72 @@ class SDPAGPT(nn.Module):
         return self.lm_head(self.ln_f(x))  # (B, N, n_colors)
 
 
-def _build(provider: str, cfg, device):
-    """(module, forward(tokens) -> logits) for a provider name."""
+def _memory_path(device) -> dict:
+    """The ``device`` / ``precision`` of igpt.memory that models this run (CUDA: bf16
+    autocast; the CPU smoke version: the fp32 reference path)."""
+    cuda = torch.device(device).type == "cuda"
+    return {"device": "cuda" if cuda else "cpu", "precision": "bf16" if cuda else "fp32"}
+
+
+def policy(provider: str, cfg, batch: int, device) -> dict:
+    """How a provider runs its step: checkpointing, micro-batch, accumulation, offload (and
+    the plan's description for ``igpt plan=X``). A ValueError when plan=X fits nothing."""
+    if provider.startswith("igpt plan="):
+        budget = provider.split("plan=")[1]
+        p = memory.plan(cfg, batch_size=batch, memory_bytes=budget, **_memory_path(device))
+        if not p.fits:
+            raise ValueError(f"nothing fits {budget}: {p.describe()}")
+        return {"checkpointing": p.checkpointing, "micro": p.micro_batch,
+                "accumulation": p.accumulation, "offload": p.offload,
+                "policy": p.describe()}  # fmt: skip
+    k = int(provider.split("ckpt=")[1]) if provider.startswith("igpt ckpt=") else 0
+    return {"checkpointing": k, "micro": batch, "accumulation": 1, "offload": False}
+
+
+def predicted_peak(provider: str, cfg, batch: int, mode: str, device) -> int | None:
+    """``igpt.memory.estimate``'s peak bytes for a provider's fwd+bwd (no optimizer state)
+    or step (fused Adam); None for the models it does not cover (compiled, HF)."""
+    path = _memory_path(device)
+    if provider.startswith("igpt"):
+        kernels = "igpt"
+    elif provider == "sdpa eager" and path["device"] == "cuda":
+        kernels = "sdpa"
+    else:
+        return None
+    pol = policy(provider, cfg, batch, device)
+    est = memory.estimate(
+        cfg, batch_size=pol["micro"], checkpointing=pol["checkpointing"],
+        offload=pol["offload"], accumulation=pol["accumulation"],
+        optimizer="adam" if mode == "step" else "sgd", kernels=kernels, **path,
+    )  # fmt: skip
+    return est.peak
+
+
+def plan_rows(sizes, batch: int, budgets_gib=PLAN_BUDGETS_GIB, device="cuda") -> list[dict]:
+    """``igpt plan``'s choice for each (name, config) of ``sizes`` and each budget (GiB):
+    predicted by the memory model, no GPU needed."""
+    rows = []
+    for name, cfg in sizes:
+        for gib in budgets_gib:
+            p = memory.plan(cfg, batch_size=batch, memory_bytes=gib * 2**30, **_memory_path(device))
+            text = p.describe()
+            if not p.fits:
+                text = f"nothing fits (needs {memory.format_size(p.needed_bytes)}"
+                text += f"; or {p.needed_gpus} GPUs)" if p.needed_gpus else ")"
+            rows.append({"model": name, "n_px": cfg.n_px, "batch": batch, "memory_gib": gib,
+                         "fits": p.fits, "plan": text,
+                         "predicted_gib": p.predicted_peak_bytes / 2**30})  # fmt: skip
+    return rows
+
+
+def _build(provider: str, cfg, device, checkpointing: int = 0):
+    """(module, forward(tokens) -> logits) for a provider name (``checkpointing``: igpt's)."""
     from igpt import IGPT
+    from igpt.train import apply_checkpointing
 
     if provider.startswith("igpt"):
         model = IGPT(cfg)
-        if "ckpt=" in provider:
-            model.set_checkpointing(int(provider.split("ckpt=")[1]))
+        apply_checkpointing(model, checkpointing)
         model = model.to(device).train()
         return model, model
     if provider.startswith("sdpa"):
@@ -123,17 +190,24 @@ def _build(provider: str, cfg, device):
 
 
 def _measure(provider, cfg, batch, device, amp, reps, warmup):
-    """Rows for one provider: fwd+bwd and step, each with tokens/s and peak GiB."""
+    """Rows for one provider: fwd+bwd and step, each with tokens/s, the measured peak GiB
+    and the memory model's prediction."""
     torch.manual_seed(0)
-    module, fwd = _build(provider, cfg, device)
+    pol = policy(provider, cfg, batch, device)
+    module, fwd = _build(provider, cfg, device, pol["checkpointing"])
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.Adam(module.parameters(), lr=1e-4, betas=(0.9, 0.95), **fused)
     tokens = torch.randint(0, cfg.n_colors, (batch, cfg.n_positions), device=device)
+    micro, acc = pol["micro"], pol["accumulation"]
 
     def fwd_bwd():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = fwd(tokens)
-        F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
+        for m in range(acc):  # the same global batch in `acc` micro-batches
+            rows = tokens[m * micro : (m + 1) * micro]
+            with memory.activation_offload(pol["offload"]):  # forward + loss only
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = fwd(rows)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), rows.flatten())
+            (loss / acc).backward()
 
     def step():
         fwd_bwd()
@@ -154,14 +228,17 @@ def _measure(provider, cfg, batch, device, amp, reps, warmup):
             fn()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2**30
-        rows.append(
-            {
-                "mode": mode,
-                "ms": ms,
-                "tokens_per_s": batch * cfg.n_positions / (ms / 1e3),
-                "peak_gib": peak,
-            }
-        )
+        predicted = predicted_peak(provider, cfg, batch, mode, device)
+        predicted = None if predicted is None else predicted / 2**30
+        row = {
+            "mode": mode,
+            "ms": ms,
+            "tokens_per_s": batch * cfg.n_positions / (ms / 1e3),
+            "peak_gib": peak,
+            "predicted_gib": predicted,
+            "measured_vs_predicted": peak / predicted if peak and predicted else None,
+        }
+        rows.append({**row, **({"policy": pol["policy"]} if "policy" in pol else {})})
     return rows
 
 
@@ -179,7 +256,8 @@ def main(argv=None):
     p.add_argument("--n-px", type=int, default=64, help="image side (default 64: 4096 tokens)")
     p.add_argument(
         "--providers",
-        default="igpt,sdpa eager,sdpa compile,igpt ckpt=1,igpt ckpt=2,hf ckpt,hf",
+        default="igpt,sdpa eager,sdpa compile,igpt ckpt=1,igpt ckpt=2,hf ckpt,hf,"
+        "igpt plan=24GiB,igpt plan=40GiB",
         help="comma-separated providers, run in this order",
     )
     p.add_argument("--no-budget", action="store_true", help=f"ignore the {BUDGET_S} s budget")
@@ -199,6 +277,8 @@ def main(argv=None):
         sizes = [("tiny", IGPTConfig(n_px=8, n_layer=2, n_head=2, n_embd=64, n_colors=16))]
         providers = [p for p in providers if p != "sdpa compile"]  # needs a C++ toolchain
 
+    plans = plan_rows(sizes, batch, device=device)  # predicted: written before any run
+    plans_path = write("train_plans", plans, args.out)
     start, rows = time.perf_counter(), []
     for name, cfg in sizes:
         for provider in providers:
@@ -243,10 +323,12 @@ def main(argv=None):
             if r["peak_gib"] and b["peak_gib"]:
                 r[f"mem_vs_{key}"] = r["peak_gib"] / b["peak_gib"]
     path = write("train", rows, args.out)
-    cols = ["model", "batch", "provider", "mode", "tokens_per_s", "peak_gib"]
-    cols += ["speed_vs_compile", "mem_vs_compile", "speed_vs_eager", "mem_vs_eager", "note"]
+    cols = ["model", "batch", "provider", "mode", "tokens_per_s", "peak_gib", "predicted_gib"]
+    cols += ["measured_vs_predicted", "speed_vs_compile", "mem_vs_compile", "speed_vs_eager"]
+    cols += ["mem_vs_eager", "note"]
     print(table(rows, cols))
-    print(f"wrote {path}")
+    print(table(plans, ["model", "n_px", "batch", "memory_gib", "plan", "predicted_gib"]))
+    print(f"wrote {path} and {plans_path}")
     return rows
 
 

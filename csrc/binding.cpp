@@ -2,6 +2,7 @@
 // (igpt_kernels/palette.py) validates shapes and picks the kernel; here we check what the
 // raw-pointer kernels rely on (dtype, contiguity, device) and route to CPU or CUDA.
 #include <torch/extension.h>
+#include <torch/version.h>
 
 #include "palette.h"
 
@@ -135,6 +136,21 @@ bool has_cuda() {
 #endif
 }
 
+// What this module was compiled against, so that the Python side can refuse a build made for
+// another torch (a prebuilt _C left behind by a torch upgrade) instead of crashing in it.
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
+                  "." + std::to_string(TORCH_VERSION_PATCH);
+#ifdef _GLIBCXX_USE_CXX11_ABI
+  info["cxx11_abi"] = static_cast<bool>(_GLIBCXX_USE_CXX11_ABI);
+#else
+  info["cxx11_abi"] = pybind11::none();
+#endif
+  info["cuda"] = has_cuda();
+  return info;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -146,4 +162,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_gather", &lut_gather, "tokens (n,) int64 = lut[rgb key] of pixels (n, 3)",
         py::arg("pixels"), py::arg("lut"));
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
+  m.def("build_info", &build_info, "{torch: 'X.Y.Z', cxx11_abi, cuda} this module was built with");
 }

@@ -25,28 +25,25 @@ reach that amount (a rent-or-buy rule: never more than twice the better choice's
 used from then on. The CPU constant is measured (benchmarks/bench_palette.py); the CUDA one
 is an unmeasured estimate.
 
-The compiled module ``igpt_kernels._C`` is built by ``pip install``; where it is missing it
-is built on first use with ``torch.utils.cpp_extension.load`` (set ``IGPT_NO_JIT=1`` to
-skip), and where that fails too, ``"auto"`` uses the reference after one warning.
+The compiled module is ``igpt_kernels._C`` where ``pip install --no-build-isolation`` built it
+for the running torch; otherwise it is compiled at first use from the sources shipped in the
+package and cached per torch version (``igpt_kernels._build``; ``IGPT_NO_JIT=1`` forbids
+that). Where neither works, ``"auto"`` uses the reference after one warning that says why
+and what to install. ``extension_status()`` says which module runs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
+import threading
 import warnings
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 
-from igpt_kernels import _ops, reference
+from igpt_kernels import _build, _ops, reference
 from igpt_kernels._dispatch import resolve
 
-log = logging.getLogger(__name__)
-
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
 LUT_CACHE_SIZE = 4
 # Pixel x colour work after which building the table has paid for itself (see above).
 # CPU: the table builds in about the time of 2^32 direct (pixel, colour) distances.
@@ -55,48 +52,46 @@ LUT_WORK = {"cpu": 1 << 32, "cuda": None}
 
 _ext = None
 _ext_error: str | None = None
+_ext_status: dict | None = None
+_ext_lock = threading.Lock()
 _warned = False
 _luts: OrderedDict = OrderedDict()  # (device, K, digest) -> {"seen": int, "lut": Tensor | None}
 
 
 def _load_ext():
-    """The compiled module, or None with ``_ext_error`` saying why (cached)."""
-    global _ext, _ext_error
-    if _ext is not None or _ext_error is not None:
-        return _ext
-    try:
-        from igpt_kernels import _C
-
-        _ext = _C
-        return _ext
-    except ImportError as e:
-        _ext_error = f"igpt_kernels._C is not built ({e})"
-    if os.environ.get("IGPT_NO_JIT") == "1":
-        _ext_error += "; IGPT_NO_JIT=1 forbids building it now"
-        return None
-    if not (CSRC / "binding.cpp").is_file():
-        _ext_error += f"; no sources at {CSRC} to build it from"
-        return None
-    try:
-        from torch.utils import cpp_extension
-
-        with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
-        sources = [str(CSRC / "binding.cpp"), str(CSRC / "palette_cpu.cpp")]
-        if with_cuda:
-            sources.append(str(CSRC / "palette_cuda.cu"))
-        log.warning("igpt_kernels._C is not built; compiling it now (about a minute)")
-        _ext = cpp_extension.load(
-            name="igpt_palette_jit",
-            sources=sources,
-            extra_cflags=["-O3", "-std=c++17", "-fopenmp"]
-            + (["-DIGPT_WITH_CUDA"] if with_cuda else []),
-            extra_cuda_cflags=["-O3", "-std=c++17"],
-            extra_ldflags=["-fopenmp"],
-        )
-        _ext_error = None
-    except Exception as e:  # noqa: BLE001 - any compiler or loader failure
-        _ext_error += f"; building it at run time failed too ({type(e).__name__}: {e})"
+    """The compiled module, or None with ``_ext_error`` saying why (cached, thread-safe)."""
+    global _ext, _ext_error, _ext_status
+    with _ext_lock:
+        if _ext is None and _ext_error is None:
+            _ext, _ext_status = _build.load()
+            _ext_error = _ext_status["error"]
     return _ext
+
+
+def extension_status() -> dict:
+    """Which compiled palette module this process uses, loading (maybe compiling) it first.
+
+    Keys: ``source`` ("prebuilt" igpt_kernels._C, "cache" or "compiled" by the run-time
+    build, None without one), ``path``, ``cuda`` (whether it has the CUDA kernels),
+    ``cuda_note`` (why not), ``error`` (why there is no module, and the fix), and ``summary``,
+    one line for ``igpt info``.
+    """
+    _load_ext()
+    status = dict(_ext_status) if _ext_status else {"source": None, "error": _ext_error}
+    status.setdefault("cuda", False)
+    if _ext is None:
+        status["summary"] = f"not available, quantize uses the reference: {_ext_error}"
+    else:
+        kernels = "C++ and CUDA" if status["cuda"] else "C++ only"
+        origin = {
+            "prebuilt": "prebuilt igpt_kernels._C",
+            "cache": "compiled at first use, from the cache",
+            "compiled": "compiled at first use, now",
+        }.get(status.get("source"), str(status.get("source")))
+        status["summary"] = f"{kernels}, {origin} ({status.get('path')})"
+        if status.get("cuda_note") and torch.cuda.is_available():
+            status["summary"] += f"; no CUDA kernels: {status['cuda_note']}"
+    return status
 
 
 def _compiled_unavailable(kind: str, pixels) -> str | None:
@@ -109,10 +104,8 @@ def _compiled_unavailable(kind: str, pixels) -> str | None:
     if ext is None:
         return _ext_error
     if kind == "cuda" and not ext.has_cuda():
-        return (
-            "igpt_kernels._C was built without CUDA; reinstall with a CUDA toolkit "
-            "(IGPT_BUILD_CUDA=1 pip install --no-build-isolation -e .)"
-        )
+        note = (_ext_status or {}).get("cuda_note") or "it was built without them"
+        return f"the compiled palette module has no CUDA kernels: {note}"
     return None
 
 

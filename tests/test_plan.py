@@ -1,5 +1,6 @@
 """igpt.memory.plan and ``igpt plan``: answers for every size, consistent across budgets."""
 
+import dataclasses
 import json
 
 import pytest
@@ -112,3 +113,64 @@ def test_alternatives_fit_and_are_not_faster():
     assert [a["relative_time"] for a in p.alternatives] == sorted(
         a["relative_time"] for a in p.alternatives
     )
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_fsdp_can_be_fixed(fsdp):
+    """A trainer stepping back after an OOM keeps its wrapping: plan(fsdp=...) holds to it."""
+    config = IGPTConfig.from_name("igpt-l", n_px=64)
+    free = memory.plan(config, batch_size=8, memory_bytes="40GiB", gpus=8)
+    held = memory.plan(config, batch_size=8, memory_bytes="40GiB", gpus=8, fsdp=fsdp)
+    assert held.fsdp is fsdp
+    assert all(a["fsdp"] is fsdp for a in held.alternatives)
+    assert {a["fsdp"] for a in free.alternatives} == {False, True}
+    if free.fsdp is fsdp:  # the same choice; only the alternatives of the other kind go
+        assert dataclasses.replace(held, alternatives=()) == dataclasses.replace(
+            free, alternatives=()
+        )
+
+
+def _bench_train():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+def test_bench_train_predictions_and_plans_are_the_memory_models():
+    """The CPU-runnable half of benchmarks/bench_train.py: its predicted peaks and its
+    plan table (the measured half needs a GPU)."""
+    bench = _bench_train()
+    sizes = [(m, IGPTConfig.from_name(m, n_px=64)) for m in ("igpt-s", "igpt-m", "igpt-l")]
+    rows = bench.plan_rows(sizes, 8)
+    cases = [(m, c, g) for m, c in sizes for g in (24, 40, 80)]
+    assert [(r["model"], r["memory_gib"]) for r in rows] == [(m, g) for m, _, g in cases]
+    for r, (_, config, gib) in zip(rows, cases, strict=True):
+        p = memory.plan(config, batch_size=8, memory_bytes=gib * GIB)
+        assert p.fits and r["fits"] and r["predicted_gib"] == p.predicted_peak_bytes / GIB
+        assert r["plan"] == p.describe()
+    xl = bench.plan_rows([("igpt-xl", IGPTConfig.from_name("igpt-xl", n_px=64))], 8, (24,))
+    assert not xl[0]["fits"] and xl[0]["plan"].startswith("nothing fits (needs ")
+    large = sizes[2][1]
+    pol = bench.policy("igpt plan=40GiB", large, 8, "cuda")
+    p = memory.plan(large, batch_size=8, memory_bytes="40GiB")
+    assert (pol["micro"], pol["accumulation"], pol["checkpointing"], pol["offload"]) == (
+        p.micro_batch, p.accumulation, p.checkpointing, p.offload,
+    )  # fmt: skip
+    assert bench.predicted_peak("igpt plan=40GiB", large, 8, "step", "cuda") == p.estimate.peak
+    ck = memory.estimate(large, batch_size=8, checkpointing=1, optimizer="sgd")
+    assert bench.predicted_peak("igpt ckpt=1", large, 8, "fwd+bwd", "cuda") == ck.peak
+    sdpa = memory.estimate(large, batch_size=8, kernels="sdpa")
+    assert bench.predicted_peak("sdpa eager", large, 8, "step", "cuda") == sdpa.peak
+    assert bench.predicted_peak("sdpa compile", large, 8, "step", "cuda") is None
+    with pytest.raises(ValueError, match="nothing fits"):
+        bench.policy("igpt plan=1GiB", large, 8, "cuda")

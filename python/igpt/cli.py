@@ -48,12 +48,15 @@ USER_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``igpt`` parser with every sub-command of ``COMMANDS``."""
+    from igpt import __version__
+
     parser = argparse.ArgumentParser(
         prog="igpt",
         description="Image GPT: train, probe, fine-tune and sample on hand-written kernels.",
     )
     verbose = dict(action="store_true", help="debug logging, and tracebacks for user errors")
     parser.add_argument("-v", "--verbose", **verbose)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

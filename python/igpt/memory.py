@@ -70,6 +70,7 @@ steps, checkpointing ``p.checkpointing``, FSDP if ``p.fsdp``, and forward + loss
 ``activation_offload(p.offload)``; compare ``torch.cuda.max_memory_allocated()`` after the
 first steps with ``p.predicted_peak_bytes``; after an out-of-memory error, the next plan is
 ``plan(..., memory_bytes=p.predicted_peak_bytes - 1)`` (the fastest with a smaller peak).
+``igpt.memplan.TrainMemory`` does all of this for ``igpt.train.Trainer`` (``--max-memory``).
 """
 
 from __future__ import annotations
@@ -570,7 +571,7 @@ def _step_seconds(config, est, *, micro, accumulation, checkpointing, offload, g
 
 
 def _candidates(config, *, batch_size, gpus, objective, precision, optimizer, device,
-                kernels, offload_options, mask_prob):  # fmt: skip
+                kernels, offload_options, mask_prob, fsdp_options):  # fmt: skip
     """Every plan on ``gpus`` GPUs (fitting or not), without the memory verdict."""
     per_rank = batch_size // gpus
     L = config.n_layer
@@ -580,7 +581,7 @@ def _candidates(config, *, batch_size, gpus, objective, precision, optimizer, de
         if r not in seen:
             seen.add(r)
             ks.append(k)
-    for fsdp in (False, True) if gpus > 1 else (False,):
+    for fsdp in fsdp_options if gpus > 1 else (False,):
         for micro in _divisors(per_rank):
             for k in ks:
                 for offload in offload_options:
@@ -611,6 +612,7 @@ def plan(
     kernels: str = "igpt",
     allow_offload: bool = True,
     mask_prob: float = 0.15,
+    fsdp: bool | None = None,
 ) -> Plan:
     """The fastest training plan whose predicted peak fits ``memory_bytes`` per GPU.
 
@@ -622,6 +624,8 @@ def plan(
     fastest that fits (ties: the smaller peak). When nothing fits it returns the plan with
     the smallest peak, ``fits=False``, ``needed_bytes`` (that peak) and ``needed_gpus``
     (the fewest GPUs among the divisors of the batch on which some DDP or FSDP plan fits).
+    ``fsdp`` None searches DDP and FSDP; True or False keeps to that one (a running trainer
+    that steps back after an out-of-memory error cannot re-wrap its model).
 
     The speed model assumes: a step costs 3x the forward FLOPs (matmuls 2 x weights per
     token, attention 4 n d per token per layer, halved under the causal mask) plus one more
@@ -642,7 +646,8 @@ def plan(
     memory_bytes = parse_size(memory_bytes)
     opts = dict(objective=objective, precision=precision, optimizer=optimizer, device=device,
                 kernels=kernels, mask_prob=mask_prob,
-                offload_options=(False, True) if allow_offload else (False,))  # fmt: skip
+                offload_options=(False, True) if allow_offload else (False,),
+                fsdp_options=(False, True) if fsdp is None else (bool(fsdp),))  # fmt: skip
     best, smallest, by_policy = None, None, {}
     for micro, acc, k, off, fsdp, est, secs in _candidates(
         config, batch_size=batch_size, gpus=gpus, **opts

@@ -36,6 +36,8 @@ from igpt.batches import GlobalBatches, ImageSource, TokenSource
 from igpt.checkpoint import checkpoint_state, load_checkpoint, resolve_checkpoint
 from igpt.config import IGPTConfig
 from igpt.distributed import Distributed, dist_env, init_distributed
+from igpt.memory import parse_size
+from igpt.memplan import TrainMemory
 from igpt.model import IGPT
 from igpt.objectives import (
     MASK_PROB,
@@ -121,6 +123,15 @@ class TrainConfig:
         "auto", "auto: bf16 autocast on CUDA, fp32 on the CPU", choices=PRECISIONS
     )
     fsdp: bool = setting(False, "shard with FSDP2 fully_shard (under torchrun)")
+    max_memory: str | None = setting(
+        None,
+        "GPU memory budget (40GiB, 24G): train under igpt.memory.plan's fastest plan that "
+        "fits (micro-batch x accumulation, checkpointing, offload; see igpt plan)",
+        default_text="off",
+    )
+    offload_activations: bool = setting(
+        False, "keep saved activations in pinned CPU memory until the backward"
+    )
     augment: str = setting(
         "none",
         "train-time augmentation: crop (random resized crop) or cifar (pad-crop-flip)",
@@ -186,6 +197,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.n_px is None and self.init_from is None:
             self.n_px = self.data_defaults()["n_px"]
+        if self.max_memory is not None:  # checked before any work, like the fields above
+            try:
+                parse_size(self.max_memory)
+            except ValueError as e:
+                raise ValueError(f"max_memory: {e}") from None
 
     def data_defaults(self) -> dict:
         """``n_px`` and ``n_colors`` for ``data`` when the config leaves them None."""
@@ -410,6 +426,7 @@ class Trainer:
         self.palette = _run_palette(cfg, self.run, d, palette, ckpt or init, data)
         self.batches, self.val_idx, self.val_tokens = _run_data(cfg, d, self.palette, data)
         self.raw_model = _run_model(cfg, len(self.palette), init_cfg, init, self.device)
+        self.memory = TrainMemory(self)  # --max-memory's plan: sets cfg, micro, checkpointing
         self.model = d.wrap(self.raw_model, self.device, bf16=self.amp)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.Adam(
@@ -433,7 +450,7 @@ class Trainer:
 
     def loss_sum(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (mask None: AR, else BERT)."""
-        with self.autocast:
+        with self.autocast, self.memory.offload(self):
             logits = self.model(tokens, bert_mask=mask)
             return generative_loss(logits, tokens, mask, reduction="sum")
 
@@ -521,7 +538,7 @@ class Trainer:
         # still reports its final loss and validation loss (lr_search compares them)
         last = {k: v for row in self.run.read_metrics() for k, v in row.items()}
         while self.step < cfg.steps:
-            stats = self.train_step(self.step)
+            stats = self.memory.step(self)  # train_step, redone under a smaller plan after OOM
             self.step += 1
             window.append(stats["loss"])
             bar.update(1)
@@ -535,6 +552,7 @@ class Trainer:
                 window, t_last = [], now
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 row.update(self.evaluate() if evaluate else {})
+                row.update(self.memory.metrics())
                 last.update(row)
                 self._log(row)
             if checkpoint:

@@ -28,6 +28,7 @@ def rows() -> list[tuple[str, str]]:
         ("gpu", torch.cuda.get_device_name() if cuda else "none"),
         ("attention, ln_mlp on CPU", "PyTorch reference"),
         ("quantize on CPU", "C++ kernel" if cpu_quantize is None else f"reference: {cpu_quantize}"),
+        ("quantizer module", palette.extension_status()["summary"]),
     ]
     if cuda:
         gpu_quantize = palette._compiled_unavailable("cuda", pixels.cuda())
