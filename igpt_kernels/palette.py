@@ -61,6 +61,8 @@ _luts: OrderedDict = OrderedDict()  # (device, K, digest) -> {"seen": int, "lut"
 def _load_ext():
     """The compiled module, or None with ``_ext_error`` saying why (cached, thread-safe)."""
     global _ext, _ext_error, _ext_status
+    if _ext is not None or _ext_error is not None:
+        return _ext  # settled: no lock, which torch.compile could not trace
     with _ext_lock:
         if _ext is None and _ext_error is None:
             _ext, _ext_status = _build.load()
