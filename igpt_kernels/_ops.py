@@ -32,6 +32,11 @@ the kernels as they are, and the reference backends ("torch", "sdpa") stay plain
 which compile and export trace into ATen ops. The backend is chosen in Python before the op
 is called (``_dispatch``): while compiling, "auto" takes a remembered choice or the static
 one and never times.
+
+The ln ops run ``_LnMlp``/``_LnLinear``'s forward and backward with a stand-in ctx, so they
+rely on what those save, in order (x2, mean, rstd, z, nw, nb, w1, w2 and ``ctx.cfg`` for
+``_LnMlp``; x2, mean, rstd, nw, nb, w and ``ctx.has_b`` for ``_LnLinear``): a change there
+must be mirrored here (tests/test_ops.py's opcheck and gradient tests would fail).
 """
 
 from __future__ import annotations
