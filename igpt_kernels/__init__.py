@@ -6,6 +6,8 @@ Ops (see each module's docstring for shapes, dtypes and limits):
     ln_linear(x, norm_weight, norm_bias, weight, bias, *, norm, eps, backend)
     quantize(pixels, palette, *, backend), dequantize(tokens, palette)
 ``igpt_kernels.reference`` holds the plain-PyTorch reference of each, same signatures.
+The kernel launches are ``torch.library`` custom ops, ``torch.ops.igpt.*`` (see
+``igpt_kernels._ops``), which ``torch.compile`` and ``torch.export`` keep as single nodes.
 
 ``backend="auto"`` on a GPU times the eligible backends once per kind of call and keeps the
 fastest: ``dispatch_table()`` lists what it learned, ``set_dispatch("fixed")`` (or

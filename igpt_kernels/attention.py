@@ -61,7 +61,7 @@ import os
 
 import torch
 
-from igpt_kernels import _dispatch, _triton, reference
+from igpt_kernels import _dispatch, _ops, _triton, reference
 from igpt_kernels._dispatch import bucket, resolve, triton_interpreting, triton_unavailable
 from igpt_kernels._triton import HAS_TRITON, tl, triton
 
@@ -944,12 +944,12 @@ def _sdpa(q, k, v, causal, key_padding_mask, scale, kernels):
 
 
 def _triton(q, k, v, causal, key_padding_mask, scale):
-    pad = None if key_padding_mask is None else key_padding_mask.to(torch.int8)
+    # through the custom ops of igpt_kernels._ops (single nodes under compile and export)
     B, H, Nq, _ = q.shape
     if not _needs_grad(q, k, v) and Nq <= DECODE_MAX_Q:
         splits = decode_splits(B, H, Nq, k.shape[2], q.device)
-        return _attn_fwd(q, k, v, pad, causal, scale, num_splits=splits)[0]
-    return _Attention.apply(q, k, v, pad, causal, scale)
+        return _ops.attention_decode(q, k, v, key_padding_mask, causal, scale, splits)
+    return _ops.attention(q, k, v, key_padding_mask, causal, scale)
 
 
 def _needs_grad(*tensors) -> bool:

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import torch
 
-from igpt_kernels import _dispatch, _triton, reference
+from igpt_kernels import _dispatch, _ops, _triton, reference
 from igpt_kernels._dispatch import bucket, resolve, triton_interpreting, triton_unavailable
 from igpt_kernels._triton import tl, triton
 
@@ -1081,7 +1081,7 @@ def _ln_mlp_on(name, x, params, norm, eps, activation, residual):
     weights = _unit_stride((norm_weight, norm_bias, *gemm))
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
     variant = "fused" if name == "triton" else "cublas"
-    y = _LnMlp.apply(
+    y = _ops.ln_mlp(
         x2, *weights, norm, eps, activation, residual, variant, _needs_grad(x, *weights)
     )
     return y.view(x.shape)
@@ -1120,5 +1120,5 @@ def _ln_linear_on(name, x, params, norm, eps):
         return reference.ln_linear(x, norm_weight, norm_bias, weight, bias, norm=norm, eps=eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
     weights = _unit_stride((norm_weight, norm_bias, *_for_gemm(_autocast_dtype(x), weight, bias)))
-    y = _LnLinear.apply(x2, *weights, norm, eps, _needs_grad(x, *weights))
+    y = _ops.ln_linear(x2, *weights, norm, eps, _needs_grad(x, *weights))
     return y.view(*x.shape[:-1], weight.shape[0])

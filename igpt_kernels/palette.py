@@ -41,7 +41,7 @@ from collections import OrderedDict
 
 import torch
 
-from igpt_kernels import _build, reference
+from igpt_kernels import _build, _ops, reference
 from igpt_kernels._dispatch import resolve
 
 LUT_CACHE_SIZE = 4
@@ -61,6 +61,8 @@ _luts: OrderedDict = OrderedDict()  # (device, K, digest) -> {"seen": int, "lut"
 def _load_ext():
     """The compiled module, or None with ``_ext_error`` saying why (cached, thread-safe)."""
     global _ext, _ext_error, _ext_status
+    if _ext is not None or _ext_error is not None:
+        return _ext  # settled: no lock, which torch.compile could not trace
     with _ext_lock:
         if _ext is None and _ext_error is None:
             _ext, _ext_status = _build.load()
@@ -182,15 +184,7 @@ def quantize(pixels, palette, *, backend="auto", lut=None):
                 stacklevel=2,
             )
         return reference.quantize(pixels, palette, backend="torch")
-    flat = pixels.reshape(-1, 3).contiguous()
-    palette = palette.contiguous()
-    if flat.shape[0] == 0:
-        return torch.empty(pixels.shape[:-1], dtype=torch.int64, device=pixels.device)
-    if _use_lut(palette, flat.shape[0], lut):
-        tokens = _ext.lut_gather(flat, get_lut(palette))
-    else:
-        tokens = _ext.quantize(flat, palette)
-    return tokens.reshape(pixels.shape[:-1])
+    return _ops.quantize(pixels, palette, lut)  # the compiled kernels, as one custom op
 
 
 def dequantize(tokens, palette):

@@ -16,6 +16,7 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from igpt_kernels._dispatch import check_tensor
 
@@ -32,6 +33,12 @@ def compiling() -> bool:
     """True while ``torch.compile`` traces: value checks that read tensor data are skipped
     then (a data-dependent branch would break the graph)."""
     return torch.compiler.is_compiling()
+
+
+def readable(t: torch.Tensor) -> bool:
+    """Whether checks may read ``t``'s values: not while compiling, and not on a fake or
+    meta tensor (shape propagation has no values to read)."""
+    return not compiling() and t.device.type != "meta" and not is_fake(t)
 
 
 def check_positive(name: str, value, *, allow_none: bool = False) -> None:
@@ -107,10 +114,10 @@ def propagate_nan(o, q):
     ``0 * sum(q)`` (summed in float32 or wider, so large finite 16-bit rows cannot overflow)
     is 0 for a finite row and NaN otherwise. On the CPU it is added only when q has such a
     row, so finite inputs keep SDPA's output tensor itself (what autograd saves, and its
-    (B, n, H, D) layout); on a GPU (no host sync) and while compiling it is always added,
-    laid out as o.
+    (B, n, H, D) layout); on a GPU (no host sync), while compiling and on fake tensors
+    (no values to read) it is always added, laid out as o.
     """
-    if not compiling() and q.device.type == "cpu" and bool(torch.isfinite(q).all()):
+    if q.device.type == "cpu" and readable(q) and bool(torch.isfinite(q).all()):
         return o
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
     nan = (0.0 * q.sum(-1, keepdim=True, dtype=wide)).to(o.dtype)  # (B, H, Nq, 1)
@@ -286,7 +293,7 @@ def check_palette(palette) -> None:
         raise ValueError(
             f"palette must be (K, 3) with 1 <= K <= {MAX_COLORS}, got {tuple(palette.shape)}"
         )
-    if not compiling() and not torch.isfinite(palette).all():
+    if readable(palette) and not torch.isfinite(palette).all():
         raise ValueError("palette contains NaN or infinite values")
 
 
@@ -324,7 +331,7 @@ def check_dequantize(tokens, palette) -> None:
         raise TypeError(f"tokens must be an integer tensor, got {str(tokens.dtype)[6:]}")
     if tokens.device != palette.device:
         raise ValueError(f"tokens are on {tokens.device} but palette is on {palette.device}")
-    if tokens.numel() and not compiling():
+    if tokens.numel() and readable(tokens):
         ids = token_ids(tokens)
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= palette.shape[0]:
