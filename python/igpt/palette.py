@@ -125,7 +125,20 @@ class Palette:
         OpenAI's ``kmeans_centers.npy`` is in [-1, 1] space: use
         ``Palette.from_hf(np.load(path))`` for it.
         """
-        return cls(np.load(Path(path)))
+        path = Path(path)
+        try:
+            centroids = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError) as e:  # damaged, pickled or not a .npy file
+            raise ValueError(
+                f"palette file {path} is not a (K, 3) .npy array ({e}); write it with "
+                "igpt fit-palette or Palette.save"
+            ) from e
+        try:
+            return cls(centroids)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"palette file {path}: {e}") from e
 
     @classmethod
     def from_hf(cls, clusters) -> Palette:
