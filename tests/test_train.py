@@ -708,6 +708,7 @@ def _spawn_two(cfg: TrainConfig) -> None:
                 raise
 
 
+@pytest.mark.slow  # two processes: 10-60 s on 2 cores
 def test_two_gloo_processes_match_one(tmp_path, palette_file):
     """BERT, the harder case: the loss is normalised by the masked count of the *global*
     batch, which neither process sees alone."""
@@ -725,6 +726,7 @@ def test_two_gloo_processes_match_one(tmp_path, palette_file):
         torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # two processes: 10-60 s on 2 cores
 def test_fsdp2_two_processes_match_one_and_resume(tmp_path, palette_file):
     """fully_shard over gloo, with activation checkpointing: same losses as one process; its
     (full, gathered) checkpoints load as plain models and resume under FSDP bit-for-bit."""
