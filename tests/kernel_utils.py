@@ -1,4 +1,4 @@
-"""Test helpers shared by the kernel test modules (poisoned outputs, the autotune switch)."""
+"""Test helpers shared by the test modules (poisoned outputs, the autotune switch, saved bytes)."""
 
 import torch
 
@@ -28,3 +28,22 @@ def poison_allocations(monkeypatch) -> None:
 def set_autotune(monkeypatch, enabled: bool) -> None:
     """Turn autotuning of every Triton op on or off (off: each kernel's first config)."""
     monkeypatch.setattr(_triton, "AUTOTUNE", enabled)
+
+
+def saved_bytes(fn, params) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves while ``fn()`` runs.
+
+    Storages, not tensors: views of one buffer count once, as they cost memory once.
+    """
+    skip = {p.untyped_storage().data_ptr() for p in params if p is not None}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

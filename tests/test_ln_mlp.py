@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 import torch
-from kernel_utils import poison_allocations, set_autotune
+from kernel_utils import poison_allocations, saved_bytes, set_autotune
 
 from igpt_kernels import ln_linear, ln_mlp, reference
 
@@ -283,22 +283,6 @@ def test_autocast_mixes_float32_norm_with_half_gemms(monkeypatch, residual):
     _assert_matches(out, ref, torch.float16, check_dtype=False)
 
 
-def _saved_bytes(fn, params):
-    """Bytes of the distinct non-parameter storages autograd saves while fn() runs."""
-    skip = {p.untyped_storage().data_ptr() for p in params if p is not None}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("norm,activation", [("rms", "quick_gelu"), ("layer", "gelu")])
 def test_saves_at_most_half_of_eager(norm, activation):
     x = torch.randn(64, 32, dtype=torch.float16, device=DEVICE, requires_grad=True)
@@ -310,8 +294,8 @@ def test_saves_at_most_half_of_eager(norm, activation):
         if t is not None:
             t.requires_grad_()
     opts = dict(norm=norm, activation=activation)
-    ours = _saved_bytes(lambda: ln_mlp(x, **w, **opts, backend="triton"), w.values())
-    eager = _saved_bytes(lambda: reference.ln_mlp(x, **w, **opts), w.values())
+    ours = saved_bytes(lambda: ln_mlp(x, **w, **opts, backend="triton"), w.values())
+    eager = saved_bytes(lambda: reference.ln_mlp(x, **w, **opts), w.values())
     assert 0 < ours <= 0.5 * eager, (ours, eager)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_utils import saved_bytes
 
 import igpt.model
 from igpt import IGPT, IGPTConfig, memory
@@ -50,19 +51,14 @@ def _loss(model, tokens, mask):
 
 def _saved_bytes(model, tokens, mask, autocast=None):
     """(bytes of the distinct non-parameter storages saved in forward + loss, the loss)."""
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
     ctx = torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-        loss = _loss(model, tokens, mask)
-    return sum(seen.values()), loss
+    out = {}
+
+    def forward():
+        with ctx:
+            out["loss"] = _loss(model, tokens, mask)
+
+    return saved_bytes(forward, model.parameters()), out["loss"]
 
 
 def _use_triton(monkeypatch, autocast):
