@@ -230,8 +230,8 @@ class TrainConfig:
     init_from: str | None = setting(
         None,
         "start from this checkpoint's weights, architecture and "
-        "palette (a file or a run directory); the optimizer and "
-        "schedule start afresh",
+        "palette (a file, a run directory or a transformers ImageGPT "
+        "directory); the optimizer and schedule start afresh",
         flag="--checkpoint",
     )
 
@@ -604,6 +604,12 @@ class Trainer:
         if ckpt is not None:
             _check_resumable(cfg, resume_from, ckpt)
         init = load_checkpoint(cfg.init_from) if ckpt is None and init_cfg is not None else None
+        if init is not None and "palette" not in init and palette is None and cfg.palette is None:
+            # a palette fitted afresh would give the weights' colour indices other colours
+            raise ValueError(
+                f"init_from {cfg.init_from} (--checkpoint) holds no palette, so images cannot be "
+                "tokenised as its weights expect; pass the palette it was trained with (--palette)"
+            )
         self.palette = _run_palette(cfg, self.run, d, palette, ckpt or init, data)
         self.batches, self.val_idx, self.val_tokens = _run_data(cfg, d, self.palette, data)
         self.raw_model = _run_model(cfg, len(self.palette), init_cfg, init, self.device, found)
