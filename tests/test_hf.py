@@ -358,20 +358,30 @@ def test_cli_import_hf_then_pretrain_start_from_the_hf_weights(tmp_path, digits_
         run_config = json.loads((out / "config.json").read_text())
         assert run_config["model"] == expect.config.to_dict()
         assert torch.equal(torch.from_numpy(np.load(out / "palette.npy")), digits_palette.centroids)
+    # a directory without preprocessor_config.json takes the palette from --palette
+    bare = _hf_dir(tmp_path / "bare")
+    digits_palette.save(tmp_path / "p.npy")
+    argv = ["pretrain", "--checkpoint", str(bare), "--palette", str(tmp_path / "p.npy")]
+    out = tmp_path / "run_bare"
+    main([*argv, "--steps", "1", "--batch-size", "4", "--device", "cpu", "--out", str(out)])
+    assert torch.equal(torch.from_numpy(np.load(out / "palette.npy")), digits_palette.centroids)
 
 
 def test_cli_sample_and_probe_take_an_hf_dir(tmp_path, digits_palette):
     from igpt.cli import main
 
     hf_dir = _hf_dir(tmp_path / "hf", digits_palette)
-    png = tmp_path / "s.png"
-    main(["sample", "--checkpoint", str(hf_dir), "--n", "2", "--device", "cpu", "--out", str(png)])
-    assert Image.open(png).size[0] > 0
+    png, tokens = tmp_path / "s.png", tmp_path / "s.npy"
+    argv = ["sample", "--checkpoint", str(hf_dir), "--n", "2", "--tokens-out", str(tokens)]
+    main([*argv, "--device", "cpu", "--out", str(png)])
+    sampled = np.load(tokens)
+    assert sampled.shape == (2, 16) and sampled.max() < 16 and Image.open(png).size[0] > 0
     argv = ["probe", "--checkpoint", str(hf_dir), "--data", "digits", "--limit", "60"]
     argv += ["--per-class", "none", "--no-baselines", "--concat", "0", "--cs", "1"]
     main([*argv, "--device", "cpu", "--out", str(tmp_path / "probe")])
     report = json.loads((tmp_path / "probe" / "probe.json").read_text())
-    assert report  # a probe of the HF weights was written
+    assert report["checkpoint"] == str(hf_dir) and report["objective"] == "ar"
+    assert [r["layer"] for r in report["layers"]["rows"]] == [0, 1, 2]
 
 
 def test_cli_export_hf_of_a_run_dir_loads_in_transformers(tmp_path, digits_palette):
@@ -425,10 +435,16 @@ def test_cli_finetune_without_head_bias_exports_to_hf_classifier(tmp_path, digit
     assert type(IGPT.from_pretrained(tmp_path / "hf2")) is IGPT
 
 
-def test_finetune_head_bias_setting():
-    from igpt.finetune import FINETUNE_FIXED, FinetuneConfig
+def test_finetune_head_bias_is_frozen_at_zero_and_fixed_on_resume(tmp_path):
+    from igpt.finetune import FinetuneConfig, finetune
 
-    assert FinetuneConfig().head_bias is True and "head_bias" in FINETUNE_FIXED
+    x, y = torch.randint(0, 16, (12, 16)), torch.arange(12) % 3
+    kw = dict(steps=2, eval_every=1, batch_size=4, out_dir=str(tmp_path / "ft"), device="cpu")
+    res = finetune(_igpt_model(), x, y, head_bias=False, **kw)
+    head = res["classifier"].head
+    assert torch.count_nonzero(head.bias) == 0 and torch.count_nonzero(head.weight) > 0
+    with pytest.raises(ValueError, match="head_bias False there, True now"):
+        finetune(_igpt_model(), x, y, head_bias=True, resume=True, **{**kw, "steps": 3})
     with pytest.raises(ValueError, match="head_bias"):
         FinetuneConfig(head_bias="no")
 
