@@ -310,3 +310,172 @@ def test_export_and_import_checkpoints(tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     export_checkpoint(tmp_path / "ft.pt", tmp_path / "hf_lm", head=False)
     assert type(IGPT.from_pretrained(tmp_path / "hf_lm")) is IGPT
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def _hf_dir(path, palette=None):
+    """A transformers-written ImageGPT directory (4x4, 16 colours), with ``palette``'s
+    preprocessor_config.json when given."""
+    _hf_model().save_pretrained(path)
+    if palette is not None:
+        palette.save_pretrained(path)
+    return path
+
+
+def _one_line(e) -> str:
+    """The message of a command's SystemExit, which must be a single line."""
+    text = str(e.value.code)
+    assert "\n" not in text, text
+    return text
+
+
+def _first_loss(run_dir) -> float:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+
+def test_cli_import_hf_then_pretrain_start_from_the_hf_weights(tmp_path, digits_palette):
+    from igpt.cli import main
+    from igpt.train import TrainConfig, Trainer
+
+    hf_dir = _hf_dir(tmp_path / "hf", digits_palette)
+    main(["import-hf", str(hf_dir), str(tmp_path / "imported.pt")])
+    expect = from_pretrained(hf_dir)
+    # the loss of the HF weights on the first batch, with the batches pretrain draws
+    settings = dict(data="digits", steps=1, batch_size=4, device="cpu", progress=False)
+    ref = Trainer(TrainConfig(init_from=str(hf_dir), out=str(tmp_path / "ref"), **settings))
+    _assert_same_weights(expect, ref.raw_model)
+    assert torch.equal(ref.palette.centroids, digits_palette.centroids)
+    tokens = ref.batches.tokens(0)
+    with torch.no_grad():
+        loss = float(ref.loss_sum(tokens, None)) / tokens.numel()
+    for name, source in (("file", tmp_path / "imported.pt"), ("dir", hf_dir)):
+        out = tmp_path / f"run_{name}"
+        argv = ["pretrain", "--checkpoint", str(source), "--data", "digits", "--steps", "1"]
+        main([*argv, "--batch-size", "4", "--device", "cpu", "--out", str(out)])
+        assert _first_loss(out) == pytest.approx(loss, rel=1e-6), name
+        run_config = json.loads((out / "config.json").read_text())
+        assert run_config["model"] == expect.config.to_dict()
+        assert torch.equal(torch.from_numpy(np.load(out / "palette.npy")), digits_palette.centroids)
+    # a directory without preprocessor_config.json takes the palette from --palette
+    bare = _hf_dir(tmp_path / "bare")
+    digits_palette.save(tmp_path / "p.npy")
+    argv = ["pretrain", "--checkpoint", str(bare), "--palette", str(tmp_path / "p.npy")]
+    out = tmp_path / "run_bare"
+    main([*argv, "--steps", "1", "--batch-size", "4", "--device", "cpu", "--out", str(out)])
+    assert torch.equal(torch.from_numpy(np.load(out / "palette.npy")), digits_palette.centroids)
+
+
+def test_cli_sample_and_probe_take_an_hf_dir(tmp_path, digits_palette):
+    from igpt.cli import main
+
+    hf_dir = _hf_dir(tmp_path / "hf", digits_palette)
+    png, tokens = tmp_path / "s.png", tmp_path / "s.npy"
+    argv = ["sample", "--checkpoint", str(hf_dir), "--n", "2", "--tokens-out", str(tokens)]
+    main([*argv, "--device", "cpu", "--out", str(png)])
+    sampled = np.load(tokens)
+    assert sampled.shape == (2, 16) and sampled.max() < 16 and Image.open(png).size[0] > 0
+    argv = ["probe", "--checkpoint", str(hf_dir), "--data", "digits", "--limit", "60"]
+    argv += ["--per-class", "none", "--no-baselines", "--concat", "0", "--cs", "1"]
+    main([*argv, "--device", "cpu", "--out", str(tmp_path / "probe")])
+    report = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert report["checkpoint"] == str(hf_dir) and report["objective"] == "ar"
+    assert [r["layer"] for r in report["layers"]["rows"]] == [0, 1, 2]
+
+
+def test_cli_export_hf_of_a_run_dir_loads_in_transformers(tmp_path, digits_palette):
+    from igpt.checkpoint import load_model
+    from igpt.cli import main
+
+    model = _igpt_model()
+    save_checkpoint(tmp_path / "run" / "ckpt_00000003.pt", model, step=3, palette=digits_palette)
+    (tmp_path / "run" / "config.json").write_text("{}")  # a run directory's own config
+    main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")])
+    hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "hf").eval()
+    processor = transformers.ImageGPTImageProcessor.from_pretrained(tmp_path / "hf")
+    assert np.array_equal(np.asarray(processor.clusters), digits_palette.to_hf())
+    x = torch.randint(0, 16, (3, 16))
+    with torch.no_grad():
+        ours = load_model(tmp_path / "run")[0].eval()(x)
+        torch.testing.assert_close(hf(input_ids=_hf_input(x, 16)).logits, ours)
+    # the exported directory is a checkpoint too, and the run directory is still a run's
+    back, palette, ckpt = load_model(tmp_path / "hf")
+    _assert_same_weights(model, back)
+    assert ckpt["step"] == 0 and ckpt["objective"] == "ar"
+    assert load_model(tmp_path / "run")[2]["step"] == 3
+
+
+def test_cli_finetune_without_head_bias_exports_to_hf_classifier(tmp_path, digits_palette):
+    from igpt.cli import main
+    from igpt.finetune import load_classifier
+
+    save_checkpoint(tmp_path / "m.pt", _igpt_model(), palette=digits_palette, objective="ar")
+    ft = tmp_path / "ft"
+    argv = ["finetune", "--checkpoint", str(tmp_path / "m.pt"), "--data", "digits"]
+    argv += ["--limit", "40", "--steps", "2", "--eval-every", "1", "--batch-size", "8"]
+    main([*argv, "--n-masks", "1", "--no-head-bias", "--device", "cpu", "--out", str(ft)])
+    clf, _, ckpt = load_classifier(ft / "best.pt")
+    assert ckpt["finetune"]["head_bias"] is False and ckpt["finetune"]["n_classes"] == 10
+    assert torch.count_nonzero(clf.head.bias) == 0 and not clf.head.bias.requires_grad
+    assert torch.count_nonzero(clf.head.weight) > 0  # the head did train
+    main(["export-hf", str(ft / "best.pt"), str(tmp_path / "hf")])
+    hf = transformers.ImageGPTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 16, (3, 16))
+    with torch.no_grad():
+        ours = clf.eval()(x, generative=False)[1]
+        torch.testing.assert_close(hf(input_ids=_hf_input(x, 16)).logits, ours)
+    # a head with a trained bias: refused, saying how to get an exportable one
+    biased = {**ckpt, "head": {**ckpt["head"], "bias": torch.full((10,), 0.1)}}
+    torch.save(biased, tmp_path / "biased.pt")
+    with pytest.raises(SystemExit) as e:
+        main(["export-hf", str(tmp_path / "biased.pt"), str(tmp_path / "hf2")])
+    assert "--no-head-bias" in _one_line(e) and "--no-head" in _one_line(e)
+    main(["export-hf", str(tmp_path / "biased.pt"), str(tmp_path / "hf2"), "--no-head"])
+    assert type(IGPT.from_pretrained(tmp_path / "hf2")) is IGPT
+
+
+def test_finetune_head_bias_is_frozen_at_zero_and_fixed_on_resume(tmp_path):
+    from igpt.finetune import FinetuneConfig, finetune
+
+    x, y = torch.randint(0, 16, (12, 16)), torch.arange(12) % 3
+    kw = dict(steps=2, eval_every=1, batch_size=4, out_dir=str(tmp_path / "ft"), device="cpu")
+    res = finetune(_igpt_model(), x, y, head_bias=False, **kw)
+    head = res["classifier"].head
+    assert torch.count_nonzero(head.bias) == 0 and torch.count_nonzero(head.weight) > 0
+    with pytest.raises(ValueError, match="head_bias False there, True now"):
+        finetune(_igpt_model(), x, y, head_bias=True, resume=True, **{**kw, "steps": 3})
+    with pytest.raises(ValueError, match="head_bias"):
+        FinetuneConfig(head_bias="no")
+
+
+def test_cli_hf_bad_inputs_are_one_line(tmp_path, digits_palette):
+    from igpt.cli import main
+
+    hf_dir = _hf_dir(tmp_path / "hf", digits_palette)
+    bare = _hf_dir(tmp_path / "bare")  # no preprocessor_config.json: no palette
+    (tmp_path / "plain").mkdir()
+    both = _hf_dir(tmp_path / "both", digits_palette)
+    save_checkpoint(both / "ckpt_00000001.pt", _igpt_model(), step=1, palette=digits_palette)
+    broken = _hf_dir(tmp_path / "broken", digits_palette)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    run = tmp_path / "run"
+    save_checkpoint(run / "ckpt_00000002.pt", _igpt_model(), step=2, palette=digits_palette)
+    out = str(tmp_path / "out")
+    cases = [
+        (["import-hf", str(tmp_path / "missing"), out + ".pt"], "does not exist"),
+        (["import-hf", str(tmp_path / "plain"), out + ".pt"], "not a transformers ImageGPT"),
+        (["import-hf", str(hf_dir), str(tmp_path / "plain")], "is a directory"),
+        (["export-hf", str(tmp_path / "missing"), out], "does not exist"),
+        (["export-hf", str(tmp_path / "plain"), out], "not a transformers ImageGPT"),
+        (["export-hf", str(hf_dir), str(run)], "is a run directory"),
+        (["export-hf", str(both), out], "both a run directory"),
+        (["probe", "--checkpoint", str(bare), "--out", out], "holds no palette"),
+        (["sample", "--checkpoint", str(broken), "--out", out + ".png"], "not a readable"),
+        (["pretrain", "--checkpoint", str(bare), "--steps", "1", "--out", out], "no palette"),
+    ]
+    for argv, expect in cases:
+        with pytest.raises(SystemExit) as e:
+            main([*argv, *(["--device", "cpu"] if argv[0] in ("probe", "sample") else [])])
+        assert expect in _one_line(e), (argv, e.value.code)
+    assert not (run / "config.json").exists()  # the refused export wrote nothing there

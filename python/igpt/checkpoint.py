@@ -11,6 +11,12 @@ Layout of the dict: ``model`` (state dict), ``config`` (IGPTConfig fields), ``st
 (``objective_of`` reads it). A run directory holds ``ckpt_XXXXXXXX.pt`` files;
 ``latest_checkpoint(run_dir)`` picks the one with the highest step.
 
+A directory in transformers' ImageGPT layout (``igpt.hf.is_pretrained_dir``: a
+``config.json`` with ``model_type`` "imagegpt") is read as the step-0 checkpoint of its
+weights (``objective`` "ar", the palette of its ``preprocessor_config.json`` when it has
+one), so every place that takes a checkpoint takes such a directory. A run directory is
+told apart by its ``ckpt_*.pt`` files; a directory that is both is refused.
+
 Reading one that is not an igpt checkpoint (empty, truncated, random bytes, a pickle of
 arbitrary objects, a dict without ``model`` or ``config``) raises ``CheckpointError``, a
 ValueError whose message names the file and says what is wrong with it.
@@ -174,25 +180,76 @@ def _mismatch(model, weights) -> str:
 
 
 def resolve_checkpoint(path_or_dir) -> Path:
-    """A checkpoint file itself, or the latest checkpoint of a run directory."""
+    """A checkpoint file itself, the latest checkpoint of a run directory, or a transformers
+    ImageGPT directory itself (``read_checkpoint`` reads it as a step-0 checkpoint).
+
+    FileNotFoundError for a missing path or a directory that is neither; CheckpointError for
+    a directory that is both (an ImageGPT ``config.json`` beside ``ckpt_*.pt`` files).
+    """
     p = Path(path_or_dir)
     if p.is_dir():
         latest = latest_checkpoint(p)
+        pretrained = _is_pretrained_dir(p)
+        if latest is not None and pretrained:
+            raise CheckpointError(
+                f"{p} is both a run directory ({latest.name}) and a transformers ImageGPT "
+                "directory (its config.json); pass the checkpoint file itself, or keep the "
+                "two in separate directories"
+            )
+        if pretrained:
+            return p
         if latest is None:
-            raise FileNotFoundError(f"no ckpt_*.pt checkpoint in run directory {p}")
+            raise FileNotFoundError(
+                f"no ckpt_*.pt checkpoint in run directory {p}, and it is not a transformers "
+                "ImageGPT directory (no config.json with model_type 'imagegpt')"
+            )
         return latest
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
     return p
 
 
+def _is_pretrained_dir(path: Path) -> bool:
+    from igpt.hf import is_pretrained_dir
+
+    return is_pretrained_dir(path)
+
+
+def _read_pretrained(path: Path, map_location) -> dict:
+    """The step-0 checkpoint of the transformers ImageGPT directory ``path``."""
+    from igpt.hf import load_any
+
+    try:
+        model, palette = load_any(path)
+    except OSError:
+        raise  # a missing weights file names itself
+    except Exception as e:  # noqa: BLE001  (a damaged config or weights file fails in any way)
+        lines = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"{path} is not a readable transformers ImageGPT directory "
+            f"({type(e).__name__}: {lines[0] if lines else 'no message'})"
+        ) from e
+    if map_location is not None and str(map_location) != "cpu":
+        model.to(map_location)
+    return checkpoint_state(model, step=0, palette=palette, objective="ar")
+
+
 def read_checkpoint(path, map_location="cpu", *, mmap: bool = False) -> dict:
     """``torch.load(path, weights_only=True)`` of one file, with every way it can fail turned
     into a CheckpointError naming ``path``; the result is a dict with ``model`` and ``config``.
 
-    A pickle of anything but tensors, numbers, strings and containers stays refused.
+    A pickle of anything but tensors, numbers, strings and containers stays refused. A
+    transformers ImageGPT directory gives the step-0 checkpoint of its weights (``mmap`` does
+    not apply: safetensors are read as they are).
     """
     path = Path(path)
+    if path.is_dir():
+        if _is_pretrained_dir(path):
+            return _read_pretrained(path, map_location)
+        raise CheckpointError(
+            f"{path} is a directory, not a checkpoint file; load_checkpoint(dir) reads a run "
+            "directory's latest checkpoint"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
@@ -237,7 +294,8 @@ def _why_unreadable(path: Path, e: BaseException) -> str:
 
 
 def load_checkpoint(path_or_dir, map_location="cpu") -> dict:
-    """Read a checkpoint (file or run directory: its latest) with ``weights_only=True``.
+    """Read a checkpoint (file, run directory: its latest, or a transformers ImageGPT
+    directory: a step-0 checkpoint of its weights) with ``weights_only=True``.
 
     Raises FileNotFoundError for a missing file or a directory without checkpoints and
     CheckpointError (a ValueError) for a file that is not an igpt checkpoint.
@@ -248,7 +306,9 @@ def load_checkpoint(path_or_dir, map_location="cpu") -> dict:
 def load_model(path_or_dir, device=None):
     """Rebuild the model of a checkpoint: returns ``(model, palette_or_None, checkpoint)``.
 
-    The palette comes back as an ``igpt.palette.Palette`` when the checkpoint has one.
+    ``path_or_dir`` is a file, a run directory or a transformers ImageGPT directory
+    (``resolve_checkpoint``). The palette comes back as an ``igpt.palette.Palette`` when the
+    checkpoint has one.
     """
     path = resolve_checkpoint(path_or_dir)
     ckpt = read_checkpoint(path)

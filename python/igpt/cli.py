@@ -48,6 +48,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "igpt.commands.sample",
         "sample or complete images from an AR checkpoint into a PNG grid",
     ),
+    "export-hf": (
+        "igpt.commands.export_hf",
+        "write a checkpoint as a transformers ImageGPT directory (weights and palette)",
+    ),
+    "import-hf": (
+        "igpt.commands.import_hf",
+        "read a transformers ImageGPT directory into an igpt checkpoint file",
+    ),
     "demo": ("igpt.commands.demo", "pretrain -> probe -> sample end to end on bundled digits"),
     "plan": ("igpt.commands.plan", "the fastest training plan that fits a GPU's memory"),
 }

@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 # what a resumed fine-tuning run must share with its checkpoint's run: the head, the loss
 # and the batch of every step (the architecture and n_classes are checked beside them)
-FINETUNE_FIXED = ("n_classes", "layer", "joint", "batch_size", "seed")
+FINETUNE_FIXED = ("n_classes", "layer", "joint", "head_bias", "batch_size", "seed")
 
 
 class IGPTClassifier(nn.Module):
@@ -177,6 +177,8 @@ def load_classifier(path_or_dir, device=None):
     info = ckpt["finetune"]
     clf = IGPTClassifier(model, int(info["n_classes"]), layer=int(info["layer"]))
     clf.head.load_state_dict(ckpt["head"])
+    if not info.get("head_bias", True):
+        clf.head.bias.requires_grad_(False)  # fine-tuned without a bias: it stays zero
     if device is not None:
         clf.to(device)
     return clf, palette, ckpt
@@ -195,6 +197,11 @@ class FinetuneConfig:
         choices=OBJECTIVES,
     )
     joint: bool = setting(True, "train L_GEN + L_CLF (False: L_CLF alone)")
+    head_bias: bool = setting(
+        True,
+        "train a bias in the class head (False: none, frozen at zero, as transformers' "
+        "ImageGPTForImageClassification, so igpt export-hf can export the classifier)",
+    )
     layer: int | None = setting(None, "pooled layer the head reads", default_text="n^L")
     steps: int = setting(1000, "optimizer steps")
     batch_size: int = setting(32, "batch size")
@@ -237,6 +244,8 @@ class FinetuneConfig:
             isinstance(self.layer, bool) or not isinstance(self.layer, int)
         ):
             raise ValueError(f"layer must be None or an int, got {self.layer!r}")
+        if not isinstance(self.head_bias, bool):
+            raise ValueError(f"head_bias must be True or False, got {self.head_bias!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         _check_real("lr", self.lr, above=0)
@@ -254,7 +263,7 @@ class FinetuneConfig:
 
     def settings(self, n_classes: int, layer: int) -> dict:
         """What a run records of its settings (config.json, the result's ``settings``)."""
-        keys = ("objective", "joint", "lr", "batch_size", "steps", "seed", "mask_prob")
+        keys = ("objective", "joint", "head_bias", "lr", "batch_size", "steps", "seed", "mask_prob")
         return {"n_classes": n_classes, "layer": layer, **{k: getattr(self, k) for k in keys}}
 
 
@@ -311,6 +320,8 @@ class Finetuner:
         self.model, self.palette = model, palette
         self.device = _resolve_device(cfg.device, model)
         self.clf = IGPTClassifier(model, self.n_classes, layer=cfg.layer).to(self.device)
+        if not cfg.head_bias:
+            self.clf.head.bias.requires_grad_(False)  # zero from IGPTClassifier, kept there
         self.opt = torch.optim.Adam(
             self.clf.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
@@ -384,7 +395,9 @@ class Finetuner:
                 f"{path} is not a fine-tuning checkpoint (it has no {', '.join(missing)}); "
                 "fine-tune from it with --checkpoint and a new --out instead"
             )
-        old, now = {**ckpt["finetune"], "objective": objective_of(ckpt)}, self.settings
+        # runs from before head_bias existed trained the bias
+        old = {"head_bias": True, **ckpt["finetune"], "objective": objective_of(ckpt)}
+        now = self.settings
         keys = [*FINETUNE_FIXED, "objective"] + ["mask_prob"] * (now["objective"] == "bert")
         diff = [f"{k} {old.get(k)!r} there, {now[k]!r} now" for k in keys if old.get(k) != now[k]]
         diff += ["model " + d for d in architecture_differences(path, ckpt, self.model.config)]

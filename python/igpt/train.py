@@ -230,8 +230,8 @@ class TrainConfig:
     init_from: str | None = setting(
         None,
         "start from this checkpoint's weights, architecture and "
-        "palette (a file or a run directory); the optimizer and "
-        "schedule start afresh",
+        "palette (a file, a run directory or a transformers ImageGPT "
+        "directory); the optimizer and schedule start afresh",
         flag="--checkpoint",
     )
 
@@ -332,6 +332,19 @@ def _init_config(init_from) -> IGPTConfig:
     """The model config of the checkpoint a run starts from (read without its tensors)."""
     path = resolve_checkpoint(init_from)
     return model_config(read_checkpoint(path, mmap=True), path)
+
+
+def _init_checkpoint(cfg, palette) -> dict:
+    """The checkpoint of ``init_from`` for a run that starts from it: a ValueError when it
+    holds no palette and none is given (``palette`` or ``cfg.palette``)."""
+    init = load_checkpoint(cfg.init_from)
+    if "palette" not in init and palette is None and cfg.palette is None:
+        # a palette fitted afresh would give the weights' colour indices other colours
+        raise ValueError(
+            f"init_from {cfg.init_from} (--checkpoint) holds no palette, so images cannot be "
+            "tokenised as its weights expect; pass the palette it was trained with (--palette)"
+        )
+    return init
 
 
 def lr_lambda_factory(steps: int, warmup: int):
@@ -603,7 +616,7 @@ class Trainer:
         resume_from, ckpt = found if found is not None else (None, None)
         if ckpt is not None:
             _check_resumable(cfg, resume_from, ckpt)
-        init = load_checkpoint(cfg.init_from) if ckpt is None and init_cfg is not None else None
+        init = _init_checkpoint(cfg, palette) if ckpt is None and init_cfg is not None else None
         self.palette = _run_palette(cfg, self.run, d, palette, ckpt or init, data)
         self.batches, self.val_idx, self.val_tokens = _run_data(cfg, d, self.palette, data)
         self.raw_model = _run_model(cfg, len(self.palette), init_cfg, init, self.device, found)

@@ -331,7 +331,9 @@ def add_common_arguments(
         "checkpoint": (
             ("--checkpoint",),
             dict(
-                default=None, help="checkpoint file, or a run directory for its latest checkpoint"
+                default=None,
+                help="checkpoint file, a run directory for its latest checkpoint, or a "
+                "transformers ImageGPT directory",
             ),
         ),
         "device": (
@@ -382,7 +384,8 @@ def open_checkpoint(args: argparse.Namespace, *, source=None, device=None):
     ``source`` replaces ``args.checkpoint`` (e.g. a run directory being resumed); ``device``
     defaults to ``pick_device(args.device)``. The objective is ``args.objective`` when set,
     else the checkpoint's own. Returns ``(path, model, palette, ckpt, objective)``; raises
-    ``UsageError`` without a checkpoint or when it holds no palette.
+    ``UsageError`` without a checkpoint or when it holds no palette. A transformers
+    ImageGPT directory is a checkpoint like any other (``igpt.checkpoint.resolve_checkpoint``).
     """
     from igpt.checkpoint import load_model, objective_of, resolve_checkpoint
 
@@ -394,7 +397,8 @@ def open_checkpoint(args: argparse.Namespace, *, source=None, device=None):
     device = pick_device(getattr(args, "device", None)) if device is None else device
     model, palette, ckpt = load_model(path, device=device)
     if palette is None:
-        raise UsageError(f"{path} holds no palette, so images cannot be tokenised")
+        how = " (a transformers directory keeps it in preprocessor_config.json)" * path.is_dir()
+        raise UsageError(f"{path} holds no palette, so images cannot be tokenised{how}")
     objective = getattr(args, "objective", None) or objective_of(ckpt)
     return path, model, palette, ckpt, objective
 

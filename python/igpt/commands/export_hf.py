@@ -6,15 +6,24 @@
 Writes ``config.json``, ``model.safetensors`` and ``preprocessor_config.json`` (the palette
 as the processor's ``clusters``), so ``ImageGPTForCausalImageModeling.from_pretrained`` and
 ``ImageGPTImageProcessor.from_pretrained`` load it. A fine-tuning checkpoint becomes an
-``ImageGPTForImageClassification`` unless ``--no-head``. Weights only: no optimizer state.
+``ImageGPTForImageClassification`` unless ``--no-head``; its class head must have no bias
+(HF's ``score`` has none), which ``igpt finetune --no-head-bias`` trains. Weights only: no
+optimizer state.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from igpt.commands._common import UsageError
+
 
 def add_arguments(parser) -> None:
     """Arguments of ``igpt export-hf``."""
-    parser.add_argument("checkpoint", help="checkpoint file, or a run directory (its latest)")
+    parser.add_argument(
+        "checkpoint",
+        help="checkpoint file, a run directory (its latest) or a transformers ImageGPT directory",
+    )
     parser.add_argument("out", help="directory to write (created; files in it are replaced)")
     parser.add_argument(
         "--no-head",
@@ -23,11 +32,41 @@ def add_arguments(parser) -> None:
     )
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an output that would overwrite a run's own files (its config.json)."""
+    from igpt.checkpoint import latest_checkpoint
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"OUT {out} is a file; igpt export-hf writes a directory")
+    if latest_checkpoint(out) is not None:
+        raise UsageError(
+            f"OUT {out} is a run directory (it holds {latest_checkpoint(out).name}); its "
+            "config.json would be replaced: export to a directory of its own"
+        )
+
+
+def _check_head(path: Path, ckpt: dict, head: bool) -> None:
+    """Refuse a classifier whose trained head bias transformers' classifier cannot hold."""
+    bias = ckpt.get("head", {}).get("bias") if head else None
+    if bias is not None and bool(bias.count_nonzero()):
+        raise UsageError(
+            f"{path} is a classifier whose class head has a trained bias (max |b| = "
+            f"{float(bias.abs().max()):.3g}), which transformers' ImageGPTForImageClassification "
+            "has no place for; fine-tune with --no-head-bias, or export its causal model "
+            "alone with --no-head"
+        )
+
+
 def run(args) -> None:
     """``igpt export-hf``: write the directory and say where it is."""
-    from igpt.checkpoint import resolve_checkpoint
+    from igpt.checkpoint import read_checkpoint, resolve_checkpoint
     from igpt.hf import export_checkpoint
 
     path = resolve_checkpoint(args.checkpoint)
-    out = export_checkpoint(path, args.out, head=not args.no_head)
-    print(f"wrote {out} (from {path})")
+    out = Path(args.out)
+    _check_out(out)
+    if out.resolve() == path.resolve():
+        raise UsageError(f"OUT {out} is the directory being exported; pick another one")
+    _check_head(path, read_checkpoint(path), head=not args.no_head)
+    written = export_checkpoint(path, out, head=not args.no_head)
+    print(f"wrote {written} (from {path})")
