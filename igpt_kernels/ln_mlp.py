@@ -508,14 +508,17 @@ _DACT_SWEEP = [row for row in _GEMM_SWEEP if row[1] <= 128]
 _WGRAD_SWEEP = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
 # Pure float32 (no autocast) runs IEEE fp32 dots on CUDA cores unless torch allows TF32:
 # the 16-bit tiles then spill (sm_80: ptxas drops to 32 registers, ~9 KB of spills), so
-# float32 has its own small tiles, spill-free on both architectures except dW1 on sm_90a
-# (the norm recomputed on load: 4 B at 32x32x32, 12-20 B at larger tiles; still open). It
-# is a correctness path; the "cublas" variant (torch's SGEMM) is the fast one for float32.
+# float32 has its own small tiles, spill-free on both architectures. The weight gradient
+# reduces over BLOCK_K=16 tokens per step: an FMA dot holds each thread's whole K-slice of
+# both operands in registers, and dW1's norm recomputed on load adds an fp32 copy of the
+# x tile, so at BLOCK_K=32 ptxas hit 255 registers and spilled on sm_90a (4 B at 32x32,
+# 12-20 B at 64x64); at 16 the 64x64 tile (8 warps) takes 166 on both architectures. It
+# is a correctness path; backend="cublas" (torch's SGEMM) is the fast one for float32.
 _FP32_SWEEPS = {
     "fc": [(64, 64, 32, 4, 3)],
     "mm": [(64, 64, 32, 4, 3)],
     "dact": [(64, 64, 32, 4, 3)],
-    "wgrad": [(32, 32, 32, 4, 3)],
+    "wgrad": [(64, 64, 16, 8, 3)],
 }
 
 # Keys bucket the token count so a growing T (sampling) does not retune every call.
