@@ -94,7 +94,9 @@ def attention_cases(subset: str) -> list[dict]:
                     if dtype == "bf16" and (full or _gated(dtype, D, mode, rest=True)):
                         cases.append(dict(base, config="rest"))
                 for mode in ("causal", "causal+pad"):
-                    if full or (dtype == "bf16" and mode == "causal+pad"):
+                    # the gate: bf16 at every head dim, fp32 (tf32x3, its own tile) at 96
+                    fp32_96 = dtype == "fp32" and D == 96
+                    if full or (mode == "causal+pad" and (dtype == "bf16" or fp32_96)):
                         cases.append(dict(op="decode", arch=arch, dtype=dtype, D=D, mode=mode))
             # head dim 96 as 64 + 32 (attention.HD96_SPLIT), the forward's other path
             for mode in ATTN_MODES:

@@ -491,6 +491,8 @@ def _configs(gpu_sweep, interpreted):
     cannot autotune, so it gets the single ``interpreted`` (BLOCK_M, BLOCK_N, BLOCK_K)."""
     if triton_interpreting():
         return _triton.configs(_BLOCKS, [(*interpreted, 4, 3)], GROUP_M=4)
+    if isinstance(gpu_sweep, dict):  # per architecture (see _triton.Tuned)
+        return {arch: _triton.configs(_BLOCKS, rows, GROUP_M=8) for arch, rows in gpu_sweep.items()}
     return _triton.configs(_BLOCKS, gpu_sweep, GROUP_M=8)
 
 
@@ -504,6 +506,10 @@ _GEMM_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)]
 # The dgrad GEMM's act' epilogue (z loaded, act and act' computed) still spills at 128x256
 # with halves (36 B on both architectures), so it keeps the 128-wide tiles.
 _DACT_SWEEP = [row for row in _GEMM_SWEEP if row[1] <= 128]
+# ln_fc normalises its x tile on load; under autocast x is float32, and on sm_80 (whose
+# mma.sync takes operands from registers) the 128x256 tile then spills 52-212 B, so
+# sm_80 keeps the 128-wide tiles for ln_fc.
+_FC_SWEEP = {90: _GEMM_SWEEP, 80: _DACT_SWEEP}
 # The weight-gradient GEMMs reduce over tokens; BLOCK_K must divide _SPLIT_ALIGN.
 _WGRAD_SWEEP = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
 # Pure float32 (no autocast) runs IEEE fp32 dots on CUDA cores unless torch allows TF32:
@@ -529,7 +535,7 @@ _KEYS = {
     "wgrad": ["M", "N", "tokens_per_split"],
 }
 _KERNELS = {"fc": _ln_fc_kernel, "mm": _mm_kernel, "dact": _mm_kernel, "wgrad": _wgrad_kernel}
-_SWEEPS = {"fc": _GEMM_SWEEP, "mm": _GEMM_SWEEP, "dact": _DACT_SWEEP, "wgrad": _WGRAD_SWEEP}
+_SWEEPS = {"fc": _FC_SWEEP, "mm": _GEMM_SWEEP, "dact": _DACT_SWEEP, "wgrad": _WGRAD_SWEEP}
 # (name, float32?) -> the kernel with its configs and autotuner
 _TUNED = {
     (name, fp32): _triton.Tuned(

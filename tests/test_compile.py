@@ -10,8 +10,8 @@ architectures (sm_90a and sm_80) each:
   at head dims 64, 96 and 128, bf16 unmasked at 64 and 128, fp32 (tf32x3) causal+padded
   at 128; every other listed config in bf16 causal+padded at 64 ("narrow" list) and 128
   ("wide" list); the 96 = 64 + 32 forward in bf16 causal+padded;
-- flash decoding (the split forward and its combine kernel): bf16 causal+padded at 64,
-  96 and 128;
+- flash decoding (the split forward and its combine kernel): causal+padded, bf16 at 64,
+  96 and 128, fp32 at 96;
 - ln_mlp with LayerNorm (norm statistics, ln_fc, the proj, dn and dgrad GEMMs, both
   weight-gradient GEMMs, norm backward), default configs in bf16, fp32 and autocast (bf16
   GEMMs over fp32 activations); every other listed config in bf16.
@@ -79,7 +79,8 @@ def test_every_kernel_and_case_is_covered(rows):
     ln = ["norm_stats", "ln_fc", "mm (proj)", "mm (dgrad)", "mm (dn)", "wgrad (dw1)"]
     ln += ["wgrad (dw2)", "norm_bwd"]
     want = {(k, a, d) for k in attention for a in (90, 80) for d in ("bf16", "fp32")}
-    want |= {(k, a, "bf16") for k in ("attn_decode", "attn_combine") for a in (90, 80)}
+    decode = ("attn_decode", "attn_combine")
+    want |= {(k, a, d) for k in decode for a in (90, 80) for d in ("bf16", "fp32")}
     want |= {(k, a, d) for k in ln for a in (90, 80) for d in ("bf16", "fp32", "mix")}
     assert not want - seen, sorted(want - seen)
     fwd = {(r["dtype"], r["D"], r["mode"]) for r in rows if r["kernel"] == "attn_fwd"}
