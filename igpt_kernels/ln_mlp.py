@@ -125,7 +125,8 @@ def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tutorial): their loads (bias, residual, z) and the activation math then hold half a
     tile of registers next to the accumulator instead of a whole one. On sm_90a that took
     the dgrad GEMM's act' epilogue from 255 registers with 48 B of spills to none, and made
-    the 128x256 and 4-stage configs spill-free (see benchmarks/RESULTS.md).
+    the 128x256 and 4-stage configs spill-free (see benchmarks/RESULTS.md; not ln_fc's
+    128x256 on sm_80 under autocast, see _FC_SWEEP).
     """
     return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
 
