@@ -62,16 +62,18 @@ def _gated(dtype, D, mode, rest=False) -> bool:
     """Whether the gate (tests/test_compile.py) compiles an attention case.
 
     The gate keeps to about three minutes on two cores, so it compiles the most telling
-    cases of the full matrix: the heaviest mask (causal+pad: the most registers) and the
-    plain one (full) in bf16 at every head dim, fp16 at 128, fp32 (tf32x3: slow compiles,
-    tiles sized against causal+pad) at 128, and the other configs in bf16 causal+pad at
-    64 and 128. fp16's code differs from bf16's only in conversions.
+    cases of the full matrix: in bf16 the heaviest mask (causal+pad: the most registers) at
+    every head dim and the plain one (full) at 64 and 128 (the "narrow" and "wide" config
+    lists; 96 runs the wide configs padded to 128), fp32 (tf32x3: slow compiles, tiles sized
+    against causal+pad) at 128 causal+pad, and the other configs in bf16 causal+pad at 64
+    and 128. fp16 is left to the full matrix: its code differs from bf16's only in
+    conversions.
     """
     if rest:
         return dtype == "bf16" and mode == "causal+pad" and D != 96
     if dtype == "bf16":
-        return mode in ("full", "causal+pad")
-    return D == 128 and mode == "causal+pad"
+        return mode == "causal+pad" or (mode == "full" and D != 96)
+    return dtype == "fp32" and D == 128 and mode == "causal+pad"
 
 
 def attention_cases(subset: str) -> list[dict]:
@@ -92,7 +94,9 @@ def attention_cases(subset: str) -> list[dict]:
                     if dtype == "bf16" and (full or _gated(dtype, D, mode, rest=True)):
                         cases.append(dict(base, config="rest"))
                 for mode in ("causal", "causal+pad"):
-                    if full or (dtype == "bf16" and mode == "causal+pad"):
+                    # the gate: bf16 at every head dim, fp32 (tf32x3, its own tile) at 96
+                    fp32_96 = dtype == "fp32" and D == 96
+                    if full or (mode == "causal+pad" and (dtype == "bf16" or fp32_96)):
                         cases.append(dict(op="decode", arch=arch, dtype=dtype, D=D, mode=mode))
             # head dim 96 as 64 + 32 (attention.HD96_SPLIT), the forward's other path
             for mode in ATTN_MODES:
@@ -104,13 +108,13 @@ def attention_cases(subset: str) -> list[dict]:
 
 def ln_mlp_cases(subset: str) -> list[dict]:
     """ln_mlp: the forward and backward kernels of each norm kind in every dtype (``gate``:
-    LayerNorm, every dtype's default and bf16's other configs)."""
+    LayerNorm, the defaults in bf16, fp32 and autocast, bf16's other configs)."""
     full = subset == "full"
     cases = []
     for arch in ARCHS:
         for dtype in LN_DTYPES:
             for norm in ("layer", "rms"):
-                if not (full or norm == "layer"):
+                if not (full or (norm == "layer" and dtype != "fp16")):
                     continue
                 base = dict(op="ln_mlp", arch=arch, dtype=dtype, mode=norm)
                 cases.append(dict(base, config=0))
@@ -122,7 +126,10 @@ def ln_mlp_cases(subset: str) -> list[dict]:
 
 
 def all_cases(subset: str) -> list[dict]:
-    return attention_cases(subset) + ln_mlp_cases(subset)
+    """Every case of the subset, ln_mlp's first: its cases are the longest (eight kernels,
+    the other-configs case ~60 s of compiles), and the pool takes cases in order, so they
+    would otherwise form the tail of the run on one worker."""
+    return ln_mlp_cases(subset) + attention_cases(subset)
 
 
 # --------------------------------------------------------------------------------------
@@ -329,6 +336,8 @@ def run_case(case: dict) -> list[dict]:
     rows, seen = [], set()
     for fn, configs, args, kwargs in launches:
         label = _label(fn, kwargs)
+        if case.get("hd96") == "split" and label != "attn_fwd":
+            continue  # the split is the forward's alone: the other kernels are the D=96 case's
         if configs is None:
             if case.get("config") == "rest":
                 continue  # fixed-config kernels are compiled with the defaults only

@@ -586,7 +586,7 @@ if HAS_TRITON and triton_interpreting():
         ]
         for kind in ("narrow", "wide", "fp32")
     }
-    _DECODE_BLOCK_N = 16
+    _DECODE_BLOCK_N = _DECODE_BLOCK_N_FP32 = 16
     _SMALL_BLOCK = 16
 else:
     # Keyed by (kernel, kind): "narrow" 16-bit head dim <= 64, "wide" 16-bit 96/128,
@@ -622,6 +622,10 @@ else:
         (_attn_bwd_dq_kernel, "fp32"): [(16, 16, 4, 1)],
     }
     _DECODE_BLOCK_N = 64
+    # fp32's tf32x3 dots hold hi and lo parts of both operands: at 16x64 the decode kernel
+    # spilled 4-12 B at head dim 96/128 on both architectures (and at 64 on sm_90a); 16x32
+    # compiles to at most 248 registers without spills, in half the shared memory.
+    _DECODE_BLOCK_N_FP32 = 32
     _SMALL_BLOCK = 64
 _DECODE_WARPS = 4
 
@@ -753,7 +757,8 @@ def _attn_fwd(q, k, v, pad, causal, sm_scale, *, num_splits=None):
         )  # fmt: skip
         return o, lse
 
-    block_m, block_n = 16, _DECODE_BLOCK_N
+    block_m = 16
+    block_n = _DECODE_BLOCK_N_FP32 if q.dtype == torch.float32 else _DECODE_BLOCK_N
     if Nq > block_m:
         raise ValueError(f"the decode path takes at most {block_m} queries, got Nq={Nq}")
     chunk = triton.cdiv(triton.cdiv(Nk, max(1, num_splits)), block_n) * block_n

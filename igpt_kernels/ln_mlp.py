@@ -125,7 +125,8 @@ def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tutorial): their loads (bias, residual, z) and the activation math then hold half a
     tile of registers next to the accumulator instead of a whole one. On sm_90a that took
     the dgrad GEMM's act' epilogue from 255 registers with 48 B of spills to none, and made
-    the 128x256 and 4-stage configs spill-free (see benchmarks/RESULTS.md).
+    the 128x256 and 4-stage configs spill-free (see benchmarks/RESULTS.md; not ln_fc's
+    128x256 on sm_80 under autocast, see _FC_SWEEP).
     """
     return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
 
@@ -491,6 +492,8 @@ def _configs(gpu_sweep, interpreted):
     cannot autotune, so it gets the single ``interpreted`` (BLOCK_M, BLOCK_N, BLOCK_K)."""
     if triton_interpreting():
         return _triton.configs(_BLOCKS, [(*interpreted, 4, 3)], GROUP_M=4)
+    if isinstance(gpu_sweep, dict):  # per architecture (see _triton.Tuned)
+        return {arch: _triton.configs(_BLOCKS, rows, GROUP_M=8) for arch, rows in gpu_sweep.items()}
     return _triton.configs(_BLOCKS, gpu_sweep, GROUP_M=8)
 
 
@@ -504,18 +507,25 @@ _GEMM_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4)]
 # The dgrad GEMM's act' epilogue (z loaded, act and act' computed) still spills at 128x256
 # with halves (36 B on both architectures), so it keeps the 128-wide tiles.
 _DACT_SWEEP = [row for row in _GEMM_SWEEP if row[1] <= 128]
+# ln_fc normalises its x tile on load; under autocast x is float32, and on sm_80 (whose
+# mma.sync takes operands from registers) the 128x256 tile then spills 52-212 B, so
+# sm_80 keeps the 128-wide tiles for ln_fc.
+_FC_SWEEP = {90: _GEMM_SWEEP, 80: _DACT_SWEEP}
 # The weight-gradient GEMMs reduce over tokens; BLOCK_K must divide _SPLIT_ALIGN.
 _WGRAD_SWEEP = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
 # Pure float32 (no autocast) runs IEEE fp32 dots on CUDA cores unless torch allows TF32:
 # the 16-bit tiles then spill (sm_80: ptxas drops to 32 registers, ~9 KB of spills), so
-# float32 has its own small tiles, spill-free on both architectures except dW1 on sm_90a
-# (the norm recomputed on load: 4 B at 32x32x32, 12-20 B at larger tiles; still open). It
-# is a correctness path; the "cublas" variant (torch's SGEMM) is the fast one for float32.
+# float32 has its own small tiles, spill-free on both architectures. The weight gradient
+# reduces over BLOCK_K=16 tokens per step: an FMA dot holds each thread's whole K-slice of
+# both operands in registers, and dW1's norm recomputed on load adds an fp32 copy of the
+# x tile, so at BLOCK_K=32 ptxas hit 255 registers and spilled on sm_90a (4 B at 32x32,
+# 12-20 B at 64x64); at 16 the 64x64 tile (8 warps) takes 166 on both architectures. It
+# is a correctness path; backend="cublas" (torch's SGEMM) is the fast one for float32.
 _FP32_SWEEPS = {
     "fc": [(64, 64, 32, 4, 3)],
     "mm": [(64, 64, 32, 4, 3)],
     "dact": [(64, 64, 32, 4, 3)],
-    "wgrad": [(32, 32, 32, 4, 3)],
+    "wgrad": [(64, 64, 16, 8, 3)],
 }
 
 # Keys bucket the token count so a growing T (sampling) does not retune every call.
@@ -526,7 +536,7 @@ _KEYS = {
     "wgrad": ["M", "N", "tokens_per_split"],
 }
 _KERNELS = {"fc": _ln_fc_kernel, "mm": _mm_kernel, "dact": _mm_kernel, "wgrad": _wgrad_kernel}
-_SWEEPS = {"fc": _GEMM_SWEEP, "mm": _GEMM_SWEEP, "dact": _DACT_SWEEP, "wgrad": _WGRAD_SWEEP}
+_SWEEPS = {"fc": _FC_SWEEP, "mm": _GEMM_SWEEP, "dact": _DACT_SWEEP, "wgrad": _WGRAD_SWEEP}
 # (name, float32?) -> the kernel with its configs and autotuner
 _TUNED = {
     (name, fp32): _triton.Tuned(
