@@ -6,7 +6,7 @@
 #   info.txt         nvidia-smi, versions, `igpt info` (backends, quantizer module)
 #   cuda-tests.xml   JUnit XML of the `cuda` tests (failures carry their tracebacks)
 #   cuda-failures.txt  the failing tests' tracebacks, long form (empty when all pass)
-#   autotune.txt     every config the Triton autotuner timed, and the one it kept
+#   autotune.jsonl   every config the Triton autotuner timed (ms), and the one it kept
 #   dispatch.json    what backend="auto" measured and chose, per shape key
 #   results.tar.gz   each benchmark's JSON and Markdown rows
 #
@@ -61,7 +61,7 @@ echo "== benchmarks"
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(attention ln_mlp palette train probe sample)
 quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
-export TRITON_PRINT_AUTOTUNING=1
+export TRITON_PRINT_AUTOTUNING=1 IGPT_AUTOTUNE_LOG="$OUT/autotune.jsonl"
 for name in "${names[@]}"; do
   script="benchmarks/bench_$name.py"
   [ -f "$script" ] || { echo "no benchmark $name"; continue; }
@@ -76,9 +76,8 @@ for name in "${names[@]}"; do
   fi
   echo "$name rc=$?"
 done
-unset TRITON_PRINT_AUTOTUNING
-
-grep -E "Triton autotuning|best config|finished after" "$OUT/log.txt" > "$OUT/autotune.txt" || true
+unset TRITON_PRINT_AUTOTUNING IGPT_AUTOTUNE_LOG
+touch "$OUT/autotune.jsonl"
 $PY -c "import json, igpt_kernels; print(json.dumps(igpt_kernels.dispatch_table(), indent=1))" \
   > "$OUT/dispatch.json" 2>&1 || echo "dispatch table unavailable"
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"

@@ -64,6 +64,25 @@ def _autotune_from_env() -> bool:
 AUTOTUNE = _autotune_from_env()
 
 
+# IGPT_AUTOTUNE_LOG=FILE appends one JSON line per autotuning (kernel, key, every config's
+# time in ms, the winner): what the autotuner saw on a GPU, for tuning the config lists.
+AUTOTUNE_LOG = os.environ.get("IGPT_AUTOTUNE_LOG")
+
+
+def _log_tuning(tuner, keys) -> None:
+    import json
+
+    timings = getattr(tuner, "configs_timings", None) or {}
+    row = {
+        "kernel": getattr(tuner.base_fn, "__name__", str(tuner.base_fn)),
+        "keys": [str(k) for k in keys],
+        "best": str(tuner.cache[next(iter(keys))]),
+        "ms": {str(c): t if isinstance(t, float) else list(t) for c, t in timings.items()},
+    }
+    with open(AUTOTUNE_LOG, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def configs(names, rows, **fixed):
     """triton.Configs from rows of (*block sizes named by ``names``, num_warps, num_stages)."""
     return [
@@ -112,7 +131,11 @@ class Tuned:
             key = id(config_list)
             if key not in self._tuners:
                 self._tuners[key] = triton.autotune(config_list, key=self._key)(self.kernel)
-            self._tuners[key][grid](*args, **kwargs)
+            tuner = self._tuners[key]
+            seen = set(tuner.cache) if AUTOTUNE_LOG else None
+            tuner[grid](*args, **kwargs)
+            if AUTOTUNE_LOG and len(tuner.cache) > len(seen):
+                _log_tuning(tuner, set(tuner.cache) - seen)
             return
         config = config_list[0]
         self.kernel[grid(config.kwargs)](
