@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from igpt.commands._common import add_common_arguments, count, pick_device
+from igpt.train import progress_enabled
 
 
 def add_arguments(parser) -> None:
@@ -48,7 +49,7 @@ def run(args) -> None:
         limit=args.limit,
         device=str(pick_device(args.device)),
         seed=args.seed,
-        progress=not args.no_progress,
+        progress=progress_enabled(False if args.no_progress else None),
     )
     pre = m["probe"]["pretrained"]
     best = pre["layers"][pre["best_layer"]]

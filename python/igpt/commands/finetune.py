@@ -20,6 +20,7 @@ from igpt.commands._common import (
 )
 from igpt.finetune import FinetuneConfig, evaluate, finetune
 from igpt.objectives import OBJECTIVES
+from igpt.train import progress_enabled
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,10 @@ def run(args) -> None:
         model, x, train.labels, n_classes=n_classes, train_images=train.images, palette=palette,
         augment=augment, config=cfg,
     )  # fmt: skip
+    # the whole test set, n_masks times for BERT: a bar where stderr is a terminal
     test_acc = evaluate(
         res["classifier"], xt, test.labels, objective=objective, n_masks=cfg.n_masks,
-        seed=cfg.seed, device=device, progress=True,  # the whole test set, n_masks times for BERT
+        seed=cfg.seed, device=device, progress=progress_enabled(None),
     )  # fmt: skip
     summary = {k: res[k] for k in ("best_val_acc", "best_step", "step", "stopped_early")}
     summary.update(test_acc=test_acc, checkpoint=str(path), data=args.data)

@@ -10,6 +10,7 @@ from igpt.commands._common import (
     pick_device,
     read_palette,
 )
+from igpt.train import progress_enabled
 
 
 def add_arguments(parser) -> None:
@@ -67,7 +68,7 @@ def run(args) -> None:
         top_p=args.top_p,
         seed=args.seed,
         batch_size=args.batch_size or 64,
-        progress=True,
+        progress=progress_enabled(None),
     )
     if args.complete_from is None:
         originals, n_prefix = None, 0
