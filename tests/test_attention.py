@@ -345,6 +345,7 @@ def test_grid_limits():
         check(1, 65536)
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("causal", [True, False])
 def test_triton_grid_order_many_heads(causal):

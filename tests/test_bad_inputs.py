@@ -842,6 +842,7 @@ def test_resume_refusals_are_one_line(run_dir, files):
         (["fit-palette", "--data", "npz:{corrupt_npz}", "--out", "{out}/p.npy"], "corrupt.npz"),
     ],
 )
+@pytest.mark.slow
 def test_python_dash_m_igpt_fails_in_one_line(argv, words, files, tmp_path):
     argv = [a.format(out=tmp_path, **files) for a in argv]
     done = subprocess.run(
@@ -851,6 +852,7 @@ def test_python_dash_m_igpt_fails_in_one_line(argv, words, files, tmp_path):
     assert done.returncode in (1, 2)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training_is_one_line_and_status_130(files, tmp_path):
     out = tmp_path / "run"
     argv = ["pretrain", "--data", f"npz:{files['npz']}", "--n-px", "8", "--n-colors", "8"]

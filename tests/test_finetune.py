@@ -47,6 +47,7 @@ def test_classifier_head_starts_at_zero_and_reads_the_chosen_layer():
         IGPTClassifier(model, 1)
 
 
+@pytest.mark.slow
 def test_finetune_on_digits_beats_chance():
     from igpt.data import load_images, tokenize
     from igpt.palette import fit_palette

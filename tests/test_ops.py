@@ -46,6 +46,7 @@ def _attention_inputs(Nq, Nk, dtype, mask, D=32):
     return q, k, v, pad, "causal" in mask
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("mask,Nq,Nk", [("causal", 8, 8), ("none", 8, 8), ("causal+pad", 5, 9)])
@@ -83,6 +84,7 @@ def _ln_mlp_args(dtype, norm, with_bias, T=12, d=16, h=32):
 @pytest.mark.parametrize(
     "norm,with_bias,residual", [("rms", False, True), ("layer", True, False), ("layer", True, True)]
 )
+@pytest.mark.slow
 def test_opcheck_ln_mlp(dtype, variant, norm, with_bias, residual):
     args = _ln_mlp_args(dtype, norm, with_bias)
     opts = (norm, 1e-5, "quick_gelu", residual, variant)
@@ -115,6 +117,7 @@ def test_backward_of_an_inference_forward_raises():
         y.sum().backward()
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("norm", ["rms", "layer"])

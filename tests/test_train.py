@@ -761,6 +761,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, palette_file):
 # ----------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_smoke(tmp_path, capsys):
     from igpt.cli import build_parser, main
 
@@ -890,6 +891,7 @@ def uninterrupted(tmp_path_factory, palette_file):
         ("step", 5, True),  # during training, and the latest checkpoint (4) then truncated
     ],
 )
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bit_identical_and_leaves_no_temp_files(
     tmp_path, palette_file, uninterrupted, moment, at, truncate
 ):
