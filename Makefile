@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)  # csrc: rebuild igpt_kerne
 test: install  # everything (about 8 minutes on 2 CPU cores; cuda tests skip without a GPU)
 	$(PY) -m pytest -q
 
-test-fast: install  # the inner loop: leaves out the tests marked slow (each over ~10 s)
+test-fast: install  # the inner loop: leaves out the tests marked slow (each over ~5-10 s)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
