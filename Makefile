@@ -43,5 +43,8 @@ bench: install
 demo: install
 	$(VENV)/bin/igpt demo --out runs/demo
 
+gpu-check:  # on a GPU machine: cuda tests + every benchmark, results under $$OUT (see the script)
+	bash benchmarks/gpu_check.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache
