@@ -138,14 +138,17 @@ class EventClock:
     ``sync()``. Tests pass a clock of their own with the same three methods."""
 
     def mark(self):
+        """Record an event on the current stream."""
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
 
     def sync(self) -> None:
+        """Wait for the GPU, so recorded events can be read."""
         torch.cuda.synchronize()
 
     def elapsed_ms(self, a, b) -> float:
+        """Milliseconds between two recorded events."""
         return a.elapsed_time(b)
 
 
@@ -240,12 +243,14 @@ class Dispatcher:
     # -- settings ------------------------------------------------------------------------
 
     def set_mode(self, mode: str) -> None:
+        """Choose how auto decides, one of ``MODES`` (overrides IGPT_DISPATCH)."""
         if mode not in MODES:
             raise ValueError(f"dispatch mode must be one of {MODES}, got {mode!r}")
         self._mode = mode
 
     @property
     def mode(self) -> str:
+        """The mode set, else IGPT_DISPATCH's (default "measure")."""
         if self._mode is None:
             env = os.environ.get("IGPT_DISPATCH", "measure")
             if env not in MODES:
@@ -271,6 +276,7 @@ class Dispatcher:
 
     @staticmethod
     def key(op: str, fields: dict, names) -> str:
+        """The cache key of one kind of call: the op, its fields and the candidates."""
         parts = [op, *(f"{k}={v}" for k, v in fields.items()), "of=" + ",".join(names)]
         return "|".join(parts)
 
@@ -350,6 +356,7 @@ class Dispatcher:
         ]
 
     def header(self, gpu: str) -> dict:
+        """What a cache file must match to be read: format, GPU name and versions."""
         versions = self.versions if self.versions is not None else _versions()
         return {"format": FORMAT, "gpu": gpu, "versions": versions}
 

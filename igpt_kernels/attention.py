@@ -814,22 +814,6 @@ def _attn_bwd(do, q, k, v, o, lse, pad, causal, sm_scale):
     return dq, dk, dv
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, pad, causal, sm_scale):
-        o, lse = _attn_fwd(q, k, v, pad, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse, pad)
-        ctx.causal = causal
-        ctx.sm_scale = sm_scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, pad = ctx.saved_tensors
-        dq, dk, dv = _attn_bwd(do, q, k, v, o, lse, pad, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None, None
-
-
 # --------------------------------------------------------------------------------------
 # public op
 # --------------------------------------------------------------------------------------

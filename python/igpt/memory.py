@@ -16,7 +16,7 @@ fp32 residual under autocast), g = bytes of the GEMM outputs (2 under bf16/fp16 
 ``device="cuda"`` (Triton attention and ln_mlp, CUDA's fused RMS norm):
     ln_1 (F.rms_norm)          x r d, rstd 4                 (LayerNorm: x r d, mean 4, rstd 4)
     c_attn (nn.Linear)         autocast's copy of norm(x) g d
-    attention (_Attention)     q, k, v: one storage 3 g d; o g d; lse 4 H (fp32)
+    attention (igpt::attention) q, k, v: one storage 3 g d; o g d; lse 4 H (fp32)
     c_proj (nn.Linear)         the (B, n, d) copy of o's transpose g d (none when H = 1)
     ln_mlp (_LnMlp)            x r d, rstd 4 (+ mean 4), z 4 g d
     = (2 r + 10 g) d + 8 + 4 H   (+ 8 for LayerNorm): 28 d + 8 + 4 H bytes under bf16
