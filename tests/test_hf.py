@@ -282,8 +282,9 @@ def test_bad_pretrained_dirs_raise(tmp_path):
 
 def test_export_and_import_checkpoints(tmp_path):
     from igpt.checkpoint import load_model
+    from igpt.commands.export_hf import export_checkpoint
+    from igpt.commands.import_hf import import_pretrained
     from igpt.finetune import load_classifier
-    from igpt.hf import export_checkpoint, import_pretrained
 
     model = _igpt_model()
     palette = Palette(torch.rand(16, 3) * 255)

@@ -93,3 +93,140 @@ def test_library_modules_neither_print_nor_exit(path):
 def test_the_leak_check_can_fail():
     bad = "import igpt.cli\nfrom igpt.commands._common import x\nprint(1)\nraise SystemExit(2)\n"
     assert len(_cli_leaks(ast.parse(bad))) == 4
+
+
+# ----------------------------------------------------------------------------- layering (issue 21)
+
+ROOT = PKG.parents[1]
+KERNELS = ROOT / "igpt_kernels"
+MAX_FUNCTION, MAX_MODULE = 80, 700
+EXTENSIONS = {"igpt_kernels._C"}  # compiled modules: private by name, imported as modules
+
+
+def _module_name(path: Path) -> str:
+    base, pkg = (PKG, "igpt") if PKG in path.parents else (KERNELS, "igpt_kernels")
+    parts = path.relative_to(base).with_suffix("").parts
+    return ".".join((pkg, *parts)).removesuffix(".__init__")
+
+
+def _all_modules() -> dict[str, Path]:
+    paths = list(PKG.rglob("*.py")) + list(KERNELS.glob("*.py"))
+    return {_module_name(p): p for p in sorted(paths)}
+
+
+def _imports(tree: ast.AST, modules) -> set[str]:
+    """Every module of ours that ``tree`` imports, function-local imports included."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:  # "from igpt import hf": the submodule, not the package
+                sub = f"{node.module}.{a.name}"
+                found.add(sub if sub in modules else node.module)
+    return {m for m in found if m in modules}
+
+
+def _import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    return {m: _imports(ast.parse(src), sources) - {m} for m, src in sources.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _sources() -> dict[str, str]:
+    return {m: p.read_text() for m, p in _all_modules().items()}
+
+
+def test_no_import_cycle():
+    cycles = _cycles(_import_graph(_sources()))
+    assert not cycles, f"import cycles (function-local imports included): {cycles}"
+
+
+def test_the_cycle_check_can_fail():
+    sources = {"igpt.a": "def f():\n    from igpt import b\n", "igpt.b": "import igpt.a\n"}
+    assert _cycles(_import_graph(sources)) == [["igpt.a", "igpt.b"]]
+
+
+def test_kernels_do_not_import_the_model_layer():
+    graph = _import_graph(_sources())
+    bad = {m: sorted(d) for m, d in graph.items() if m.startswith("igpt_kernels")}
+    bad = {m: [d for d in deps if not d.startswith("igpt_kernels")] for m, deps in bad.items()}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def _is_triton_kernel(fn: ast.AST) -> bool:
+    return any("jit" in ast.unparse(d) for d in fn.decorator_list)
+
+
+def _long_functions(tree: ast.AST) -> list[str]:
+    return [
+        f"{f.name} ({_length(f)} lines, line {f.lineno})"
+        for f in _functions(tree)
+        if _length(f) > MAX_FUNCTION and not _is_triton_kernel(f)
+    ]
+
+
+@pytest.mark.parametrize("module", sorted(_all_modules()))
+def test_no_long_function_or_module(module):
+    path = _all_modules()[module]
+    text = path.read_text()
+    assert len(text.splitlines()) <= MAX_MODULE, f"{module} is over {MAX_MODULE} lines"
+    long = _long_functions(ast.parse(text))
+    assert not long, f"{module}: functions over {MAX_FUNCTION} lines: {long}"
+
+
+def _private_imports(tree: ast.AST, modules) -> list[str]:
+    """``from igpt.x import _name`` where ``_name`` is not itself a module."""
+    return [
+        f"{node.module}.{a.name} (line {node.lineno})"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("igpt")
+        for a in node.names
+        if a.name.startswith("_")
+        and not a.name.startswith("__")  # __version__ and the like are public
+        and f"{node.module}.{a.name}" not in modules | EXTENSIONS
+    ]
+
+
+@pytest.mark.parametrize("module", sorted(_all_modules()))
+def test_no_private_name_imported_across_modules(module):
+    modules = _all_modules()
+    found = _private_imports(ast.parse(modules[module].read_text()), modules)
+    assert not found, f"{module} imports private names of other modules: {found}"
+
+
+def test_the_size_and_privacy_checks_can_fail():
+    long = "def f():\n" + "    x = 1\n" * MAX_FUNCTION
+    jit = "@triton.jit\n" + long
+    assert _long_functions(ast.parse(long)) and not _long_functions(ast.parse(jit))
+    tree = ast.parse("from igpt.features import _resolve_layers\nfrom igpt import _io\n")
+    assert _private_imports(tree, {"igpt._io"}) == ["igpt.features._resolve_layers (line 1)"]

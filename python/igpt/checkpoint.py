@@ -33,10 +33,12 @@ from pathlib import Path
 
 import torch
 
+from igpt import hf_format
 from igpt._io import atomic_write
 from igpt.config import IGPTConfig
 from igpt.model import IGPT
 from igpt.objectives import objective_of  # noqa: F401  (public name of igpt.checkpoint)
+from igpt.palette import Palette
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +191,7 @@ def resolve_checkpoint(path_or_dir) -> Path:
     p = Path(path_or_dir)
     if p.is_dir():
         latest = latest_checkpoint(p)
-        pretrained = _is_pretrained_dir(p)
+        pretrained = hf_format.is_pretrained_dir(p)
         if latest is not None and pretrained:
             raise CheckpointError(
                 f"{p} is both a run directory ({latest.name}) and a transformers ImageGPT "
@@ -209,16 +211,8 @@ def resolve_checkpoint(path_or_dir) -> Path:
     return p
 
 
-def _is_pretrained_dir(path: Path) -> bool:
-    from igpt.hf import is_pretrained_dir
-
-    return is_pretrained_dir(path)
-
-
 def _read_pretrained(path: Path, map_location) -> dict:
     """The step-0 checkpoint of the transformers ImageGPT directory ``path``."""
-    from igpt.hf import load_any
-
     try:
         model, palette = load_any(path)
     except OSError:
@@ -244,7 +238,7 @@ def read_checkpoint(path, map_location="cpu", *, mmap: bool = False) -> dict:
     """
     path = Path(path)
     if path.is_dir():
-        if _is_pretrained_dir(path):
+        if hf_format.is_pretrained_dir(path):
             return _read_pretrained(path, map_location)
         raise CheckpointError(
             f"{path} is a directory, not a checkpoint file; load_checkpoint(dir) reads a run "
@@ -315,9 +309,28 @@ def load_model(path_or_dir, device=None):
     model = load_weights(IGPT(model_config(ckpt, path)), ckpt, path)
     if device is not None:
         model.to(device)
-    palette = None
-    if "palette" in ckpt:
-        from igpt.palette import Palette
-
-        palette = Palette(ckpt["palette"])
+    palette = Palette(ckpt["palette"]) if "palette" in ckpt else None
     return model, palette, ckpt
+
+
+def load_any(path):
+    """``(model, palette or None)`` from an igpt checkpoint file or run directory, or from a
+    transformers ImageGPT directory (or hub id) with its palette when it has one.
+
+    A classifier (a fine-tuning checkpoint, or an ``ImageGPTForImageClassification``
+    directory) gives its ``IGPT`` without the class head, and says so in a warning;
+    ``igpt.hf.load_classifier`` keeps the head.
+    """
+    p = Path(path)
+    if p.is_file() or (p.is_dir() and not hf_format.is_pretrained_dir(p)):
+        model, palette, ckpt = load_model(p)
+        if "head" in ckpt:
+            log.warning(
+                "%s holds a fine-tuned classifier; using its transformer, without the class "
+                "head (igpt.hf.load_classifier keeps it)",
+                p,
+            )
+        return model, palette
+    model = IGPT.from_pretrained(path)
+    has_palette = hf_format.has_processor_config(path)
+    return model, Palette.from_pretrained(path) if has_palette else None

@@ -16,12 +16,13 @@ Decoding runs the same block loop with one ``igpt.generation.KVCache`` per layer
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from igpt import generation
+from igpt import generation, hf_format
 from igpt._checks import check_inputs
 from igpt.config import IGPTConfig
 from igpt_kernels import attention, ln_mlp
@@ -218,16 +219,15 @@ class IGPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id) -> IGPT:
-        """Load a transformers ImageGPT directory or hub id (``igpt.hf.from_pretrained``)."""
-        from igpt.hf import from_pretrained
+        """Load a transformers ImageGPT directory or hub id (a classifier's class head is
+        dropped with a warning; ``igpt.hf.from_pretrained`` keeps it)."""
+        config, weights, score = hf_format.read_pretrained(path_or_hub_id)
+        return hf_format.load_converted(cls(config), weights, score=score, source=path_or_hub_id)
 
-        return from_pretrained(path_or_hub_id, classifier=False)
-
-    def save_pretrained(self, directory, *, palette=None) -> None:
-        """Write transformers' ImageGPT layout to ``directory`` (``igpt.hf.save_pretrained``)."""
-        from igpt.hf import save_pretrained
-
-        save_pretrained(self, directory, palette=palette)
+    def save_pretrained(self, directory, *, palette=None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` in transformers' layout to
+        ``directory`` (with ``palette``, its ``preprocessor_config.json``); returns it."""
+        return hf_format.save_model(directory, self.state_dict(), self.config, palette)
 
     @torch.no_grad()  # not inference_mode: callers may edit the returned tokens in place
     def generate(

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import igpt_kernels
+from igpt import hf_format
 from igpt_kernels.reference import MAX_COLORS
 
 log = logging.getLogger(__name__)
@@ -153,17 +154,13 @@ class Palette:
     @classmethod
     def from_pretrained(cls, path_or_hub_id) -> Palette:
         """The palette of a transformers ImageGPT directory or hub id, from its
-        ``preprocessor_config.json`` (``igpt.hf.load_palette``)."""
-        from igpt.hf import load_palette
-
+        ``preprocessor_config.json`` (``load_palette``)."""
         return load_palette(path_or_hub_id)
 
     def save_pretrained(self, directory, *, n_px: int | None = None) -> Path:
         """Write ``preprocessor_config.json`` that ``ImageGPTImageProcessor`` reads, with
-        this palette as its ``clusters`` (``igpt.hf.save_palette``; ``n_px`` defaults to
-        the side of the model saved in ``directory``)."""
-        from igpt.hf import save_palette
-
+        this palette as its ``clusters`` (``save_palette``; ``n_px`` defaults to the side of
+        the model saved in ``directory``)."""
         return save_palette(self, directory, n_px=n_px)
 
 
@@ -343,3 +340,32 @@ def save_preview(palette: Palette, images: np.ndarray, path, *, n_images: int = 
                 a.set_ylabel(label)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def save_palette(palette: Palette, directory, *, n_px: int | None = None) -> Path:
+    """Write ``preprocessor_config.json`` for ``ImageGPTImageProcessor``: the palette as its
+    ``clusters`` ([-1, 1], float32 values), images resized to ``n_px`` x ``n_px`` (default:
+    the side of the ``config.json`` in ``directory``). The exact 0..255 centroids ride
+    along under ``igpt_centroids`` (transformers keeps the key), so igpt reads the palette
+    back bit for bit; the clusters stay what transformers quantizes with."""
+    if n_px is None:
+        n_px = hf_format.pretrained_n_px(directory)
+    return hf_format.write_processor_config(
+        directory, palette.to_hf(), palette.centroids, n_px=n_px
+    )
+
+
+def load_palette(path_or_hub_id) -> Palette:
+    """The ``Palette`` of a ``preprocessor_config.json`` (directory or hub id): its
+    ``clusters``, or the exact ``igpt_centroids`` when they still give those clusters."""
+    path, d = hf_format.read_processor_config(path_or_hub_id)
+    if d.get("clusters") is None:
+        raise ValueError(f"{path} has no clusters (the processor's colour palette)")
+    clusters = np.asarray(d["clusters"], dtype=np.float32)
+    exact = d.get("igpt_centroids")
+    if exact is not None:
+        palette = Palette(np.asarray(exact, dtype=np.float32))
+        if np.array_equal(palette.to_hf(), clusters):
+            return palette
+        log.warning("%s: igpt_centroids no longer match the clusters; using the clusters", path)
+    return Palette.from_hf(clusters)

@@ -57,10 +57,23 @@ def _check_head(path: Path, ckpt: dict, head: bool) -> None:
         )
 
 
+def export_checkpoint(checkpoint, directory, *, head: bool = True) -> Path:
+    """An igpt checkpoint (file or run directory) to a transformers directory, with its
+    palette. A fine-tuning checkpoint becomes ``ImageGPTForImageClassification``
+    (``head=False``: its ``IGPT`` only, causal). Returns the directory."""
+    from igpt.checkpoint import load_checkpoint, load_model
+    from igpt.hf import load_classifier, save_pretrained
+
+    if head and "head" in load_checkpoint(checkpoint):
+        model, palette = load_classifier(checkpoint)
+    else:
+        model, palette, _ = load_model(checkpoint)
+    return save_pretrained(model, directory, palette=palette)
+
+
 def run(args) -> None:
     """``igpt export-hf``: write the directory and say where it is."""
     from igpt.checkpoint import read_checkpoint, resolve_checkpoint
-    from igpt.hf import export_checkpoint
 
     path = resolve_checkpoint(args.checkpoint)
     out = Path(args.out)

@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
 
 def _check_source(directory: str) -> None:
     """Refuse a local path that is not a transformers ImageGPT directory."""
-    from igpt.hf import is_pretrained_dir
+    from igpt.hf_format import is_pretrained_dir
 
     p = Path(directory)
     if not p.exists() and (p.is_absolute() or directory.startswith((".", "~")) or len(p.parts) > 2):
@@ -42,9 +42,18 @@ def _check_source(directory: str) -> None:
         )
 
 
+def import_pretrained(path_or_hub_id, out) -> Path:
+    """A transformers ImageGPT directory (or hub id) to an igpt checkpoint file ``out``
+    (weights, config and palette, step 0, objective "ar"), which every ``--checkpoint``
+    takes. Returns ``out``."""
+    from igpt.checkpoint import load_any, save_checkpoint
+
+    model, palette = load_any(path_or_hub_id)
+    return save_checkpoint(out, model, step=0, palette=palette, objective="ar")
+
+
 def run(args) -> None:
     """``igpt import-hf``: write the checkpoint and say where it is."""
-    from igpt.hf import import_pretrained
 
     _check_source(args.directory)
     local = Path(args.directory).is_dir()
