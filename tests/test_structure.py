@@ -213,7 +213,7 @@ def _private_imports(tree: ast.AST, modules) -> list[str]:
         for a in node.names
         if a.name.startswith("_")
         and not a.name.startswith("__")  # __version__ and the like are public
-        and f"{node.module}.{a.name}" not in modules | EXTENSIONS
+        and f"{node.module}.{a.name}" not in set(modules) | EXTENSIONS
     ]
 
 

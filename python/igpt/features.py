@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from igpt._checks import check_tokens
+from igpt.checkpoint import atomic_torch_save
 from igpt.model import IGPT
 from igpt.objectives import MASK_PROB, MaskRows
 
@@ -51,7 +52,9 @@ def _cache_path(model, tokens, layers, bert_mask_seed, mask_prob, cache_dir, cac
     return Path(cache_dir) / f"features_{h.hexdigest()}.pt"
 
 
-def _resolve_layers(layers, n_layer: int) -> list[int]:
+def resolve_layers(layers, n_layer: int) -> list[int]:
+    """Layer ids in [0, n_layer] of ``layers`` (ints, negative counting from the end; None:
+    every layer); a TypeError/ValueError names a bad or out-of-range entry."""
     if layers is None:
         return list(range(n_layer + 1))
     out = []
@@ -110,7 +113,7 @@ def extract_features(
     tokens = check_tokens(tokens, "tokens", shape_hint="(N, n)")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    layer_ids = _resolve_layers(layers, model.config.n_layer)
+    layer_ids = resolve_layers(layers, model.config.n_layer)
     path = None
     if cache_dir is not None:
         path = _cache_path(
@@ -125,11 +128,19 @@ def extract_features(
         log.info("moving the model to %s for feature extraction", device)
         model.to(device)
     N, n = tokens.shape
-    mask = (
-        MaskRows((N, n), bert_mask_prob, seed=bert_mask_seed)
-        if bert_mask_seed is not None
-        else None
-    )
+    mask = None
+    if bert_mask_seed is not None:
+        mask = MaskRows((N, n), bert_mask_prob, seed=bert_mask_seed)
+    out = _pooled_pass(model, tokens, layer_ids, mask, batch_size, device, progress)
+    if path is not None:
+        atomic_torch_save({"features": out, "layers": layer_ids, "key": str(cache_key)}, path)
+        log.info("cached features in %s", path)
+    return out
+
+
+def _pooled_pass(model, tokens, layer_ids, mask, batch_size, device, progress) -> torch.Tensor:
+    """f^l for ``layer_ids`` of every image, batch by batch, in eval mode (restored after)."""
+    N = len(tokens)
     out = torch.empty(N, len(layer_ids), model.config.n_embd, dtype=torch.float32)
     select = None if layer_ids == list(range(model.config.n_layer + 1)) else layer_ids
     was_training = model.training
@@ -145,12 +156,6 @@ def extract_features(
             out[s : s + batch_size] = (f if select is None else f[:, select]).float().cpu()
     finally:
         model.train(was_training)
-
-    if path is not None:
-        from igpt.checkpoint import atomic_torch_save
-
-        atomic_torch_save({"features": out, "layers": layer_ids, "key": str(cache_key)}, path)
-        log.info("cached features in %s", path)
     return out
 
 

@@ -49,7 +49,7 @@ from igpt.checkpoint import (
     checkpoint_state,
     load_checkpoint,
 )
-from igpt.features import _resolve_layers
+from igpt.features import resolve_layers
 from igpt.model import IGPT
 from igpt.objectives import (
     MASK_PROB,
@@ -59,7 +59,7 @@ from igpt.objectives import (
     generative_loss,
     objective_of,
 )
-from igpt.probe import _as_labels, modal_prediction
+from igpt.probe import as_labels, modal_prediction
 from igpt.rundir import RunDir
 from igpt.train import progress_enabled, setting
 
@@ -88,7 +88,7 @@ class IGPTClassifier(nn.Module):
             raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
         L = model.config.n_layer
         self.model = model
-        self.layer = L if layer is None else _resolve_layers([layer], L)[0]
+        self.layer = L if layer is None else resolve_layers([layer], L)[0]
         self.n_classes = n_classes
         self.head = nn.Linear(model.config.n_embd, n_classes)
         nn.init.zeros_(self.head.weight)
@@ -159,7 +159,7 @@ def predict(
 
 def evaluate(classifier: IGPTClassifier, tokens, labels, **kw) -> float:
     """Accuracy of ``predict(classifier, tokens, **kw)`` against integer ``labels``."""
-    y = _as_labels(labels, len(tokens), "labels")
+    y = as_labels(labels, len(tokens), "labels")
     return float((predict(classifier, tokens, **kw) == y).mean())
 
 
@@ -342,7 +342,7 @@ class Finetuner:
 
     def _split(self, tokens, labels, val_tokens, val_labels, images, n_classes):
         tokens = check_tokens(tokens, "train_tokens", shape_hint="(N, n)")
-        labels = torch.from_numpy(_as_labels(labels, len(tokens), "train_labels"))
+        labels = torch.from_numpy(as_labels(labels, len(tokens), "train_labels"))
         if images is not None and len(images) != len(tokens):
             raise ValueError(f"train_images has {len(images)} images, tokens {len(tokens)}")
         if val_tokens is None:
@@ -353,7 +353,7 @@ class Finetuner:
             tokens, labels = tokens[fit], labels[fit]
             images = images[fit] if images is not None else None
         self.val_tokens = check_tokens(val_tokens, "val_tokens", shape_hint="(N, n)")
-        self.val_y = _as_labels(val_labels, len(self.val_tokens), "val_labels")
+        self.val_y = as_labels(val_labels, len(self.val_tokens), "val_labels")
         if len(tokens) < 1:
             raise ValueError("no training examples left after the hold-out split")
         seen = np.concatenate([labels.numpy(), self.val_y])

@@ -20,6 +20,7 @@ table, JSON and the accuracy-vs-depth PNG (``write_report``, re-exported here).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from igpt.data import check_labels
-from igpt.features import _resolve_layers, extract_features, random_init_model, raw_pixel_features
+from igpt.features import extract_features, random_init_model, raw_pixel_features, resolve_layers
 from igpt.model import IGPT
 from igpt.objectives import MaskRows, bert_mask  # noqa: F401  (public names of igpt.probe)
 from igpt.reporting import (  # noqa: F401  (public names of igpt.probe)
@@ -64,7 +65,7 @@ def _as_features(x, name: str, ndim: int = 2) -> np.ndarray:
     return x
 
 
-def _as_labels(y, n: int, name: str) -> np.ndarray:
+def as_labels(y, n: int, name: str) -> np.ndarray:
     """``y`` as int64 class indices (N,) for ``n`` rows: ``igpt.data.check_labels`` refuses
     3.7 and negative labels (with their count) instead of truncating them."""
     if isinstance(y, torch.Tensor):
@@ -155,7 +156,7 @@ def linear_probe(
     from sklearn.preprocessing import StandardScaler
 
     x = _as_features(train_feats, "train_feats")
-    y = _as_labels(train_labels, len(x), "train_labels")
+    y = as_labels(train_labels, len(x), "train_labels")
     if len(np.unique(y)) < 2:
         raise ValueError(f"train_labels must hold at least two classes, got {np.unique(y)}")
     Cs = sorted(float(c) for c in Cs)
@@ -164,42 +165,30 @@ def linear_probe(
     if val_frac == 0 and len(Cs) > 1:
         raise ValueError(f"val_frac=0 leaves no hold-out to choose among Cs={Cs}; pass one C")
 
-    curve = []
-    if val_frac > 0:
-        fit, val = _holdout(y, val_frac, seed)
-        scaler = StandardScaler().fit(x[fit])
-        xf, xv = scaler.transform(x[fit]), scaler.transform(x[val])
-        clf = None
-        for C in Cs:  # ascending C, each fit warm-started from the previous solution
-            clf = _fit_logreg(xf, y[fit], C, max_iter, warm=clf)
-            curve.append({"C": C, "val_acc": float((clf.predict(xv) == y[val]).mean())})
-        best = max(curve, key=lambda r: r["val_acc"])  # first max = strongest regularisation
-    else:
-        best = {"C": Cs[0], "val_acc": None}
-
+    best, curve = _choose_C(x, y, Cs, val_frac, seed, max_iter)
     pipe = make_pipeline(StandardScaler(), LogisticRegression(C=best["C"], max_iter=max_iter))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe.fit(x, y)
-    result = {
-        "C": best["C"],
-        "val_acc": best["val_acc"],
-        "train_acc": float((pipe.predict(x) == y).mean()),
-        "test_acc": None,
-        "val_curve": curve,
-        "n_train": len(x),
-        "n_test": 0,
-        "n_classes": int(len(np.unique(y))),
-        "classifier": pipe,
-    }
-    if test_feats is not None:
-        xt = _as_features(test_feats, "test_feats")
-        if xt.shape[1] != x.shape[1]:
-            raise ValueError(f"test_feats has {xt.shape[1]} dims, train_feats {x.shape[1]}")
-        yt = _as_labels(test_labels, len(xt), "test_labels")
-        result["test_acc"] = float((pipe.predict(xt) == yt).mean())
-        result["n_test"] = len(xt)
-    return result
+    result = {**best, "val_curve": curve, "n_classes": int(len(np.unique(y))), "classifier": pipe}
+    return _scored(result, pipe.predict, x, y, test_feats, test_labels)
+
+
+def _choose_C(x, y, Cs, val_frac, seed, max_iter) -> tuple[dict, list[dict]]:
+    """The C with the best hold-out accuracy (the smallest among ties) and the curve of every
+    C's accuracy; with ``val_frac`` 0, the one C given and no curve."""
+    from sklearn.preprocessing import StandardScaler
+
+    if val_frac == 0:
+        return {"C": Cs[0], "val_acc": None}, []
+    fit, val = _holdout(y, val_frac, seed)
+    scaler = StandardScaler().fit(x[fit])
+    xf, xv = scaler.transform(x[fit]), scaler.transform(x[val])
+    clf, curve = None, []
+    for C in Cs:  # ascending C, each fit warm-started from the previous solution
+        clf = _fit_logreg(xf, y[fit], C, max_iter, warm=clf)
+        curve.append({"C": C, "val_acc": float((clf.predict(xv) == y[val]).mean())})
+    return max(curve, key=lambda r: r["val_acc"]), curve  # first max = strongest regularisation
 
 
 def _window(center: int, k: int, n: int) -> list[int]:
@@ -297,7 +286,7 @@ def class_balanced_subsets(labels, k: int, *, n_subsets: int = 5, seed: int = 0)
     Subset i is drawn with numpy's generator seeded by (seed, k, i), so subsets differ from
     one another and across seeds, and are the same on every run.
     """
-    y = _as_labels(labels, len(labels), "labels")
+    y = as_labels(labels, len(labels), "labels")
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k (labels per class) must be a positive int, got {k!r}")
     classes, counts = np.unique(y, return_counts=True)
@@ -336,7 +325,7 @@ def low_data_probe(
         sample standard deviation over subsets; 0 for one subset).
     """
     x = _as_features(train_feats, "train_feats")
-    y = _as_labels(train_labels, len(x), "train_labels")
+    y = as_labels(train_labels, len(x), "train_labels")
     smallest = int(np.unique(y, return_counts=True)[1].min())
     rows = []
     for k in per_class:
@@ -390,71 +379,77 @@ def sgd_probe(
         ``n_train``, ``n_test``, ``n_classes`` and ``classifier`` (a function feats -> labels).
     """
     x = _as_features(train_feats, "train_feats")
-    y = _as_labels(train_labels, len(x), "train_labels")
+    y = as_labels(train_labels, len(x), "train_labels")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n_classes = int(y.max()) + 1
     xs = torch.as_tensor(x, dtype=torch.float32, device=device)
     ys = torch.as_tensor(y, device=device)
 
-    def train(idx, wd):
-        mean = xs[idx].mean(0)
-        std = xs[idx].std(0).clamp_min(1e-6)
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        head = nn.Linear(x.shape[1], n_classes).to(device)
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-        steps = max(epochs * math.ceil(len(idx) / batch_size), min_steps)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        idx_t = torch.as_tensor(idx, device=device)
-        step = 0
-        while step < steps:  # epochs of fresh permutations until the schedule ends
-            perm = idx_t[torch.randperm(len(idx_t), generator=g).to(device)]
-            for s in range(0, len(perm), batch_size):
-                b = perm[s : s + batch_size]
-                loss = F.cross_entropy(head((xs[b] - mean) / std), ys[b])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                if step == steps:
-                    break
-
-        @torch.no_grad()
-        def predict(feats):
-            f = torch.as_tensor(_as_features(feats, "feats"), dtype=torch.float32)
-            out = [
-                head((f[s : s + 65536].to(device) - mean) / std).argmax(1).cpu()
-                for s in range(0, len(f), 65536)
-            ]
-            return torch.cat(out).numpy()
-
-        return predict
-
+    hp = dict(lr=lr, momentum=momentum, epochs=epochs, batch_size=batch_size)
+    hp.update(min_steps=min_steps, seed=seed, n_classes=n_classes)
     curve = []
     if val_frac > 0:
         fit, val = _holdout(y, val_frac, seed)
         for wd in weight_decays:
-            acc = float((train(fit, wd)(x[val]) == y[val]).mean())
+            acc = float((_sgd_head(xs, ys, fit, wd, **hp)(x[val]) == y[val]).mean())
             curve.append({"weight_decay": float(wd), "val_acc": acc})
         best = max(curve, key=lambda r: r["val_acc"])
     else:
         best = {"weight_decay": float(weight_decays[0]), "val_acc": None}
-    predict = train(np.arange(len(x)), best["weight_decay"])
-    result = {
-        **best,
-        "train_acc": float((predict(x) == y).mean()),
-        "test_acc": None,
-        "val_curve": curve,
-        "n_train": len(x),
-        "n_test": 0,
-        "n_classes": n_classes,
-        "classifier": predict,
-    }
+    predict = _sgd_head(xs, ys, np.arange(len(x)), best["weight_decay"], **hp)
+    result = {**best, "val_curve": curve, "n_classes": n_classes, "classifier": predict}
+    return _scored(result, predict, x, y, test_feats, test_labels)
+
+
+def _sgd_head(xs, ys, idx, wd, *, lr, momentum, epochs, batch_size, min_steps, seed, n_classes):
+    """A zero-initialised linear head trained with SGD on rows ``idx`` of the standardised
+    ``xs``; returns its predict function (feats -> labels, numpy)."""
+    device = xs.device
+    mean = xs[idx].mean(0)
+    std = xs[idx].std(0).clamp_min(1e-6)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    head = nn.Linear(xs.shape[1], n_classes).to(device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    steps = max(epochs * math.ceil(len(idx) / batch_size), min_steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    idx_t = torch.as_tensor(idx, device=device)
+    step = 0
+    while step < steps:  # epochs of fresh permutations until the schedule ends
+        perm = idx_t[torch.randperm(len(idx_t), generator=g).to(device)]
+        for s in range(0, len(perm), batch_size):
+            b = perm[s : s + batch_size]
+            loss = F.cross_entropy(head((xs[b] - mean) / std), ys[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step == steps:
+                break
+
+    @torch.no_grad()
+    def predict(feats):
+        f = torch.as_tensor(_as_features(feats, "feats"), dtype=torch.float32)
+        out = [
+            head((f[s : s + 65536].to(device) - mean) / std).argmax(1).cpu()
+            for s in range(0, len(f), 65536)
+        ]
+        return torch.cat(out).numpy()
+
+    return predict
+
+
+def _scored(result: dict, predict, x, y, test_feats, test_labels) -> dict:
+    """``result`` with the training accuracy and, with a test set, the test accuracy."""
+    result = {**result, "train_acc": float((predict(x) == y).mean()), "test_acc": None}
+    result.update(n_train=len(x), n_test=0)
     if test_feats is not None:
         xt = _as_features(test_feats, "test_feats")
-        yt = _as_labels(test_labels, len(xt), "test_labels")
+        if xt.shape[1] != x.shape[1]:
+            raise ValueError(f"test_feats has {xt.shape[1]} dims, train_feats {x.shape[1]}")
+        yt = as_labels(test_labels, len(xt), "test_labels")
         result["test_acc"] = float((predict(xt) == yt).mean())
         result["n_test"] = len(xt)
     return result
@@ -518,7 +513,7 @@ def bert_ensemble_probe(
         dict with ``layer``, ``C``, ``val_acc``, ``single_mask_acc`` (mean test accuracy of
         one mask), ``mask_accs``, ``ensemble_acc`` and ``n_masks``.
     """
-    layer_id = _resolve_layers([layer], model.config.n_layer)[0]
+    layer_id = resolve_layers([layer], model.config.n_layer)[0]
     kw = dict(
         batch_size=batch_size,
         layers=[layer_id],
@@ -530,7 +525,7 @@ def bert_ensemble_probe(
     )
     train_f = extract_features(model, train_tokens, bert_mask_seed=seed, **kw)[:, 0]
     res = linear_probe(train_f, train_labels, seed=seed, **probe_kw)
-    yt = _as_labels(test_labels, len(test_tokens), "test_labels")
+    yt = as_labels(test_labels, len(test_tokens), "test_labels")
     preds = []
     for m in range(n_masks):
         f = extract_features(model, test_tokens, bert_mask_seed=seed + 1 + m, **kw)[:, 0]
@@ -599,39 +594,23 @@ def evaluate(
         ran, ``low_data``, ``bert_ensemble``, ``raw_pixels``, ``random_init`` and
         ``low_data_baselines`` (name -> ``low_data_probe`` result).
     """
-    from igpt.data import resize, tokenize
+    from igpt.data import tokenize
 
-    for name, split in (("train", train), ("test", test)):
-        if split.labels is None:
-            raise ValueError(f"{name} has no labels; a linear probe needs labelled images")
-    if method == "sgd" and Cs is not None:
-        log.warning("Cs applies to the L-BFGS probe; --method sgd chooses a weight decay")
+    _check_labelled(train, test, method, Cs)
     lbfgs_kw = {"seed": seed} if Cs is None else {"seed": seed, "Cs": list(Cs)}
     kw = lbfgs_kw if method == "lbfgs" else {"seed": seed, "device": device}
     n_px, L = model.config.n_px, model.config.n_layer
     x, xt = tokenize(train.images, palette, n_px), tokenize(test.images, palette, n_px)
     y, yt = train.labels, test.labels
-    ids = _resolve_layers(layers, L)
+    ids = resolve_layers(layers, L)
     feat_kw = dict(batch_size=batch_size, layers=ids, device=device, progress=progress)
     feat_kw["bert_mask_seed"] = seed if objective == "bert" else None
+    features = functools.partial(_split_features, (x, xt), cache_dir, cache_key, feat_kw)
 
-    def features(m, tag):
-        keys = [None if cache_key is None else f"{cache_key}|{s}|{tag}" for s in ("train", "test")]
-        return [
-            extract_features(m, t, cache_dir=cache_dir, cache_key=k, **feat_kw)
-            for t, k in zip((x, xt), keys, strict=True)
-        ]
-
-    results = {"objective": objective, "n_train": len(x), "n_test": len(xt), "n_layer": L}
-    f, ft = features(model, "model")
-    results["layers"] = probe_layers(
-        f, y, ft, yt, layer_ids=ids, concat=concat, method=method, progress=progress, **kw
-    )
     low = _low_data(per_class, n_subsets, method, progress, y, yt, lbfgs_kw)
-    if low is not None:
-        j = ids.index(results["layers"]["best_layer"])
-        results["low_data"] = low(f[:, j], ft[:, j])
-    del f, ft
+    results = {"objective": objective, "n_train": len(x), "n_test": len(xt), "n_layer": L}
+    common = dict(method=method, progress=progress, kw=kw, low=low)
+    results.update(_model_probes(features(model, "model"), (y, yt), ids, concat, **common))
     if objective == "bert" and n_masks > 1:
         results["bert_ensemble"] = bert_ensemble_probe(
             model, x, y, xt, yt, layer=results["layers"]["best_layer"], n_masks=n_masks,
@@ -640,21 +619,65 @@ def evaluate(
             progress=progress, **({} if method == "sgd" or Cs is None else {"Cs": list(Cs)}),
         )  # fmt: skip
     if baselines:
-        raw = [raw_pixel_features(resize(d.images, n_px)) for d in (train, test)]
-        fit = linear_probe if method == "lbfgs" else sgd_probe
-        results["raw_pixels"] = fit(raw[0], y, raw[1], yt, **kw)
-        fresh = random_init_model(model.config, seed=seed).to(next(model.parameters()).device)
-        rf, rft = features(fresh, f"random-init-{seed}")
-        results["random_init"] = probe_layers(
-            rf, y, rft, yt, layer_ids=ids, concat=0, method=method, progress=progress, **kw
+        common["seed"] = seed
+        results.update(
+            _baselines(model, (train, test), ids, features, low_data_baselines, **common)
         )
-        if low_data_baselines and low is not None:
-            j = ids.index(results["random_init"]["best_layer"])
-            results["low_data_baselines"] = {
-                "random init": low(rf[:, j], rft[:, j]),
-                "raw pixels": low(*raw),
-            }
     return results
+
+
+def _model_probes(feats, labels, ids, concat, *, method, progress, kw, low) -> dict:
+    """The model's probes of every layer, and the low-data probes at the best one."""
+    (f, ft), (y, yt) = feats, labels
+    layers = probe_layers(
+        f, y, ft, yt, layer_ids=ids, concat=concat, method=method, progress=progress, **kw
+    )
+    out = {"layers": layers}
+    if low is not None:
+        j = ids.index(out["layers"]["best_layer"])
+        out["low_data"] = low(f[:, j], ft[:, j])
+    return out
+
+
+def _split_features(tokens, cache_dir, cache_key, feat_kw, model, tag):
+    """``extract_features`` of the train and test tokens, cached under keys naming ``tag``."""
+    keys = [None if cache_key is None else f"{cache_key}|{s}|{tag}" for s in ("train", "test")]
+    return [
+        extract_features(model, t, cache_dir=cache_dir, cache_key=k, **feat_kw)
+        for t, k in zip(tokens, keys, strict=True)
+    ]
+
+
+def _check_labelled(train, test, method, Cs) -> None:
+    """Refuse unlabelled splits; say that ``Cs`` does not apply to the SGD probe."""
+    for name, split in (("train", train), ("test", test)):
+        if split.labels is None:
+            raise ValueError(f"{name} has no labels; a linear probe needs labelled images")
+    if method == "sgd" and Cs is not None:
+        log.warning("Cs applies to the L-BFGS probe; --method sgd chooses a weight decay")
+
+
+def _baselines(model, splits, ids, features, low_data, *, method, progress, seed, kw, low):
+    """``evaluate``'s baselines: raw pixels at the model's n_px, and a randomly initialised
+    model of the same size, probed alike (and, with ``low_data``, their low-data probes)."""
+    from igpt.data import resize
+
+    (y, yt), images = (d.labels for d in splits), [d.images for d in splits]
+    raw = [raw_pixel_features(resize(im, model.config.n_px)) for im in images]
+    fit = linear_probe if method == "lbfgs" else sgd_probe
+    out = {"raw_pixels": fit(raw[0], y, raw[1], yt, **kw)}
+    fresh = random_init_model(model.config, seed=seed).to(next(model.parameters()).device)
+    rf, rft = features(fresh, f"random-init-{seed}")
+    out["random_init"] = probe_layers(
+        rf, y, rft, yt, layer_ids=ids, concat=0, method=method, progress=progress, **kw
+    )
+    if low_data and low is not None:
+        j = ids.index(out["random_init"]["best_layer"])
+        out["low_data_baselines"] = {
+            "random init": low(rf[:, j], rft[:, j]),
+            "raw pixels": low(*raw),
+        }
+    return out
 
 
 def _low_data(per_class, n_subsets, method, progress, y, yt, probe_kw):
