@@ -969,3 +969,53 @@ def test_unreadable_pickles_run_nothing(files):
     with zipfile.ZipFile(files["evil"]) as z:  # the file really holds the os.system call
         data = next(n for n in z.namelist() if n.endswith("data.pkl"))
         assert b"system" in z.read(data)
+
+
+# ----------------------------------------------------------------------- a first hour (issue 26)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.uint16])
+def test_every_integer_token_dtype_gives_int64s_logits(dtype, tiny_model):
+    tokens = torch.randint(0, 16, (2, 64))
+    with torch.no_grad():
+        want = tiny_model(tokens)
+        got = tiny_model(tokens.to(dtype))
+        bert = torch.rand(2, 64) < 0.5
+        torch.testing.assert_close(tiny_model(tokens.to(dtype), bert), tiny_model(tokens, bert))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _nonfinite_copy(model, name="transformer.h.0.mlp.c_fc.weight"):
+    bad = IGPT(model.config)
+    bad.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        bad.get_parameter(name)[0, 0] = math.nan
+    return bad.eval()
+
+
+def test_generate_names_non_finite_weights(tiny_model):
+    bad = _nonfinite_copy(tiny_model)
+    with pytest.raises(ValueError, match=r"non-finite weights .*h\.0\.mlp\.c_fc\.weight"):
+        bad.generate(2, seed=0)
+    tiny_model.generate(1, seed=0)  # the finite model samples as before
+
+
+def test_sample_names_the_checkpoint_with_non_finite_weights(files, tmp_path, tiny_model):
+    ckpt = tmp_path / "nan.pt"
+    palette = Palette(torch.rand(16, 3) * 255)
+    save_checkpoint(ckpt, _nonfinite_copy(tiny_model), palette=palette, objective="ar")
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--checkpoint", str(ckpt), "--n", "2", "--out", str(tmp_path / "s.png")])
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
+    assert str(ckpt) in e.value.code and "non-finite weights" in e.value.code
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_a_palette_that_does_not_fit_the_model_is_refused_naming_both_sizes(tmp_path):
+    ckpt = tmp_path / "pal8.pt"
+    save_checkpoint(ckpt, IGPT(IGPTConfig(**TINY)), palette=Palette(torch.rand(8, 3) * 255))
+    with pytest.raises(ValueError, match=r"pal8\.pt.*8 colours.*n_colors=16"):
+        load_model(ckpt)
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--checkpoint", str(ckpt), "--n", "1", "--out", str(tmp_path / "s.png")])
+    assert "8 colours" in e.value.code and "n_colors=16" in e.value.code

@@ -10,7 +10,14 @@ from PIL import Image
 from igpt import IGPT, IGPTConfig
 from igpt.checkpoint import save_checkpoint
 from igpt.finetune import IGPTClassifier
-from igpt.hf import HF_CONFIG_DEFAULTS, from_hf, from_pretrained, load_any, to_hf
+from igpt.hf import (
+    HF_CONFIG_DEFAULTS,
+    from_hf,
+    from_pretrained,
+    load_any,
+    save_pretrained,
+    to_hf,
+)
 from igpt.palette import Palette
 
 transformers = pytest.importorskip("transformers")
@@ -195,7 +202,6 @@ def test_hf_classifier_loads_into_igpt_classifier(tmp_path):
 
 
 def test_igpt_classifier_round_trips_through_transformers(tmp_path):
-    from igpt.hf import save_pretrained
 
     clf = _igpt_classifier()
     x = torch.randint(0, 16, (3, 16))
@@ -252,7 +258,6 @@ def test_load_any_reads_checkpoints_and_hf_dirs(tmp_path, caplog):
         assert torch.equal(got_palette.centroids, palette.centroids)
     model.save_pretrained(tmp_path / "bare")
     assert load_any(tmp_path / "bare")[1] is None
-    from igpt.hf import save_pretrained
 
     clf = _igpt_classifier()
     save_pretrained(clf, tmp_path / "clf")
@@ -311,6 +316,28 @@ def test_export_and_import_checkpoints(tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     export_checkpoint(tmp_path / "ft.pt", tmp_path / "hf_lm", head=False)
     assert type(IGPT.from_pretrained(tmp_path / "hf_lm")) is IGPT
+
+
+def test_load_any_says_it_drops_a_head_and_load_classifier_keeps_it(tmp_path, caplog):
+    from igpt.hf import load_classifier
+
+    clf, palette = _igpt_classifier(), Palette(torch.rand(16, 3) * 255)
+    info = {"n_classes": 3, "layer": clf.layer}
+    ft = tmp_path / "ft.pt"
+    save_checkpoint(ft, clf.model, palette=palette, head=clf.head.state_dict(), finetune=info)
+    with caplog.at_level("WARNING"):
+        model, _ = load_any(ft)
+    assert type(model) is IGPT and "load_classifier" in caplog.text and str(ft) in caplog.text
+    x = torch.randint(0, 16, (2, 16))
+    hf_dir = save_pretrained(clf, tmp_path / "hf_clf", palette=palette)
+    for path in (ft, hf_dir):
+        got, got_palette = load_classifier(path)
+        assert got.n_classes == 3 and torch.equal(got_palette.centroids, palette.centroids)
+        with torch.no_grad():
+            want = clf.eval()(x, generative=False)[1]
+            torch.testing.assert_close(got.eval()(x, generative=False)[1], want)
+    with pytest.raises(ValueError, match="not a classifier"):
+        load_classifier(save_pretrained(_igpt_model(), tmp_path / "hf_lm"))
 
 
 # ----------------------------------------------------------------------------- the commands

@@ -70,11 +70,13 @@ def check_bert_mask(bert_mask, shape: tuple[int, ...]) -> None:
 def check_inputs(tokens, bert_mask, config) -> torch.Tensor:
     """``IGPT.forward``'s inputs checked against ``config``; returns ``tokens`` (B, n).
 
-    Shapes and dtypes always; the value range only for CPU tensors outside
+    Any integer dtype is taken (and widened to int64). Shapes and dtypes always; the value range only for CPU tensors outside
     ``torch.compile``: it needs the values, which is a host sync on a GPU and a graph break
     when compiled, so the training layer checks tokens where it makes them (igpt.data).
     """
     tokens = check_tokens(tokens)
+    if tokens.dtype != torch.long:  # uint8, int16, int32, ...: the embedding takes int64
+        tokens = tokens.long()
     if not 1 <= tokens.shape[1] <= config.n_positions:
         raise ValueError(
             f"tokens must have 1 <= n <= n_px^2 = {config.n_positions} positions, "
@@ -85,3 +87,23 @@ def check_inputs(tokens, bert_mask, config) -> torch.Tensor:
     if bert_mask is not None:
         check_bert_mask(bert_mask, tokens.shape)
     return tokens
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of ``model``'s parameters holding a NaN or an infinity (one host sync)."""
+    named = list(model.named_parameters())
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+def check_finite_weights(model, source: str = "the model") -> None:
+    """A ValueError naming ``source`` and its non-finite weights, if it has any."""
+    bad = nonfinite_parameters(model)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(
+            f"{source} has non-finite weights (NaN or inf in {', '.join(bad[:3])}{more}), so it "
+            "cannot give probabilities to sample from; use an earlier checkpoint of the run"
+        )

@@ -310,6 +310,11 @@ def load_model(path_or_dir, device=None):
     if device is not None:
         model.to(device)
     palette = Palette(ckpt["palette"]) if "palette" in ckpt else None
+    if palette is not None and len(palette) != model.config.n_colors:
+        raise CheckpointError(
+            f"{path}: its palette has {len(palette)} colours but its model has "
+            f"n_colors={model.config.n_colors}; the two must match (tokens are palette ids)"
+        )
     return model, palette, ckpt
 
 

@@ -18,7 +18,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from igpt._checks import check_tokens
+from igpt._checks import check_finite_weights, check_tokens
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ def sample(model, n, prefix, temperature, top_k, top_p, seed, device, progress, 
     """``IGPT.generate``'s loop (see its docstring): prefill, then one token per step."""
     N = model.config.n_positions
     device = check_generate_args(model, n, temperature, top_k, top_p, device)
+    check_finite_weights(model)
     prefix = check_prefix(model, prefix, n, device)
     p = prefix.shape[1]
     out = torch.empty(n, N, dtype=torch.long, device=device)

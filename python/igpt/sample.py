@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igpt._checks import check_tokens
+from igpt._checks import check_finite_weights, check_tokens
 from igpt._io import atomic_write
 from igpt.model import IGPT
 
@@ -55,6 +55,7 @@ def load_for_sampling(checkpoint, device=None):
         )
     if objective != "ar":
         raise ValueError(f"checkpoint objective must be 'ar' or 'bert', got {objective!r}")
+    check_finite_weights(model, f"checkpoint {resolve_checkpoint(checkpoint)}")
     return model.eval(), palette, ckpt
 
 
