@@ -70,9 +70,10 @@ def check_bert_mask(bert_mask, shape: tuple[int, ...]) -> None:
 def check_inputs(tokens, bert_mask, config) -> torch.Tensor:
     """``IGPT.forward``'s inputs checked against ``config``; returns ``tokens`` (B, n).
 
-    Any integer dtype is taken (and widened to int64). Shapes and dtypes always; the value range only for CPU tensors outside
-    ``torch.compile``: it needs the values, which is a host sync on a GPU and a graph break
-    when compiled, so the training layer checks tokens where it makes them (igpt.data).
+    Any integer dtype is taken (and widened to int64). Shapes and dtypes always; the value
+    range only for CPU tensors outside ``torch.compile``: it needs the values, which is a
+    host sync on a GPU and a graph break when compiled, so the training layer checks tokens
+    where it makes them (igpt.data).
     """
     tokens = check_tokens(tokens)
     if tokens.dtype != torch.long:  # uint8, int16, int32, ...: the embedding takes int64
