@@ -71,6 +71,18 @@ def test_user_errors_exit_with_one_line(tmp_path):
         main(["probe", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
 
 
+def test_probe_draws_no_bars_into_a_log_and_has_progress_flags(tiny_checkpoint, tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    argv = ["probe", "--checkpoint", str(ckpt), "--limit", "60", "--per-class", "none"]
+    argv += ["--no-baselines", "--concat", "0", "--cs", "1", "--out", str(tmp_path / "p")]
+    main(argv)  # stderr is captured here, not a terminal: no bars
+    err = capsys.readouterr().err
+    assert "\r" not in err and "features:" not in err
+    assert build_parser().parse_args(["probe", "--no-progress"]).no_progress is True
+    help_text = build_parser()._subparsers._group_actions[0].choices["probe"].format_help()
+    assert "default None" not in help_text and "checkpoint's own" in help_text
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_verbose_before_or_after_the_command_shows_the_traceback(where, tmp_path):
     argv = ["probe", "--checkpoint", str(tmp_path / "missing.pt")]

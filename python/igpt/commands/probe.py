@@ -22,8 +22,11 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser) -> None:
     """Arguments of ``igpt probe``."""
+    objective = "ar or bert, for a checkpoint that records none (default: the checkpoint's own)"
     add_common_arguments(
-        parser, "checkpoint", "data", "objective", "batch_size", "out", "device", "seed"
+        parser,
+        *("checkpoint", "data", "objective", "batch_size", "out", "device", "seed"),
+        helps={"objective": objective},
     )
     # objective: the checkpoint's own by default; the flag is for checkpoints that do not
     # record one (a BERT model must be probed with masked inputs)
@@ -62,6 +65,7 @@ def add_arguments(parser) -> None:
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init probes")
     a("--limit", type=count(1), default=None, help="use the first N images per split")
     a("--cache-dir", default=None, help="feature cache (default OUT/cache)")
+    a("--no-progress", action="store_true", help="hide progress bars (shown on a terminal)")
 
 
 def _floats(text: str) -> list[float]:
@@ -80,6 +84,7 @@ def run(args) -> None:
     """``igpt probe``: probe every layer of a checkpoint on a labelled dataset."""
     from igpt.probe import evaluate
     from igpt.reporting import summary_text, write_report
+    from igpt.train import progress_enabled
 
     device = pick_device(args.device)
     path, model, palette, ckpt, objective = open_checkpoint(args, device=device)
@@ -109,6 +114,7 @@ def run(args) -> None:
         device=device,
         cache_dir=Path(args.cache_dir) if args.cache_dir else out / "cache",
         cache_key=f"{path.resolve()}|{path.stat().st_mtime_ns}|step={ckpt.get('step')}|{args.data}",
+        progress=progress_enabled(False if args.no_progress else None),
     )
     results = {"checkpoint": str(path), "data": args.data, **results}
     paths = write_report(results, out)
