@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._functorch.config as functorch_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, when run as a script
 
@@ -84,6 +85,12 @@ def eager_attention(q, k, v, mask, scale):
     if mask is not None:
         p = p.masked_fill(~mask, 0.0)
     return p @ v
+
+
+# The "bwd" timing re-runs one graph's backward (retain_graph=True), which a compiled
+# backward refuses when it donates its saved buffers; it is compiled lazily, at the first
+# backward, so the switch is set for the whole run rather than around the forward.
+functorch_config.donated_buffer = False
 
 
 def provider(name, causal, pad, scale, Nq, Nk, device):
@@ -265,8 +272,7 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     if not (torch.cuda.is_available() or args.dry_run):
-        print("bench_attention: no CUDA GPU here (--dry-run runs tiny shapes on the CPU).")
-        return 0
+        common.exit_without_gpu("attention", dry_run=True)
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     dtype = torch.float32 if device == "cpu" else DTYPES[args.dtype]
     started = time.monotonic()

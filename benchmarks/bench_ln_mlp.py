@@ -277,8 +277,7 @@ def main(argv=None):
     global DEVICE
     args = parse(argv)
     if not (torch.cuda.is_available() or args.dry_run):
-        print("bench_ln_mlp: no CUDA GPU here (--dry-run runs tiny shapes on the CPU)")
-        return 0
+        common.exit_without_gpu("ln_mlp", dry_run=True)
     if args.dry_run:
         DEVICE, dtype, dims, tokens = "cpu", torch.float32, [32], 64
     else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 
+import common
 import torch
 from common import parser, peak_gib, table, time_ms, write
 
@@ -59,8 +60,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_probe: no CUDA GPU here; feature-extraction throughput is GPU-only, skipped")
-        return
+        common.exit_without_gpu("probe")
 
     n_images = args.images or (256 if args.quick else 1024)
     rep = 2 if args.quick else 5

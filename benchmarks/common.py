@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -94,6 +95,16 @@ def peak_gib(fn) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+NO_GPU = 3  # igpt.bench reads this exit status as "skipped: needs a CUDA GPU"
+
+
+def exit_without_gpu(name: str, dry_run: bool = False) -> None:
+    """Leave with status NO_GPU and one line on stderr when a GPU-only script has none."""
+    hint = " (--dry-run runs tiny shapes on the CPU)" if dry_run else ""
+    print(f"bench_{name}: no CUDA GPU here, nothing measured{hint}", file=sys.stderr)
+    raise SystemExit(NO_GPU)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -84,6 +84,47 @@ def test_without_a_gpu_and_without_dry_run_it_says_so(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    assert _load("attention").main(["--out", str(tmp_path)]) == 0
-    assert "no CUDA GPU" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # igpt bench reads status 3 as "needs a GPU"
+        _load("attention").main(["--out", str(tmp_path)])
+    assert e.value.code == 3
+    assert "no CUDA GPU" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_compiled_backward_is_timed_not_refused(tmp_path):
+    bench = _load("attention")
+    argv = ["--dry-run", "--masks", "none", "--backends", "eager,compile", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
+    bwd = [r for r in rows if r["mode"] == "bwd"]
+    assert bwd and all(r["compile_ms"] > 0 and "compile_error" not in r for r in bwd)
+
+
+def test_igpt_bench_passes_dry_run_and_says_what_was_skipped(monkeypatch, capsys):
+    import subprocess
+
+    from igpt import bench
+    from igpt.cli import main
+
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append(argv)
+        needs_gpu = "--dry-run" not in argv and Path(argv[1]).stem in ("bench_attention",)
+        return subprocess.CompletedProcess(argv, bench.NO_GPU if needs_gpu else 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    main(["bench", "attention", "--dry-run", "--out", "x"])
+    assert calls[-1][1:] == [str(BENCH / "bench_attention.py"), "--out", "x", "--dry-run"]
+    assert "attention: ran" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # nothing could run here: one line, status 1
+        main(["bench", "attention", "--quick"])
+    assert (
+        "nothing ran: every benchmark asked for needs a CUDA GPU (attention); --dry-run runs"
+        in str(e.value.code)
+    )
+    main(["bench", "attention", "palette"])
+    assert "attention: skipped: needs a CUDA GPU" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--dry-run: \\['palette'\\] have none"):
+        main(["bench", "palette", "--dry-run"])
