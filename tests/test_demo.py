@@ -13,7 +13,8 @@ def _finite(x) -> bool:
 
 
 @pytest.mark.slow  # ~45-60 s on 2 cores
-def test_demo_writes_every_artefact_with_finite_numbers(tmp_path, capsys, one_thread):
+def test_demo_writes_every_artefact_with_finite_numbers(tmp_path, capsys, caplog, one_thread):
+    caplog.set_level("INFO")
     out = tmp_path / "demo"
     main(
         [
@@ -45,5 +46,13 @@ def test_demo_writes_every_artefact_with_finite_numbers(tmp_path, capsys, one_th
     assert all(_finite(r["mean"]) and len(r["accs"]) == 5 for r in m["low_data"].values())
     report = (out / "report.md").read_text()
     assert "![completions](completions.png)" in report and "raw pixels" in report
+    assert "## What the numbers show" in report and "random subsets" in report
+    assert "over 5 random subsets" in report and "chosen by accuracy on a hold-out" in report
+    logged = caplog.text  # the two blocks of per-layer lines say which model they probe
+    assert "pretrained model, layer 0:" in logged and "random-init model, layer 0:" in logged
+    from PIL import Image
+
+    height = Image.open(out / "completions.png").size[1]
+    assert height > 8 * (16 * 4) + 9 * 2  # the grid (8 rows of 16 px x4) and a labels strip
     summary = capsys.readouterr().out
     assert "igpt demo done" in summary and str(out / "report.md") in summary

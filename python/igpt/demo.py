@@ -150,7 +150,10 @@ def _completions(net, palette, test, out: Path, n_complete, n_samples, seed, pro
     originals = originals.to(next(net.parameters()).device)
     done = complete(net, originals, rows=rows, n_samples=n_samples, seed=seed, progress=progress)
     scale = max(1, 64 // n_px)
-    save_grid(out / "completions.png", originals, done, palette, n_prefix=rows * n_px, scale=scale)
+    save_grid(
+        out / "completions.png", originals, done, palette, n_prefix=rows * n_px, scale=scale,
+        labels=True,
+    )  # fmt: skip
 
 
 def _metrics(results, summary, net, palette, data, model, timings) -> dict:
@@ -217,6 +220,10 @@ def _write_report(out: Path, m: dict, results: dict) -> None:
         "embeddings, the last is after the final norm; raw pixels are the images at "
         f"{m['n_px']}x{m['n_px']}, as the model sees them.",
         "",
+        "## What the numbers show",
+        "",
+        *_findings(m),
+        "",
         summary_text(results),
         "",
         "![accuracy vs depth](probe_by_layer.png)",
@@ -227,7 +234,8 @@ def _write_report(out: Path, m: dict, results: dict) -> None:
         "",
         "## Completions",
         "",
-        "Each row: the top half given to the model (rest grey), its completions, the original.",
+        "Each row: the top half given to the model (rest grey), its completions, the original "
+        "(the columns are named above the picture).",
         "",
         "![completions](completions.png)",
         "",
@@ -235,3 +243,39 @@ def _write_report(out: Path, m: dict, results: dict) -> None:
         "",
     ]
     atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def _findings(m: dict) -> list[str]:
+    """The report's reading of its numbers, in words: does pretraining beat the baselines,
+    which layer won and how it was chosen, what the low-data probe averaged."""
+    pre, rnd = m["probe"]["pretrained"], m["probe"]["random init"]
+    best = next(r for r in pre["layers"] if r["layer"] == pre["best_layer"])
+    peak = max(pre["layers"], key=lambda r: r["test_acc"])
+    rnd_best = next(r for r in rnd["layers"] if r["layer"] == rnd["best_layer"])
+    raw = m["raw_pixels"]["test_acc"]
+    gain_rnd, gain_raw = best["test_acc"] - rnd_best["test_acc"], best["test_acc"] - raw
+    verdict = "beat both baselines" if min(gain_rnd, gain_raw) > 0 else "do not beat both baselines"
+    lines = [
+        f"- The pretrained model's features {verdict}: {pct(best['test_acc'])} test accuracy "
+        f"at its best layer, against {pct(rnd_best['test_acc'])} for a randomly initialised "
+        f"model of the same size ({100 * gain_rnd:+.1f} points) and {pct(raw)} for raw pixels "
+        f"({100 * gain_raw:+.1f} points). What pretraining bought is the gap to the random model.",
+        f"- The best layer, {pre['best_layer']} of {len(pre['layers']) - 1}, was chosen by "
+        f"accuracy on a hold-out of the training images ({pct(best['val_acc'])}), never by "
+        "test accuracy; the plot shows test accuracy, so its peak "
+        + (
+            f"is at layer {peak['layer']} ({pct(peak['test_acc'])}): the two differ by "
+            "the noise of a small hold-out and test set."
+            if peak["layer"] != pre["best_layer"]
+            else "is at the same layer."
+        ),
+    ]
+    low = m["low_data"].get("pretrained")
+    if low:
+        n = len(low["accs"])
+        lines.append(
+            f"- With {low['per_class']} labels per class the pretrained features reach "
+            f"{pct(low['mean'])} ± {pct(low['std'])} (mean ± std over {n} random subsets of "
+            "the training set, the same subsets for every feature set)."
+        )
+    return lines

@@ -208,6 +208,7 @@ def probe_layers(
     concat: int = 5,
     method: str = "lbfgs",
     progress: bool = True,
+    name: str = "features",
     **probe_kw,
 ) -> dict:
     """Probe every layer, pick the best on the hold-out, and probe k layers around it.
@@ -220,6 +221,7 @@ def probe_layers(
             best one (sec. 4.4 uses 5); 0 or 1 skips it.
         method: "lbfgs" (``linear_probe``) or "sgd" (``sgd_probe``, for large feature sets).
         progress: show a tqdm bar.
+        name: what the features are, at the start of each logged line (e.g. "pretrained").
         probe_kw: passed to the probe (``linear_probe``: val_frac, Cs, seed, max_iter).
 
     Returns:
@@ -253,7 +255,8 @@ def probe_layers(
             {"layer": ids[j], "val_acc": r["val_acc"], "test_acc": r["test_acc"], reg: r[reg]}
         )
         log.info(
-            "layer %d: val %.4f test %.4f (%s=%g)",
+            "%s, layer %d: val %.4f test %.4f (%s=%g)",
+            name,
             ids[j],
             r["val_acc"] if r["val_acc"] is not None else math.nan,
             r["test_acc"],
@@ -630,7 +633,16 @@ def _model_probes(feats, labels, ids, concat, *, method, progress, kw, low) -> d
     """The model's probes of every layer, and the low-data probes at the best one."""
     (f, ft), (y, yt) = feats, labels
     layers = probe_layers(
-        f, y, ft, yt, layer_ids=ids, concat=concat, method=method, progress=progress, **kw
+        f,
+        y,
+        ft,
+        yt,
+        layer_ids=ids,
+        concat=concat,
+        method=method,
+        progress=progress,
+        name="pretrained model",
+        **kw,
     )
     out = {"layers": layers}
     if low is not None:
@@ -669,7 +681,16 @@ def _baselines(model, splits, ids, features, low_data, *, method, progress, seed
     fresh = random_init_model(model.config, seed=seed).to(next(model.parameters()).device)
     rf, rft = features(fresh, f"random-init-{seed}")
     out["random_init"] = probe_layers(
-        rf, y, rft, yt, layer_ids=ids, concat=0, method=method, progress=progress, **kw
+        rf,
+        y,
+        rft,
+        yt,
+        layer_ids=ids,
+        concat=0,
+        method=method,
+        progress=progress,
+        name="random-init model",
+        **kw,
     )
     if low_data and low is not None:
         j = ids.index(out["random_init"]["best_layer"])

@@ -140,6 +140,13 @@ def _low_data_table(low: dict, name: str | None = None) -> list[dict]:
     ]
 
 
+def _subset_count(results: dict) -> str:
+    """How many random subsets each low-data probe averaged ("5", or "3-5" if they differ)."""
+    lows = [results.get("low_data"), *(results.get("low_data_baselines") or {}).values()]
+    counts = sorted({len(r["accs"]) for low in lows if low for r in low["rows"]})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
 def summary_text(results: dict) -> str:
     """The Markdown summary of a probe run: per-layer table, baselines, low-data, BERT."""
     rows = results["layers"]["rows"]
@@ -176,9 +183,10 @@ def summary_text(results: dict) -> str:
             low_rows += _low_data_table(low, name)
         columns = ["features", *columns]
     if low_rows:
+        subsets = _subset_count(results)
         parts += [
             "",
-            "## Low-data probe (mean ± std over subsets, %)",
+            f"## Low-data probe (test accuracy, mean ± std over {subsets} random subsets, %)",
             "",
             format_table(low_rows, columns),
         ]

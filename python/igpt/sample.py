@@ -247,6 +247,28 @@ def sample_grid(
     return _tile(cells, scale, pad)
 
 
+def completion_labels(n_samples: int) -> list[tuple[str, str]]:
+    """(long, short) names of a completion grid's columns, left to right."""
+    middle = [(f"sample {i}", str(i)) for i in range(1, n_samples + 1)]
+    return [("given", "in"), *middle, ("original", "orig")]
+
+
+def label_columns(picture: np.ndarray, labels, cell: int, pad: int) -> np.ndarray:
+    """``picture`` (a grid of ``cell``-wide columns) under a strip naming each column; a
+    label too wide for its column gives way to its short form."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    height = font.getbbox("Ag")[3] + 2 * pad
+    strip = Image.new("RGB", (picture.shape[1], height), (BACKGROUND,) * 3)
+    draw = ImageDraw.Draw(strip)
+    for c, (long, short) in enumerate(labels):
+        text = long if draw.textlength(long, font=font) <= cell else short
+        x = pad + c * (cell + pad) + (cell - draw.textlength(text, font=font)) / 2
+        draw.text((max(x, 0), pad), text, fill=(20, 20, 20), font=font)
+    return np.concatenate([np.asarray(strip), picture], axis=0)
+
+
 def save_grid(
     path,
     originals,
@@ -257,8 +279,12 @@ def save_grid(
     scale: int = 1,
     pad: int = 2,
     tokens_path=None,
+    labels: bool = False,
 ) -> Path:
     """Write ``sample_grid(...)`` as a PNG at ``path`` (and the raw tokens as .npy).
+
+    ``labels`` (with originals) adds a strip above the grid naming its columns: what the
+    model was given, each completion, the original.
 
     ``tokens_path``, when given, receives ``completions`` as an int64 .npy, the ids exactly
     as sampled. Both files are written through a temporary file and a rename. Returns the
@@ -267,6 +293,10 @@ def save_grid(
     from PIL import Image
 
     picture = sample_grid(originals, completions, palette, n_prefix=n_prefix, scale=scale, pad=pad)
+    if labels and originals is not None:
+        n_samples = torch.as_tensor(completions).shape[1]
+        cell = math.isqrt(torch.as_tensor(originals).shape[1]) * scale
+        picture = label_columns(picture, completion_labels(n_samples), cell, pad)
     path = Path(path)
     atomic_write(path, lambda f: Image.fromarray(picture).save(f, format="PNG"))
     if tokens_path is not None:
