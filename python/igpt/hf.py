@@ -456,3 +456,10 @@ def import_pretrained(path_or_hub_id, out) -> Path:
 
     model, palette = load_any(path_or_hub_id)
     return save_checkpoint(out, model, step=0, palette=palette, objective="ar")
+
+
+from igpt.hf_patch import (  # noqa: E402,F401
+    apply_igpt_kernels_to_imagegpt,
+    igpt_kernels_for_imagegpt,
+    revert_igpt_kernels_to_imagegpt,
+)
