@@ -378,12 +378,13 @@ def _clear_winner(x, c, best, margin: float, neighbours):
     bound = torch.where(beyond > r, (beyond - r).square() - d_best, -math.inf)
     clear = (gap.amin(1) > margin) & (bound > margin)
     open_ = (~clear).nonzero().squeeze(1)
-    step = _CHUNK // c.shape[0] + 1
+    norms = c.square().sum(1)
+    step = max(1, (1 << 20) // c.shape[0])
     for s in range(0, len(open_), step):
         rows = open_[s : s + step]
-        d_all = (x[rows, None, :] - c).square().sum(2)  # (rows, K)
-        d_all.scatter_(1, best[rows, None], math.inf)
-        clear[rows] = d_all.amin(1) - d_best[rows] > margin
+        d_all = norms - 2 * x[rows] @ c.t()  # (rows, K): |x - c_k|^2 - |x|^2
+        d_other = d_all.scatter(1, best[rows, None], math.inf).amin(1)
+        clear[rows] = d_other - d_all.gather(1, best[rows, None])[:, 0] > margin
     return clear
 
 
