@@ -413,11 +413,18 @@ def test_torch_compile_matches():
 
 
 def photos(size):
-    """scikit-learn's two sample photographs (china, flower), as PIL images."""
+    """Real photographs as PIL images: scikit-learn's two samples (china, flower) and, where
+    matplotlib is installed, its Grace Hopper portrait (scikit-image's are not installed)."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    return [Image.fromarray(im).resize(size) for im in load_sample_images().images]
+    images = [Image.fromarray(im) for im in load_sample_images().images]
+    if importlib.util.find_spec("matplotlib") is not None:
+        from matplotlib.cbook import get_sample_data
+
+        with get_sample_data("grace_hopper.jpg") as f:
+            images.append(Image.open(f).convert("RGB"))
+    return [im.resize(size) for im in images]
 
 
 def processor_classes():
