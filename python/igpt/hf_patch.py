@@ -34,6 +34,7 @@ Patching twice is harmless; ``revert_igpt_kernels_to_imagegpt`` (or the context 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import inspect
 import logging
@@ -329,6 +330,7 @@ def block_forward(
 
 _NEIGHBOURS = 16  # clusters checked per pixel before the full check (photos: nearly all)
 _CHUNK = 1 << 16  # pixels per float64 check (a (chunk, 16, 3) float64 temporary: 25 MiB)
+_NEIGHBOUR_CACHE: dict = {}  # the last clusters' _neighbours tables
 
 
 def _error_margin(x, c, tf32: bool) -> float:
@@ -357,18 +359,24 @@ def _fast_path_problem(x, c) -> str | None:
 def _neighbours(c):
     """Per cluster b, its ``_NEIGHBOURS`` nearest other clusters k as the terms of
     |x - c_k|^2 - |x - c_b|^2 = (|c_k|^2 - |c_b|^2) - 2 x . (c_k - c_b): offsets (K, m),
-    directions (K, m, 3), and the distance to the next cluster not among them (K,)."""
+    directions (K, m, 3), and the distance to the next cluster not among them (K,).
+    The last clusters' tables are kept (a processor quantizes with the same ones each call)."""
+    key = (str(c.device), hashlib.blake2b(c.cpu().numpy().tobytes(), digest_size=16).digest())
+    if key in _NEIGHBOUR_CACHE:
+        return _NEIGHBOUR_CACHE[key]
     K = c.shape[0]
     m = min(_NEIGHBOURS, K - 1)
     # (K, K) differences squared and summed: cdist's GEMM form would lose float64 bits
     between = torch.cdist(c, c, compute_mode="donot_use_mm_for_euclid_dist")
     between.fill_diagonal_(math.inf)
-    far, near = torch.sort(between, dim=1)  # the other clusters, nearest first
+    far, near = torch.topk(between, min(m + 1, K - 1), dim=1, largest=False)  # nearest first
     norms = c.square().sum(1)
     offsets = norms[near[:, :m]] - norms[:, None]
     directions = c[near[:, :m]] - c[:, None, :]
-    beyond = far[:, m] if m < K - 1 else torch.full((K,), math.inf, dtype=c.dtype)
-    return offsets, directions, beyond.to(c.device)
+    beyond = far[:, m] if m < K - 1 else torch.full((K,), math.inf, dtype=c.dtype, device=c.device)
+    _NEIGHBOUR_CACHE.clear()
+    _NEIGHBOUR_CACHE[key] = offsets, directions, beyond
+    return _NEIGHBOUR_CACHE[key]
 
 
 def _clear_winner(x, c, best, margin: float, neighbours):
