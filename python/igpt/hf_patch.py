@@ -17,13 +17,16 @@ What changes, and only where the result is transformers' own (to float rounding)
   ``igpt_kernels.quantize`` and gives transformers' tokens exactly; see ``quantize_clusters``
   for the argument and the tie rule.
 
-Parameters, buffers and state-dict keys are untouched: a patched model saves, loads and
-trains as before. A call the kernels cannot express runs transformers' original code for
-that call (``fallback_reason`` lists the cases: ``output_attentions``, a ``head_mask``,
-``reorder_and_upcast_attn``, cross-attention, attention dropout while training, a mask that
-is not a padding mask or leaves a query with no key to see, an activation other than
-quick_gelu / gelu). On the CPU, ``"auto"`` picks the kernels' PyTorch references (SDPA's
-fused CPU attention without padding); on a GPU the fastest verified kernel.
+The class patch sets ``forward`` on transformers' two classes; patching a model moves its
+modules to igpt's subclasses of them (``patched_class``: gradient checkpointing keeps
+working, and the model pickles). Parameters, buffers and state-dict keys are untouched: a
+patched model saves, loads and trains as before. A call the kernels cannot express runs
+transformers' original code for that call: ``output_attentions``, a ``head_mask``,
+``reorder_and_upcast_attn``, cross-attention, attention dropout while training
+(``fallback_reason``), a mask that is not a padding mask or leaves a query with no key to
+see (``_padding_from_mask``), an activation other than quick_gelu / gelu. On the CPU,
+``"auto"`` picks the kernels' PyTorch references (SDPA's fused CPU attention without
+padding); on a GPU the fastest verified kernel.
 
 At patch time the transformers source is checked for the structure this module relies on;
 a transformers whose ImageGPT has moved on is refused with one line naming its version.
