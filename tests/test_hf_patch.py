@@ -526,3 +526,26 @@ def test_a_patched_model_pickles_and_copies_patched():
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert type(clone.transformer.h[0]).__name__ == "ImageGPTBlockWithIgptKernels"
         torch.testing.assert_close(clone(x).logits, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_dtypes_match(dtype, calls):
+    """float64 to float64 rounding; bfloat16 within twice transformers' own bfloat16 error
+    (both against the float64 model)."""
+    model = make().double().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # logits of order 1, so errors are not hidden
+    x = tokens()
+    mask = torch.ones_like(x)
+    mask[1, -3:] = 0
+    exact = model(x, attention_mask=mask).logits
+    model.to(dtype)
+    ref = model(x, attention_mask=mask).logits
+    apply_igpt_kernels_to_imagegpt(model)
+    got = model(x, attention_mask=mask).logits
+    assert got.dtype == dtype and calls == {"attention": 2, "ln_mlp": 2}
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, exact, atol=1e-10, rtol=1e-10)
+    else:
+        hf_error = (ref.double() - exact).abs().max()
+        assert 0 < (got.double() - exact).abs().max() <= 2 * hf_error
