@@ -21,8 +21,10 @@ Directories in transformers' layout (``save_pretrained`` / ``from_pretrained``):
     preprocessor_config.json     the palette as ``ImageGPTImageProcessor.clusters``
 
 ``load_any`` reads any model igpt can (checkpoint, run directory, transformers directory);
-``load_classifier`` any classifier. transformers is imported only inside the functions that
-need it, so igpt does not need it otherwise; a local directory is read and written without it.
+``load_classifier`` any classifier. ``apply_igpt_kernels_to_imagegpt`` (``igpt.hf_patch``)
+runs transformers' own ImageGPT on igpt's kernels instead. transformers is imported only
+inside the functions that need it, so igpt does not need it otherwise; a local directory is
+read and written without it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ from igpt.checkpoint import load_any
 from igpt.finetune import IGPTClassifier
 from igpt.finetune import load_classifier as load_classifier_checkpoint
 from igpt.hf_format import HF_CONFIG_DEFAULTS, hf_config_dict, is_pretrained_dir
+from igpt.hf_patch import (
+    apply_igpt_kernels_to_imagegpt,
+    igpt_kernels_for_imagegpt,
+    revert_igpt_kernels_to_imagegpt,
+)
 from igpt.model import IGPT
 from igpt.palette import Palette, load_palette, save_palette
 
@@ -56,6 +63,9 @@ __all__ = [
     "load_classifier",
     "load_palette",
     "save_palette",
+    "apply_igpt_kernels_to_imagegpt",
+    "revert_igpt_kernels_to_imagegpt",
+    "igpt_kernels_for_imagegpt",
 ]
 
 

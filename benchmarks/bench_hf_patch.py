@@ -1,0 +1,224 @@
+"""transformers' own ImageGPT, unpatched against ``apply_igpt_kernels_to_imagegpt``, one run.
+
+The issue's workload: iGPT-S-shaped layers (d 512, 8 heads) at n_px 32 (1024 tokens),
+batch 8, 2 layers, float32, random weights, no dropout. Measured on the same model and
+inputs, unpatched then patched in place:
+
+    train step      forward, loss, backward, AdamW step, zero_grad (median ms)
+    saved bytes     what autograd keeps for the backward of one forward + loss, counted with
+                    ``saved_tensors_hooks`` (unique storages, the parameters left out); on
+                    a GPU also the peak ``max_memory_allocated`` of forward + backward
+    generate        greedy ``generate`` from SOS with the KV cache (tokens/s), and whether
+                    both runs gave the same tokens
+    processor       ``ImageGPTImageProcessor`` (the Pil one without torchvision) on 32 crops
+                    of scikit-learn's two photographs at 64^2 with 512 k-means clusters (images/s),
+                    and whether the tokens are identical
+
+Goals (CPU): saved bytes <= 0.7x, train step >= 1.5x, generate >= 1.3x with identical
+tokens, processor >= 10x with identical tokens. Ratios are unpatched / patched (higher is
+better), except saved bytes (patched / unpatched).
+
+    python benchmarks/bench_hf_patch.py [--quick] [--n-px 32] [--batch 8] [--layers 2]
+    igpt bench hf_patch
+
+``--quick``: n_px 16, batch 2, fewer tokens and images (a smoke test, not a measurement).
+Writes OUT/hf_patch.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from common import parser, peak_gib, table, time_ms, write
+
+from igpt.hf_patch import apply_igpt_kernels_to_imagegpt, revert_igpt_kernels_to_imagegpt
+
+log = logging.getLogger(__name__)
+
+
+def make_model(n_px: int, layers: int):
+    import transformers
+
+    config = transformers.ImageGPTConfig(
+        vocab_size=513, n_positions=n_px * n_px, n_embd=512, n_head=8, n_layer=layers,
+        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.ImageGPTForCausalImageModeling(config)
+
+
+def saved_bytes(model, x) -> int:
+    """Bytes autograd saves for the backward of one forward + loss (unique storages that are
+    not parameters)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x, labels=x).loss
+    del loss
+    return sum(seen.values())
+
+
+def train_rows(model, x, reps: int) -> dict:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def fwd_bwd():
+        model(x, labels=x).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return {
+        "train_ms": time_ms(step, warmup=1, rep=reps),
+        "saved_mib": saved_bytes(model, x) / 2**20,
+        "peak_gib": peak_gib(fwd_bwd),
+    }
+
+
+def generate_rows(model, batch: int, new_tokens: int, reps: int):
+    sos = torch.full((batch, 1), model.config.vocab_size - 1, device=x_device(model))
+    out = {}
+
+    def run():
+        out["tokens"] = model.generate(
+            sos, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+
+    with torch.no_grad():
+        ms = time_ms(run, warmup=1, rep=reps)
+    return batch * new_tokens / (ms / 1e3), out["tokens"]
+
+
+def x_device(model):
+    return next(model.parameters()).device
+
+
+def photos(n: int, side: int):
+    """n crops of scikit-learn's two sample photographs (china, flower), as PIL images."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    images = load_sample_images().images
+    rng = np.random.default_rng(0)
+    crops = []
+    for i in range(n):
+        im = images[i % 2]
+        top, left = rng.integers(0, 100), rng.integers(0, 200)
+        crops.append(Image.fromarray(im[top : top + 320, left : left + 420]))
+    return crops
+
+
+def clusters(quick: bool, k: int = 512):
+    """k colours in [-1, 1]: a k-means palette of 10^5 photo pixels (``igpt.palette``; quick:
+    k photo pixels with +-0.5 jitter, no fitting)."""
+    from sklearn.datasets import load_sample_images
+
+    from igpt.palette import fit_palette
+
+    px = np.concatenate([im.reshape(-1, 3) for im in load_sample_images().images])
+    rng = np.random.default_rng(0)
+    if quick:
+        centres = px[rng.integers(0, len(px), k)] + rng.uniform(-0.5, 0.5, (k, 3))
+    else:
+        centres = fit_palette(px[rng.integers(0, len(px), 100_000)], k=k, seed=0).centroids
+    return np.asarray(centres, np.float64) / 127.5 - 1
+
+
+def processor_rows(n_images: int, side: int, reps: int, quick: bool) -> dict:
+    from transformers import ImageGPTImageProcessor  # the Pil one without torchvision
+
+    processor = ImageGPTImageProcessor(
+        clusters=clusters(quick).tolist(), size={"height": side, "width": side}
+    )
+    images = photos(n_images, side)
+    result = {}
+    for name in ("hf", "patched"):
+        if name == "patched":
+            apply_igpt_kernels_to_imagegpt(attention=False, norm_mlp=False)
+
+        def run(name=name):
+            result[name] = processor(images, return_tensors="pt")["input_ids"]
+
+        result[name + "_ms"] = time_ms(run, warmup=1, rep=reps)
+    revert_igpt_kernels_to_imagegpt()
+    return {
+        "processor": type(processor).__name__,
+        "hf_images_s": n_images / (result["hf_ms"] / 1e3),
+        "patched_images_s": n_images / (result["patched_ms"] / 1e3),
+        "identical": bool(torch.equal(result["hf"], result["patched"])),
+    }
+
+
+def model_rows(args) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = make_model(args.n_px, args.layers).to(device).train()
+    x = torch.randint(0, 512, (args.batch, args.n_px * args.n_px), device=device)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    got = {}
+    for name in ("hf", "patched"):  # each from the same weights
+        if name == "patched":
+            apply_igpt_kernels_to_imagegpt(model, processor=False)
+        model.load_state_dict(start)
+        got[name] = {}
+        got[name]["tokens_s"], got[name]["tokens"] = generate_rows(
+            model.eval(), args.gen_batch, args.new_tokens, args.reps
+        )
+        got[name].update(train_rows(model.train(), x, args.reps))
+    revert_igpt_kernels_to_imagegpt(model, processor=False)
+    hf, ours = got["hf"], got["patched"]
+    rows = [
+        {"metric": "train step (ms)", "hf": hf["train_ms"], "patched": ours["train_ms"],
+         "ratio": hf["train_ms"] / ours["train_ms"], "goal": ">= 1.5"},
+        {"metric": "saved for backward (MiB)", "hf": hf["saved_mib"], "patched": ours["saved_mib"],
+         "ratio": ours["saved_mib"] / hf["saved_mib"], "goal": "<= 0.7"},
+        {"metric": "generate (tokens/s)", "hf": hf["tokens_s"], "patched": ours["tokens_s"],
+         "ratio": ours["tokens_s"] / hf["tokens_s"], "goal": ">= 1.3",
+         "identical": bool(torch.equal(hf["tokens"], ours["tokens"]))},
+    ]  # fmt: skip
+    if hf["peak_gib"] is not None:
+        rows.append(
+            {"metric": "fwd+bwd peak (GiB)", "hf": hf["peak_gib"], "patched": ours["peak_gib"],
+             "ratio": ours["peak_gib"] / hf["peak_gib"], "goal": "-"}
+        )  # fmt: skip
+    return rows
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--n-px", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--images", type=int, default=32, help="photos for the processor")
+    p.add_argument("--side", type=int, default=64, help="the processor's output side")
+    args = p.parse_args(argv)
+    args.reps = 2 if args.quick else 3
+    args.gen_batch, args.new_tokens = (2, 8) if args.quick else (args.batch, 64)
+    if args.quick:
+        args.n_px, args.batch, args.images = 16, 2, 4
+    shape = {"n_px": args.n_px, "batch": args.batch, "layers": args.layers, "d": 512, "heads": 8}
+    rows = [{**r, **shape} for r in model_rows(args)]
+    proc = processor_rows(args.images, args.side, args.reps, args.quick)
+    rows.append(
+        {"metric": f"processor {args.images} photos at {args.side}^2 (images/s)",
+         "hf": proc["hf_images_s"], "patched": proc["patched_images_s"],
+         "ratio": proc["patched_images_s"] / proc["hf_images_s"], "goal": ">= 10",
+         "identical": proc["identical"], "processor": proc["processor"]}
+    )  # fmt: skip
+    path = write("hf_patch", rows, args.out)
+    print(table(rows, ["metric", "hf", "patched", "ratio", "goal", "identical"]))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
