@@ -6,8 +6,14 @@ Ops (see each module's docstring for shapes, dtypes and limits):
     ln_linear(x, norm_weight, norm_bias, weight, bias, *, norm, eps, backend)
     quantize(pixels, palette, *, backend), dequantize(tokens, palette)
 ``igpt_kernels.reference`` holds the plain-PyTorch reference of each, same signatures.
-The kernel launches are ``torch.library`` custom ops, ``torch.ops.igpt.*`` (see
-``igpt_kernels._ops``), which ``torch.compile`` and ``torch.export`` keep as single nodes.
+The kernel launches are ``torch.library`` custom ops, ``torch.ops.igpt.*``, each registered
+beside its launcher (``attention``, ``ln_mlp``, ``ln_linear``, ``palette``), which
+``torch.compile`` and ``torch.export`` keep as single nodes.
+
+The package's attributes ``attention``, ``ln_mlp`` and ``ln_linear`` are the functions, which
+hide the submodules of the same names: reach a submodule's other names with
+``from igpt_kernels.attention import run_backend`` (never ``import igpt_kernels.attention as
+m``, which gives the function). No module of the package needs another's module object.
 
 ``backend="auto"`` on a GPU times the eligible backends once per kind of call and keeps the
 fastest: ``dispatch_table()`` lists what it learned, ``set_dispatch("fixed")`` (or
@@ -15,8 +21,10 @@ fastest: ``dispatch_table()`` lists what it learned, ``set_dispatch("fixed")`` (
 """
 
 from igpt_kernels._dispatch import dispatch_table, set_dispatch
+from igpt_kernels._version import VERSION
 from igpt_kernels.attention import attention
-from igpt_kernels.ln_mlp import ln_linear, ln_mlp
+from igpt_kernels.ln_linear import ln_linear
+from igpt_kernels.ln_mlp import ln_mlp
 from igpt_kernels.palette import dequantize, quantize
 
 __all__ = [
@@ -28,4 +36,4 @@ __all__ = [
     "dispatch_table",
     "set_dispatch",
 ]
-__version__ = "0.1.0"
+__version__ = VERSION

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from igpt_kernels._triton import HAS_TRITON
+from igpt_kernels._version import VERSION
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,30 @@ def resolve(op: str, backend: str, reasons: dict[str, str | None], auto_order: t
     if why is not None:
         raise ValueError(f"{op} cannot use backend={backend!r} here: {why}")
     return backend
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want gradients of any of ``tensors`` (None entries skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def grad_run(fn, tensors):
+    """run(name) for ``Dispatcher.choose``: one call ``fn(name, *tensors)``, with a backward
+    through detached copies when the call needs gradients (nothing reaches ``.grad``);
+    returns the detached output."""
+
+    def run(name):
+        if not needs_grad(*tensors):
+            return fn(name, *tensors)
+        leaves = [
+            None if t is None else t.detach().requires_grad_(t.requires_grad) for t in tensors
+        ]
+        y = fn(name, *leaves)
+        want = [t for t in leaves if t is not None and t.requires_grad]
+        torch.autograd.grad(y, want, torch.ones_like(y))
+        return y.detach()
+
+    return run
 
 
 def check_tensor(name: str, t, *, dims=None, dtypes=None, device=None) -> None:
@@ -190,13 +215,7 @@ def _versions() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    import igpt_kernels
-
-    return {
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "igpt_kernels": igpt_kernels.__version__,
-    }
+    return {"torch": torch.__version__, "triton": triton_version, "igpt_kernels": VERSION}
 
 
 # --------------------------------------------------------------------------------------
@@ -417,6 +436,20 @@ class Dispatcher:
 
 
 DISPATCH = Dispatcher()
+
+
+def choose(op, device, backend, reasons, auto_order, describe, run) -> str:
+    """The backend of one call of ``op``: ``resolve`` for a named backend or where ``"auto"``
+    is static (the CPU), else on a GPU the measured choice among the runnable candidates.
+
+    describe(): (candidate names, key fields) of this call; run(name): see ``grad_run``.
+    """
+    on_gpu = DISPATCH.gpu(device) is not None
+    static = resolve(op, backend, reasons, auto_order if on_gpu else ())
+    if backend != "auto" or not on_gpu:
+        return static
+    names, fields = describe()
+    return DISPATCH.choose(op, fields, names, static, device, run)
 
 
 def set_dispatch(mode: str) -> None:

@@ -40,8 +40,9 @@ import warnings
 from collections import OrderedDict
 
 import torch
+from torch import Tensor
 
-from igpt_kernels import _build, _ops, reference
+from igpt_kernels import _build, reference
 from igpt_kernels._dispatch import resolve
 
 LUT_CACHE_SIZE = 4
@@ -153,6 +154,30 @@ def _use_lut(palette: torch.Tensor, n: int, lut_arg) -> bool:
     return entry["seen"] >= threshold
 
 
+@torch.library.custom_op("igpt::quantize", mutates_args=())
+def quantize_op(pixels: Tensor, palette: Tensor, lut: bool | None) -> Tensor:
+    """Nearest-colour tokens (...) int64 of uint8 pixels (..., 3) by the compiled kernel of
+    their device (C++ or CUDA), as one node for torch.compile and torch.export; ``lut`` as in
+    ``quantize`` (the lookup table and its cache live inside the op). Not differentiable."""
+    ext = _load_ext()
+    if ext is None:
+        raise ValueError(f"igpt::quantize needs the compiled kernels: {_ext_error}")
+    flat = pixels.reshape(-1, 3).contiguous()
+    palette = palette.contiguous()
+    if flat.shape[0] == 0:
+        return torch.empty(pixels.shape[:-1], dtype=torch.int64, device=pixels.device)
+    if _use_lut(palette, flat.shape[0], lut):
+        tokens = ext.lut_gather(flat, get_lut(palette))
+    else:
+        tokens = ext.quantize(flat, palette)
+    return tokens.reshape(pixels.shape[:-1])
+
+
+@quantize_op.register_fake
+def _(pixels, palette, lut):
+    return pixels.new_empty(pixels.shape[:-1], dtype=torch.int64)
+
+
 def quantize(pixels, palette, *, backend="auto", lut=None):
     """Map each RGB pixel to the index of its nearest palette colour.
 
@@ -184,7 +209,7 @@ def quantize(pixels, palette, *, backend="auto", lut=None):
                 stacklevel=2,
             )
         return reference.quantize(pixels, palette, backend="torch")
-    return _ops.quantize(pixels, palette, lut)  # the compiled kernels, as one custom op
+    return quantize_op(pixels, palette, lut)  # the compiled kernels, as one custom op
 
 
 def dequantize(tokens, palette):

@@ -14,6 +14,7 @@ from igpt_kernels._dispatch import Dispatcher, median_ms
 
 attention_module = importlib.import_module("igpt_kernels.attention")
 ln_mlp_module = importlib.import_module("igpt_kernels.ln_mlp")
+ln_linear_module = importlib.import_module("igpt_kernels.ln_linear")
 VERSIONS = {"torch": "1.0", "triton": "2.0", "igpt_kernels": "3.0"}
 
 
@@ -384,7 +385,7 @@ def test_ln_linear_auto_candidates(fake_gpu, monkeypatch):
         fake_gpu.clock.now += {"triton": 1.0, "torch": 2.0}[name]
         return reference.ln_linear(x, *params, norm=norm, eps=eps)
 
-    monkeypatch.setattr(ln_mlp_module, "_ln_linear_on", on)
+    monkeypatch.setattr(ln_linear_module, "_ln_linear_on", on)
     x = torch.randn(3, 32)
     ln_linear(x, torch.ones(32), None, torch.randn(96, 32), None)
     assert set(tried) == {"triton", "torch"} and tried[-1] == "triton"

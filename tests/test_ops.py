@@ -1,6 +1,6 @@
-"""The kernels as torch.library custom ops (igpt_kernels._ops): opcheck on every op, and
-torch.compile(fullgraph=True) / torch.export of a whole IGPT with the kernels as single
-nodes, plus meta-device and FakeTensor shape propagation.
+"""The kernels as torch.library custom ops (each registered beside its launcher): opcheck on
+every op, and torch.compile(fullgraph=True) / torch.export of a whole IGPT with the kernels
+as single nodes, plus meta-device and FakeTensor shape propagation.
 
 On the CPU the Triton ops run under TRITON_INTERPRET=1 (conftest); the model tests force
 ``backend="auto"`` onto them with a dispatcher that treats the CPU as a GPU ("fixed" mode:
@@ -20,7 +20,9 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from igpt import IGPT, IGPTConfig
-from igpt_kernels import _dispatch, _ops, reference
+from igpt_kernels import _dispatch, reference
+from igpt_kernels.ln_linear import ln_linear_op
+from igpt_kernels.ln_mlp import ln_mlp_op
 
 FORWARD_OPS = {"igpt.attention.default", "igpt.ln_mlp.default"}
 BACKWARD_OPS = {"igpt.attention_backward.default", "igpt.ln_mlp_backward.default"}
@@ -91,7 +93,7 @@ def test_opcheck_ln_mlp(dtype, variant, norm, with_bias, residual):
     _opcheck(torch.ops.igpt.ln_mlp.default, (*args, *opts, True))
     inference = [None if t is None else t.detach() for t in args]  # needs_grad=False: no grad
     _opcheck(torch.ops.igpt.ln_mlp.default, (*inference, *opts, False))
-    y = _ops.ln_mlp(*args, *opts, True)
+    y = ln_mlp_op(*args, *opts, True)[0]
     expect = reference.ln_mlp(*args, norm=norm, eps=1e-5, residual=residual)
     tol = 5e-3 if dtype == torch.float16 else 1e-5
     torch.testing.assert_close(y, expect, atol=tol, rtol=tol)
@@ -108,11 +110,11 @@ def test_opcheck_ln_mlp(dtype, variant, norm, with_bias, residual):
 def test_backward_of_an_inference_forward_raises():
     """needs_grad=False saves nothing: differentiating it is refused, not read out of bounds."""
     args = _ln_mlp_args(torch.float32, "rms", False)
-    y = _ops.ln_mlp(*args, "rms", 1e-5, "quick_gelu", True, "fused", False)
+    y = ln_mlp_op(*args, "rms", 1e-5, "quick_gelu", True, "fused", False)[0]
     with pytest.raises(ValueError, match="needs_grad=False"):
         y.sum().backward()
     x2, nw, nb, w, b, _, _ = _ln_mlp_args(torch.float32, "layer", True)
-    y = _ops.ln_linear(x2, nw, nb, w, b, "layer", 1e-5, False)
+    y = ln_linear_op(x2, nw, nb, w, b, "layer", 1e-5, False)[0]
     with pytest.raises(ValueError, match="needs_grad=False"):
         y.sum().backward()
 
