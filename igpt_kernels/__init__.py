@@ -26,6 +26,7 @@ from igpt_kernels.attention import attention
 from igpt_kernels.ln_linear import ln_linear
 from igpt_kernels.ln_mlp import ln_mlp
 from igpt_kernels.palette import dequantize, quantize
+from igpt_kernels.selftest import selftest
 
 __all__ = [
     "attention",
@@ -35,5 +36,6 @@ __all__ = [
     "dequantize",
     "dispatch_table",
     "set_dispatch",
+    "selftest",
 ]
 __version__ = VERSION

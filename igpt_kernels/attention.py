@@ -68,6 +68,7 @@ from igpt_kernels._dispatch import (
     bucket,
     choose,
     grad_run,
+    judge_call,
     needs_grad,
     triton_interpreting,
     triton_unavailable,
@@ -81,6 +82,7 @@ from igpt_kernels.attention_kernels import (
     attn_fwd_kernel,
 )
 from igpt_kernels.attention_sdpa import SDPA_KERNELS, run_sdpa, sdpa_kernel_reason
+from igpt_kernels.trust import slice_heads
 
 LOG2E = 1.4426950408889634
 # (batch, head) pairs index the grid's first axis (CUDA allows 2^31 - 1 programs there),
@@ -443,7 +445,9 @@ def _(q, k, v, key_padding_mask, causal, sm_scale, num_splits):
 # --------------------------------------------------------------------------------------
 
 
-AUTO_ORDER = ("triton", "sdpa")  # the static "auto" on a GPU
+AUTO_ORDER = ("triton", "sdpa")  # the static "auto" on a GPU, once triton is verified
+SAFE = "sdpa"  # the PyTorch backend: what runs where nothing of ours is verified
+ARG_NAMES = ("q", "k", "v", "key_padding_mask")
 
 
 def _mask_kind(causal, key_padding_mask) -> str:
@@ -451,7 +455,7 @@ def _mask_kind(causal, key_padding_mask) -> str:
     return kind.removeprefix("full+")
 
 
-def _triton_reason(q) -> str | None:
+def triton_reason(q) -> str | None:
     """None if the Triton kernels can run on q, else why not (for ``resolve``)."""
     why = triton_unavailable(q, "q")
     if why is not None:
@@ -497,35 +501,43 @@ def choose_backend(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None
     return _choose(q, k, v, causal, key_padding_mask, scale, backend)
 
 
+def call_kind(q, k, v, causal, key_padding_mask):
+    """(candidate backend names, key fields) of one call on a GPU: the kind of call that
+    ``"auto"`` measures and judges once (``igpt_kernels._dispatch``)."""
+    names = [] if triton_reason(q) else ["triton"]
+    names += [
+        f"sdpa-{kern}"
+        for kern in SDPA_KERNELS
+        if sdpa_kernel_reason(kern, q, k, causal, key_padding_mask) is None
+    ]
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    fields = {
+        "dtype": str(q.dtype)[6:],
+        "mask": _mask_kind(causal, key_padding_mask),
+        "D": D,
+        "Nq": bucket(Nq),
+        "Nk": bucket(Nk),
+        "square": Nq == Nk,
+        "BH": bucket(B * H),
+        "grad": needs_grad(q, k, v),
+    }
+    return names, fields
+
+
 def _choose(q, k, v, causal, key_padding_mask, scale, backend):
-    reasons = {"triton": _triton_reason(q), "sdpa": None}
+    reasons = {"triton": triton_reason(q), "sdpa": None}
 
     def describe():
-        names = [] if reasons["triton"] else ["triton"]
-        names += [
-            f"sdpa-{kern}"
-            for kern in SDPA_KERNELS
-            if sdpa_kernel_reason(kern, q, k, causal, key_padding_mask) is None
-        ]
-        B, H, Nq, D = q.shape
-        Nk = k.shape[2]
-        fields = {
-            "dtype": str(q.dtype)[6:],
-            "mask": _mask_kind(causal, key_padding_mask),
-            "D": D,
-            "Nq": bucket(Nq),
-            "Nk": bucket(Nk),
-            "square": Nq == Nk,
-            "BH": bucket(B * H),
-            "grad": needs_grad(q, k, v),
-        }
-        return names, fields
+        return call_kind(q, k, v, causal, key_padding_mask)
 
-    def fn(name, q, k, v):
-        return run_backend(name, q, k, v, causal, key_padding_mask, scale)
+    def fn(name, q, k, v, pad):
+        return run_backend(name, q, k, v, causal, pad, scale)
 
-    run = grad_run(fn, (q, k, v))
-    return choose("attention", q.device, backend, reasons, AUTO_ORDER, describe, run)
+    run = grad_run(fn, (q, k, v, key_padding_mask))
+    sliced = slice_heads(q, k, v, key_padding_mask)
+    judge = judge_call(fn, sliced, ARG_NAMES, needs_grad(q, k, v))
+    return choose("attention", q.device, backend, reasons, AUTO_ORDER, describe, run, judge, SAFE)
 
 
 def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, backend="auto"):

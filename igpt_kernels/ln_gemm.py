@@ -11,7 +11,15 @@ import torch
 from torch import Tensor
 
 from igpt_kernels import _triton
-from igpt_kernels._dispatch import bucket, choose, triton_interpreting, triton_unavailable
+from igpt_kernels._dispatch import (
+    bucket,
+    choose,
+    grad_run,
+    judge_call,
+    needs_grad,
+    triton_interpreting,
+    triton_unavailable,
+)
 from igpt_kernels._triton import triton
 from igpt_kernels.ln_mlp_kernels import (
     ln_fc_kernel,
@@ -20,6 +28,7 @@ from igpt_kernels.ln_mlp_kernels import (
     norm_stats_kernel,
     wgrad_kernel,
 )
+from igpt_kernels.trust import slice_rows
 
 MAX_D = 8192  # the norm backward holds one row of x in registers
 ACT_ID = {None: 0, "quick_gelu": 1, "gelu": 2}
@@ -366,19 +375,29 @@ def grad_or_empty(grads, need, likes):
     )
 
 
-def choose_norm_backend(op, x, backend, reasons, fields, run):
+def call_kind(x, reasons, fields):
+    """(candidate backend names, key fields) of one call of ln_mlp or ln_linear on a GPU:
+    the runnable backends and the reference; x's dtype, autocast, token bucket, ``fields``."""
+    names = [name for name, why in reasons.items() if why is None] + ["torch"]
+    cast = autocast_dtype(x)
+    return names, {
+        "dtype": str(x.dtype)[6:],
+        "autocast": str(cast)[6:] if cast is not None else "off",
+        "T": bucket(x.numel() // x.shape[-1]),
+        **fields,
+    }
+
+
+def choose_norm_backend(op, x, backend, reasons, fields, fn, params, arg_names):
     """The backend of one call of ``op`` ("ln_mlp" or "ln_linear"): ``resolve`` for a named
-    one or the static "auto" (Triton on a GPU where it can run), then on a GPU the measured
-    choice among the runnable ones and the reference."""
+    one or the static "auto" (Triton on a GPU once verified there), then on a GPU the
+    fastest of the runnable ones and the reference that passes PyTorch's check.
+
+    fn(name, x, *params): the op on one backend; arg_names: x's and the params' names."""
 
     def describe():
-        names = [name for name, why in reasons.items() if why is None] + ["torch"]
-        cast = autocast_dtype(x)
-        return names, {
-            "dtype": str(x.dtype)[6:],
-            "autocast": str(cast)[6:] if cast is not None else "off",
-            "T": bucket(x.numel() // x.shape[-1]),
-            **fields,
-        }
+        return call_kind(x, reasons, fields)
 
-    return choose(op, x.device, backend, reasons, ("triton",), describe, run)
+    run = grad_run(fn, (x, *params))
+    judge = judge_call(fn, (slice_rows(x), *params), arg_names, needs_grad(x, *params))
+    return choose(op, x.device, backend, reasons, ("triton",), describe, run, judge, "torch")

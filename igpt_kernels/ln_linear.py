@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from igpt_kernels import reference
-from igpt_kernels._dispatch import grad_run, needs_grad
+from igpt_kernels._dispatch import needs_grad
 from igpt_kernels.ln_gemm import (
     autocast_dtype,
     check_saved,
@@ -141,6 +141,17 @@ ln_linear_op.register_autograd(_backward, setup_context=_setup)
 # --------------------------------------------------------------------------------------
 
 
+ARG_NAMES = ("x", "norm_weight", "norm_bias", "weight", "bias")
+
+
+def call_fields(x, params, norm):
+    """(reasons, key fields) of one call: why "triton" cannot run it (None: it can), and what
+    besides dtype, autocast and tokens makes its kind (``ln_gemm.call_kind``)."""
+    grad = needs_grad(x, *params)
+    fields = {"d": x.shape[-1], "n": params[2].shape[0], "norm": norm, "grad": grad}
+    return {"triton": triton_reason(x)}, fields
+
+
 def ln_linear(x, norm_weight, norm_bias, weight, bias, *, norm="rms", eps=1e-5, backend="auto"):
     """linear(norm(x)): the norm fused into the GEMM's A-tile loads (the qkv projection).
 
@@ -162,10 +173,8 @@ def ln_linear(x, norm_weight, norm_bias, weight, bias, *, norm="rms", eps=1e-5, 
     def call(name, x, *params):
         return _ln_linear_on(name, x, params, norm, float(eps))
 
-    fields = {"d": x.shape[-1], "n": weight.shape[0], "norm": norm, "grad": needs_grad(x, *params)}
-    reasons = {"triton": triton_reason(x)}
-    run = grad_run(call, (x, *params))
-    name = choose_norm_backend("ln_linear", x, backend, reasons, fields, run)
+    reasons, fields = call_fields(x, params, norm)
+    name = choose_norm_backend("ln_linear", x, backend, reasons, fields, call, params, ARG_NAMES)
     return _ln_linear_on(name if x.numel() else "torch", x, params, norm, float(eps))
 
 

@@ -69,7 +69,7 @@ import torch
 from torch import Tensor
 
 from igpt_kernels import ln_mlp_cublas, reference
-from igpt_kernels._dispatch import grad_run, needs_grad
+from igpt_kernels._dispatch import needs_grad
 from igpt_kernels.ln_gemm import (
     autocast_dtype,
     check_saved,
@@ -238,6 +238,24 @@ ln_mlp_op.register_autograd(_backward, setup_context=_setup)
 # --------------------------------------------------------------------------------------
 
 
+ARG_NAMES = ("x", "norm_weight", "norm_bias", "fc_weight", "fc_bias", "proj_weight", "proj_bias")
+
+
+def call_fields(x, params, norm, activation, residual):
+    """(reasons, key fields) of one call: why "triton"/"cublas" cannot run it (None: they
+    can), and what besides dtype, autocast and tokens makes its kind (``ln_gemm.call_kind``)."""
+    why = triton_reason(x)
+    fields = {
+        "d": x.shape[-1],
+        "h": params[2].shape[0],
+        "norm": norm,
+        "act": activation,
+        "residual": bool(residual),
+        "grad": needs_grad(x, *params),
+    }
+    return {"triton": why, "cublas": why}, fields
+
+
 def ln_mlp(
     x,
     norm_weight,
@@ -281,17 +299,8 @@ def ln_mlp(
     def call(name, x, *params):
         return _ln_mlp_on(name, x, params, *opts)
 
-    why = triton_reason(x)
-    fields = {
-        "d": x.shape[-1],
-        "h": fc_weight.shape[0],
-        "norm": norm,
-        "act": activation,
-        "residual": bool(residual),
-        "grad": needs_grad(x, *params),
-    }
-    reasons = {"triton": why, "cublas": why}
-    name = choose_norm_backend("ln_mlp", x, backend, reasons, fields, grad_run(call, (x, *params)))
+    reasons, fields = call_fields(x, params, norm, activation, residual)
+    name = choose_norm_backend("ln_mlp", x, backend, reasons, fields, call, params, ARG_NAMES)
     return _ln_mlp_on(name if x.numel() else "torch", x, params, *opts)
 
 

@@ -141,7 +141,7 @@ def test_opcheck_ln_linear(dtype, norm):
 def _compiled_palette_available():
     from igpt_kernels import palette
 
-    return palette._compiled_unavailable("cpu", torch.zeros(1, 3, dtype=torch.uint8)) is None
+    return palette.compiled_unavailable("cpu", torch.zeros(1, 3, dtype=torch.uint8)) is None
 
 
 @pytest.mark.skipif(not _compiled_palette_available(), reason="igpt_kernels._C is not built")
