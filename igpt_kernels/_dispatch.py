@@ -312,8 +312,8 @@ class Dispatcher:
         gpu = self.gpu(device)
         if gpu is None:
             return static
-        if not names:
-            return safe
+        if set(names) <= {safe}:
+            return safe  # nothing of ours can run it: nothing to judge or time
         key = self.key(op, fields, names)
         busy = torch.compiler.is_compiling() or self.capturing()
         entries = self._table(gpu, load=not busy)
