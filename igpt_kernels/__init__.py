@@ -15,9 +15,13 @@ hide the submodules of the same names: reach a submodule's other names with
 ``from igpt_kernels.attention import run_backend`` (never ``import igpt_kernels.attention as
 m``, which gives the function). No module of the package needs another's module object.
 
-``backend="auto"`` on a GPU times the eligible backends once per kind of call and keeps the
-fastest: ``dispatch_table()`` lists what it learned, ``set_dispatch("fixed")`` (or
-``IGPT_DISPATCH=fixed``) turns the measuring off (see ``igpt_kernels._dispatch``).
+``backend="auto"`` on a GPU has PyTorch judge the eligible backends once per kind of call
+(output and every gradient against a float64 reference, within 2x / 3x of PyTorch's own
+error: ``igpt_kernels.trust``), times those that pass and keeps the fastest;
+``dispatch_table()`` lists the choices and verdicts, ``set_dispatch("fixed")`` (or
+``IGPT_DISPATCH=fixed``) turns the measuring off, and then, as while compiling or capturing,
+only a kernel verified on that GPU is used, else the PyTorch backend (see
+``igpt_kernels._dispatch``). ``selftest()`` (``igpt selftest``) checks every kernel here.
 """
 
 from igpt_kernels._dispatch import dispatch_table, set_dispatch

@@ -51,8 +51,10 @@ and at most 65535 blocks of queries or keys (the second): ``check_grid``.
 Backends: "triton" (these kernels: the ``@triton.jit`` bodies in ``attention_kernels``, their
 launchers and the ``torch.ops.igpt.attention*`` custom ops here), "sdpa" (PyTorch's SDPA
 kernels where they can express the mask exactly: ``attention_sdpa``) and "torch"
-(``reference.attention``, "auto" on the CPU). "auto" on a GPU times triton and each eligible
-SDPA kernel on the first call per key and keeps the fastest (``igpt_kernels._dispatch``).
+(``reference.attention``, "auto" on the CPU). "auto" on a GPU has PyTorch judge triton and
+each eligible SDPA kernel on the first call per kind of call (``igpt_kernels.trust``), times
+those that pass and keeps the fastest (``igpt_kernels._dispatch``); Triton is never used by
+"auto" before it passed that check on the GPU at hand.
 """
 
 from __future__ import annotations
@@ -551,9 +553,15 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
         key_padding_mask: optional (B, Nk) bool, True where a key may be attended.
         sm_scale: softmax scale, a finite number > 0; default 1/sqrt(D).
         backend: "auto", "triton", "sdpa" or "torch" (the reference). "auto" on the CPU is
-            the reference; on a GPU the fastest correct candidate measured on that GPU
-            (``igpt_kernels._dispatch``; ``IGPT_DISPATCH=fixed``: Triton where it can run,
-            else "sdpa").
+            the reference. On a GPU it trusts PyTorch, not our kernels: the first call per
+            kind of call compares each candidate's output and every gradient the call needs
+            with the reference in float64 (float32 for 16-bit inputs), keeps those within
+            2x / 3x of PyTorch's own error in the call's dtype (``igpt_kernels.trust``), and
+            runs the fastest of them; one that fails is dropped with a warning. While
+            compiling, capturing a CUDA graph or under ``IGPT_DISPATCH=fixed`` nothing is
+            judged: Triton runs only where this GPU's dispatch table records it as verified
+            for the kind of call (``igpt selftest`` records verdicts), else "sdpa". A named
+            backend runs as named, unjudged.
 
     Returns:
         o: (B, H, Nq, D) in q's dtype (contiguous from "triton"; SDPA's layout from "sdpa").

@@ -161,7 +161,9 @@ def ln_linear(x, norm_weight, norm_bias, weight, bias, *, norm="rms", eps=1e-5, 
         weight: (n, d) (nn.Linear layout); bias: (n,) or None.
         norm: "rms" or "layer". eps: the norm's epsilon, a finite number > 0.
         backend: "auto", "triton" or "torch". "auto" on the CPU is the reference; on a GPU
-            the faster of the two measured there (``IGPT_DISPATCH=fixed``: "triton").
+            the faster of the two once PyTorch verified "triton" for the kind of call there
+            (as in ``ln_mlp``; ``IGPT_DISPATCH=fixed``: "triton" only where verified, else
+            "torch").
 
     Returns:
         y: (..., n) in x's dtype, or in autocast's dtype under CUDA autocast (the norm stays

@@ -50,7 +50,9 @@ GEMMs (two forward, four backward) with torch (cuBLAS) and keeps only the norm a
 elementwise parts in Triton (it must write n and a to memory as temporaries); it saves the
 same tensors for backward. "torch" is the eager reference. "auto" on a GPU times the three
 on the first call per (dtype, autocast, d, h, token bucket, grad, ...) and keeps the fastest
-(``igpt_kernels._dispatch``); ``IGPT_DISPATCH=fixed`` gives "triton" where it can run.
+(``igpt_kernels._dispatch``), among those that PyTorch verified for that kind of call on that
+GPU (``igpt_kernels.trust``); ``IGPT_DISPATCH=fixed`` gives "triton" where it can run and is
+verified, else "torch".
 
 Measured: nothing on a GPU yet; correctness was checked under the interpreter (fp32/fp16)
 only. ``benchmarks/bench_ln_mlp.py`` times every backend against eager and torch.compile.
@@ -282,8 +284,14 @@ def ln_mlp(
         activation: "quick_gelu" or "gelu". residual: add x to the output.
         backend: "auto", "triton" (fused Triton GEMMs), "cublas" (torch's GEMMs around the
             Triton norm) or "torch" (the eager reference). "auto" on the CPU is the
-            reference; on a GPU the fastest of the three measured on that GPU
-            (``IGPT_DISPATCH=fixed``: "triton" where it can run).
+            reference. On a GPU the first call per kind of call has PyTorch judge "triton"
+            and "cublas" (output and every gradient against the reference in float64, or
+            float32 for 16-bit inputs, within 2x / 3x of PyTorch's own error in the call's
+            dtype and autocast, on at most a few thousand tokens: ``igpt_kernels.trust``)
+            and runs the fastest of those that pass and "torch". While compiling, capturing
+            or under ``IGPT_DISPATCH=fixed``: "triton" only where this GPU's dispatch table
+            records it as verified for the kind of call, else "torch". A named backend
+            runs as named, unjudged.
 
     Returns:
         y: (..., d) in x's dtype. Under CUDA autocast with float32 inputs the GEMMs run in

@@ -188,7 +188,13 @@ def quantize(pixels, palette, *, backend="auto", lut=None):
         pixels: uint8 tensor (..., 3), RGB in 0..255.
         palette: float32 (K, 3) in 0..255 RGB, 1 <= K <= 65536, finite, on pixels' device.
         backend: "auto", "cuda", "cpu" or "torch". "auto" takes the CUDA kernel for CUDA
-            tensors and the C++ kernel for CPU tensors where built, else the reference.
+            tensors and the C++ kernel for CPU tensors where built, else the reference. On
+            a GPU "auto" checks the kernel's tokens on first use per palette (and again once
+            the lookup table serves it) against exact float64 nearest colours on a sample of
+            the call's pixels (up to 4096); a wrong token warns once and the reference
+            quantizes with that palette from then on. While ``torch.compile`` traces, the
+            kernel runs only where such a check passed on the device. A named backend runs
+            as named, unchecked.
         lut: compiled backends only. True: through the cached 2^24-entry table (built now
             if missing); False: the direct kernel; None: the table once it pays off.
 
