@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "sdpa", "cublas", "cuda", "cpu", "torch")
 MODES = ("measure", "fixed")
+OURS = ("triton", "cublas", "cuda", "cpu")  # this package's kernels: a failure of theirs warns
 FORMAT = 2  # 2: entries carry PyTorch's verdicts (format-1 files hold unjudged choices)
 UNNAMED = "(a GPU not yet named: first seen while compiling)"
 
@@ -346,9 +347,9 @@ class Dispatcher:
             verdict = verdicts.get(name, {"ok": True})
             if not verdict["ok"]:
                 dropped[name] = "failed PyTorch's check: " + trust.describe(verdict)
-                if verdict.get("error") is None:
+                if verdict.get("error") is None or name in OURS:
                     warn_untrusted(op, key, name, verdict)
-                else:
+                else:  # an SDPA kernel refusing this GPU or shape: expected, recorded
                     log.info("igpt_kernels: %s failed on %s: %s", name, key, verdict["error"])
                 continue
             try:
@@ -494,7 +495,16 @@ def judge_call(fn, tensors, arg_names, grad):
     def judge(names):
         if not names:
             return {}
-        j = trust.Judge(fn, tensors, arg_names, grad)
+        try:
+            j = trust.Judge(fn, tensors, arg_names, grad)
+        except Exception as e:  # noqa: BLE001 - e.g. no memory for the oracle: trust nothing
+            why = f"PyTorch's check could not run ({type(e).__name__}: {trust.first_line(e)})"
+            warnings.warn(
+                f"igpt_kernels: {why}; backend='auto' uses PyTorch's backend",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return {name: {"ok": False, "tensors": [], "error": why} for name in names}
         return {name: j.verdict(name) for name in names}
 
     return judge

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from igpt_kernels import ln_gemm, palette, reference, trust
-from igpt_kernels._dispatch import DISPATCH, gpu_name, triton_interpreting
+from igpt_kernels._dispatch import DISPATCH, OURS, gpu_name, triton_interpreting
 from igpt_kernels.attention import ARG_NAMES as ATTENTION_ARGS
 from igpt_kernels.attention import call_kind, run_backend, triton_reason
 from igpt_kernels.attention_sdpa import SDPA_KERNELS, sdpa_kernel_reason
@@ -76,6 +76,8 @@ DEFINITION_TOL = 1e-9  # the references against their definitions, both in float
 def _row(op, backend, case, verdict=None, *, skip=None, seconds=0.0) -> dict:
     """One line of the report from a ``trust.Judge`` verdict (or a skip with its reason)."""
     row = {"op": op, "backend": backend, "case": case, "seconds": round(seconds, 3)}
+    if skip is None and verdict.get("error") and backend not in OURS:
+        skip = f"PyTorch's kernel refused this case here: {verdict['error']}"
     if skip is not None:
         return {**row, "verdict": "skip", "note": skip}
     worst = trust.worst(verdict) or {}
