@@ -39,10 +39,11 @@ judged) is ignored. Format::
 
 ``igpt selftest`` records verdicts without a choice (an entry with only "verdicts").
 
-Unverified means unused: a static choice (while ``torch.compile`` traces, while a CUDA graph
-is captured, and everywhere under ``IGPT_DISPATCH=fixed`` / ``set_dispatch("fixed")``) never
-times or judges; it takes a remembered choice, else the static kernel only where this GPU's
-table records a passing verdict for the kind of call, else the PyTorch backend. An explicit
+Unverified means unused: a static choice never times or judges. While ``torch.compile``
+traces or a CUDA graph is captured, ``"auto"`` takes a remembered choice, else the static
+kernel only where this GPU's table records a passing verdict for the kind of call, else the
+PyTorch backend; under ``IGPT_DISPATCH=fixed`` (``set_dispatch("fixed")``) it takes the
+static kernel where verified, else the PyTorch backend. An explicit
 backend name runs what it names, unjudged. On the CPU ``"auto"`` is the static choice (the
 reference; the quantizer's C++ kernel).
 """
@@ -319,10 +320,12 @@ class Dispatcher:
         busy = torch.compiler.is_compiling() or self.capturing()
         entries = self._table(gpu, load=not busy)
         hit = entries.get(key)
+        if self.mode == "fixed":  # no measured choice: the static one, where verified
+            return static if self.trusted(hit, static, safe) else safe
         chosen = (hit or {}).get("backend")
         if chosen in (*names, safe) and self.trusted(hit, chosen, safe):
             return chosen
-        if busy or gpu == UNNAMED or self.mode == "fixed":
+        if busy or gpu == UNNAMED:
             return static if self.trusted(hit, static, safe) else safe
         entry = self._measure(op, key, names, safe, run, judge)
         entries[key] = {**(hit or {}), **entry}
