@@ -368,3 +368,17 @@ def test_selftest_on_the_cpu_without_the_interpreter_checks_quantizer_and_refere
     assert ("attention", "torch", "pass") in ops and ("ln_mlp", "torch", "pass") in ops
     assert report["ok"] and any(r["verdict"] == "skip" for r in report["rows"])
     assert report["summary"].startswith("selftest passed")
+
+
+def test_info_shows_the_verdicts(monkeypatch, tmp_path, capsys):
+    d = _fake_gpu(monkeypatch, tmp_path)
+    bad = {"ok": False, "tensor": "dq", "err": 0.5, "torch_err": 0.001, "ratio": 500}
+    good = {"ok": True, "tensor": "out", "err": 0.001, "torch_err": 0.001, "ratio": 1}
+    d.record(
+        GPU, "attention|dtype=bfloat16|of=triton,sdpa-flash", {"triton": bad, "sdpa-flash": good}
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    main(["info"])
+    out = capsys.readouterr().out
+    assert "triton FAILED x500 of PyTorch's error in dq" in out
+    assert "sdpa-flash verified" in out and "failed PyTorch's check: 1" in out
