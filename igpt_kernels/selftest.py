@@ -85,9 +85,9 @@ def _row(op, backend, case, verdict=None, *, skip=None, seconds=0.0) -> dict:
         **row,
         "verdict": "pass" if verdict["ok"] else "FAIL",
         "tensor": worst.get("tensor"),
-        "max_err": worst.get("err"),
-        "torch_err": worst.get("torch_err"),
-        "ratio": worst.get("ratio"),
+        "max_err": trust.rounded(worst.get("err")),
+        "torch_err": trust.rounded(worst.get("torch_err")),
+        "ratio": trust.rounded(worst.get("ratio")),
         "note": verdict.get("error") or ("" if verdict["ok"] else trust.describe(verdict)),
     }
 

@@ -98,6 +98,14 @@ def _max_err(value, oracle) -> float:
     return (value[finite] - oracle[finite]).abs().max().item()
 
 
+def _ratio(err: float, torch_err: float) -> float:
+    """The candidate's error in units of PyTorch's own (inf where PyTorch is exact and the
+    candidate is not; 1 where both are exact)."""
+    if torch_err > 0:
+        return err / torch_err
+    return 1.0 if err == 0 else math.inf
+
+
 def _scale(oracle) -> float:
     finite = oracle[torch.isfinite(oracle)]
     return finite.abs().max().item() if finite.numel() else 0.0
@@ -146,7 +154,7 @@ class Judge:
                     "err": err,
                     "torch_err": torch_err,
                     "bound": bound,
-                    "ratio": err / max(torch_err, floor),
+                    "ratio": _ratio(err, torch_err),
                 }
             )
         return {"ok": all(r["err"] <= r["bound"] for r in rows), "tensors": rows, "error": None}
@@ -184,15 +192,16 @@ def compact(verdict: dict) -> dict:
     if row is not None:
         out.update(
             tensor=row["tensor"],
-            err=_round(row["err"]),
-            torch_err=_round(row["torch_err"]),
-            ratio=_round(row["ratio"]),
+            err=rounded(row["err"]),
+            torch_err=rounded(row["torch_err"]),
+            ratio=rounded(row["ratio"]),
         )
     return out
 
 
-def _round(x: float):
-    return x if not math.isfinite(x) else float(f"{x:.4g}")
+def rounded(x: float | None):
+    """4 significant digits; None for None, inf and NaN (which strict JSON cannot hold)."""
+    return float(f"{x:.4g}") if x is not None and math.isfinite(x) else None
 
 
 # --------------------------------------------------------------------------------------

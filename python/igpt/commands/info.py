@@ -54,7 +54,9 @@ def _verdicts(row: dict) -> str:
     parts = []
     for name, v in sorted((row.get("verdicts") or {}).items()):
         word = "verified" if v.get("ok") else "FAILED"
-        ratio = f" x{v['ratio']:g} of PyTorch's error in {v['tensor']}" if "ratio" in v else ""
+        ratio = ""
+        if v.get("ratio") is not None:
+            ratio = f" x{v['ratio']:g} of PyTorch's error in {v['tensor']}"
         parts.append(f"{name} {word}{ratio}")
     return "; ".join(parts) or "no verdicts"
 
