@@ -240,6 +240,10 @@ ln_mlp_op.register_autograd(_backward, setup_context=_setup)
 # --------------------------------------------------------------------------------------
 
 
+# Autocast's GEMM dtype, looked up through this module-level name at call time so that tests
+# can simulate CUDA autocast on the CPU (tests/test_ln_mlp.py and test_memory.py patch it).
+_autocast_dtype = autocast_dtype
+
 ARG_NAMES = ("x", "norm_weight", "norm_bias", "fc_weight", "fc_bias", "proj_weight", "proj_bias")
 
 
@@ -318,7 +322,7 @@ def _ln_mlp_on(name, x, params, norm, eps, activation, residual):
             x, *params, norm=norm, eps=eps, activation=activation, residual=residual
         )
     norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias = params
-    gemm = for_gemm(autocast_dtype(x), fc_weight, fc_bias, proj_weight, proj_bias)
+    gemm = for_gemm(_autocast_dtype(x), fc_weight, fc_bias, proj_weight, proj_bias)
     weights = unit_stride((norm_weight, norm_bias, *gemm))
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
     variant = "fused" if name == "triton" else "cublas"

@@ -268,7 +268,7 @@ def test_inference_only_forward(poisoned):
 def test_autocast_mixes_float32_norm_with_half_gemms(monkeypatch, residual):
     """CUDA autocast (simulated: the interpreter has no CUDA): fp32 x, norm and residual,
     fp16 GEMMs; y and every gradient in eager autocast's dtypes, close to float64."""
-    monkeypatch.setattr(ln_mlp_module, "autocast_dtype", lambda x: torch.float16)
+    monkeypatch.setattr(ln_mlp_module, "_autocast_dtype", lambda x: torch.float16)
     x = torch.randn(2, 7, 48, dtype=torch.float64)
     w = _weights(48, 192, norm="layer")
     dy = torch.randn(2, 7, 48, dtype=torch.float64)
