@@ -118,7 +118,7 @@ def ineligible(name, q, k, causal, pad):
     if name.startswith("sdpa-"):
         return attn.sdpa_kernel_reason(name.removeprefix("sdpa-"), q, k, causal, pad)
     if name == "triton":
-        return attn._triton_reason(q)
+        return attn.triton_reason(q)
     return None
 
 

@@ -131,7 +131,7 @@ def _weights(d, n, dtype, norm):
 
 def _auto_choice(op, fn_inputs, **opts):
     """The backend "auto" keeps for this call (timing it now if this is the first)."""
-    module = importlib.import_module("igpt_kernels.ln_mlp")
+    module = importlib.import_module(f"igpt_kernels.{op}")  # ln_mlp.py or ln_linear.py
     seen = {}
     real = module._ln_mlp_on if op == "ln_mlp" else module._ln_linear_on
 

@@ -1,8 +1,8 @@
 """Compile every Triton kernel for sm_90a (H100/H200) and sm_80 (A100) without a GPU.
 
 For each case (kernel, config, dtype, mask kind, head dim, architecture) this calls the
-real launcher (``attention._attn_fwd``/``_attn_bwd``, ``ln_mlp._LnMlp``) on meta tensors
-with the model's strides, records the launches instead of running them, and hands each
+real launcher (``attention._attn_fwd``/``_attn_bwd``, ``ln_mlp.forward``/``backward``) on
+meta tensors with the model's strides, records the launches instead of running them, and hands each
 recorded launch to ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))``
 with the signature, constexprs and alignment attributes Triton's own JIT binder derives
 from those arguments (so ``stride == 1`` becomes a constexpr, multiples of 16 get
@@ -204,11 +204,13 @@ def _attention_launches(case):
 
 
 def _ln_mlp_launches(case):
-    import importlib
-
     import torch
 
-    mod = importlib.import_module("igpt_kernels.ln_mlp")
+    from igpt_kernels.ln_linear import backward as linear_bwd
+    from igpt_kernels.ln_linear import forward as linear_fwd
+    from igpt_kernels.ln_mlp import backward as mlp_bwd
+    from igpt_kernels.ln_mlp import forward as mlp_fwd
+
     name = case["dtype"]
     xdtype = torch.float32 if name == "mix" else _torch_dtype(name)
     wdtype = torch.bfloat16 if name == "mix" else xdtype
@@ -216,20 +218,24 @@ def _ln_mlp_launches(case):
     layer = case["mode"] == "layer"
 
     def t(*shape, dtype=wdtype):
-        return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=True)
+        return torch.empty(*shape, device="meta", dtype=dtype)
 
     x = t(T, d, dtype=xdtype)
     nw, nb = t(d, dtype=xdtype), (t(d, dtype=xdtype) if layer else None)
     norm = "layer" if layer else "rms"
     with _recording(case["arch"]) as launches:
         if case["op"] == "ln_linear":
-            y = mod._LnLinear.apply(x, nw, nb, t(3 * d, d), t(3 * d), norm, 1e-5, True)
+            w = t(3 * d, d)
+            y, mean, rstd = linear_fwd(x, nw, nb, w, t(3 * d), norm, 1e-5, True)
+            mean = None if norm == "rms" else mean
+            linear_bwd(torch.empty_like(y), x, mean, rstd, nw, nb, w, True, [True] * 5)
         else:
-            y = mod._LnMlp.apply(
-                x, nw, nb, t(h, d), t(h), t(d, h), t(d), norm, 1e-5, "quick_gelu", True,
-                "fused", True,
-            )  # fmt: skip
-        y.backward(torch.empty_like(y))
+            w1, w2 = t(h, d), t(d, h)
+            opts = (norm, 1e-5, "quick_gelu", True, "fused", True)
+            y, mean, rstd, z = mlp_fwd(x, nw, nb, w1, t(h), w2, t(d), *opts)
+            mean = None if norm == "rms" else mean
+            cfg = (norm, "quick_gelu", True, "fused", True, True)
+            mlp_bwd(torch.empty_like(y), x, mean, rstd, z, nw, nb, w1, w2, cfg, [True] * 7)
     return launches
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: install this checkout, run the `cuda` tests, run every
-# benchmark, and bring back at most 8 files under $OUT:
+# One call on a lent GPU machine: install this checkout, run `igpt selftest` (every kernel
+# against PyTorch), run the `cuda` tests, run every benchmark, and bring back at most 8 files
+# under $OUT:
 #
 #   log.txt          everything printed, in order
+#   selftest.json    `igpt selftest --json`: each kernel's errors against PyTorch's, verdicts
 #   info.txt         nvidia-smi, versions, `igpt info` (backends, quantizer module)
 #   cuda-tests.xml   JUnit XML of the `cuda` tests (failures carry their tracebacks)
 #   cuda-failures.txt  the failing tests' tracebacks, long form (empty when all pass)
@@ -44,6 +46,13 @@ if [ "$DRY_RUN" != 1 ]; then
   $PY -m pip install -q --no-build-isolation --no-deps -e . || { echo "install failed"; exit 1; }
 fi
 echo "installed after $(( $(date +%s) - t0 )) s"
+
+echo "== igpt selftest"
+# First, so that a kernel that is wrong on this GPU shows before anything else runs; its
+# verdicts go into the dispatch cache that the benchmarks' backend="auto" then reads.
+# Default kernel configs (IGPT_AUTOTUNE=0), as the cuda tests: autotuning would compile all.
+IGPT_AUTOTUNE=0 timeout "$(cap 150)" $PY -m igpt selftest --json "$OUT/selftest.json"
+echo "selftest rc=$?"
 $PY -m igpt info >> "$OUT/info.txt" 2>&1; tail -n 12 "$OUT/info.txt"
 
 echo "== cuda tests"

@@ -5,33 +5,47 @@ given which backends the op has and why each one can or cannot run the inputs at
 ``"auto"`` it gives the static choice (the first runnable backend of a fixed order).
 
 On a GPU, ``"auto"`` then goes one step further (``Dispatcher.choose``): the first call per
-key times every eligible implementation on the call's own inputs and keeps the fastest.
+key has PyTorch judge every eligible implementation on the call's own inputs, times those
+that pass and keeps the fastest.
 
     key   = op, GPU name, and the op's fields (dtype, mask kind, head dim, power-of-two
             length buckets, grad or not, ...) plus the names of the eligible candidates,
             so anything that changes eligibility gives a new key.
+    judge = ``trust.Judge``: the candidate's output and every gradient the call needs
+            against a trusted PyTorch oracle (the reference in float64, or float32 for
+            16-bit inputs), within 2x (output) / 3x (gradients) of PyTorch's own error in
+            the call's dtype plus a rounding floor; on a slice of large calls. A candidate
+            that fails is dropped with one warning; one that raises is dropped and logged.
+            The PyTorch backend ("sdpa" for attention, "torch" for the others) needs no
+            verdict and is what runs when nothing else passed.
     time  = the median of ``reps`` runs after ``warmup`` runs (and one first run that
-            compiles/autotunes and gives the output), each bracketed by CUDA events, as
-            ``triton.testing.do_bench`` does. Forward only, or forward + backward when the
-            call needs gradients.
-    check = each candidate's output must agree with the static choice's (a loose, dtype-
-            scaled tolerance that catches a wrong mask, not rounding); one that does not, or
-            that raises, is dropped and logged.
+            compiles/autotunes), each bracketed by CUDA events, as ``triton.testing.do_bench``
+            does. Forward only, or forward + backward when the call needs gradients.
 
-Choices live in memory and in ``$XDG_CACHE_HOME/igpt/dispatch-<hash>.json`` (default
-``~/.cache/igpt``), one file per GPU name and torch/triton/igpt_kernels versions, written
-atomically (temporary file + ``os.replace``) and merged with what other processes wrote;
-a file whose header names other versions is ignored. Format::
+Choices and verdicts live in memory and in ``$XDG_CACHE_HOME/igpt/dispatch-<hash>.json``
+(default ``~/.cache/igpt``), one file per GPU name and torch/triton/igpt_kernels versions,
+written atomically (temporary file + ``os.replace``) and merged with what other processes
+wrote; a file whose header names other versions (or format 1, whose choices were never
+judged) is ignored. Format::
 
-    {"format": 1, "gpu": "NVIDIA H200",
+    {"format": 2, "gpu": "NVIDIA H200",
      "versions": {"torch": "2.13.0", "triton": "3.9.0", "igpt_kernels": "0.1.0"},
      "entries": {"<key>": {"backend": "sdpa-cudnn",
                            "ms": {"triton": 0.41, "sdpa-cudnn": 0.33},
-                           "dropped": {"sdpa-flash": "RuntimeError: ..."}}}}
+                           "dropped": {"sdpa-flash": "RuntimeError: ..."},
+                           "verdicts": {"triton": {"ok": true, "tensor": "dq",
+                                                   "err": 0.0039, "torch_err": 0.0078,
+                                                   "ratio": 0.5}, ...}}}}
 
-``IGPT_DISPATCH=fixed`` (or ``set_dispatch("fixed")``) gives the static choice everywhere.
-While ``torch.compile`` traces or a CUDA graph is captured, ``"auto"`` never times: it takes
-a remembered choice or the static one. On the CPU ``"auto"`` is the static choice.
+``igpt selftest`` records verdicts without a choice (an entry with only "verdicts").
+
+Unverified means unused: a static choice never times or judges. While ``torch.compile``
+traces or a CUDA graph is captured, ``"auto"`` takes a remembered choice, else the static
+kernel only where this GPU's table records a passing verdict for the kind of call, else the
+PyTorch backend; under ``IGPT_DISPATCH=fixed`` (``set_dispatch("fixed")``) it takes the
+static kernel where verified, else the PyTorch backend. An explicit
+backend name runs what it names, unjudged. On the CPU ``"auto"`` is the static choice (the
+reference; the quantizer's C++ kernel).
 """
 
 from __future__ import annotations
@@ -42,17 +56,21 @@ import logging
 import os
 import statistics
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
+from igpt_kernels import trust
 from igpt_kernels._triton import HAS_TRITON
+from igpt_kernels._version import VERSION
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "sdpa", "cublas", "cuda", "cpu", "torch")
 MODES = ("measure", "fixed")
-FORMAT = 1
+OURS = ("triton", "cublas", "cuda", "cpu")  # this package's kernels: a failure of theirs warns
+FORMAT = 2  # 2: entries carry PyTorch's verdicts (format-1 files hold unjudged choices)
 UNNAMED = "(a GPU not yet named: first seen while compiling)"
 
 
@@ -110,6 +128,30 @@ def resolve(op: str, backend: str, reasons: dict[str, str | None], auto_order: t
     return backend
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want gradients of any of ``tensors`` (None entries skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def grad_run(fn, tensors):
+    """run(name) for ``Dispatcher.choose``: one call ``fn(name, *tensors)``, with a backward
+    through detached copies when the call needs gradients (nothing reaches ``.grad``);
+    returns the detached output."""
+
+    def run(name):
+        if not needs_grad(*tensors):
+            return fn(name, *tensors)
+        leaves = [
+            None if t is None else t.detach().requires_grad_(t.requires_grad) for t in tensors
+        ]
+        y = fn(name, *leaves)
+        want = [t for t in leaves if t is not None and t.requires_grad]
+        torch.autograd.grad(y, want, torch.ones_like(y))
+        return y.detach()
+
+    return run
+
+
 def check_tensor(name: str, t, *, dims=None, dtypes=None, device=None) -> None:
     """Raise TypeError/ValueError naming ``name`` if ``t`` is not a tensor of the given kind."""
     if not isinstance(t, torch.Tensor):
@@ -165,20 +207,6 @@ def median_ms(fn, clock, *, warmup: int = 2, reps: int = 5) -> float:
     return statistics.median(clock.elapsed_ms(a, b) for a, b in marks)
 
 
-def agrees(out: torch.Tensor, base: torch.Tensor) -> bool:
-    """Whether two backends' outputs agree to within rounding of their dtype (loose: the
-    check is against a wrong mask or layout, which changes outputs by O(1))."""
-    if out.shape != base.shape:
-        return False
-    base = base.detach().float()
-    if not torch.isfinite(base).all():
-        return True  # NaN/inf inputs: nothing to judge by
-    low = out.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(out.device.type)
-    tol = 2e-2 if low else 5e-3  # 16-bit GEMMs (autocast too) / TF32
-    err = (out.detach().float() - base).abs().max().item()
-    return err <= tol * max(base.abs().max().item(), 1e-3)
-
-
 def _default_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -190,13 +218,7 @@ def _versions() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    import igpt_kernels
-
-    return {
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "igpt_kernels": igpt_kernels.__version__,
-    }
+    return {"torch": torch.__version__, "triton": triton_version, "igpt_kernels": VERSION}
 
 
 # --------------------------------------------------------------------------------------
@@ -280,56 +302,83 @@ class Dispatcher:
         parts = [op, *(f"{k}={v}" for k, v in fields.items()), "of=" + ",".join(names)]
         return "|".join(parts)
 
-    def choose(self, op, fields, names, static, device, run) -> str:
+    def choose(self, op, fields, names, static, device, run, *, judge, safe) -> str:
         """The backend ``"auto"`` runs for one call.
 
-        names: the eligible candidates; static: the fixed choice; run(name): runs the call
-        once on that backend (forward, or forward + backward) and returns the output.
+        names: the eligible candidates; static: the fixed choice (``resolve``'s); safe: the
+        PyTorch backend, trusted without a check; run(name): runs the call once on that
+        backend (forward, or forward + backward) for timing; judge(names): a verdict per
+        name (``trust.Judge.verdict``). A candidate runs only once a verdict of this GPU's
+        table (this process or the cache file) says it passed for this kind of call.
         """
-        if len(names) <= 1 or self.mode == "fixed":
-            return static
         gpu = self.gpu(device)
         if gpu is None:
             return static
+        if set(names) <= {safe}:
+            return safe  # nothing of ours can run it: nothing to judge or time
         key = self.key(op, fields, names)
         busy = torch.compiler.is_compiling() or self.capturing()
         entries = self._table(gpu, load=not busy)
         hit = entries.get(key)
-        if hit is not None and hit["backend"] in names:
-            return hit["backend"]
+        if self.mode == "fixed":  # no measured choice: the static one, where verified
+            return static if self.trusted(hit, static, safe) else safe
+        chosen = (hit or {}).get("backend")
+        if chosen in (*names, safe) and self.trusted(hit, chosen, safe):
+            return chosen
         if busy or gpu == UNNAMED:
-            return static
-        entry = self._measure(names, static, run)
-        if entry is None:
-            return static
-        entries[key] = entry
+            return static if self.trusted(hit, static, safe) else safe
+        entry = self._measure(op, key, names, safe, run, judge)
+        entries[key] = {**(hit or {}), **entry}
         log.info("igpt_kernels %s on %s: %s (ms %s)", key, gpu, entry["backend"], entry["ms"])
         self._save(gpu)
         return entry["backend"]
 
-    def _measure(self, names, static, run) -> dict | None:
+    @staticmethod
+    def trusted(entry: dict | None, name: str, safe: str) -> bool:
+        """Whether ``name`` may run for the kind of call of ``entry``: the PyTorch backend
+        always, one of ours only with a passing verdict recorded there."""
+        if name == safe:
+            return True
+        verdict = ((entry or {}).get("verdicts") or {}).get(name)
+        return isinstance(verdict, dict) and verdict.get("ok") is True
+
+    def _measure(self, op, key, names, safe, run, judge) -> dict:
+        verdicts = judge([n for n in names if n != safe])
         clock = self.clock if self.clock is not None else EventClock()
-        order = sorted(names, key=lambda n: n != static)  # the static choice first: the base
-        ms, dropped, base = {}, {}, None
-        for name in order:
+        ms, dropped = {}, {}
+        for name in names:
+            verdict = verdicts.get(name, {"ok": True})
+            if not verdict["ok"]:
+                dropped[name] = "failed PyTorch's check: " + trust.describe(verdict)
+                if verdict.get("error") is None or name in OURS:
+                    warn_untrusted(op, key, name, verdict)
+                else:  # an SDPA kernel refusing this GPU or shape: expected, recorded
+                    log.info("igpt_kernels: %s failed on %s: %s", name, key, verdict["error"])
+                continue
             try:
-                out = run(name)  # the first run compiles or autotunes; not timed
-                if base is None:
-                    base = out
-                elif not agrees(out, base):
-                    dropped[name] = f"output differs from {order[0]}'s"
-                    log.warning("igpt_kernels: %s disagrees with %s; not used", name, order[0])
-                    continue
+                run(name)  # the first run compiles or autotunes; not timed
                 ms[name] = median_ms(
                     lambda n=name: run(n), clock, warmup=self.warmup, reps=self.reps
                 )
             except Exception as e:  # noqa: BLE001 - a backend refusing this GPU or shape
-                dropped[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                dropped[name] = f"{type(e).__name__}: {trust.first_line(e)}"
                 log.debug("igpt_kernels: %s failed while timing: %s", name, dropped[name])
-        if not ms:
-            return None
-        best = min(ms, key=ms.get)
-        return {"backend": best, "ms": {n: round(t, 6) for n, t in ms.items()}, "dropped": dropped}
+        return {
+            "backend": min(ms, key=ms.get) if ms else safe,
+            "ms": {n: round(t, 6) for n, t in ms.items()},
+            "dropped": dropped,
+            "verdicts": {n: trust.compact(v) for n, v in verdicts.items()},
+        }
+
+    def record(self, gpu: str, key: str, verdicts: dict) -> None:
+        """Store verdicts (``trust.compact`` form) for one kind of call of ``gpu`` without a
+        timed choice (``selftest``): a later call of that kind times only what passed, and
+        a static choice (compile, capture, ``IGPT_DISPATCH=fixed``) may take a kernel that
+        passed."""
+        entries = self._table(gpu, load=True)
+        entry = entries.setdefault(key, {})
+        entry["verdicts"] = {**entry.get("verdicts", {}), **verdicts}
+        self._save(gpu)
 
     # -- the table and its file ------------------------------------------------------------
 
@@ -390,7 +439,8 @@ class Dispatcher:
         return {
             k: e
             for k, e in entries.items()
-            if isinstance(e, dict) and isinstance(e.get("backend"), str)
+            if isinstance(e, dict)
+            and (isinstance(e.get("backend"), str) or isinstance(e.get("verdicts"), dict))
         }
 
     def _save(self, gpu: str) -> None:
@@ -419,14 +469,74 @@ class Dispatcher:
 DISPATCH = Dispatcher()
 
 
+def choose(op, device, backend, reasons, auto_order, describe, run, judge, safe) -> str:
+    """The backend of one call of ``op``: ``resolve`` for a named backend or where ``"auto"``
+    is static (the CPU), else on a GPU the measured choice among the candidates that pass
+    PyTorch's check (``Dispatcher.choose``).
+
+    describe(): (candidate names, key fields) of this call; run(name): see ``grad_run``;
+    judge(names): see ``judge_call``; safe: the PyTorch backend.
+    """
+    on_gpu = DISPATCH.gpu(device) is not None
+    static = resolve(op, backend, reasons, auto_order if on_gpu else ())
+    if backend != "auto" or not on_gpu:
+        return static
+    names, fields = describe()
+    return DISPATCH.choose(op, fields, names, static, device, run, judge=judge, safe=safe)
+
+
+def gpu_name(device) -> str | None:
+    """The GPU name the dispatcher works under for ``device`` (None: "auto" is static there,
+    as on the CPU)."""
+    return DISPATCH.gpu(device)
+
+
+def judge_call(fn, tensors, arg_names, grad):
+    """judge(names) for ``choose``: a verdict for each backend name, against the oracle of
+    this call (``trust.Judge``, built once, only when something is judged)."""
+
+    def judge(names):
+        if not names:
+            return {}
+        try:
+            j = trust.Judge(fn, tensors, arg_names, grad)
+        except Exception as e:  # noqa: BLE001 - e.g. no memory for the oracle: trust nothing
+            why = f"PyTorch's check could not run ({type(e).__name__}: {trust.first_line(e)})"
+            warnings.warn(
+                f"igpt_kernels: {why}; backend='auto' uses PyTorch's backend",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return {name: {"ok": False, "tensors": [], "error": why} for name in names}
+        return {name: j.verdict(name) for name in names}
+
+    return judge
+
+
+def warn_untrusted(op: str, key: str, name: str, verdict: dict) -> None:
+    """The one warning for a candidate that failed PyTorch's check on a kind of call."""
+    warnings.warn(
+        f"igpt_kernels: {op} backend {name!r} failed PyTorch's check on this GPU for "
+        f"{key}: {trust.describe(verdict)}; backend='auto' does not use it for these calls "
+        f"(it runs the fastest backend that passed, else PyTorch's). Run `igpt selftest` and "
+        f"report its output; backend={name!r} still forces it.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def set_dispatch(mode: str) -> None:
-    """``"measure"`` (the default): on a GPU, ``backend="auto"`` times the eligible backends
-    once per key and keeps the fastest. ``"fixed"``: the static choice (as
-    ``IGPT_DISPATCH=fixed``). This call overrides the environment variable."""
+    """``"measure"`` (the default): on a GPU, ``backend="auto"`` has PyTorch judge the
+    eligible backends once per key, times those that pass and keeps the fastest.
+    ``"fixed"``: the static choice (as ``IGPT_DISPATCH=fixed``): one of our kernels only
+    where this GPU's table records it as verified for the kind of call, else the PyTorch
+    backend. This call overrides the environment variable."""
     DISPATCH.set_mode(mode)
 
 
 def dispatch_table() -> list[dict]:
-    """The choices ``backend="auto"`` has learned (this process and the cache file of each
-    visible GPU): a list of ``{"gpu", "key", "backend", "ms", "dropped"}``."""
+    """The choices and verdicts ``backend="auto"`` has learned (this process and the cache
+    file of each visible GPU): a list of ``{"gpu", "key", "backend", "ms", "dropped",
+    "verdicts"}`` (``backend``, ``ms``, ``dropped`` absent where ``igpt selftest`` recorded
+    only verdicts; each verdict ``{"ok", "tensor", "err", "torch_err", "ratio"}``)."""
     return DISPATCH.table()

@@ -40,9 +40,10 @@ import warnings
 from collections import OrderedDict
 
 import torch
+from torch import Tensor
 
-from igpt_kernels import _build, _ops, reference
-from igpt_kernels._dispatch import resolve
+from igpt_kernels import _build, reference, trust
+from igpt_kernels._dispatch import gpu_name, resolve
 
 LUT_CACHE_SIZE = 4
 # Pixel x colour work after which building the table has paid for itself (see above).
@@ -56,6 +57,9 @@ _ext_status: dict | None = None
 _ext_lock = threading.Lock()
 _warned = False
 _luts: OrderedDict = OrderedDict()  # (device, K, digest) -> {"seen": int, "lut": Tensor | None}
+_verdicts: dict = {}  # _palette_key -> whether the kernel's tokens were exact there
+_verified_devices: set = set()  # devices where a check passed (compile may use the kernel)
+_warned_wrong = False
 
 
 def _load_ext():
@@ -96,7 +100,7 @@ def extension_status() -> dict:
     return status
 
 
-def _compiled_unavailable(kind: str, pixels) -> str | None:
+def compiled_unavailable(kind: str, pixels) -> str | None:
     """Why the ``kind`` ("cpu" or "cuda") kernel cannot run on ``pixels``, or None."""
     if kind == "cuda" and not pixels.is_cuda:
         return f"pixels are on {pixels.device}; the CUDA kernel needs CUDA tensors"
@@ -153,6 +157,30 @@ def _use_lut(palette: torch.Tensor, n: int, lut_arg) -> bool:
     return entry["seen"] >= threshold
 
 
+@torch.library.custom_op("igpt::quantize", mutates_args=())
+def quantize_op(pixels: Tensor, palette: Tensor, lut: bool | None) -> Tensor:
+    """Nearest-colour tokens (...) int64 of uint8 pixels (..., 3) by the compiled kernel of
+    their device (C++ or CUDA), as one node for torch.compile and torch.export; ``lut`` as in
+    ``quantize`` (the lookup table and its cache live inside the op). Not differentiable."""
+    ext = _load_ext()
+    if ext is None:
+        raise ValueError(f"igpt::quantize needs the compiled kernels: {_ext_error}")
+    flat = pixels.reshape(-1, 3).contiguous()
+    palette = palette.contiguous()
+    if flat.shape[0] == 0:
+        return torch.empty(pixels.shape[:-1], dtype=torch.int64, device=pixels.device)
+    if _use_lut(palette, flat.shape[0], lut):
+        tokens = ext.lut_gather(flat, get_lut(palette))
+    else:
+        tokens = ext.quantize(flat, palette)
+    return tokens.reshape(pixels.shape[:-1])
+
+
+@quantize_op.register_fake
+def _(pixels, palette, lut):
+    return pixels.new_empty(pixels.shape[:-1], dtype=torch.int64)
+
+
 def quantize(pixels, palette, *, backend="auto", lut=None):
     """Map each RGB pixel to the index of its nearest palette colour.
 
@@ -160,7 +188,13 @@ def quantize(pixels, palette, *, backend="auto", lut=None):
         pixels: uint8 tensor (..., 3), RGB in 0..255.
         palette: float32 (K, 3) in 0..255 RGB, 1 <= K <= 65536, finite, on pixels' device.
         backend: "auto", "cuda", "cpu" or "torch". "auto" takes the CUDA kernel for CUDA
-            tensors and the C++ kernel for CPU tensors where built, else the reference.
+            tensors and the C++ kernel for CPU tensors where built, else the reference. On
+            a GPU "auto" checks the kernel's tokens on first use per palette (and again once
+            the lookup table serves it) against exact float64 nearest colours on a sample of
+            the call's pixels (up to 4096); a wrong token warns once and the reference
+            quantizes with that palette from then on. While ``torch.compile`` traces, the
+            kernel runs only where such a check passed on the device. A named backend runs
+            as named, unchecked.
         lut: compiled backends only. True: through the cached 2^24-entry table (built now
             if missing); False: the direct kernel; None: the table once it pays off.
 
@@ -170,8 +204,8 @@ def quantize(pixels, palette, *, backend="auto", lut=None):
     global _warned
     reference.check_quantize(pixels, palette)
     reasons = {
-        "cuda": _compiled_unavailable("cuda", pixels),
-        "cpu": _compiled_unavailable("cpu", pixels),
+        "cuda": compiled_unavailable("cuda", pixels),
+        "cpu": compiled_unavailable("cpu", pixels),
     }
     name = resolve("quantize", backend, reasons, ("cuda", "cpu"))
     if name == "torch":
@@ -184,7 +218,55 @@ def quantize(pixels, palette, *, backend="auto", lut=None):
                 stacklevel=2,
             )
         return reference.quantize(pixels, palette, backend="torch")
-    return _ops.quantize(pixels, palette, lut)  # the compiled kernels, as one custom op
+    if backend != "auto" or gpu_name(pixels.device) is None:
+        return quantize_op(pixels, palette, lut)  # the compiled kernels, as one custom op
+    return _checked(pixels, palette, lut)
+
+
+def _palette_key(palette):
+    """(device, K, content digest, whether its lookup table is built): what a check covers."""
+    digest = hashlib.blake2b(palette.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+    entry = _luts.get((str(palette.device), palette.shape[0], digest))
+    return str(palette.device), palette.shape[0], digest, bool(entry and entry["lut"] is not None)
+
+
+def _checked(pixels, palette, lut):
+    """ "auto" on a GPU: the compiled kernel, checked on first use per palette (and again once
+    its lookup table serves) against ``trust.exact_tokens`` on a sample of the call's pixels.
+    A mismatch warns once and the reference quantizes with that palette from then on. While
+    ``torch.compile`` traces, the kernel runs only where a check passed on this device."""
+    global _warned_wrong
+    if torch.compiler.is_compiling():
+        if str(pixels.device) in _verified_devices:
+            return quantize_op(pixels, palette, lut)
+        return reference.quantize(pixels, palette, backend="torch")
+    if _verdicts.get(_palette_key(palette)) is False:
+        return reference.quantize(pixels, palette, backend="torch")
+    tokens = quantize_op(pixels, palette, lut)
+    key = _palette_key(palette)  # after the call: it may have built the lookup table
+    if key in _verdicts:
+        return tokens
+    result = trust.check_tokens(pixels, palette, tokens)
+    _verdicts[key] = result["ok"]
+    if result["ok"]:
+        _verified_devices.add(str(pixels.device))
+        return tokens
+    if not _warned_wrong:
+        _warned_wrong = True
+        kind = "CUDA" if pixels.is_cuda else "C++"
+        warnings.warn(
+            f"igpt_kernels.quantize: the {kind} kernel gave {result['wrong']} wrong token(s) "
+            f"in {result['checked']} checked pixels on this device ({result['first']}); "
+            "quantize uses the reference with this palette from now on. Run `igpt selftest` "
+            f"and report its output; backend={'cuda' if pixels.is_cuda else 'cpu'!r} still "
+            "forces the kernel.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return reference.quantize(pixels, palette, backend="torch")
+
+
+_compiled_unavailable = compiled_unavailable  # the name tests/ and benchmarks/ still use
 
 
 def dequantize(tokens, palette):

@@ -14,6 +14,7 @@ from igpt_kernels._dispatch import Dispatcher, median_ms
 
 attention_module = importlib.import_module("igpt_kernels.attention")
 ln_mlp_module = importlib.import_module("igpt_kernels.ln_mlp")
+ln_linear_module = importlib.import_module("igpt_kernels.ln_linear")
 VERSIONS = {"torch": "1.0", "triton": "2.0", "igpt_kernels": "3.0"}
 
 
@@ -34,12 +35,13 @@ class FakeClock:
 
 
 class FakeBackends:
-    """run(name) for Dispatcher.choose: each call costs COST[name] fake ms and is logged."""
+    """run(name) for Dispatcher.choose: each call costs COST[name] fake ms and is logged;
+    ``judge(names)`` passes a backend whose output is the right one (ones(3))."""
 
     def __init__(self, clock, costs, outputs=None, fail=()):
         self.clock, self.costs, self.fail = clock, costs, set(fail)
         self.outputs = outputs or {}
-        self.calls = []
+        self.calls, self.judged = [], []
 
     def __call__(self, name):
         self.calls.append(name)
@@ -47,6 +49,23 @@ class FakeBackends:
             raise RuntimeError(f"{name}: no kernel for this GPU")
         self.clock.now += self.costs[name]
         return self.outputs.get(name, torch.ones(3))
+
+    def judge(self, names):
+        self.judged += names
+        verdicts = {}
+        for name in names:
+            if name in self.fail:
+                verdicts[name] = {"ok": False, "tensors": [], "error": "RuntimeError: no kernel"}
+                continue
+            err = (self.outputs.get(name, torch.ones(3)) - torch.ones(3)).abs().max().item()
+            row = {"tensor": "out", "err": err, "torch_err": 1e-7, "bound": 1e-6, "ratio": err}
+            verdicts[name] = {"ok": err <= 1e-6, "tensors": [row], "error": None}
+        return verdicts
+
+
+def choose(d, op, fields, names, static, run, safe="sdpa"):
+    """Dispatcher.choose on the CPU (a fake GPU) with the fake backends' judge."""
+    return d.choose(op, fields, names, static, CPU, run, judge=run.judge, safe=safe)
 
 
 def _dispatcher(tmp_path, clock=None, **kwargs):
@@ -78,17 +97,15 @@ def test_fastest_eligible_backend_wins(tmp_path):
     d = _dispatcher(tmp_path)
     run = FakeBackends(d.clock, {"triton": 2.0, "sdpa-flash": 1.0, "sdpa-cudnn": 1.5})
     names = ["triton", "sdpa-flash", "sdpa-cudnn"]
-    assert d.choose("op", {"n": 1}, names, "triton", CPU, run) == "sdpa-flash"
+    assert choose(d, "op", {"n": 1}, names, "triton", run) == "sdpa-flash"
     assert set(run.calls) == set(names)
-    assert (
-        run.calls[0] == "triton"
-    )  # the static choice runs first: the others are checked against it
+    assert run.judged == names  # PyTorch judges every candidate, the static one included
     # remembered: the next call with the same key times nothing
     run.calls.clear()
-    assert d.choose("op", {"n": 1}, names, "triton", CPU, run) == "sdpa-flash"
+    assert choose(d, "op", {"n": 1}, names, "triton", run) == "sdpa-flash"
     assert run.calls == []
     # another key is timed afresh
-    assert d.choose("op", {"n": 2}, names, "triton", CPU, run) == "sdpa-flash"
+    assert choose(d, "op", {"n": 2}, names, "triton", run) == "sdpa-flash"
     assert run.calls
 
 
@@ -98,37 +115,42 @@ def test_failing_or_disagreeing_backends_are_dropped(tmp_path):
     costs = {"triton": 3.0, "sdpa-flash": 1.0, "sdpa-efficient": 0.5, "sdpa-cudnn": 2.0}
     run = FakeBackends(d.clock, costs, outputs, fail={"sdpa-flash"})
     names = list(costs)
-    assert d.choose("op", {}, names, "triton", CPU, run) == "sdpa-cudnn"
+    with pytest.warns(RuntimeWarning, match="'sdpa-efficient' failed PyTorch's check") as seen:
+        assert choose(d, "op", {}, names, "triton", run) == "sdpa-cudnn"
+    assert len(seen) == 1  # one warning; a backend that raises is only logged
     (row,) = d.table()
     assert set(row["dropped"]) == {"sdpa-flash", "sdpa-efficient"}
     assert "no kernel" in row["dropped"]["sdpa-flash"]
     assert set(row["ms"]) == {"triton", "sdpa-cudnn"}
+    assert not row["verdicts"]["sdpa-efficient"]["ok"] and row["verdicts"]["triton"]["ok"]
+    assert set(run.calls) == {"triton", "sdpa-cudnn"}  # what failed the check is never timed
 
 
 def test_no_timing_when_fixed_on_cpu_compiling_or_capturing(tmp_path, monkeypatch):
+    """Nothing verified yet: fixed, capturing and compiling take the PyTorch backend."""
     names = ["triton", "sdpa-flash"]
     costs = {"triton": 2.0, "sdpa-flash": 1.0}
     fixed = _dispatcher(tmp_path, mode="fixed")
     run = FakeBackends(fixed.clock, costs)
-    assert fixed.choose("op", {}, names, "triton", CPU, run) == "triton"
+    assert choose(fixed, "op", {}, names, "triton", run) == "sdpa"
     cpu = Dispatcher(clock=FakeClock(), versions=VERSIONS, cache_dir=tmp_path, mode="measure")
-    assert cpu.choose("op", {}, names, "triton", CPU, run) == "triton"  # a CPU device: static
+    assert choose(cpu, "op", {}, names, "triton", run) == "triton"  # a CPU device: static
     capturing = _dispatcher(tmp_path, capturing=lambda: True)
-    assert capturing.choose("op", {}, names, "triton", CPU, run) == "triton"
+    assert choose(capturing, "op", {}, names, "triton", run) == "sdpa"
     compiling = _dispatcher(tmp_path)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert compiling.choose("op", {}, names, "triton", CPU, run) == "triton"
-    assert run.calls == []
+    assert choose(compiling, "op", {}, names, "triton", run) == "sdpa"
+    assert run.calls == [] and run.judged == []
     assert not list(tmp_path.iterdir())  # nothing measured, nothing written
 
 
 def test_compiling_takes_a_remembered_choice(tmp_path, monkeypatch):
     d = _dispatcher(tmp_path)
     run = FakeBackends(d.clock, {"triton": 2.0, "sdpa-flash": 1.0})
-    assert d.choose("op", {}, ["triton", "sdpa-flash"], "triton", CPU, run) == "sdpa-flash"
+    assert choose(d, "op", {}, ["triton", "sdpa-flash"], "triton", run) == "sdpa-flash"
     run.calls.clear()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert d.choose("op", {}, ["triton", "sdpa-flash"], "triton", CPU, run) == "sdpa-flash"
+    assert choose(d, "op", {}, ["triton", "sdpa-flash"], "triton", run) == "sdpa-flash"
     assert run.calls == []
 
 
@@ -156,14 +178,14 @@ def test_cache_file_written_atomically_and_read_back(tmp_path, monkeypatch):
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((a, b)), real_replace(a, b)))
     run = FakeBackends(d.clock, {"triton": 2.0, "cublas": 1.0})
-    assert d.choose("ln_mlp", {"d": 512}, ["triton", "cublas"], "triton", CPU, run) == "cublas"
+    assert choose(d, "ln_mlp", {"d": 512}, ["triton", "cublas"], "triton", run, "torch") == "cublas"
     (path,) = tmp_path.iterdir()  # no temporary file left behind
     assert path.name.startswith("dispatch-") and path.suffix == ".json"
     ((tmp, dest),) = replaced
     assert Path(dest) == path and Path(tmp).parent == tmp_path  # same folder: atomic replace
     assert not Path(tmp).exists()
     data = json.loads(path.read_text())
-    assert data["format"] == 1 and data["gpu"] == "Fake GPU 9000" and data["versions"] == VERSIONS
+    assert data["format"] == 2 and data["gpu"] == "Fake GPU 9000" and data["versions"] == VERSIONS
     (key,) = data["entries"]
     assert key.startswith("ln_mlp|d=512|of=triton,cublas")
     assert data["entries"][key]["backend"] == "cublas"
@@ -172,7 +194,8 @@ def test_cache_file_written_atomically_and_read_back(tmp_path, monkeypatch):
     # a new process with the same versions reads the choice back and times nothing
     fresh = _dispatcher(tmp_path)
     run2 = FakeBackends(fresh.clock, {"triton": 1.0, "cublas": 9.0})
-    assert fresh.choose("ln_mlp", {"d": 512}, ["triton", "cublas"], "triton", CPU, run2) == "cublas"
+    names = ["triton", "cublas"]
+    assert choose(fresh, "ln_mlp", {"d": 512}, names, "triton", run2, "torch") == "cublas"
     assert run2.calls == []
     assert [r["backend"] for r in fresh.table()] == ["cublas"]
 
@@ -180,13 +203,13 @@ def test_cache_file_written_atomically_and_read_back(tmp_path, monkeypatch):
 def test_cache_ignored_after_a_version_change_or_when_corrupt(tmp_path):
     d = _dispatcher(tmp_path)
     run = FakeBackends(d.clock, {"triton": 2.0, "cublas": 1.0})
-    d.choose("ln_mlp", {}, ["triton", "cublas"], "triton", CPU, run)
+    choose(d, "ln_mlp", {}, ["triton", "cublas"], "triton", run)
     (old,) = tmp_path.iterdir()
 
     newer = _dispatcher(tmp_path, versions={**VERSIONS, "torch": "1.1"})
     assert newer.cache_path("Fake GPU 9000") != old
     run2 = FakeBackends(newer.clock, {"triton": 1.0, "cublas": 2.0})
-    assert newer.choose("ln_mlp", {}, ["triton", "cublas"], "triton", CPU, run2) == "triton"
+    assert choose(newer, "ln_mlp", {}, ["triton", "cublas"], "triton", run2) == "triton"
     assert run2.calls  # timed again
 
     # a file at the right path whose header names other versions (e.g. copied) is ignored too
@@ -195,20 +218,20 @@ def test_cache_ignored_after_a_version_change_or_when_corrupt(tmp_path):
     data["versions"]["triton"] = "0.0"
     old.write_text(json.dumps(data))
     run3 = FakeBackends(header_liar.clock, {"triton": 1.0, "cublas": 2.0})
-    assert header_liar.choose("ln_mlp", {}, ["triton", "cublas"], "triton", CPU, run3) == "triton"
+    assert choose(header_liar, "ln_mlp", {}, ["triton", "cublas"], "triton", run3) == "triton"
     assert run3.calls
 
     old.write_text("{not json")
     broken = _dispatcher(tmp_path)
     run4 = FakeBackends(broken.clock, {"triton": 3.0, "cublas": 2.0})
-    assert broken.choose("ln_mlp", {}, ["triton", "cublas"], "triton", CPU, run4) == "cublas"
+    assert choose(broken, "ln_mlp", {}, ["triton", "cublas"], "triton", run4) == "cublas"
     assert json.loads(old.read_text())["entries"]  # rewritten whole
 
 
 def test_two_processes_merge_their_entries(tmp_path):
     a, b = _dispatcher(tmp_path), _dispatcher(tmp_path)
-    a.choose("op", {"n": 1}, ["x", "y"], "x", CPU, FakeBackends(a.clock, {"x": 1.0, "y": 2.0}))
-    b.choose("op", {"n": 2}, ["x", "y"], "x", CPU, FakeBackends(b.clock, {"x": 2.0, "y": 1.0}))
+    choose(a, "op", {"n": 1}, ["x", "y"], "x", FakeBackends(a.clock, {"x": 1.0, "y": 2.0}))
+    choose(b, "op", {"n": 2}, ["x", "y"], "x", FakeBackends(b.clock, {"x": 2.0, "y": 1.0}))
     (path,) = tmp_path.iterdir()
     entries = json.loads(path.read_text())["entries"]
     assert sorted(e["backend"] for e in entries.values()) == ["x", "y"]
@@ -269,7 +292,7 @@ def test_attention_auto_never_tries_an_ineligible_backend(
     o = attention(q, k, v, causal=causal, key_padding_mask=pad)
     torch.testing.assert_close(o, reference.attention(q, k, v, causal=causal, key_padding_mask=pad))
     assert tried[-1] == expect  # the call itself ran the winner
-    timed = set(tried)
+    timed = set(tried) - {"torch"}  # "torch": the reference PyTorch's check runs
     if padded:
         assert "sdpa-flash" not in timed
     if D not in reference.HEAD_DIMS:
@@ -334,13 +357,13 @@ def test_attention_auto_times_forward_and_backward_without_touching_grad(fake_gp
 
     def run_backend(name, q, *rest):
         seen.append((name, q.requires_grad))
-        fake_gpu.clock.now += {"triton": 2.0, "sdpa-flash": 1.0}[name]
+        fake_gpu.clock.now += {"triton": 2.0, "sdpa-flash": 1.0}.get(name, 0.0)
         return real("torch", q, *rest)
 
     monkeypatch.setattr(attention_module, "run_backend", run_backend)
     q, k, v = (torch.randn(1, 2, 5, 32, requires_grad=True) for _ in range(3))
     attention(q, k, v).sum().backward()
-    assert {n for n, _ in seen} == {"triton", "sdpa-flash"}
+    assert {n for n, _ in seen} == {"triton", "sdpa-flash", "torch"}  # torch: PyTorch's check
     assert all(grad for _, grad in seen)
     assert "grad=True" in dispatch_table()[0]["key"]
     expect = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -384,32 +407,30 @@ def test_ln_linear_auto_candidates(fake_gpu, monkeypatch):
         fake_gpu.clock.now += {"triton": 1.0, "torch": 2.0}[name]
         return reference.ln_linear(x, *params, norm=norm, eps=eps)
 
-    monkeypatch.setattr(ln_mlp_module, "_ln_linear_on", on)
+    monkeypatch.setattr(ln_linear_module, "_ln_linear_on", on)
     x = torch.randn(3, 32)
     ln_linear(x, torch.ones(32), None, torch.randn(96, 32), None)
     assert set(tried) == {"triton", "torch"} and tried[-1] == "triton"
 
 
-@pytest.mark.parametrize("D,static", [(64, "triton"), (80, "sdpa")])
-def test_fixed_dispatch_is_the_static_choice(fake_gpu, monkeypatch, D, static):
-    """IGPT_DISPATCH=fixed on a GPU: Triton where it can run, else "sdpa"; nothing timed."""
+@pytest.mark.parametrize(
+    "D,verified,static", [(64, False, "sdpa"), (64, True, "triton"), (80, False, "sdpa")]
+)
+def test_fixed_dispatch_is_the_static_choice(fake_gpu, monkeypatch, D, verified, static):
+    """IGPT_DISPATCH=fixed on a GPU: Triton where it can run and a verdict says it passed on
+    this kind of call, else "sdpa"; nothing timed or judged."""
     monkeypatch.setenv("IGPT_DISPATCH", "fixed")
     fake_gpu._mode = None  # read the environment again
     tried = _fake_attention_backends(monkeypatch, fake_gpu.clock, ATTENTION_COSTS)
     q, k, v = (torch.randn(1, 2, 8, D, dtype=torch.float16) for _ in range(3))
+    if verified:
+        names, fields = attention_module.call_kind(q, k, v, True, None)
+        fake_gpu.record("Fake GPU 9000", fake_gpu.key("attention", fields, names), OK_TRITON)
     attention(q, k, v)
-    assert tried == [static] and dispatch_table() == []
+    assert tried == [static]
 
 
-def test_agreement_is_loose_for_rounding_and_strict_for_a_wrong_answer():
-    base = torch.randn(64, 64)
-    assert _dispatch.agrees(base + 1e-4 * torch.randn(64, 64), base)
-    assert not _dispatch.agrees(base.roll(1, 0), base)  # e.g. a mask off by one row
-    assert not _dispatch.agrees(base[:, :32], base)
-    half = base.half()
-    assert _dispatch.agrees((base * (1 + 4e-3)).half(), half)
-    assert not _dispatch.agrees((base + 0.1).half(), half)
-    assert _dispatch.agrees(torch.zeros(3), torch.full((3,), float("nan")))  # nothing to judge
+OK_TRITON = {"triton": {"ok": True, "tensor": "out", "err": 1e-3, "torch_err": 1e-3, "ratio": 1}}
 
 
 @pytest.mark.cuda

@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_utils import poison_allocations, saved_bytes, set_autotune
 
-from igpt_kernels import ln_linear, ln_mlp, reference
+from igpt_kernels import ln_gemm, ln_mlp, reference
 
 
 def _weights(d, h, dtype=torch.float64, norm="rms", biases=True):
@@ -233,9 +233,9 @@ def test_empty_input_gives_empty_output():
 def test_split_token_reduction_is_deterministic(monkeypatch, poisoned):
     """Weight gradients reduced over several token splits, the norm backward over several
     row tiles per program: right, and bitwise repeatable."""
-    monkeypatch.setattr(ln_mlp_module, "_MIN_TOKENS_PER_SPLIT", 32)
-    monkeypatch.setattr(ln_mlp_module, "_SPLIT_ALIGN", 32)
-    monkeypatch.setattr(ln_mlp_module, "_NORM_BWD_TILE", 64)  # 2 rows of d = 32 per step
+    monkeypatch.setattr(ln_gemm, "_MIN_TOKENS_PER_SPLIT", 32)
+    monkeypatch.setattr(ln_gemm, "_SPLIT_ALIGN", 32)
+    monkeypatch.setattr(ln_gemm, "_NORM_BWD_TILE", 64)  # 2 rows of d = 32 per step
     x = torch.randn(130, 32, dtype=torch.float64)
     w = _weights(32, 128, norm="layer")
     dy = torch.randn(130, 32, dtype=torch.float64)
@@ -318,68 +318,6 @@ def test_triton_backend_refuses_what_it_cannot_run(dtype, words):
 
 
 # --------------------------------------------------------------------------------------
-# ln_linear: the norm-prologue GEMM alone
-# --------------------------------------------------------------------------------------
-
-
-def _linear_weights(d, n, norm, biases=True, dtype=torch.float64):
-    return dict(
-        norm_weight=1 + 0.1 * torch.randn(d, dtype=dtype),
-        norm_bias=0.1 * torch.randn(d, dtype=dtype) if norm == "layer" and biases else None,
-        weight=torch.randn(n, d, dtype=dtype) / d**0.5,
-        bias=0.1 * torch.randn(n, dtype=dtype) if biases else None,
-    )
-
-
-def test_ln_linear_reference_matches_definition():
-    x = torch.randn(5, 48, dtype=torch.float64)
-    w = _linear_weights(48, 144, "layer")
-    mu = x.mean(-1, keepdim=True)
-    n = (x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + 1e-5)
-    n = n * w["norm_weight"] + w["norm_bias"]
-    want = n @ w["weight"].T + w["bias"]
-    torch.testing.assert_close(ln_linear(x, **w, norm="layer"), want, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize(
-    "shape,norm,biases,dtype",
-    [
-        ((7, 48), "rms", True, torch.float32),
-        ((2, 65, 32), "layer", False, torch.float16),
-        ((1, 96), "layer", True, torch.float16),
-    ],
-)
-def test_ln_linear_triton_matches_reference(shape, norm, biases, dtype, poisoned):
-    d = shape[-1]
-    x = torch.randn(shape, dtype=torch.float64)
-    w = _linear_weights(d, 3 * d, norm, biases)
-    dy = torch.randn(*shape[:-1], 3 * d, dtype=torch.float64)
-    ref = _grads(ln_linear, x, w, dy, norm=norm, backend="torch")
-    cast = {k: None if v is None else v.to(DEVICE, dtype) for k, v in w.items()}
-    poisoned()
-    out = _grads(ln_linear, x.to(DEVICE, dtype), cast, dy.to(DEVICE), norm=norm, backend="triton")
-    _assert_matches({k: v.cpu() for k, v in out.items()}, ref, dtype)
-
-
-@pytest.mark.parametrize("fn", [ln_linear, reference.ln_linear])
-@pytest.mark.parametrize(
-    "change,exc,words",
-    [
-        ({"weight": torch.randn(96, 31)}, ValueError, "weight must have shape"),
-        ({"bias": torch.randn(95)}, ValueError, "bias must have shape"),
-        ({"norm_bias": torch.randn(32)}, ValueError, "norm_bias must be None for norm='rms'"),
-        ({"norm": "batch"}, ValueError, "norm must be one of"),
-        ({"weight": torch.randn(96, 32).half()}, TypeError, "weight must have dtype"),
-    ],
-)
-def test_ln_linear_bad_input_raises(fn, change, exc, words):
-    w = {k: None if v is None else v.float() for k, v in _linear_weights(32, 96, "rms").items()}
-    args = {"x": torch.randn(3, 32), **w, **change}
-    with pytest.raises(exc, match=words):
-        fn(**args)
-
-
-# --------------------------------------------------------------------------------------
 # GPU: compiled kernels, bf16 at the benchmark shapes, judged against eager's own error
 # --------------------------------------------------------------------------------------
 
@@ -424,7 +362,7 @@ def test_cuda_small_shapes_error_at_most_twice_eager(dtype):
 def test_cuda_every_config_is_correct(index, monkeypatch):
     """Each autotune candidate past the default (index 0, which every other GPU test runs)
     in turn, at a size that is no multiple of any block."""
-    for tuned in ln_mlp_module._TUNED.values():
+    for tuned in ln_gemm.TUNED.values():
         chosen = {a: [c[min(index, len(c) - 1)]] for a, c in tuned.by_arch.items()}
         monkeypatch.setattr(tuned, "by_arch", chosen)
     _compare((300, 96), "layer", "gelu", True, True, torch.float16, backend="triton")

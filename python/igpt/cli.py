@@ -58,6 +58,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": ("igpt.commands.demo", "pretrain -> probe -> sample end to end on bundled digits"),
     "plan": ("igpt.commands.plan", "the fastest training plan that fits a GPU's memory"),
+    "selftest": (
+        "igpt.commands.selftest",
+        "check every kernel here against PyTorch (forward and gradients); exit 1 on a failure",
+    ),
 }
 
 USER_ERRORS = (ValueError, OSError)  # UsageError, FileNotFoundError, PermissionError among them
