@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from igpt import IGPT, IGPTConfig, probe
+from igpt import IGPT, IGPTConfig, evaluation, probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -281,7 +281,7 @@ def test_igpt_probe_command_writes_report_and_reuses_cache(
 
 
 def test_evaluate_is_the_probe_command_and_the_demo_baselines(tiny_checkpoint, tmp_path):
-    """probe.evaluate: the raw-pixel baseline is of the images at the model's n_px, the
+    """evaluation.evaluate: the raw-pixel baseline is of the images at the model's n_px, the
     low-data baselines use the same subsets, and the report writer takes its result."""
     from igpt.checkpoint import load_model
     from igpt.data import ImageData, load_images, resize
@@ -290,7 +290,7 @@ def test_evaluate_is_the_probe_command_and_the_demo_baselines(tiny_checkpoint, t
     model, palette, _ = load_model(tiny_checkpoint(tmp_path / "m.pt"))
     train, test = (load_images("digits", s) for s in ("train", "test"))
     train, test = train.subset(np.arange(120)), test.subset(np.arange(80))
-    res = probe.evaluate(
+    res = evaluation.evaluate(
         model, palette, train, test, per_class=(3,), n_subsets=2, concat=0, Cs=[1.0],
         low_data_baselines=True, progress=False,
     )  # fmt: skip
@@ -308,7 +308,7 @@ def test_evaluate_is_the_probe_command_and_the_demo_baselines(tiny_checkpoint, t
     paths = write_report(res, tmp_path / "out")
     assert json.loads(paths["json"].read_text())["layers"]["best_layer"] in (0, 1, 2)
     with pytest.raises(ValueError, match="test has no labels"):
-        probe.evaluate(model, palette, train, ImageData(test.images), progress=False)
+        evaluation.evaluate(model, palette, train, ImageData(test.images), progress=False)
 
 
 def test_probe_masks_are_the_objectives_masks():

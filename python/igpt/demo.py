@@ -5,7 +5,7 @@
 On the default data (scikit-learn's scanned handwritten digits, 10 classes, upscaled to
 16x16 RGB) it fits a palette, pretrains a small AR model, probes every layer's pooled
 features beside two baselines (raw pixels at the model's n_px and a randomly initialised
-model of the same size) with ``igpt.probe.evaluate``, as ``igpt probe`` does, repeats the
+model of the same size) with ``igpt.evaluation.evaluate``, as ``igpt probe`` does, repeats the
 probe with a few labels per class over several random subsets, and completes held-out
 digits from their top half. Everything lands in ``--out``:
 
@@ -91,7 +91,7 @@ def run_demo(
         progress: tqdm bars.
     """
     from igpt.checkpoint import load_model
-    from igpt.probe import evaluate
+    from igpt.evaluation import evaluate
     from igpt.train import TrainConfig, pretrain
 
     if steps < 1:

@@ -3,7 +3,7 @@
     paths = write_report(results, out_dir)   # probe.json, probe.md, depth.png
     text = summary_text(results)            # the Markdown that probe.md holds
 
-``results`` is what ``igpt.probe.evaluate`` returns. ``pyplot()`` is the one matplotlib
+``results`` is what ``igpt.evaluation.evaluate`` returns. ``pyplot()`` is the one matplotlib
 set-up (a file-only backend) for every figure the package draws; ``format_table`` is the one
 Markdown table, used by the reports and the benchmarks.
 """

@@ -82,7 +82,7 @@ def _floats(text: str) -> list[float]:
 
 def run(args) -> None:
     """``igpt probe``: probe every layer of a checkpoint on a labelled dataset."""
-    from igpt.probe import evaluate
+    from igpt.evaluation import evaluate
     from igpt.reporting import summary_text, write_report
     from igpt.train import progress_enabled
 
