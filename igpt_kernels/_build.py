@@ -20,7 +20,13 @@ nothing can be built, ``load`` returns None and a sentence saying why and what t
 
 Environment: ``IGPT_NO_JIT=1`` never compiles at run time; ``IGPT_BUILD_CUDA=0`` never builds
 the CUDA kernels, ``IGPT_BUILD_CUDA=1`` builds them even with no GPU visible; ``IGPT_CACHE``
-moves the cache; ``CXX`` names the C++ compiler (default ``c++``).
+moves the cache; ``CXX`` names the C++ compiler (default ``c++``). ``IGPT_CPU_ISA`` (read by
+the compiled module at each call, not by the build) picks the C++ kernel's version:
+``avx512``, ``avx2`` or ``default``; unset, the best one the CPU runs.
+
+Both builds compile with ``CXX_FLAGS`` (setup.py reads them from this file): no ``-march``,
+since the kernel carries its AVX-512, AVX2 and baseline versions itself and picks one at run
+time, so one build runs on every x86-64 CPU.
 """
 
 from __future__ import annotations
