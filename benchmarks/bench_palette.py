@@ -1,6 +1,14 @@
 """Palette quantization and fitting throughput against the ways a user would otherwise do it.
 
-Quantizing 2^20 and 2^24 RGB pixels (the sample photographs of scikit-learn, tiled) to a
+First (``--quick`` runs only this, in well under a minute): the C++ direct kernel
+(``lut=False``) on 2^20 random pixels with random palettes of K = 16, 64 and 512 colours,
+with one thread (wall time, and process CPU time: the per-core rate, less sensitive to other
+work on the machine) and with all threads, per version of the kernel (instruction set, and
+the whole palette against the 16^3 boxes of the RGB cube); the lookup table's build time; and
+transformers' numpy way and torch's matmul way in the same run. The rows name the CPU model
+and the version that ``quantize`` uses (``IGPT_CPU_ISA`` picks another).
+
+Then quantizing 2^20 and 2^24 RGB pixels (the sample photographs of scikit-learn, tiled) to a
 512-colour palette fitted on them, in pixels/s:
 
 - ``numpy (HF)``: transformers' ImageGPT processor's path: pixels to [-1, 1], then
@@ -20,8 +28,10 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,6 +75,81 @@ def torch_matmul(pixels: torch.Tensor, palette: torch.Tensor, chunk: int) -> tor
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform says."""
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def best_of(fn, reps: int) -> tuple[float, float]:
+    """(wall ms, process CPU ms) of fn, each the best of reps runs after one warm-up."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return min(wall), min(cpu)
+
+
+def kernel_rows(quick: bool) -> list[dict]:
+    """The C++ direct kernel per K, thread count and version, the table build, numpy and
+    torch, on 2^20 random pixels and random palettes (see the module docstring)."""
+    ext = kp._load_ext()
+    n, reps = 1 << 20, 3 if quick else 7
+    base_n = 1 << (16 if quick else 18)  # numpy and torch: their rate, on fewer pixels
+    g = torch.Generator().manual_seed(0)
+    px = torch.randint(0, 256, (n, 3), generator=g, dtype=torch.uint8)
+    common = {"cpu": cpu_model(), "isa": ext.cpu_isa(), "pixels": n}
+    rows = []
+
+    def add(method, K, ms, cpu_ms=None, pixels=n, **extra):
+        row = {**common, "method": method, "K": K, "pixels": pixels, "ms": ms}
+        row["Mpix/s"] = pixels / ms / 1e3
+        if cpu_ms is not None:  # process CPU time: all of its threads, the per-core rate
+            row["Mpix/s per core"] = pixels / cpu_ms / 1e3
+        rows.append({**row, **extra})
+        log.info("%-30s K=%-4d %9.1f ms %8.2f Mpix/s", method, K, ms, row["Mpix/s"])
+        return row
+
+    for K in (16, 64, 512):
+        pal = torch.rand(K, 3, generator=g) * 255
+        expect = ext.quantize_isa(px, pal, "default", 0)
+        ways = [(isa, boxes) for isa in ext.cpu_isas() for boxes in (0, 1)]
+        for isa, boxes in ways:  # each version, one thread
+            run = partial(ext.quantize_isa, px, pal, isa, boxes, 1)
+            assert torch.equal(run(), expect), f"{isa} boxes={boxes} differs"
+            wall, cpu = best_of(run, reps if isa == common["isa"] else 1)
+            add(f"direct {isa} {'boxes' if boxes else 'whole'} 1 thread", K, wall, cpu)
+        threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count())  # OpenMP's default
+        for label, run in (
+            ("direct 1 thread", partial(ext.quantize_isa, px, pal, "auto", -1, 1)),
+            ("direct all threads", partial(quantize, px, pal, backend="cpu", lut=False)),
+        ):
+            assert torch.equal(run(), expect)
+            wall, cpu = best_of(run, reps)
+            add(f"cpu {label}", K, wall, cpu if "1 thread" in label else None, threads=threads)
+        sub, sub_np = px[:base_n], px[:base_n].numpy()
+        clusters = pal.double().numpy() / 127.5 - 1  # the HF processor's colour space
+        wall, cpu = best_of(partial(numpy_hf, sub_np, clusters), 1)
+        numpy_row = add("numpy (HF)", K, wall, cpu, pixels=base_n)
+        wall, cpu = best_of(partial(torch_matmul, sub, pal, 1 << 16), 1)
+        add("torch matmul cpu", K, wall, cpu, pixels=base_n)
+        for row in rows:
+            if row["K"] == K:
+                row["x numpy"] = row["Mpix/s"] / numpy_row["Mpix/s"]
+        if K == 512:
+            ms = best_of(lambda pal=pal: ext.build_lut(pal), 1 if quick else 3)[0]
+            rows.append({**common, "method": "cpu lut build", "K": K, "ms": ms, "pixels": 1 << 24})
+            log.info("cpu lookup table build, K=%d: %.1f ms", K, ms)
+    return rows
+
+
 def measure_ms(fn, slow_s: float = 2.0) -> float:
     """Median time of fn in ms; a single run when one run already takes over slow_s."""
     if torch.cuda.is_available():
@@ -85,14 +170,24 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--no-fit", action="store_true", help="skip the fitting benchmark")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sizes = [1 << 20] if args.quick else [1 << 20, 1 << 24]
+    have_cpu = kp._compiled_unavailable("cpu", torch.zeros(1, 3, dtype=torch.uint8)) is None
+    kernel = kernel_rows(args.quick) if have_cpu else []
+    columns = ["method", "K", "pixels", "ms", "Mpix/s", "Mpix/s per core", "x numpy"]
+    if args.quick:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        for row in kernel:
+            row["load_avg"] = load
+        path = write("palette", kernel, args.out)
+        print(table(kernel, columns))
+        print(f"\n{env()}\ncpu: {cpu_model()}\nwrote {path}")
+        return kernel
+    sizes = [1 << 20, 1 << 24]
     fit_px = photo_pixels(200_000)
     palette = fit_palette(fit_px, k=args.k, sample=200_000, seed=0)
     pal = palette.centroids
     clusters = palette.to_hf().astype(np.float64)  # what the HF processor holds
-    have_cpu = kp._compiled_unavailable("cpu", torch.zeros(1, 3, dtype=torch.uint8)) is None
     cuda = torch.cuda.is_available()
-    rows = []
+    rows = list(kernel)
     numpy_rate = {}  # pixels -> numpy (HF) Mpix/s, the baseline of "x numpy"
 
     def add(method, n, ms, **extra):
@@ -149,7 +244,7 @@ def main(argv=None) -> list[dict]:
             add("torch matmul cpu", n, measure_ms(partial(torch_matmul, px, pal, 1 << 16)))
         write("palette", rows, args.out)  # partial results survive a time limit
     base = numpy_rate.get(sizes[0])
-    for row in rows:
+    for row in rows[len(kernel) :]:
         if "Mpix/s" in row and base:
             rate = numpy_rate.get(row["pixels"], base)
             row["x numpy"] = row["Mpix/s"] / rate
@@ -183,8 +278,9 @@ def main(argv=None) -> list[dict]:
     for row in rows:
         row["load_avg"] = load  # other work on the machine skews CPU timings
     path = write("palette", rows, args.out)
-    print(table(rows, ["method", "pixels", "ms", "Mpix/s", "x numpy", "note"]))
-    print(f"\n{env()}\nwrote {path}")
+    print(table(kernel, columns))
+    print(table(rows[len(kernel) :], ["method", "pixels", "ms", "Mpix/s", "x numpy", "note"]))
+    print(f"\n{env()}\ncpu: {cpu_model()}\nwrote {path}")
     return rows
 
 
