@@ -25,6 +25,7 @@ import importlib.util
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import setuptools
 from setuptools import setup
@@ -35,14 +36,17 @@ CUDA_SOURCES = ["csrc/palette_cuda.cu"]
 
 
 def _build_flags():
-    """(CXX_FLAGS, NVCC_FLAGS, LD_FLAGS) of igpt_kernels/_build.py, the run-time build's, so
-    that the prebuilt and the run-time-compiled modules are compiled alike. The file is
-    loaded alone (standard library only): importing the package would need torch."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "igpt_kernels", "_build.py")
+    """(CXX_FLAGS + the sources' digest flag, NVCC_FLAGS, LD_FLAGS) of igpt_kernels/_build.py,
+    the run-time build's, so that the prebuilt and the run-time-compiled modules are compiled
+    alike. The file is loaded alone (standard library only): importing the package would
+    need torch."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, "igpt_kernels", "_build.py")
     spec = importlib.util.spec_from_file_location("_igpt_build_flags", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return list(module.CXX_FLAGS), list(module.NVCC_FLAGS), list(module.LD_FLAGS)
+    cxx = list(module.CXX_FLAGS) + [module.digest_flag(Path(here, "csrc"))]
+    return cxx, list(module.NVCC_FLAGS), list(module.LD_FLAGS)
 
 
 def _warn(msg: str) -> None:

@@ -167,6 +167,13 @@ pybind11::dict build_info() {
   info["cxx11_abi"] = pybind11::none();
 #endif
   info["cuda"] = has_cuda();
+#ifdef IGPT_SOURCES_DIGEST  // igpt_kernels._build.sources_digest of the sources built
+#define IGPT_STRING2(x) #x
+#define IGPT_STRING(x) IGPT_STRING2(x)
+  info["sources"] = IGPT_STRING(IGPT_SOURCES_DIGEST);
+#else
+  info["sources"] = pybind11::none();
+#endif
   return info;
 }
 
@@ -191,5 +198,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "the CPU kernel's version that quantize and build_lut use ($IGPT_CPU_ISA or the best)");
   m.def("cpu_isas", &igpt::cpu_isas, "the CPU kernel's versions this CPU runs, best first");
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
-  m.def("build_info", &build_info, "{torch: 'X.Y.Z', cxx11_abi, cuda} this module was built with");
+  m.def("build_info", &build_info,
+        "{torch: 'X.Y.Z', cxx11_abi, cuda, sources: digest} this module was built with");
 }

@@ -378,7 +378,8 @@ void boxed_baseline(const Boxes& bx, const uint8_t* px, int64_t count, int32_t* 
 
 struct Version {
   const char* name;
-  int lanes;  // W
+  int lanes;      // W
+  int64_t box_k;  // the smallest K at which boxes beat the whole palette (see use_boxes)
   NearestFn fn;
   BoxedFn boxed;
   bool (*supported)();
@@ -386,12 +387,12 @@ struct Version {
 // Best first. __builtin_cpu_supports also checks that the OS saves the wide registers.
 const Version kVersions[] = {
 #if IGPT_X86
-    {"avx512", 16, nearest_avx512, boxed_avx512,
+    {"avx512", 16, 512, nearest_avx512, boxed_avx512,
      [] { return bool(__builtin_cpu_supports("avx512f")); }},
-    {"avx2", 8, nearest_avx2, boxed_avx2,
+    {"avx2", 8, 128, nearest_avx2, boxed_avx2,
      [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }},
 #endif
-    {"default", 4, nearest_baseline, boxed_baseline, [] { return true; }},
+    {"default", 4, 64, nearest_baseline, boxed_baseline, [] { return true; }},
 };
 
 // The version `isa` names ("" or "auto": IGPT_CPU_ISA if set, else the best this CPU runs).
@@ -421,9 +422,13 @@ Soa full_palette(const float* palette, int64_t K) {
 constexpr int64_t kChunk = 1024;  // pixels per work item of the direct kernel
 
 // Boxes pay for their set-up (pruning, ~1-10 ms) from about n * K = 2^25 pixel x colour
-// pairs, and below K = 128 the whole padded palette is as quick as a box's few colours
-// (measured on AMD Zen 3 with AVX2). Their lists hold at most 2^22 entries (64 MiB).
-bool use_boxes(int64_t n, int64_t K) { return K >= 128 && n * K >= (int64_t(1) << 25); }
+// pairs, and below K = v.box_k the whole padded palette is as quick as a box's few colours:
+// 128 with AVX2, 64 with SSE2 (measured on AMD Zen 3); 512 with AVX-512, whose whole-palette
+// loop is twice as wide (not measured: kept where boxes surely win). Their lists hold at most
+// 2^22 entries (64 MiB).
+bool use_boxes(const Version& v, int64_t n, int64_t K) {
+  return K >= v.box_k && n * K >= (int64_t(1) << 25);
+}
 constexpr int64_t kBoxLimit = int64_t(1) << 22;
 
 // Two levels of boxes: 32^3 blocks prune the palette, their 8^3 cubes prune it again, and
@@ -491,7 +496,7 @@ void quantize_cpu(const uint8_t* pixels, int64_t n, const float* palette, int64_
   if (n <= 0) return;
   if (threads <= 0) threads = omp_get_max_threads();
   Boxes bx;
-  const bool boxed = (boxes < 0 ? use_boxes(n, K) : boxes > 0) &&
+  const bool boxed = (boxes < 0 ? use_boxes(version, n, K) : boxes > 0) &&
                      build_boxes(pixels, n, palette, K, version.lanes, kBoxLimit, threads, bx);
   const Soa s = boxed ? Soa() : full_palette(palette, K);
   const int64_t chunks = (n + kChunk - 1) / kChunk;

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from igpt_kernels import _build, reference
 from igpt_kernels import palette as kp
-from igpt_kernels import reference
 
 ISAS = ["default", "avx2", "avx512"]
 CPU_FLAG = {"avx2": "avx2", "avx512": "avx512f"}  # /proc/cpuinfo flag of each version
@@ -67,6 +67,18 @@ def _inputs(K, n, kind):
     else:
         palette = torch.randint(0, 64, (K, 3)).float() * 4 + 0.5
     return pixels, palette
+
+
+def test_module_records_its_sources(ext):
+    assert ext.build_info()["sources"] == _build.sources_digest(_build.source_dir())
+
+
+def test_prebuilt_from_other_sources_is_refused():
+    info = {"torch": "2.13.0", "cxx11_abi": True, "cuda": False, "sources": "0123abcd"}
+    assert _build.prebuilt_mismatch(info, "2.13.0", True, "0123abcd") is None
+    assert "other sources" in _build.prebuilt_mismatch(info, "2.13.0", True, "4567ef00")
+    assert _build.prebuilt_mismatch(info, "2.13.0", True) is None  # nothing to compare with
+    assert _build.prebuilt_mismatch({**info, "sources": None}, "2.13.0", True, "4567ef00") is None
 
 
 def test_versions_listed(ext):
