@@ -39,7 +39,10 @@ namespace igpt {
 namespace {
 
 constexpr int kPad = 16;        // palette padding: a multiple of every version's lane count
-constexpr float kFar = 1e15f;   // padding colour: distance ~3e30, never the nearest
+// Padding colour: at distance +inf it never wins a lane (d < best is false even for an
+// all-infinite lane) and never counts as a near one unless every colour is at +inf, where
+// the fp64 re-scan decides. (A finite far colour, 1e15 before, beat palettes beyond it.)
+constexpr float kFar = std::numeric_limits<float>::infinity();
 constexpr float kRel = 1.0f / (1 << 20);
 constexpr float kAbs = 1e-30f;  // covers fp32 underflow of tiny differences
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -421,13 +424,13 @@ Soa full_palette(const float* palette, int64_t K) {
 
 constexpr int64_t kChunk = 1024;  // pixels per work item of the direct kernel
 
-// Boxes pay for their set-up (pruning, ~1-10 ms) from about n * K = 2^25 pixel x colour
-// pairs, and below K = v.box_k the whole padded palette is as quick as a box's few colours:
-// 128 with AVX2, 64 with SSE2 (measured on AMD Zen 3); 512 with AVX-512, whose whole-palette
-// loop is twice as wide (not measured: kept where boxes surely win). Their lists hold at most
-// 2^22 entries (64 MiB).
+// Boxes pay for their set-up (pruning: ~2 ms at K = 512, ~100 ms at K = 65536) from about
+// n * K = 2^25 pixel x colour pairs and n = 2^15 pixels, and below K = v.box_k the whole
+// padded palette is as quick as a box's few colours: 128 with AVX2, 64 with SSE2 (measured
+// on AMD Zen 3); 512 with AVX-512, whose whole-palette loop is twice as wide (not measured:
+// kept where boxes surely win). Their lists hold at most 2^22 entries (64 MiB).
 bool use_boxes(const Version& v, int64_t n, int64_t K) {
-  return K >= v.box_k && n * K >= (int64_t(1) << 25);
+  return K >= v.box_k && n >= (1 << 15) && n * K >= (int64_t(1) << 25);
 }
 constexpr int64_t kBoxLimit = int64_t(1) << 22;
 

@@ -157,6 +157,19 @@ def test_versions_resolve_fp32_near_ties(ext, isa, colours):
         assert ext.quantize_isa(pixels, palette, isa, boxes).tolist() == [41] * 9
 
 
+@pytest.mark.parametrize("K", [3, 7, 15, 16, 33])  # one padding entry for W = 4, 8 and 16
+def test_colours_beyond_the_padding(ext, K):
+    # colours 1e16 away and more: the padding must never win (it did at 1e15 once)
+    palette = torch.full((K, 3), 1e16)
+    palette[:, 1] = torch.arange(K, 0, -1) * 1e15  # the last one is the nearest
+    palette[:, 2] = torch.linspace(-3e17, 3e17, K)
+    pixels = torch.randint(0, 256, (50, 3), dtype=torch.uint8)
+    expect = _brute(pixels, palette)
+    for isa in ext.cpu_isas():
+        for boxes in (0, 1):
+            assert torch.equal(ext.quantize_isa(pixels, palette, isa, boxes), expect)
+
+
 def test_exact_ties_lowest_index(ext):
     palette = torch.tensor([[10.0, 10, 10], [0, 0, 0], [20, 20, 20], [0, 0, 0]])
     palette = torch.cat([palette, torch.full((30, 3), 200.0), palette])  # ties across steps
