@@ -165,38 +165,8 @@ def measure_ms(fn, slow_s: float = 2.0) -> float:
     return time_ms(fn, warmup=1, rep=5)
 
 
-def main(argv=None) -> list[dict]:
-    p = parser("palette quantization and fitting vs numpy (HF) and torch matmul + argmin")
-    p.add_argument("--k", type=int, default=512, help="palette size (default %(default)s)")
-    p.add_argument("--no-fit", action="store_true", help="skip the fitting benchmark")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    have_cpu = kp._compiled_unavailable("cpu", torch.zeros(1, 3, dtype=torch.uint8)) is None
-    kernel = kernel_rows(args.quick) if have_cpu else []
-    columns = ["method", "K", "pixels", "ms", "Mpix/s", "Mpix/s per core", "x numpy"]
-    if args.quick and not torch.cuda.is_available():  # GPU machines add their rows below
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        for row in kernel:
-            row["load_avg"] = load
-        path = write("palette", kernel, args.out)
-        print(table(kernel, columns))
-        print(f"\n{env()}\ncpu: {cpu_model()}\nwrote {path}")
-        return kernel
-    sizes = [1 << 20] if args.quick else [1 << 20, 1 << 24]
-    fit_px = photo_pixels(200_000)
-    palette = fit_palette(fit_px, k=args.k, sample=200_000, seed=0)
-    pal = palette.centroids
-    clusters = palette.to_hf().astype(np.float64)  # what the HF processor holds
-    cuda = torch.cuda.is_available()
-    rows = list(kernel)
-    numpy_rate = {}  # pixels -> numpy (HF) Mpix/s, the baseline of "x numpy"
-
-    def add(method, n, ms, **extra):
-        rows.append({"method": method, "pixels": n, "ms": ms, "Mpix/s": n / ms / 1e3, **extra})
-        log.info(
-            "%-18s n=2^%d %10.2f ms %10.1f Mpix/s", method, n.bit_length() - 1, ms, n / ms / 1e3
-        )
-
+def lut_build_ms(pal: torch.Tensor, have_cpu: bool, cuda: bool) -> dict:
+    """{device: ms} to build the lookup table of ``pal`` (CUDA after a warm-up build)."""
     lut_build = {}
     if (
         cuda
@@ -214,6 +184,27 @@ def main(argv=None) -> list[dict]:
         t0 = time.perf_counter()
         kp.get_lut(pal)
         lut_build["cpu"] = (time.perf_counter() - t0) * 1e3
+    return lut_build
+
+
+def photo_rows(args, have_cpu: bool, rows: list[dict]) -> None:
+    """Append the photo rows (see the module docstring) to ``rows``, writing them as they
+    come so that partial results survive a time limit."""
+    sizes = [1 << 20] if args.quick else [1 << 20, 1 << 24]
+    palette = fit_palette(photo_pixels(200_000), k=args.k, sample=200_000, seed=0)
+    pal = palette.centroids
+    clusters = palette.to_hf().astype(np.float64)  # what the HF processor holds
+    cuda = torch.cuda.is_available()
+    first = len(rows)
+    numpy_rate = {}  # pixels -> numpy (HF) Mpix/s, the baseline of "x numpy"
+
+    def add(method, n, ms, **extra):
+        rows.append({"method": method, "pixels": n, "ms": ms, "Mpix/s": n / ms / 1e3, **extra})
+        log.info(
+            "%-18s n=2^%d %10.2f ms %10.1f Mpix/s", method, n.bit_length() - 1, ms, n / ms / 1e3
+        )
+
+    lut_build = lut_build_ms(pal, have_cpu, cuda)
     for device, ms in lut_build.items():
         rows.append({"method": f"{device} lut build", "pixels": 1 << 24, "ms": ms})
         log.info("%s lookup table build: %.1f ms", device, ms)
@@ -245,42 +236,54 @@ def main(argv=None) -> list[dict]:
             add("torch matmul cpu", n, measure_ms(partial(torch_matmul, px, pal, 1 << 16)))
         write("palette", rows, args.out)  # partial results survive a time limit
     base = numpy_rate.get(sizes[0])
-    for row in rows[len(kernel) :]:
+    for row in rows[first:]:
         if "Mpix/s" in row and base:
             rate = numpy_rate.get(row["pixels"], base)
             row["x numpy"] = row["Mpix/s"] / rate
-    if not args.no_fit:
-        g = np.random.default_rng(0)
-        jitter = g.integers(-3, 4, (1_000_000, 3))
-        pixels = np.clip(photo_pixels(1_000_000).astype(np.int64) + jitter, 0, 255).astype(np.uint8)
-        distinct = len(np.unique(pixels, axis=0))
-        for device in (["cuda"] if cuda else []) + ["cpu"]:
-            t0 = time.perf_counter()
-            fit_palette(pixels, k=args.k, sample=1_000_000, seed=0, device=device)
-            if cuda:
-                torch.cuda.synchronize()
-            s = time.perf_counter() - t0
-            rows.append(
-                {
-                    "method": f"fit {device}",
-                    "pixels": 1_000_000,
-                    "ms": s * 1e3,
-                    "distinct": distinct,
-                }
-            )
-            log.info(
-                "fit %d colours on 10^6 pixels (%d distinct) on %s: %.2f s",
-                args.k,
-                distinct,
-                device,
-                s,
-            )
+
+
+def fit_rows(k: int) -> list[dict]:
+    """Fitting k colours on 10^6 jittered photo pixels, on the GPU (if any) and the CPU."""
+    g = np.random.default_rng(0)
+    jitter = g.integers(-3, 4, (1_000_000, 3))
+    pixels = np.clip(photo_pixels(1_000_000).astype(np.int64) + jitter, 0, 255).astype(np.uint8)
+    distinct = len(np.unique(pixels, axis=0))
+    cuda = torch.cuda.is_available()
+    rows = []
+    for device in (["cuda"] if cuda else []) + ["cpu"]:
+        t0 = time.perf_counter()
+        fit_palette(pixels, k=k, sample=1_000_000, seed=0, device=device)
+        if cuda:
+            torch.cuda.synchronize()
+        s = time.perf_counter() - t0
+        rows.append({"method": f"fit {device}", "pixels": 1_000_000, "ms": s * 1e3})
+        rows[-1]["distinct"] = distinct
+        log.info(
+            "fit %d colours on 10^6 pixels (%d distinct) on %s: %.2f s", k, distinct, device, s
+        )
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    p = parser("palette quantization and fitting vs numpy (HF) and torch matmul + argmin")
+    p.add_argument("--k", type=int, default=512, help="palette size (default %(default)s)")
+    p.add_argument("--no-fit", action="store_true", help="skip the fitting benchmark")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    have_cpu = kp._compiled_unavailable("cpu", torch.zeros(1, 3, dtype=torch.uint8)) is None
+    kernel = kernel_rows(args.quick) if have_cpu else []
+    rows = list(kernel)
+    if not args.quick or torch.cuda.is_available():  # --quick on a GPU machine: its rows
+        photo_rows(args, have_cpu, rows)
+        if not args.no_fit:
+            rows += fit_rows(args.k)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for row in rows:
         row["load_avg"] = load  # other work on the machine skews CPU timings
     path = write("palette", rows, args.out)
-    print(table(kernel, columns))
-    print(table(rows[len(kernel) :], ["method", "pixels", "ms", "Mpix/s", "x numpy", "note"]))
+    print(table(kernel, ["method", "K", "pixels", "ms", "Mpix/s", "Mpix/s per core", "x numpy"]))
+    if len(rows) > len(kernel):
+        print(table(rows[len(kernel) :], ["method", "pixels", "ms", "Mpix/s", "x numpy", "note"]))
     print(f"\n{env()}\ncpu: {cpu_model()}\nwrote {path}")
     return rows
 
