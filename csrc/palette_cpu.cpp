@@ -38,14 +38,14 @@
 namespace igpt {
 namespace {
 
-constexpr int kPad = 16;        // palette padding: a multiple of every version's lane count
-// Padding colour: at distance +inf it never wins a lane (d < best is false even for an
-// all-infinite lane) and never counts as a near one unless every colour is at +inf, where
-// the fp64 re-scan decides. (A finite far colour, 1e15 before, beat palettes beyond it.)
-constexpr float kFar = std::numeric_limits<float>::infinity();
+constexpr int kPad = 16;  // palette padding: a multiple of every version's lane count
 constexpr float kRel = 1.0f / (1 << 20);
 constexpr float kAbs = 1e-30f;  // covers fp32 underflow of tiny differences
 constexpr float kInf = std::numeric_limits<float>::infinity();
+// Padding colour: at distance +inf it never wins a lane (d < best is false even for an
+// all-infinite lane) and never counts as a near one unless every colour is at +inf, where
+// the fp64 re-scan decides. (A finite far colour, 1e15 before, beat palettes beyond it.)
+constexpr float kFar = kInf;
 
 // A palette (or a subset of one, in index order) as padded structure-of-arrays.
 struct Soa {
@@ -71,7 +71,7 @@ struct Soa {
 struct Span {
   const float *r, *g, *b;
   const int32_t* index;
-  int64_t n, npad;  // real entries, and n rounded up to kPad
+  int64_t n, npad;  // real entries, and n rounded up to a multiple of the lane count
 };
 
 Span span_of(const Soa& s) {
