@@ -21,9 +21,11 @@ A compiler error never fails the install: it warns and leaves the extension out,
 IGPT_BUILD_CUDA=1 asked for it.
 """
 
+import importlib.util
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import setuptools
 from setuptools import setup
@@ -31,6 +33,20 @@ from setuptools.command.build_py import build_py
 
 CPU_SOURCES = ["csrc/binding.cpp", "csrc/palette_cpu.cpp"]
 CUDA_SOURCES = ["csrc/palette_cuda.cu"]
+
+
+def _build_flags():
+    """(CXX_FLAGS + the sources' digest flag, NVCC_FLAGS, LD_FLAGS) of igpt_kernels/_build.py,
+    the run-time build's, so that the prebuilt and the run-time-compiled modules are compiled
+    alike. The file is loaded alone (standard library only): importing the package would
+    need torch."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, "igpt_kernels", "_build.py")
+    spec = importlib.util.spec_from_file_location("_igpt_build_flags", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cxx = list(module.CXX_FLAGS) + [module.digest_flag(Path(here, "csrc"))]
+    return cxx, list(module.NVCC_FLAGS), list(module.LD_FLAGS)
 
 
 def _warn(msg: str) -> None:
@@ -62,20 +78,20 @@ def _extension_kwargs() -> dict:
             f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
         )
     with_cuda = can_cuda if force is None else force == "1"
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx, nvcc, ld = _build_flags()
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             "igpt_kernels._C",
             CPU_SOURCES + CUDA_SOURCES,
-            extra_compile_args={"cxx": cxx + ["-DIGPT_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
-            extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx + ["-DIGPT_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=ld,
         )
     else:
         ext = cpp_extension.CppExtension(
             "igpt_kernels._C",
             CPU_SOURCES,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=ld,
         )
     _warn(f"building igpt_kernels._C ({'C++ + CUDA' if with_cuda else 'C++ only'})")
 

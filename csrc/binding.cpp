@@ -44,8 +44,10 @@ void* stream_of(const torch::Tensor& t) {
   TORCH_CHECK(false, "igpt_kernels._C was built without CUDA; reinstall with IGPT_BUILD_CUDA=1");
 }
 
-// tokens (n,) int64 of the nearest palette colour of each pixel (n, 3).
-torch::Tensor quantize(const torch::Tensor& pixels, const torch::Tensor& palette) {
+// tokens (n,) int64 of the nearest palette colour of each pixel (n, 3). isa, boxes and
+// threads choose how the CPU kernel runs (see quantize_cpu in palette.h).
+torch::Tensor quantize_with(const torch::Tensor& pixels, const torch::Tensor& palette,
+                            const std::string& isa, int boxes, int threads) {
   check_pixels(pixels);
   check_palette(palette, pixels);
   auto out = torch::empty({pixels.size(0)}, pixels.options().dtype(torch::kInt64));
@@ -62,9 +64,26 @@ torch::Tensor quantize(const torch::Tensor& pixels, const torch::Tensor& palette
 #endif
   } else {
     pybind11::gil_scoped_release no_gil;
-    igpt::quantize_cpu(px, pixels.size(0), pal, palette.size(0), out.data_ptr<int64_t>());
+    igpt::quantize_cpu(px, pixels.size(0), pal, palette.size(0), out.data_ptr<int64_t>(), isa,
+                       boxes, threads);
   }
   return out;
+}
+
+torch::Tensor quantize(const torch::Tensor& pixels, const torch::Tensor& palette) {
+  return quantize_with(pixels, palette, "", -1, 0);
+}
+
+// The CPU direct kernel run a chosen way, for the tests and benchmarks that compare them:
+// version isa, boxes (1 on, 0 off, -1 auto), threads (0: OpenMP's default).
+torch::Tensor quantize_isa(const torch::Tensor& pixels, const torch::Tensor& palette,
+                           const std::string& isa, int boxes, int threads) {
+  TORCH_CHECK(!pixels.is_cuda(), "quantize_isa runs the CPU kernel; pixels are on ",
+              pixels.device());
+  TORCH_CHECK_VALUE(!isa.empty(), "isa must name a version (auto, avx512, avx2, default)");
+  TORCH_CHECK_VALUE(boxes >= -1 && boxes <= 1, "boxes must be -1 (auto), 0 or 1, got ", boxes);
+  TORCH_CHECK_VALUE(threads >= 0, "threads must be >= 0 (0: OpenMP's default), got ", threads);
+  return quantize_with(pixels, palette, isa, boxes, threads);
 }
 
 // The (2^24,) table of tokens of every RGB colour: int16 when K <= 32768, else int32.
@@ -148,6 +167,13 @@ pybind11::dict build_info() {
   info["cxx11_abi"] = pybind11::none();
 #endif
   info["cuda"] = has_cuda();
+#ifdef IGPT_SOURCES_DIGEST  // igpt_kernels._build.sources_digest of the sources built
+#define IGPT_STRING2(x) #x
+#define IGPT_STRING(x) IGPT_STRING2(x)
+  info["sources"] = IGPT_STRING(IGPT_SOURCES_DIGEST);
+#else
+  info["sources"] = pybind11::none();
+#endif
   return info;
 }
 
@@ -161,6 +187,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("palette"));
   m.def("lut_gather", &lut_gather, "tokens (n,) int64 = lut[rgb key] of pixels (n, 3)",
         py::arg("pixels"), py::arg("lut"));
+  m.def("quantize_isa", &quantize_isa,
+        "quantize on the CPU with the kernel version isa ('auto', 'avx512', 'avx2', 'default'; "
+        "ValueError if this CPU cannot run it), boxes (1 on, 0 off, -1 auto) and threads "
+        "(0: OpenMP's default)",
+        py::arg("pixels"), py::arg("palette"), py::arg("isa") = "auto", py::arg("boxes") = -1,
+        py::arg("threads") = 0);
+  m.def(
+      "cpu_isa", [] { return std::string(igpt::cpu_isa()); },
+      "the CPU kernel's version that quantize and build_lut use ($IGPT_CPU_ISA or the best)");
+  m.def("cpu_isas", &igpt::cpu_isas, "the CPU kernel's versions this CPU runs, best first");
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
-  m.def("build_info", &build_info, "{torch: 'X.Y.Z', cxx11_abi, cuda} this module was built with");
+  m.def("build_info", &build_info,
+        "{torch: 'X.Y.Z', cxx11_abi, cuda, sources: digest} this module was built with");
 }

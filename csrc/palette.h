@@ -15,16 +15,27 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace igpt {
 
 constexpr int64_t kLutSize = int64_t(1) << 24;
 
 // ---- CPU (palette_cpu.cpp) -------------------------------------------------------------
+// The direct kernel has one version per x86 instruction set: "avx512" (AVX-512F), "avx2"
+// (AVX2 + FMA) and "default" (baseline x86-64; the only one elsewhere). `isa` picks one:
+// "" or "auto" takes $IGPT_CPU_ISA where set, else the best this CPU runs. A name this CPU
+// cannot run throws std::invalid_argument. All versions give the same tokens.
+// boxes: compare each pixel only with the colours that can be nearest in its 16^3 box of
+// the RGB cube (1), with the whole palette (0), or pick by n and K (-1); same tokens.
+// threads: OpenMP threads, 0 for OpenMP's default.
 void quantize_cpu(const uint8_t* pixels, int64_t n, const float* palette, int64_t K,
-                  int64_t* out);
-void build_lut_cpu(const float* palette, int64_t K, int16_t* lut);
-void build_lut_cpu(const float* palette, int64_t K, int32_t* lut);
+                  int64_t* out, const std::string& isa = "", int boxes = -1, int threads = 0);
+void build_lut_cpu(const float* palette, int64_t K, int16_t* lut, const std::string& isa = "");
+void build_lut_cpu(const float* palette, int64_t K, int32_t* lut, const std::string& isa = "");
+const char* cpu_isa(const std::string& isa = "");  // the version `isa` resolves to
+std::vector<std::string> cpu_isas();                // the versions this CPU runs, best first
 void lut_gather_cpu(const uint8_t* pixels, int64_t n, const int16_t* lut, int64_t* out);
 void lut_gather_cpu(const uint8_t* pixels, int64_t n, const int32_t* lut, int64_t* out);
 

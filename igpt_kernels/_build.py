@@ -4,8 +4,9 @@ that runs.
 Order of preference:
 
 1. ``igpt_kernels._C``, built by ``pip install --no-build-isolation`` (``make install``), where
-   it imports and was built for this torch version and C++ ABI (its ``build_info()`` says).
-   A ``_C`` left behind by a torch upgrade is skipped, not trusted.
+   it imports and was built for this torch version and C++ ABI, from the sources at hand (its
+   ``build_info()`` says). A ``_C`` left behind by a torch upgrade or a change of ``csrc/``
+   is skipped, not trusted.
 2. A module compiled from the sources shipped inside the package (``igpt_kernels/csrc/`` in a
    wheel, ``csrc/`` in a checkout) with ``torch.utils.cpp_extension.load``, into
    ``$IGPT_CACHE/ext/`` (default ``~/.cache/igpt/ext/``), one directory per key: torch
@@ -20,7 +21,13 @@ nothing can be built, ``load`` returns None and a sentence saying why and what t
 
 Environment: ``IGPT_NO_JIT=1`` never compiles at run time; ``IGPT_BUILD_CUDA=0`` never builds
 the CUDA kernels, ``IGPT_BUILD_CUDA=1`` builds them even with no GPU visible; ``IGPT_CACHE``
-moves the cache; ``CXX`` names the C++ compiler (default ``c++``).
+moves the cache; ``CXX`` names the C++ compiler (default ``c++``). ``IGPT_CPU_ISA`` (read by
+the compiled module at each call, not by the build) picks the C++ kernel's version:
+``avx512``, ``avx2`` or ``default``; unset, the best one the CPU runs.
+
+Both builds compile with ``CXX_FLAGS`` (setup.py reads them from this file): no ``-march``,
+since the kernel carries its AVX-512, AVX2 and baseline versions itself and picks one at run
+time, so one build runs on every x86-64 CPU.
 """
 
 from __future__ import annotations
@@ -90,8 +97,14 @@ def cuda_plan(
     return True, None
 
 
-def prebuilt_mismatch(info: dict | None, torch_version: str, cxx11_abi: bool) -> str | None:
-    """Why a prebuilt module with ``build_info()`` ``info`` must not run here, or None."""
+def prebuilt_mismatch(
+    info: dict | None, torch_version: str, cxx11_abi: bool, sources: str | None = None
+) -> str | None:
+    """Why a prebuilt module with ``build_info()`` ``info`` must not run here, or None.
+
+    ``sources``: the digest of the sources at hand (``sources_digest``), None to not compare;
+    a module that records none (built before it was recorded) is not compared either.
+    """
     if info is None:
         return "it has no build_info() (built from older sources)"
     if info.get("torch") != torch_release(torch_version):
@@ -99,7 +112,28 @@ def prebuilt_mismatch(info: dict | None, torch_version: str, cxx11_abi: bool) ->
     abi = info.get("cxx11_abi")
     if abi is not None and bool(abi) != bool(cxx11_abi):
         return f"it was built with _GLIBCXX_USE_CXX11_ABI={int(abi)}, torch uses {int(cxx11_abi)}"
+    built = info.get("sources")
+    if sources is not None and built is not None and built != sources:
+        return (
+            f"it was built from other sources than these ({built}, these are {sources}): "
+            "rebuild it (`make install`)"
+        )
     return None
+
+
+def sources_digest(src: Path) -> str:
+    """A digest of the C++/CUDA sources in ``src`` (file names and contents). Both builds
+    compile it in (``-DIGPT_SOURCES_DIGEST``, shown by ``build_info()["sources"]``), so that a
+    prebuilt module left behind by a change of the sources is not taken for theirs."""
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(p for p in src.iterdir() if p.suffix in (".cpp", ".h", ".cu")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def digest_flag(src: Path) -> str:
+    """The compiler flag that records ``sources_digest(src)`` in the module."""
+    return f"-DIGPT_SOURCES_DIGEST={sources_digest(src)}"
 
 
 def build_key(src: Path, with_cuda: bool, torch_version: str, torch_cuda, cxx11_abi) -> str:
@@ -114,8 +148,7 @@ def build_key(src: Path, with_cuda: bool, torch_version: str, torch_cuda, cxx11_
         " ".join(CXX_FLAGS + NVCC_FLAGS + LD_FLAGS),
     ):
         h.update(part.encode() + b"\0")
-    for path in sorted(p for p in src.iterdir() if p.suffix in (".cpp", ".h", ".cu")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(sources_digest(src).encode())
     return h.hexdigest()
 
 
@@ -194,7 +227,9 @@ def compile_module(src: Path, with_cuda: bool):
             module = cpp_extension.load(
                 name=name,
                 sources=[str(src / n) for n in names],
-                extra_cflags=list(CXX_FLAGS) + (["-DIGPT_WITH_CUDA"] if with_cuda else []),
+                extra_cflags=list(CXX_FLAGS)
+                + [digest_flag(src)]
+                + (["-DIGPT_WITH_CUDA"] if with_cuda else []),
                 extra_cuda_cflags=list(NVCC_FLAGS),
                 extra_ldflags=list(LD_FLAGS),
                 build_directory=str(build_dir),
@@ -231,7 +266,13 @@ def load():
         from igpt_kernels import _C
 
         info = _C.build_info() if hasattr(_C, "build_info") else None
-        bad = prebuilt_mismatch(info, torch.__version__, torch._C._GLIBCXX_USE_CXX11_ABI)
+        src = source_dir()
+        bad = prebuilt_mismatch(
+            info,
+            torch.__version__,
+            torch._C._GLIBCXX_USE_CXX11_ABI,
+            sources_digest(src) if src is not None else None,
+        )
         if bad is None:
             prebuilt = _C
             why = "igpt_kernels._C has no CUDA kernels"
