@@ -33,6 +33,7 @@ time, so one build runs on every x86-64 CPU.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -263,7 +264,7 @@ def load():
 
     prebuilt = None
     try:
-        from igpt_kernels import _C
+        _C = importlib.import_module("igpt_kernels._C")  # the prebuilt extension, if any
 
         info = _C.build_info() if hasattr(_C, "build_info") else None
         src = source_dir()
