@@ -151,7 +151,7 @@ def build_entry(
     *,
     key: dict,
     workers: int | None = None,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
     progress: bool | None = None,
 ) -> bool:
     """Tokenise the ``ImageSet`` ``images`` into the entry ``folder`` (module docstring).
@@ -161,12 +161,13 @@ def build_entry(
         key: the record ``cache_key`` gave, kept in ``meta.json``.
         workers: processes that read and resize (0: this process; None: the available
             cores, or 0 for a set of one chunk).
-        chunk: images per chunk.
+        chunk: images per chunk (default ``CHUNK``).
         progress: a tqdm bar with images/s; None: only where stderr is a terminal.
 
     Returns:
         False when another process had already completed the entry, True when built here.
     """
+    chunk = CHUNK if chunk is None else int(chunk)
     with entry_lock(folder):
         if (folder / "meta.json").is_file():
             try:
@@ -180,8 +181,9 @@ def build_entry(
         if workers is None:
             workers = available_cores() if n_chunks > 1 else 0
         start = time.perf_counter()
-        with _chunk_results(images, n_px, chunk, state["chunks"], n_chunks, workers) as results:
-            _write_chunks(results, palette, folder, plan, state, progress, images)
+        if state["chunks"] < n_chunks:
+            with _chunk_results(images, n_px, chunk, state["chunks"], n_chunks, workers) as res:
+                _write_chunks(res, palette, folder, plan, state, progress, images)
         _finish(folder, plan, state, images.labels is not None)
         took = time.perf_counter() - start
         log.info(
@@ -250,8 +252,8 @@ def _finish(folder: Path, plan: dict, state: dict, has_labels: bool) -> None:
     """Turn the part files into the entry; ``meta.json`` last. Safe to repeat after a kill."""
     rows, width = state["rows"], plan["n_px"] ** 2
     part = folder / "tokens.u16.part"
-    if part.exists():
-        os.replace(part, folder / "tokens.u16")
+    if part.exists() and part.stat().st_size == 2 * rows * width:
+        os.replace(part, folder / "tokens.u16")  # else a kill came after this rename
     if (folder / "tokens.u16").stat().st_size != 2 * rows * width:
         raise ValueError(f"{folder}: tokens.u16 does not hold {rows} x {width} tokens")
     if has_labels:
@@ -301,8 +303,11 @@ def _chunk_results(images, n_px, chunk, first, n_chunks, workers):
     if workers <= 0 or not bounds:
         yield (read_chunk(images, n_px, a, b) for a, b in bounds)
         return
-    # forkserver: workers start from a clean process, not a copy of one with CUDA or threads
-    ctx = multiprocessing.get_context("forkserver")
+    # fork: workers start at once with the set as it is here (a million paths are not
+    # pickled), and never import the caller's __main__ (an unguarded script would run again
+    # and wait on the entry's lock); they only decode and resize (no CUDA, no torch threads)
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ctx.Pool(workers, initializer=_worker_init, initargs=(images, n_px)) as pool:
 
         def ordered():
