@@ -450,3 +450,15 @@ def test_prepare_command_refuses_bad_flags(tmp_path):
             ["prepare", "--data", "digits", "--palette", str(tmp_path / "nope.npy"), "--n-px", "4"]
         )
     assert "nope.npy" in str(e.value.code)
+
+
+def test_fit_palette_command_fits_what_the_whole_split_gives(tmp_path):
+    from igpt.cli import main
+
+    np.savez(tmp_path / "d.npz", images=_rand_images(60, 6, 6))
+    spec, out = f"npz:{tmp_path / 'd.npz'}", tmp_path / "p.npy"
+    main(["fit-palette", "--data", spec, "--k", "8", "--sample", "900", "--n-px", "4"]
+         + ["--out", str(out), "--seed", "2"])  # fmt: skip
+    expect = fit_palette(resize(load_images(spec).images, 4), k=8, sample=900, seed=2)
+    assert torch.equal(Palette.load(out).centroids, expect.centroids)
+    assert out.with_suffix(".png").stat().st_size > 1000
