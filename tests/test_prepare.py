@@ -340,7 +340,7 @@ def test_a_build_killed_with_sigkill_resumes_to_the_same_bytes(tmp_path, workers
     cache = tmp_path / "c"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     args = [sys.executable, str(tmp_path / "kill.py"), spec, str(tmp_path / "p.npy"), str(cache)]
-    proc = subprocess.Popen([*args, str(workers)], env=env, start_new_session=True)
+    proc = subprocess.Popen([*args, str(workers)], env=env)
     try:
         deadline = time.monotonic() + 120
         progress = None
@@ -353,10 +353,23 @@ def test_a_build_killed_with_sigkill_resumes_to_the_same_bytes(tmp_path, workers
                 pass
             time.sleep(0.05)
         assert proc.poll() is None, "the build ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # the build and its workers, at once
+        # with workers: the builder alone, and its workers must not keep the entry locked
+        os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     entry = _entry(cache)
+    import fcntl
+
+    with open(entry / ".lock", "a+b") as f:
+        for _ in range(200):
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("the killed build's lock is still held")
+        fcntl.flock(f, fcntl.LOCK_UN)
     assert not (entry / "meta.json").exists() and progress["chunks"] < 20
     tokens, _ = cached_tokens(spec, "all", pal, 4, cache_dir=cache, workers=0)
     clean, _ = cached_tokens(spec, "all", pal, 4, cache_dir=tmp_path / "ref", workers=0)

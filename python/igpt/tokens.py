@@ -134,10 +134,15 @@ def entry_lock(folder: Path):
         except BlockingIOError:
             log.info("token cache: another process is preparing %s; waiting for it", folder)
             fcntl.flock(f, fcntl.LOCK_EX)
+        _HELD.add(f.fileno())
         try:
             yield
         finally:
+            _HELD.discard(f.fileno())
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_HELD = set()  # descriptors of the lock files held here: forked workers close their copies
 
 
 # ----------------------------------------------------------------------------- building
@@ -160,7 +165,7 @@ def build_entry(
         images: an ``igpt.imagesets.ImageSet``; palette: with ``quantize`` and ``len``.
         key: the record ``cache_key`` gave, kept in ``meta.json``.
         workers: processes that read and resize (0: this process; None: the available
-            cores, or 0 for a set of one chunk).
+            cores, or 0 for a set of at most 4 chunks).
         chunk: images per chunk (default ``CHUNK``).
         progress: a tqdm bar with images/s; None: only where stderr is a terminal.
 
@@ -178,8 +183,8 @@ def build_entry(
         plan = {"images": len(images), "chunk": int(chunk), "n_px": int(n_px), "key": key}
         state = _resume_state(folder, plan, n_px * n_px)
         n_chunks = -(-len(images) // chunk)
-        if workers is None:
-            workers = available_cores() if n_chunks > 1 else 0
+        if workers is None:  # processes pay off from a few chunks on
+            workers = available_cores() if n_chunks > 4 else 0
         start = time.perf_counter()
         if state["chunks"] < n_chunks:
             with _chunk_results(images, n_px, chunk, state["chunks"], n_chunks, workers) as res:
@@ -281,6 +286,15 @@ _WORKER = {}  # a worker process's set and side, given once by its initializer
 
 def _worker_init(images, n_px: int) -> None:
     _WORKER["images"], _WORKER["n_px"] = images, n_px
+    for fd in list(_HELD):  # a worker outliving a killed builder must not hold its lock
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+    with contextlib.suppress(Exception):  # Linux: end with the builder, even on SIGKILL
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def read_chunk(images, n_px: int, start: int, stop: int):
