@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from common import parser, table, write
 
-HERE = Path(__file__).resolve().parent
+COLUMNS = ["set", "N", "n_px", "path", "seconds", "images_per_s", "peak_rss_mib", "peak_pss_mib"]
 
 
 # ----------------------------------------------------------------------------- data sets
@@ -138,19 +138,24 @@ def one(mode: str, spec: str, n_px: int, palette_path: str) -> None:
     print(json.dumps({"images": n, "seconds": seconds}))
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants (Linux /proc)."""
-    total, todo = 0, [pid]
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) bytes summed over ``pid`` and all its descendants (Linux /proc). RSS
+    counts pages a forked worker shares with its parent in both; PSS splits them."""
+    rss = pss = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
         try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(status.split("VmRSS:")[1].split()[0]) * 1024
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, IndexError, ValueError):
             continue  # ended between listing and reading
-    return total
+    return rss, pss
 
 
 def measure(mode: str, spec: str, n_px: int, palette_path: str) -> dict:
@@ -158,15 +163,16 @@ def measure(mode: str, spec: str, n_px: int, palette_path: str) -> dict:
     cmd = [sys.executable, __file__, "--one", mode, spec, str(n_px), palette_path]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    peak = 0
+    peak_rss = peak_pss = 0
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
+        rss, pss = _tree_memory(proc.pid)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.02)
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} on {spec} failed:\n{err.decode()[-2000:]}")
     result = json.loads(out.decode().strip().splitlines()[-1])
-    return {**result, "peak_mib": peak / 2**20}
+    return {**result, "peak_rss_mib": peak_rss / 2**20, "peak_pss_mib": peak_pss / 2**20}
 
 
 # ----------------------------------------------------------------------------- main
@@ -194,7 +200,7 @@ def main(argv=None) -> None:
             palette_path
         )
     if args.quick:
-        sets = [("jpeg", 150, 32), ("jpeg", 600, 32), ("npz", 1000, 64), ("npz", 4000, 64)]
+        sets = [("jpeg", 200, 32), ("jpeg", 800, 32), ("npz", 1000, 64), ("npz", 8000, 64)]
     else:
         sets = [("jpeg", 600, 32), ("jpeg", 2400, 32), ("npz", 4000, 64), ("npz", 32_000, 64)]
         if args.large:
@@ -210,9 +216,9 @@ def main(argv=None) -> None:
             row = {"set": kind, "N": n, "n_px": n_px, "path": name, **r}
             row["images_per_s"] = r["images"] / r["seconds"]
             rows.append(row)
-            print(table([row], ["set", "N", "path", "seconds", "images_per_s", "peak_mib"]))
+            print(table([row], COLUMNS), flush=True)
     _summary(rows)
-    print(table(rows, ["set", "N", "n_px", "path", "seconds", "images_per_s", "peak_mib"]))
+    print(table(rows, COLUMNS))
     print("wrote", write("bench_data", rows, args.out))
 
 
@@ -231,8 +237,8 @@ def _summary(rows: list[dict]) -> None:
                          key=lambda r: r["N"])  # fmt: skip
             if len(sel) >= 2:
                 a, b = sel[0], sel[-1]
-                print(f"{kind} {path}: peak at N={b['N']} / N={a['N']} = "
-                      f"{b['peak_mib'] / a['peak_mib']:.3f}")  # fmt: skip
+                ratios = [f"{m} {b[m] / a[m]:.3f}" for m in ("peak_rss_mib", "peak_pss_mib")]
+                print(f"{kind} {path}: peak at N={b['N']} / N={a['N']}: {', '.join(ratios)}")
         for n in sorted({r["N"] for r in rows if r["set"] == kind}):
             by = {r["path"]: r for r in rows if r["set"] == kind and r["N"] == n}
             if "stream w1" in by and "stream w2" in by:

@@ -8,9 +8,9 @@ An entry is a folder ``tokens/<key>/`` holding ``tokens.u16`` (N x n_px² uint16
 order), ``labels.npy`` (int64, when the set has labels) and ``meta.json`` (shape, labels or
 not, the key's record), written last: an entry without ``meta.json`` is never read as tokens.
 
-Building goes one chunk of ``CHUNK`` images at a time: worker processes read, decode and
-resize a chunk (``ImageSet.read`` then ``resize``), this process quantizes it with the
-palette (the C++/CUDA kernel) and appends it to ``tokens.u16.part`` and ``labels.part``;
+Building goes one chunk of ``CHUNK`` images at a time: worker processes read, decode,
+resize and quantize a chunk (``ImageSet.read``, ``resize``, the palette's C++ kernel, as
+``tokenize`` does), this process appends it to ``tokens.u16.part`` and ``labels.part``;
 after each chunk the files are flushed to disk and ``progress.json`` records how many
 chunks and rows are done. Killed at any moment, the next build cuts the part files back to
 what ``progress.json`` records and goes on from the next chunk, so its tokens are the bytes
@@ -43,7 +43,7 @@ from igpt.transforms import resize
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1024  # images per chunk: resumable at this grain, a few of them in memory
+CHUNK = 256  # images per chunk: resumable at this grain, a few of them in memory
 PARTS = ("tokens.u16.part", "labels.part", "progress.json")
 
 
@@ -187,8 +187,9 @@ def build_entry(
             workers = available_cores() if n_chunks > 4 else 0
         start = time.perf_counter()
         if state["chunks"] < n_chunks:
-            with _chunk_results(images, n_px, chunk, state["chunks"], n_chunks, workers) as res:
-                _write_chunks(res, palette, folder, plan, state, progress, images)
+            first = state["chunks"]
+            with _chunk_results(images, palette, n_px, chunk, first, n_chunks, workers) as res:
+                _write_chunks(res, folder, plan, state, progress, images)
         _finish(folder, plan, state, images.labels is not None)
         took = time.perf_counter() - start
         log.info(
@@ -222,7 +223,7 @@ def _resume_state(folder: Path, plan: dict, n: int) -> dict:
     return {"plan": plan, "chunks": 0, "rows": 0, "skipped": 0}
 
 
-def _write_chunks(results, palette, folder, plan, state, progress, images) -> None:
+def _write_chunks(results, folder, plan, state, progress, images) -> None:
     from tqdm.auto import tqdm
 
     show = progress if progress is not None else _stderr_is_terminal()
@@ -237,18 +238,16 @@ def _write_chunks(results, palette, folder, plan, state, progress, images) -> No
     tok = open(folder / "tokens.u16.part", "ab")  # noqa: SIM115 (closed with the others)
     lab = open(folder / "labels.part", "ab")  # noqa: SIM115
     with bar, tok, lab:
-        for data in results:
-            if len(data.images):
-                ids = palette.quantize(data.images).reshape(len(data.images), -1)
-                tok.write(ids.cpu().numpy().astype(np.uint16).tobytes())
-            if data.labels is not None:
-                lab.write(np.ascontiguousarray(data.labels, np.int64).tobytes())
+        for tokens, labels, skipped in results:
+            tok.write(tokens.tobytes())
+            if labels is not None:
+                lab.write(np.ascontiguousarray(labels, np.int64).tobytes())
             for f in (tok, lab):  # on disk before progress.json says so
                 f.flush()
                 os.fsync(f.fileno())
             state["chunks"] += 1
-            state["rows"] += len(data.images)
-            state["skipped"] += data.skipped
+            state["rows"] += len(tokens)
+            state["skipped"] += skipped
             atomic_write_bytes(folder / "progress.json", json.dumps(state).encode())
             bar.update(min(chunk, len(images) - (state["chunks"] - 1) * chunk))
 
@@ -281,11 +280,14 @@ def _stderr_is_terminal() -> bool:
 
 # ----------------------------------------------------------------------------- workers
 
-_WORKER = {}  # a worker process's set and side, given once by its initializer
+_WORKER = {}  # a worker process's set, palette and side, given once by its initializer
 
 
-def _worker_init(images, n_px: int) -> None:
-    _WORKER["images"], _WORKER["n_px"] = images, n_px
+def _worker_init(images, palette, n_px: int) -> None:
+    _WORKER.update(images=images, palette=palette, n_px=n_px)
+    # a forked child must not enter the parent's OpenMP thread pool (GNU OpenMP is not
+    # fork-safe); one thread per worker is the parallelism anyway
+    torch.set_num_threads(1)
     for fd in list(_HELD):  # a worker outliving a killed builder must not hold its lock
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -297,32 +299,37 @@ def _worker_init(images, n_px: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def read_chunk(images, n_px: int, start: int, stop: int):
-    """``ImageData`` of rows ``start`` .. ``stop - 1`` brought to n_px x n_px."""
+def read_chunk(images, palette, n_px: int, start: int, stop: int):
+    """Rows ``start`` .. ``stop - 1`` of ``images`` read, brought to n_px x n_px and
+    quantized: (uint16 tokens (m, n_px * n_px), labels (m,) or None, files skipped)."""
     data = images.read(start, stop)
+    tokens = np.zeros((0, n_px * n_px), np.uint16)
     if len(data.images):
-        data.images = resize(data.images, n_px)
-    return data
+        ids = palette.quantize(resize(data.images, n_px)).reshape(len(data.images), -1)
+        tokens = ids.cpu().numpy().astype(np.uint16)
+    return tokens, data.labels, data.skipped
 
 
 def _worker_chunk(start: int, stop: int):
-    return read_chunk(_WORKER["images"], _WORKER["n_px"], start, stop)
+    w = _WORKER
+    return read_chunk(w["images"], w["palette"], w["n_px"], start, stop)
 
 
 @contextlib.contextmanager
-def _chunk_results(images, n_px, chunk, first, n_chunks, workers):
-    """Chunks ``first`` .. ``n_chunks - 1`` in order, read by ``workers`` processes (a few
-    chunks ahead, never more) or here."""
+def _chunk_results(images, palette, n_px, chunk, first, n_chunks, workers):
+    """Chunks ``first`` .. ``n_chunks - 1`` in order (``read_chunk``), made by ``workers``
+    processes (a few chunks ahead, never more) or here."""
     bounds = [(i * chunk, min((i + 1) * chunk, len(images))) for i in range(first, n_chunks)]
     if workers <= 0 or not bounds:
-        yield (read_chunk(images, n_px, a, b) for a, b in bounds)
+        yield (read_chunk(images, palette, n_px, a, b) for a, b in bounds)
         return
     # fork: workers start at once with the set as it is here (a million paths are not
     # pickled), and never import the caller's __main__ (an unguarded script would run again
-    # and wait on the entry's lock); they only decode and resize (no CUDA, no torch threads)
+    # and wait on the entry's lock); they decode, resize and quantize on the CPU, one
+    # thread each
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(images, n_px)) as pool:
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(images, palette, n_px)) as pool:
 
         def ordered():
             pending = collections.deque()
