@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 import igpt.tokens
-from igpt.data import cached_tokens, load_images, palette_hash, prepare_tokens, resize, tokenize
+from igpt.data import cached_tokens, load_images, prepare_tokens, resize, tokenize
 from igpt.imagesets import ImageSet, open_images
 from igpt.palette import Palette, fit_palette, fit_palette_on
 from igpt_kernels import reference
@@ -34,16 +35,29 @@ def _rand_images(n, h, w, seed=0):
 
 
 def _old_key(spec, split, palette, n_px):
-    """The cache key as the in-memory cached_tokens computed it (copied from it)."""
-    from igpt.tokens import source_fingerprint, spec_key
-
+    """The cache key as the in-memory cached_tokens computed it (copied from it, with its
+    fingerprint of the files: relative path, size and mtime of each)."""
+    kind, _, arg = spec.partition(":")
+    root = Path(os.path.expanduser(arg)) if arg else None
+    if kind == "cifar10" and not (root / "data_batch_1").is_file():
+        root = root / "cifar-10-batches-py"
+    if root is None:
+        source = kind
+    else:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        h = hashlib.sha256()
+        for p in files:
+            st = p.stat()
+            h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        source = h.hexdigest()[:16]
+    c = palette.centroids.to(torch.float32).contiguous().numpy()
     key_src = json.dumps(
         {
-            "spec": spec_key(spec),
-            "source": source_fingerprint(spec),
+            "spec": kind if arg == "" else f"{kind}:{Path(os.path.expanduser(arg)).resolve()}",
+            "source": source,
             "split": split,
             "n_px": n_px,
-            "palette": palette_hash(palette),
+            "palette": hashlib.sha256(c.tobytes()).hexdigest()[:16],
         },
         sort_keys=True,
     )
