@@ -187,6 +187,7 @@ def build_entry(
             workers = available_cores() if n_chunks > 4 else 0
         start = time.perf_counter()
         if state["chunks"] < n_chunks:
+            _table_before_fork(palette, (len(images) - state["rows"]) * n_px * n_px)
             first = state["chunks"]
             with _chunk_results(images, palette, n_px, chunk, first, n_chunks, workers) as res:
                 _write_chunks(res, folder, plan, state, progress, images)
@@ -279,6 +280,23 @@ def _stderr_is_terminal() -> bool:
 
 
 # ----------------------------------------------------------------------------- workers
+
+
+def _table_before_fork(palette, pixels: int) -> None:
+    """Build the palette's 2^24-entry lookup table here, once, when the pixels to quantize
+    pay for it (``igpt_kernels.palette.LUT_WORK``): forked workers share it, where each
+    would otherwise quantize its first millions of pixels directly and then build its own."""
+    from igpt_kernels import palette as kernels_palette
+
+    centroids = getattr(palette, "centroids", None)
+    work = kernels_palette.LUT_WORK.get("cpu")
+    if centroids is None or work is None or pixels < work // len(palette):
+        return
+    try:
+        kernels_palette.get_lut(centroids.to("cpu", torch.float32).contiguous())
+    except ValueError as e:  # no compiled kernels: quantize runs the reference
+        log.debug("token cache: no lookup table (%s)", e)
+
 
 _WORKER = {}  # a worker process's set, palette and side, given once by its initializer
 
