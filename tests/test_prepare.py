@@ -166,7 +166,7 @@ def test_lazy_reader_reads_what_load_images_returns(tmp_path, kind, split):
     assert np.array_equal(picked.images, whole.images[[0, 1, len(whole) - 1]])
 
 
-def test_lazy_npz_maps_the_file_without_loading_it(tmp_path, monkeypatch):
+def test_lazy_npz_reads_rows_from_the_file_without_loading_it(tmp_path, monkeypatch):
     np.savez(tmp_path / "d.npz", images=_rand_images(40, 8, 8))
     s = open_images(f"npz:{tmp_path / 'd.npz'}", "all")
     assert s.source.offset is not None  # uncompressed: read straight from the file

@@ -10,8 +10,9 @@ Memory is bounded by what one read returns plus, at most, one source file held o
 
 - ``folder:`` lists ``CLASS/*`` files (ImageNet's ``train/CLASS/*.JPEG``, ``val/CLASS/*``) and
   reads only each file's header to find the sizes; reading decodes just the rows asked for.
-- ``npz:`` maps an uncompressed member (``numpy.savez``) straight from the file; a compressed
-  one (``numpy.savez_compressed``) is decompressed forward from the last position read.
+- ``npz:`` reads the rows asked for of an uncompressed member (``numpy.savez``) straight from
+  the file; a compressed one (``numpy.savez_compressed``) is decompressed forward from the
+  last position read.
 - ``cifar10:``/``cifar100:`` and the Downsampled ImageNet pickles hold one batch file at a time.
 - ``imagenet32:DIR`` / ``imagenet64:DIR`` (Chrabaszcz et al. 2017, "A Downsampled Variant of
   ImageNet"): ``train_data_batch_1`` .. ``train_data_batch_10`` (the train split) and
@@ -23,12 +24,14 @@ Memory is bounded by what one read returns plus, at most, one source file held o
 
 A pickled batch must be unpickled whole (numpy arrays in a pickle cannot be mapped), so for
 the pickles memory is one batch file (about 1.5 GB for ImageNet 64x64 train batches; the
-``.npz`` release is mapped and needs no more than a read).
+``.npz`` release is read a chunk at a time).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import zipfile
 import zlib
@@ -183,6 +186,11 @@ class NpyRows:
     def __getstate__(self):
         return {**self.__dict__, "_handle": None}
 
+    def __del__(self):
+        if isinstance(getattr(self, "_handle", None), int):
+            with contextlib.suppress(OSError):
+                os.close(self._handle)
+
     def count(self) -> int:
         """Number of rows."""
         return int(self.shape[0])
@@ -193,11 +201,7 @@ class NpyRows:
         if len(idx) == 0:
             return np.zeros((0, *self.shape[1:]), self.dtype)
         if self.offset is not None:
-            if self._handle is None:
-                self._handle = np.memmap(
-                    self.path, self.dtype, "r", offset=self.offset, shape=tuple(self.shape)
-                )
-            return np.array(self._handle[idx])
+            return self._pread(idx)
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         if self._handle is None or self._handle[1] > lo:  # a compressed member: rewind
             self._handle = (self._open_member(), 0)
@@ -207,6 +211,27 @@ class NpyRows:
         self._handle = (f, hi)
         block = np.frombuffer(buf, self.dtype).reshape(hi - lo, *self.shape[1:])
         return block[idx - lo]
+
+    def _pread(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` of an uncompressed array, read with ``os.pread``: a block where the
+        rows lie close, else row by row. Not a memory map: pages a map has touched stay in
+        the process's resident memory, which would then grow with the file."""
+        if self._handle is None:
+            self._handle = os.open(self.path, os.O_RDONLY)
+        out = np.empty((len(idx), *self.shape[1:]), self.dtype)
+        flat = out.reshape(len(idx), -1).view(np.uint8)
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        if hi - lo <= 2 * len(idx) + 16:
+            buf = os.pread(
+                self._handle, (hi - lo) * self.row_bytes, self.offset + lo * self.row_bytes
+            )
+            block = np.frombuffer(buf, np.uint8).reshape(hi - lo, self.row_bytes)
+            flat[:] = block[idx - lo]
+            return out
+        for j, i in enumerate(idx):
+            buf = os.pread(self._handle, self.row_bytes, self.offset + int(i) * self.row_bytes)
+            flat[j] = np.frombuffer(buf, np.uint8)
+        return out
 
     def get(self, idx):
         """(uint8 images of rows ``idx``, all-True mask)."""
@@ -361,7 +386,7 @@ def _open_npz(path: Path, split: str, spec: str) -> ImageSet:
     try:
         return _map_npz(path, split, spec)
     except (ValueError, KeyError, OSError, zipfile.BadZipFile, zlib.error, EOFError) as e:
-        log.info("npz %s cannot be mapped (%s): reading it whole", path, e)
+        log.info("npz %s cannot be read by rows (%s): reading it whole", path, e)
     data = load_npz(str(path), split)
     return ImageSet(
         ArraySource(data.images), data.labels, data.classes, shape=data.images.shape[1:3]
