@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from igpt.commands._common import UsageError, add_common_arguments, count, pick_device
+from igpt.commands.prepare import DATA_HELP
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
     """Arguments of ``igpt fit-palette``."""
-    add_common_arguments(parser, "data", "n_px", "seed", "device")
+    add_common_arguments(parser, "data", "n_px", "seed", "device", helps={"data": DATA_HELP})
     parser.add_argument("--k", type=count(1), default=512, help="colours (default %(default)s)")
     parser.add_argument(
         "--sample",

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 from igpt.commands._common import add_common_arguments, count, read_palette
 
+DATA_HELP = (
+    "digits (bundled), cifar10:DIR, cifar100:DIR, folder:DIR, npz:FILE, imagenet32:DIR or "
+    "imagenet64:DIR (default %(default)s)"
+)
+
 
 def add_arguments(parser) -> None:
     """Arguments of ``igpt prepare``."""
-    add_common_arguments(parser, "data")
+    add_common_arguments(parser, "data", helps={"data": DATA_HELP})
     parser.add_argument(
         "--n-px", type=count(1), required=True, help="image side the tokens are made at"
     )
@@ -26,7 +31,8 @@ def add_arguments(parser) -> None:
         "--workers",
         type=count(0),
         default=None,
-        help="processes that decode and resize (0: this one; default: the cores available)",
+        help="processes that decode, resize and quantize (0: this one; default: the cores "
+        "available)",
     )
     parser.add_argument(
         "--split",
