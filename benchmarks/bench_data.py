@@ -8,8 +8,11 @@ Two synthetic sets, made once (kept in --data-dir, default /tmp/igpt_bench_data)
   tokenised at n_px 64.
 
 Each measurement is one fresh process (``--one``) building a fresh cache entry of split
-"all"; this script samples the resident memory of that process and all its children every
-20 ms (``/proc``) and reports the peak of their sum, as the issue measured it. Rows:
+"all"; this script samples the memory of that process and all its children every 20 ms
+(``/proc``) and reports the peak of their sum: RSS, as the issue measured it, and PSS
+(forked workers share pages with their parent, which RSS counts once per process). The
+CPU seconds of the process and of its workers hardly depend on the machine's load: with K
+free cores the wall time is about max(cpu_main, cpu_workers / K). Rows:
 
 - ``stream wK``: ``igpt.data.cached_tokens`` with K worker processes (the streaming path);
 - ``in-memory``: the token cache as it was before it streamed (the whole split decoded by
@@ -38,7 +41,8 @@ from pathlib import Path
 import numpy as np
 from common import parser, table, write
 
-COLUMNS = ["set", "N", "n_px", "path", "seconds", "images_per_s", "peak_rss_mib", "peak_pss_mib"]
+COLUMNS = ["set", "N", "n_px", "path", "seconds", "images_per_s", "cpu_main_s", "cpu_workers_s",
+           "peak_rss_mib", "peak_pss_mib"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- data sets
@@ -125,7 +129,7 @@ def one(mode: str, spec: str, n_px: int, palette_path: str) -> None:
     palette = Palette.load(palette_path)
     palette.quantize(np.zeros((1, 1, 3), np.uint8))  # load the C++ kernel before the clock
     with tempfile.TemporaryDirectory() as cache:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), os.times()
         if mode == "old":
             n = old_cached_tokens(spec, palette, n_px, Path(cache))
         else:
@@ -134,8 +138,13 @@ def one(mode: str, spec: str, n_px: int, palette_path: str) -> None:
                 spec, "all", palette, n_px, cache_dir=cache, workers=workers, progress=False
             )
             n = len(tokens)
-        seconds = time.perf_counter() - start
-    print(json.dumps({"images": n, "seconds": seconds}))
+        seconds, end = time.perf_counter() - start, os.times()
+    # CPU seconds of this process and of its (reaped) workers: unlike the wall time, they
+    # hardly change with the machine's load, and say how much of the work is parallel
+    main_cpu = end.user + end.system - cpu.user - cpu.system
+    workers_cpu = end.children_user + end.children_system - cpu.children_user - cpu.children_system
+    print(json.dumps({"images": n, "seconds": seconds, "cpu_main_s": main_cpu,
+                      "cpu_workers_s": workers_cpu}))  # fmt: skip
 
 
 def _tree_memory(pid: int) -> tuple[int, int]:
