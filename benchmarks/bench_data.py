@@ -10,9 +10,8 @@ Two synthetic sets, made once (kept in --data-dir, default /tmp/igpt_bench_data)
 Each measurement is one fresh process (``--one``) building a fresh cache entry of split
 "all"; this script samples the memory of that process and all its children every 20 ms
 (``/proc``) and reports the peak of their sum: RSS, as the issue measured it, and PSS
-(forked workers share pages with their parent, which RSS counts once per process). The
-CPU seconds of the process and of its workers hardly depend on the machine's load: with K
-free cores the wall time is about max(cpu_main, cpu_workers / K). Rows:
+(forked workers share pages with their parent, which RSS counts once per process), and the
+CPU seconds of the process and of its workers (where the work went). Rows:
 
 - ``stream wK``: ``igpt.data.cached_tokens`` with K worker processes (the streaming path);
 - ``in-memory``: the token cache as it was before it streamed (the whole split decoded by
@@ -139,8 +138,8 @@ def one(mode: str, spec: str, n_px: int, palette_path: str) -> None:
             )
             n = len(tokens)
         seconds, end = time.perf_counter() - start, os.times()
-    # CPU seconds of this process and of its (reaped) workers: unlike the wall time, they
-    # hardly change with the machine's load, and say how much of the work is parallel
+    # CPU seconds of this process and of its (reaped) workers: how much of the work is
+    # parallel (they too grow on a machine busy with other work)
     main_cpu = end.user + end.system - cpu.user - cpu.system
     workers_cpu = end.children_user + end.children_system - cpu.children_user - cpu.children_system
     print(json.dumps({"images": n, "seconds": seconds, "cpu_main_s": main_cpu,
