@@ -250,6 +250,19 @@ def test_streamed_tokens_equal_the_reference_quantizer(tmp_path):
     assert np.array_equal(tokens.astype(np.int64), ref.numpy())
 
 
+def test_the_lookup_table_path_gives_the_reference_tokens(tmp_path, monkeypatch):
+    # big sets quantize through the palette's 2^24-entry table, built before workers fork:
+    # a threshold of 0 pixels sends this small set the same way
+    from igpt_kernels import palette as kernels_palette
+
+    monkeypatch.setitem(kernels_palette.LUT_WORK, "cpu", 1)
+    spec, pal = _spec("folder", tmp_path), _palette(16, seed=7)
+    tokens, _ = cached_tokens(spec, "all", pal, 8, cache_dir=tmp_path / "c", workers=2)
+    images = resize(load_images(spec, "all").images, 8)
+    ref = reference.quantize(torch.from_numpy(images), pal.centroids).reshape(len(images), -1)
+    assert np.array_equal(tokens.astype(np.int64), ref.numpy())
+
+
 def test_worker_processes_give_the_same_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(igpt.tokens, "CHUNK", 3)
     spec, pal = _spec("folder", tmp_path), _palette()
