@@ -11,6 +11,7 @@ the cases need (a tiny checkpoint, damaged copies, bad data files) is made once 
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1019,3 +1020,36 @@ def test_a_palette_that_does_not_fit_the_model_is_refused_naming_both_sizes(tmp_
     with pytest.raises(SystemExit) as e:
         main(["sample", "--checkpoint", str(ckpt), "--n", "1", "--out", str(tmp_path / "s.png")])
     assert "8 colours" in e.value.code and "n_colors=16" in e.value.code
+
+
+def test_npz_whose_train_and_test_parts_disagree_is_one_line(tmp_path):
+    """Issue 26: with split "all", parts of other sizes, or labels on one part only, were a
+    raw numpy concatenate error; both readers (whole and lazy) and the CLI name the file."""
+    rng = np.random.default_rng(0)
+    sizes = tmp_path / "sizes.npz"
+    np.savez(
+        sizes,
+        train_images=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8),
+        test_images=rng.integers(0, 256, (2, 6, 6, 3), dtype=np.uint8),
+    )
+    labels = tmp_path / "labels.npz"
+    np.savez(
+        labels,
+        train_images=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8),
+        train_labels=np.arange(4),
+        test_images=rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8),
+    )
+    palette = tmp_path / "palette.npy"
+    Palette(torch.rand(4, 3) * 255).save(palette)
+    cases = [(sizes, r"train_images 8x8, test_images 6x6.*one image size"),
+             (labels, r"has train_labels but no test_labels.*add test_labels")]  # fmt: skip
+    for path, message in cases:
+        for lazy in (False, True):
+            with pytest.raises(ValueError, match=f"{path}.*{message}"):
+                load_images(f"npz:{path}", "all", lazy=lazy)
+        assert len(load_images(f"npz:{path}", "train")) == 4  # each part alone still reads
+        argv = ["prepare", "--data", f"npz:{path}", "--n-px", "4", "--split", "all"]
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--palette", str(palette), "--cache-dir", str(tmp_path / "c")])
+        line = str(e.value.code)
+        assert "\n" not in line and str(path) in line and re.search(message, line)

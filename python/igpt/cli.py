@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "igpt.commands.fit_palette",
         "fit a k-means colour palette on a data set (.npy + PNG)",
     ),
+    "prepare": (
+        "igpt.commands.prepare",
+        "tokenise a data set once into the token cache (streamed, parallel, resumable)",
+    ),
     "pretrain": ("igpt.commands.pretrain", "pre-train an iGPT model (AR or BERT objective)"),
     "probe": (
         "igpt.commands.probe",

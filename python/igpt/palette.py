@@ -232,6 +232,68 @@ def fit_palette(
     return Palette(np.clip(km.cluster_centers_, 0, 255).astype(np.float32))
 
 
+def fit_palette_on(
+    image_set,
+    k: int = 512,
+    *,
+    n_px: int | None = None,
+    rows=None,
+    max_images: int | None = None,
+    sample: int = 1_000_000,
+    seed: int = 0,
+    device=None,
+    block: int = 1024,
+) -> Palette:
+    """``fit_palette`` on images read through a lazy reader, a block of images at a time.
+
+    Args:
+        image_set: an ``igpt.imagesets.ImageSet`` (``len``, ``take(rows)``, ``shape``).
+        k, sample, seed, device: as ``fit_palette``.
+        n_px: bring the images to n_px x n_px first (as ``igpt.data.resize``); None keeps
+            the set's own size (``image_set.shape`` must then be set).
+        rows: the set's rows to fit on, in this order; None: all of them, or a seeded random
+            ``max_images`` of them when the set has more.
+        block: images read at once.
+
+    The result equals ``fit_palette(images, k, sample=sample, seed=seed)`` on the images of
+    ``rows`` stacked in memory: the same ``sample`` pixel positions are drawn, and only the
+    images that hold one of them are read. Memory: ``sample`` pixels and one block of images.
+    """
+    from igpt.transforms import resize
+
+    if rows is None:
+        rows = np.arange(len(image_set))
+        if max_images is not None and len(rows) > max_images:
+            pick = np.random.default_rng(seed).choice(len(rows), size=max_images, replace=False)
+            rows = np.sort(pick)
+    rows = np.asarray(rows, np.int64)
+    h, w = (n_px, n_px) if n_px is not None else image_set.shape
+    per_image = h * w
+    total = len(rows) * per_image
+    if total == 0:
+        raise ValueError("image_set holds no pixels")
+    if total > sample:  # the draw fit_palette makes, on the pixel positions alone
+        wanted = np.sort(np.random.default_rng(seed).choice(total, size=sample, replace=False))
+    else:
+        wanted = np.arange(total)
+    pos = wanted // per_image  # position in ``rows`` of each wanted pixel
+    parts = []
+    for a in range(0, len(rows), block):
+        sel = (pos >= a) & (pos < a + block)
+        if not sel.any():
+            continue
+        need = rows[np.unique(pos[sel])]
+        data = image_set.take(need)
+        if data.skipped:
+            raise ValueError(f"{data.skipped} of the images to fit on cannot be read")
+        images = data.images if n_px is None else resize(data.images, n_px)
+        got = np.unique(need)  # take returns rows in ascending order
+        which = np.searchsorted(got, rows[pos[sel]])
+        parts.append(images.reshape(len(images), per_image, 3)[which, wanted[sel] % per_image])
+    pixels = np.concatenate(parts)
+    return fit_palette(pixels, k, sample=max(sample, len(pixels)), seed=seed, device=device)
+
+
 def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """(M,) squared distances of points x (M, 3) to centres c (M, 3) or (3,)."""
     return (x - c).square().sum(-1)
