@@ -1,12 +1,10 @@
 """Fine-tuning: a class head on a pretrained iGPT, trained with L_GEN + L_CLF (sec. 3.4).
 
-    clf = IGPTClassifier(model, n_classes=10)              # head on mean-pooled n^L, zeros
     res = finetune(model, tokens, labels, n_classes=10, steps=1000, out_dir="runs/ft")
     acc = evaluate(res["classifier"], test_tokens, test_labels)
 
-The head reads the average-pooled n^L = ln_f(h^L) (or, with ``layer=l``, the pooled n^l of
-an earlier layer, as the probe's features) and starts at zero, so the first predictions are
-uniform. The loss is L_GEN + L_CLF (the paper's choice; L_GEN is the model's AR or BERT
+The classifier (``IGPTClassifier``, ``predict``, ``evaluate``, ``load_classifier``) lives in
+``igpt.classifier`` and is re-exported here. The loss is L_GEN + L_CLF (the paper's choice; L_GEN is the model's AR or BERT
 objective, ``igpt.objectives``) or L_CLF alone (``joint=False``). Adam with the
 pre-training betas at a constant rate, early stopping on hold-out accuracy. BERT models see
 masked inputs in training and evaluation, and the evaluation can ensemble several masks
@@ -49,139 +47,42 @@ from igpt.checkpoint import (
     checkpoint_state,
     load_checkpoint,
 )
-from igpt.features import _resolve_layers
+from igpt.classifier import (  # re-exported: their home is igpt.classifier
+    IGPTClassifier,
+    evaluate,
+    load_classifier,
+    predict,
+    resolve_model_device,
+)
 from igpt.model import IGPT
 from igpt.objectives import (
     MASK_PROB,
     OBJECTIVES,
-    MaskRows,
     check_objective,
     generative_loss,
     objective_of,
 )
-from igpt.probe import _as_labels, modal_prediction
+from igpt.probe import _as_labels
 from igpt.rundir import RunDir
 from igpt.train import progress_enabled, setting
+
+__all__ = [
+    "FinetuneConfig",
+    "Finetuner",
+    "finetune",
+    "FINETUNE_FIXED",
+    # re-exported: their home is igpt.classifier
+    "IGPTClassifier",
+    "predict",
+    "evaluate",
+    "load_classifier",
+]
 
 log = logging.getLogger(__name__)
 
 # what a resumed fine-tuning run must share with its checkpoint's run: the head, the loss
 # and the batch of every step (the architecture and n_classes are checked beside them)
 FINETUNE_FIXED = ("n_classes", "layer", "joint", "head_bias", "batch_size", "seed")
-
-
-class IGPTClassifier(nn.Module):
-    """An ``IGPT`` with a zero-initialised linear class head on average-pooled features.
-
-    Args:
-        model: the pretrained ``IGPT`` (shared, not copied).
-        n_classes: number of classes.
-        layer: which pooled feature the head reads: None (or L) for n^L = ln_f(h^L), the
-            paper's fine-tuning choice; l < L for the pooled ln_1 of block l's input.
-    """
-
-    def __init__(self, model: IGPT, n_classes: int, *, layer: int | None = None):
-        super().__init__()
-        if not isinstance(model, IGPT):
-            raise TypeError(f"model must be an igpt.IGPT, got {type(model).__name__}")
-        if not isinstance(n_classes, int) or n_classes < 2:
-            raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
-        L = model.config.n_layer
-        self.model = model
-        self.layer = L if layer is None else _resolve_layers([layer], L)[0]
-        self.n_classes = n_classes
-        self.head = nn.Linear(model.config.n_embd, n_classes)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, tokens, bert_mask=None, *, generative: bool = True):
-        """(gen_logits (B, n, n_colors) or None, class_logits (B, n_classes) float32).
-
-        tokens: int (B, n); bert_mask: bool (B, n) for a BERT model (True = masked), None
-        for AR. ``generative=False`` skips the output head (and the blocks above ``layer``).
-        """
-        m = self.model
-        run_all = generative or self.layer == m.config.n_layer
-        n_L, pooled = m.trunk(tokens, bert_mask, pool_layers=[self.layer], run_all=run_all)
-        gen_logits = m.lm_head(n_L) if generative else None
-        pooled = pooled[:, 0]  # (B, d)
-        return gen_logits, self.head(pooled).float()
-
-
-def _resolve_device(device, model):
-    if device is None:
-        return next(model.parameters()).device
-    return torch.device(device)
-
-
-@torch.no_grad()
-def predict(
-    classifier: IGPTClassifier,
-    tokens,
-    *,
-    objective: str = "ar",
-    n_masks: int = 1,
-    mask_prob: float = MASK_PROB,
-    seed: int = 0,
-    batch_size: int = 64,
-    device=None,
-    progress: bool = False,
-) -> np.ndarray:
-    """Class predictions (N,) int64. BERT: the modal class over ``n_masks`` masks (sec. 4.6).
-
-    Mask m is ``igpt.objectives.bert_mask((N, n), mask_prob, seed=seed + 1 + m)``, the masks
-    of ``igpt.probe.bert_ensemble_probe``, the same on every device and for every batch
-    size; ties between classes are broken at random with ``seed`` (``modal_prediction``).
-    """
-    tokens = check_tokens(tokens, "tokens", shape_hint="(N, n)")
-    check_objective(objective)
-    device = _resolve_device(device, classifier)
-    classifier.to(device)
-    was_training = classifier.training
-    classifier.eval()
-    N, n = tokens.shape
-    runs = n_masks if objective == "bert" else 1
-    preds = np.empty((runs, N), dtype=np.int64)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    try:
-        for r in range(runs):
-            mask = MaskRows((N, n), mask_prob, seed=seed + 1 + r) if objective == "bert" else None
-            for s in tqdm(range(0, N, batch_size), desc="predict", disable=not progress):
-                x = tokens[s : s + batch_size].to(device, torch.long)
-                m = mask(s, s + batch_size).to(device) if mask is not None else None
-                with autocast:
-                    _, logits = classifier(x, m, generative=False)
-                preds[r, s : s + len(x)] = logits.argmax(1).cpu().numpy()
-    finally:
-        classifier.train(was_training)
-    return preds[0] if runs == 1 else modal_prediction(preds, seed=seed)
-
-
-def evaluate(classifier: IGPTClassifier, tokens, labels, **kw) -> float:
-    """Accuracy of ``predict(classifier, tokens, **kw)`` against integer ``labels``."""
-    y = _as_labels(labels, len(tokens), "labels")
-    return float((predict(classifier, tokens, **kw) == y).mean())
-
-
-def load_classifier(path_or_dir, device=None):
-    """A fine-tuned classifier from a checkpoint: ``(classifier, palette_or_None, ckpt)``.
-
-    Pass ``best.pt`` of a fine-tuning run for its best hold-out weights, or the run
-    directory for its latest checkpoint.
-    """
-    from igpt.checkpoint import load_model
-
-    model, palette, ckpt = load_model(path_or_dir)
-    if "head" not in ckpt or "finetune" not in ckpt:
-        raise ValueError(f"{path_or_dir} is not a fine-tuning checkpoint (it has no class head)")
-    info = ckpt["finetune"]
-    clf = IGPTClassifier(model, int(info["n_classes"]), layer=int(info["layer"]))
-    clf.head.load_state_dict(ckpt["head"])
-    if not info.get("head_bias", True):
-        clf.head.bias.requires_grad_(False)  # fine-tuned without a bias: it stays zero
-    if device is not None:
-        clf.to(device)
-    return clf, palette, ckpt
 
 
 # ----------------------------------------------------------------------------- config
@@ -318,7 +219,7 @@ class Finetuner:
             train_tokens, train_labels, val_tokens, val_labels, train_images, n_classes
         )
         self.model, self.palette = model, palette
-        self.device = _resolve_device(cfg.device, model)
+        self.device = resolve_model_device(cfg.device, model)
         self.clf = IGPTClassifier(model, self.n_classes, layer=cfg.layer).to(self.device)
         if not cfg.head_bias:
             self.clf.head.bias.requires_grad_(False)  # zero from IGPTClassifier, kept there
