@@ -185,11 +185,13 @@ def test_checkpointing_gives_the_same_gradients_and_state_dict():
 def test_checkpointing_recomputes_only_chosen_blocks_in_training(monkeypatch):
     import copy
 
-    import igpt.train
+    import igpt.memplan
 
     calls = []
-    real = igpt.train.checkpoint
-    monkeypatch.setattr(igpt.train, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = igpt.memplan.checkpoint
+    monkeypatch.setattr(
+        igpt.memplan, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     model = apply_checkpointing(
         IGPT(IGPTConfig(n_px=4, n_colors=8, n_layer=5, n_embd=64, n_head=2)), 2
     )
@@ -627,7 +629,7 @@ def test_palette_is_fitted_afresh_and_without_the_holdout(tmp_path, monkeypatch)
 
 
 def test_augmented_training_and_checkpointing_policy(tmp_path, palette_file, monkeypatch):
-    import igpt.train
+    import igpt.memplan
     from igpt.data import tokenize
 
     t = Trainer(_cfg(tmp_path, "aug", palette=palette_file, augment="cifar"))
@@ -641,8 +643,10 @@ def test_augmented_training_and_checkpointing_policy(tmp_path, palette_file, mon
     t.close()
 
     calls = []
-    real = igpt.train.checkpoint
-    monkeypatch.setattr(igpt.train, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = igpt.memplan.checkpoint
+    monkeypatch.setattr(
+        igpt.memplan, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     kw = dict(palette=palette_file, augment="cifar", steps=2)
     recomputed = pretrain(_cfg(tmp_path, "ckpt", checkpointing=1, **kw))
     assert len(calls) == 2 * TINY["n_layer"]  # every block of both training forwards
