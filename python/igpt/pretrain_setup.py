@@ -48,12 +48,15 @@ __all__ = [
     "lr_lambda_factory",
     "check_resumable",
     "run_warmup",
+    "run_optimizer",
     "apply_resumed_settings",
     "check_architecture",
     "run_palette",
     "run_data",
     "augmentation",
     "run_model",
+    "micro_batch",
+    "run_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,6 +141,18 @@ def run_warmup(cfg: TrainConfig, ckpt: dict | None, n_train: int) -> int:
         planned = TrainConfig.from_dict(ckpt["train_config"]).steps
         return int(ckpt.get("warmup", max(1, min(epoch, planned // 10))))
     return max(1, min(epoch, cfg.steps // 10))
+
+
+def run_optimizer(cfg: TrainConfig, model, device, ckpt: dict | None, n_train: int):
+    """(Adam, its warm-up + cosine LambdaLR, the warm-up steps) of a run (the resumed run's
+    own warm-up, ``run_warmup``); Adam is fused on CUDA."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.Adam(
+        model.parameters(), cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **fused
+    )
+    warmup = run_warmup(cfg, ckpt, n_train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(cfg.steps, warmup))
+    return optimizer, scheduler, warmup
 
 
 def apply_resumed_settings(cfg: TrainConfig, optimizer, scheduler, step: int) -> None:
@@ -254,3 +269,29 @@ def run_model(cfg: TrainConfig, n_colors: int, init_cfg, init, device, resume=No
         load_weights(model, init, resolve_checkpoint(cfg.init_from))
         log.info("starting from the weights of %s", resolve_checkpoint(cfg.init_from))
     return apply_checkpointing(model.to(device), cfg.checkpointing)
+
+
+def micro_batch(cfg: TrainConfig, world: int) -> int:
+    """Rows per process and micro-step: the global batch over ``world * grad_accum``, which
+    must divide it (a ValueError naming both otherwise)."""
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(
+            f"batch_size {cfg.batch_size} must divide by world_size * grad_accum = "
+            f"{world} * {cfg.grad_accum}"
+        )
+    return cfg.batch_size // (world * cfg.grad_accum)
+
+
+def run_config(cfg: TrainConfig, model: IGPT, world: int, warmup: int, n, palette) -> dict:
+    """What ``config.json`` records of a run: its resolved settings (``train``, the memory
+    plan's included), the model, ``n = (n_train, n_val)`` and the warm-up it runs."""
+    return {
+        "train": cfg.to_dict(),
+        "model": model.config.to_dict(),
+        "world_size": world,
+        "warmup_steps": warmup,
+        "n_train": int(n[0]),
+        "n_val": int(n[1]),
+        "palette_colors": len(palette),
+        "torch": torch.__version__,
+    }

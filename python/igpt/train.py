@@ -35,6 +35,7 @@ processes see the batch one process would (each takes its own rows of it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from igpt._rng import rng_state, set_rng_state
@@ -56,10 +58,12 @@ from igpt.pretrain_setup import (
     init_checkpoint,
     init_config,
     lr_lambda_factory,
+    micro_batch,
+    run_config,
     run_data,
     run_model,
+    run_optimizer,
     run_palette,
-    run_warmup,
 )
 from igpt.rundir import RunDir
 from igpt.trainconfig import RESUME_FIXED, TrainConfig, progress_enabled, setting
@@ -116,14 +120,13 @@ class Trainer:
             config = dataclasses.replace(config, n_px=init_cfg.n_px)
         self.cfg = cfg = config
         self.dist = d = Distributed(cfg.device, fsdp=cfg.fsdp)
+        micro_batch(cfg, d.world)  # refused before any file is written
         self.device = resolve_device(cfg.device, local_rank=d.local_rank if d.world > 1 else None)
         self.amp = uses_bf16(cfg.precision, self.device)
         self.autocast = autocast(self.device, self.amp)
         self.run = RunDir(cfg.out, is_main=d.is_main)
         d.barrier()
-        found = open_resume(
-            self.run, cfg.resume, lambda path, ckpt: check_resumable(cfg, path, ckpt)
-        )
+        found = open_resume(self.run, cfg.resume, functools.partial(check_resumable, cfg))
         resume_from, ckpt = found if found is not None else (None, None)
         init = init_checkpoint(cfg, palette) if ckpt is None and init_cfg is not None else None
         self.palette = run_palette(cfg, self.run, d, palette, ckpt or init, data)
@@ -135,25 +138,16 @@ class Trainer:
         )
         self.apply_memory(self.memory.settings)
         self.model = d.wrap(self.raw_model, self.device, bf16=self.amp)
-        self._optimizer(ckpt)
+        n_train = len(self.batches.train_idx)  # the warm-up's epoch
+        self.optimizer, self.scheduler, self.warmup = run_optimizer(
+            cfg, self.model, self.device, ckpt, n_train
+        )
         self.step, self.guard = 0, NonFiniteGuard()
         if ckpt is not None:
             self._restore(ckpt)
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.run.truncate_metrics(self.step)
         self._write_config()
-
-    def _optimizer(self, ckpt: dict | None) -> None:
-        """Adam and the warm-up + cosine schedule (the resumed run's own warm-up)."""
-        cfg = self.cfg
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **fused
-        )
-        self.warmup = run_warmup(cfg, ckpt, len(self.batches.train_idx))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda_factory(cfg.steps, self.warmup)
-        )
 
     def apply_memory(self, settings: dict) -> None:
         """Run with ``settings`` (``TrainMemory.settings``: grad_accum, checkpointing,
@@ -163,21 +157,10 @@ class Trainer:
             self.cfg,
             **{k: settings[k] for k in ("grad_accum", "checkpointing", "offload_activations")},
         )
-        d = self.dist
-        if cfg.batch_size % (d.world * cfg.grad_accum):
-            raise ValueError(
-                f"batch_size {cfg.batch_size} must divide by world_size * grad_accum = "
-                f"{d.world} * {cfg.grad_accum}"
-            )
         if settings["fsdp"]:
-            d.sharded = True  # a plan shards only under torchrun (gpus = world > 1)
-        self.cfg, self.micro = cfg, cfg.batch_size // (d.world * cfg.grad_accum)
+            self.dist.sharded = True  # a plan shards only under torchrun (gpus = world > 1)
+        self.cfg, self.micro = cfg, micro_batch(cfg, self.dist.world)
         apply_checkpointing(self.raw_model, cfg.checkpointing)
-
-    @property
-    def skipped(self) -> int:
-        """Steps skipped so far for a non-finite loss or gradient (``NonFiniteGuard``)."""
-        return self.guard.skipped
 
     # -- training -------------------------------------------------------------------------
 
@@ -245,29 +228,14 @@ class Trainer:
         """Hold-out ``val_loss`` (nats per token), ``val_bits_per_token`` (nats / ln 2) and
         ``val_bits_per_dim`` (per sub-pixel, a third: ``CHANNELS``). BERT uses a fixed mask
         (seeded) so evaluations are comparable across steps."""
-        from tqdm.auto import tqdm
-
-        cfg, d, V = self.cfg, self.dist, len(self.val_tokens)
+        cfg, V = self.cfg, len(self.val_tokens)
         if V == 0:
             return {}
-        n = self.val_tokens.shape[1]
-        val_mask = MaskRows((V, n), cfg.mask_prob, seed=(cfg.seed, 4))
+        val_mask = MaskRows(self.val_tokens.shape, cfg.mask_prob, seed=(cfg.seed, 4))
         was_training = self.model.training
         self.model.eval()
-        bs = max(1, self.micro)
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        show = d.is_main and progress_enabled(cfg.progress)
-        for b in tqdm(range(math.ceil(V / (bs * d.world))), "validation", disable=not show):
-            lo = (b * d.world + d.rank) * bs
-            hi, weight = min(lo + bs, V), 1.0
-            if lo >= V:  # every rank must run the same forwards (FSDP)
-                lo, hi, weight = 0, 1, 0.0
-            tokens = self.val_tokens[lo:hi].to(self.device)
-            mask = val_mask(lo, hi).to(self.device) if cfg.objective == "bert" else None
-            s = self.loss_sum(tokens, mask).double()
-            count = float(mask.sum()) if mask is not None else float(tokens.numel())
-            total += torch.stack([s, s.new_tensor(count)]) * weight
-        d.all_reduce(total)
+        show = self.dist.is_main and progress_enabled(cfg.progress)
+        total = _validation_totals(self, val_mask if cfg.objective == "bert" else None, show)
         self.model.train(was_training)
         nats = (total[0] / total[1].clamp(min=1)).item()
         bits = nats / math.log(2)
@@ -279,8 +247,6 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> dict:
-        from tqdm.auto import tqdm
-
         cfg = self.cfg
         self.model.train()
         desc = f"pretrain {cfg.model} {cfg.objective}"
@@ -301,7 +267,7 @@ class Trainer:
             # carries `loss`, and a run resumed from a checkpoint averages the same windows.
             if self.step % cfg.log_every == 0 or evaluate or checkpoint:
                 now = time.perf_counter()
-                row = self._row(stats, window, now - t_last)
+                row = _metrics_row(self, stats, window, now - t_last)
                 window, t_last = [], now
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 row.update(self.evaluate() if evaluate else {})
@@ -312,22 +278,16 @@ class Trainer:
                 self.save()
         bar.close()
         self.plot()
-        summary = {"step": self.step, "skipped": self.skipped, "out": str(self.run.path), **last}
+        summary = {
+            "step": self.step,
+            "skipped": self.guard.skipped,
+            "out": str(self.run.path),
+            **last,
+        }
         self.run.write_json("summary.json", summary)
         return summary
 
     # -- bookkeeping ----------------------------------------------------------------------
-
-    def _row(self, stats: dict, window: list, seconds: float) -> dict:
-        tokens = self.cfg.batch_size * self.cfg.n_px**2 * len(window)
-        return {
-            "step": self.step,
-            "loss": float(np.mean(window)),
-            "lr": stats["lr"],
-            "grad_norm": stats["grad_norm"],
-            "skipped": self.skipped,
-            "tokens_per_s": tokens / max(seconds, 1e-9),
-        }
 
     def _log(self, row: dict) -> None:
         self.run.append_metrics([row])
@@ -336,16 +296,8 @@ class Trainer:
             log.info(VAL_LINE, *map(row.get, keys))
 
     def _write_config(self) -> None:
-        conf = {
-            "train": self.cfg.to_dict(),
-            "model": self.raw_model.config.to_dict(),
-            "world_size": self.dist.world,
-            "warmup_steps": self.warmup,
-            "n_train": int(len(self.batches.train_idx)),
-            "n_val": int(len(self.val_idx)),
-            "palette_colors": len(self.palette),
-            "torch": torch.__version__,
-        }
+        n = (len(self.batches.train_idx), len(self.val_idx))
+        conf = run_config(self.cfg, self.raw_model, self.dist.world, self.warmup, n, self.palette)
         self.run.write_json("config.json", conf)
         if self.dist.is_main:
             self.palette.save(self.run.path / "palette.npy")
@@ -364,7 +316,7 @@ class Trainer:
             rng=rng_state(),
             train_config=self.cfg.to_dict(),
             objective=self.cfg.objective,
-            skipped=self.skipped,
+            skipped=self.guard.skipped,
             warmup=self.warmup,
             optimizer_format=d.optimizer_format,
         )
@@ -392,6 +344,39 @@ class Trainer:
     def close(self) -> None:
         """Destroy the process group if this trainer created it."""
         self.dist.close()
+
+
+def _metrics_row(trainer: Trainer, stats: dict, window: list, seconds: float) -> dict:
+    """A metrics.jsonl row: the mean loss of the steps since the last row, and its speed."""
+    tokens = trainer.cfg.batch_size * trainer.cfg.n_px**2 * len(window)
+    return {
+        "step": trainer.step,
+        "loss": float(np.mean(window)),
+        "lr": stats["lr"],
+        "grad_norm": stats["grad_norm"],
+        "skipped": trainer.guard.skipped,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+    }
+
+
+def _validation_totals(trainer: Trainer, val_mask: MaskRows | None, show: bool) -> torch.Tensor:
+    """(summed loss, token count) over the hold-out, float64, summed over processes: each
+    takes every world-th micro-batch; a rank short of one reruns row 0 at weight 0, so that
+    every rank runs the same forwards (FSDP)."""
+    d, tokens_all, device = trainer.dist, trainer.val_tokens, trainer.device
+    V, bs = len(tokens_all), max(1, trainer.micro)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in tqdm(range(math.ceil(V / (bs * d.world))), "validation", disable=not show):
+        lo = (b * d.world + d.rank) * bs
+        hi, weight = min(lo + bs, V), 1.0
+        if lo >= V:
+            lo, hi, weight = 0, 1, 0.0
+        tokens = tokens_all[lo:hi].to(device)
+        mask = val_mask(lo, hi).to(device) if val_mask is not None else None
+        s = trainer.loss_sum(tokens, mask).double()
+        count = float(mask.sum()) if mask is not None else float(tokens.numel())
+        total += torch.stack([s, s.new_tensor(count)]) * weight
+    return d.all_reduce(total)
 
 
 def pretrain(config: TrainConfig | None = None, *, palette=None, data=None, **overrides) -> dict:
