@@ -271,3 +271,43 @@ def test_finetune_tokenises_augmented_images_every_step():
     assert calls == [8, 8, 8] and res["step"] == 3
     with pytest.raises(ValueError, match="augment needs"):
         finetune(tiny(), tokenize(images, palette, 4), labels, augment=augment, steps=1)
+
+
+def test_a_non_finite_step_is_skipped_and_counted_as_in_pretraining(monkeypatch):
+    """One non-finite policy for both trainers (issue 21): fine-tuning skips and counts a
+    non-finite step (it used to raise), and gives up after NONFINITE_LIMIT in a row."""
+    import igpt.finetune
+    from igpt.training import NONFINITE_LIMIT
+
+    x, y = synthetic(32)
+    real, calls = igpt.finetune.F.cross_entropy, []
+
+    def spiky(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(igpt.finetune.F, "cross_entropy", spiky)
+    torch.manual_seed(0)
+    model = tiny()
+    res = finetune(model, x, y, steps=3, batch_size=8, eval_every=3, progress=False)
+    assert res["step"] == 3 and res["skipped"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ft = igpt.finetune.Finetuner(model, igpt.finetune.FinetuneConfig(steps=3), x, y)
+    monkeypatch.setattr(igpt.finetune.F, "cross_entropy", lambda *a, **k: real(*a, **k) * np.nan)
+    for s in range(NONFINITE_LIMIT - 1):
+        ft._step(s)
+    assert ft.guard.skipped == ft.state["skipped"] == NONFINITE_LIMIT - 1
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        ft._step(NONFINITE_LIMIT)
+
+
+def test_finetune_reads_its_mixed_precision_from_the_config():
+    from igpt.finetune import FinetuneConfig, Finetuner
+
+    x, y = synthetic(16)
+    ft = Finetuner(tiny(), FinetuneConfig(precision="bf16", steps=1, batch_size=8), x, y)
+    assert ft.autocast.fast_dtype == torch.bfloat16 and ft.autocast._enabled
+    assert not Finetuner(tiny(), FinetuneConfig(steps=1), x, y).autocast._enabled  # auto, CPU
+    with pytest.raises(ValueError, match="precision"):
+        FinetuneConfig(precision="fp8")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from igpt import memory
+from igpt import IGPTConfig, memory
 from igpt.memplan import TrainMemory
 from igpt.palette import Palette
 from igpt.train import TrainConfig, Trainer, pretrain
@@ -299,6 +299,23 @@ def test_train_memory_without_a_budget_keeps_the_settings(tmp_path, palette_file
     assert isinstance(t.memory, TrainMemory) and t.memory.plan is None
     assert (t.micro, t.cfg.grad_accum, t.cfg.checkpointing) == (2, 4, 1)
     assert not (Path(t.run.path) / "memory.json").exists()
+
+
+def test_train_memory_returns_the_plan_and_leaves_the_config_alone(tmp_path, palette_file):
+    """The plan is the trainer's to apply (issue 21): building TrainMemory changes no config."""
+    from igpt.distributed import Distributed
+    from igpt.rundir import RunDir
+
+    cfg = _cfg(tmp_path, palette_file, max_memory=BUDGET)
+    before = cfg.to_dict()
+    config = IGPTConfig.from_name("igpt-tiny", n_px=8, n_colors=16, **TINY)
+    run = RunDir(tmp_path / "plain")
+    m = TrainMemory(
+        cfg, config, dist=Distributed("cpu"), device=torch.device("cpu"), amp=False, run=run
+    )
+    assert cfg.to_dict() == before
+    want = {"grad_accum": 2, "checkpointing": 2, "offload_activations": False, "fsdp": False}
+    assert m.settings == want and (m.plan.accumulation, m.plan.checkpointing) == (2, 2)
 
 
 # ----------------------------------------------------------------------------- GPU

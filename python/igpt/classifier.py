@@ -23,6 +23,7 @@ from igpt.features import _resolve_layers
 from igpt.model import IGPT
 from igpt.objectives import MASK_PROB, MaskRows, check_objective
 from igpt.probe import _as_labels, modal_prediction
+from igpt.training import autocast, resolve_device, uses_bf16
 
 __all__ = ["IGPTClassifier", "predict", "evaluate", "load_classifier", "resolve_model_device"]
 
@@ -66,10 +67,11 @@ class IGPTClassifier(nn.Module):
 
 
 def resolve_model_device(device, model) -> torch.device:
-    """``device`` as a torch.device, or (None) the device ``model``'s parameters are on."""
+    """``device`` resolved as every trainer does (``igpt.training.resolve_device``), or
+    (None) the device ``model``'s parameters are on."""
     if device is None:
         return next(model.parameters()).device
-    return torch.device(device)
+    return resolve_device(str(device))
 
 
 @torch.no_grad()
@@ -100,14 +102,14 @@ def predict(
     N, n = tokens.shape
     runs = n_masks if objective == "bert" else 1
     preds = np.empty((runs, N), dtype=np.int64)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = autocast(device, uses_bf16("auto", device))  # bf16 on CUDA, as in training
     try:
         for r in range(runs):
             mask = MaskRows((N, n), mask_prob, seed=seed + 1 + r) if objective == "bert" else None
             for s in tqdm(range(0, N, batch_size), desc="predict", disable=not progress):
                 x = tokens[s : s + batch_size].to(device, torch.long)
                 m = mask(s, s + batch_size).to(device) if mask is not None else None
-                with autocast:
+                with bf16:
                     _, logits = classifier(x, m, generative=False)
                 preds[r, s : s + len(x)] = logits.argmax(1).cpu().numpy()
     finally:

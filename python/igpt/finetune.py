@@ -4,11 +4,16 @@
     acc = evaluate(res["classifier"], test_tokens, test_labels)
 
 The classifier (``IGPTClassifier``, ``predict``, ``evaluate``, ``load_classifier``) lives in
-``igpt.classifier`` and is re-exported here. The loss is L_GEN + L_CLF (the paper's choice; L_GEN is the model's AR or BERT
-objective, ``igpt.objectives``) or L_CLF alone (``joint=False``). Adam with the
-pre-training betas at a constant rate, early stopping on hold-out accuracy. BERT models see
-masked inputs in training and evaluation, and the evaluation can ensemble several masks
-(sec. 4.6, ``n_masks``).
+``igpt.classifier`` and is re-exported here. The loss is L_GEN + L_CLF (the paper's choice;
+L_GEN is the model's AR or BERT objective, ``igpt.objectives``) or L_CLF alone
+(``joint=False``). Adam with the pre-training betas at a constant rate, early stopping on
+hold-out accuracy. BERT models see masked inputs in training and evaluation, and the
+evaluation can ensemble several masks (sec. 4.6, ``n_masks``).
+
+It runs on the skeleton pre-training runs on (``igpt.training``): the same device resolver,
+the mixed precision its config names (``precision``: bf16 autocast on CUDA by default), a
+non-finite step skipped and counted (``NonFiniteGuard``), one resume verdict and one
+restore of the optimizer settings.
 
 Resume (``resume=True``) continues from the run's latest checkpoint; ``steps`` may be
 raised to extend a run (the rate is constant, so there is no schedule to re-plan) and a
@@ -26,17 +31,18 @@ latest ``ckpt_XXXXXXXX.pt`` for ``resume`` and ``best.pt``, the best hold-out we
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from igpt._checks import check_tokens
 from igpt.batches import GlobalBatches, ImageSource, TokenSource
@@ -55,22 +61,26 @@ from igpt.classifier import (  # re-exported: their home is igpt.classifier
     resolve_model_device,
 )
 from igpt.model import IGPT
-from igpt.objectives import (
-    MASK_PROB,
-    OBJECTIVES,
-    check_objective,
-    generative_loss,
-    objective_of,
-)
+from igpt.objectives import MASK_PROB, OBJECTIVES, check_objective, generative_loss, objective_of
 from igpt.probe import _as_labels
 from igpt.rundir import RunDir
-from igpt.train import progress_enabled, setting
+from igpt.trainconfig import progress_enabled, setting
+from igpt.training import (
+    PRECISIONS,
+    NonFiniteGuard,
+    autocast,
+    open_resume,
+    refuse_resume,
+    restore_optimizer_settings,
+    uses_bf16,
+)
 
 __all__ = [
     "FinetuneConfig",
     "Finetuner",
     "finetune",
     "FINETUNE_FIXED",
+    "DATA_ARGUMENTS",
     # re-exported: their home is igpt.classifier
     "IGPTClassifier",
     "predict",
@@ -83,6 +93,8 @@ log = logging.getLogger(__name__)
 # what a resumed fine-tuning run must share with its checkpoint's run: the head, the loss
 # and the batch of every step (the architecture and n_classes are checked beside them)
 FINETUNE_FIXED = ("n_classes", "layer", "joint", "head_bias", "batch_size", "seed")
+# the keyword arguments of Finetuner (and finetune) that are data, not settings
+DATA_ARGUMENTS = ("n_classes", "val_tokens", "val_labels", "train_images", "palette", "augment")
 
 
 # ----------------------------------------------------------------------------- config
@@ -124,6 +136,9 @@ class FinetuneConfig:
     )
     resume: bool = setting(False, "continue from the latest checkpoint in the run directory")
     seed: int = setting(0, "batches, masks, augmentations and the hold-out split")
+    precision: str = setting(
+        "auto", "auto: bf16 autocast on CUDA, fp32 on the CPU", choices=PRECISIONS
+    )
     device: str | None = setting(None, "cpu, cuda ...", default_text="the model's")
     progress: bool | None = setting(
         None, "tqdm progress bars", default_text="when stderr is a terminal"
@@ -134,6 +149,8 @@ class FinetuneConfig:
         # an lr of inf or nan would train and write NaN checkpoints
         self.betas = tuple(self.betas)
         check_objective(self.objective)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("steps", "batch_size", "eval_every", "n_masks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -180,6 +197,91 @@ def _check_real(name, v, *, above=None, least=None, below=None, most=None) -> No
         raise ValueError(f"{name} must be a finite number {' and '.join(bounds)}, got {v!r}")
 
 
+# ----------------------------------------------------------------------------- set-up
+
+
+def split_examples(cfg: FinetuneConfig, tokens, labels, val_tokens, val_labels, images, n_classes):
+    """The checked training and hold-out sets: ``(tokens, labels, images, val_tokens, val_y,
+    n_classes)``; without ``val_tokens``, ``cfg.val_frac`` of the training set is held out.
+    ``n_classes`` defaults to the largest label + 1."""
+    tokens = check_tokens(tokens, "train_tokens", shape_hint="(N, n)")
+    labels = torch.from_numpy(_as_labels(labels, len(tokens), "train_labels"))
+    if images is not None and len(images) != len(tokens):
+        raise ValueError(f"train_images has {len(images)} images, tokens {len(tokens)}")
+    if val_tokens is None:
+        from igpt.data import holdout_split
+
+        fit, val = holdout_split(len(tokens), cfg.val_frac, cfg.seed)
+        val_tokens, val_labels = tokens[val], labels[val]
+        tokens, labels = tokens[fit], labels[fit]
+        images = images[fit] if images is not None else None
+    val_tokens = check_tokens(val_tokens, "val_tokens", shape_hint="(N, n)")
+    val_y = _as_labels(val_labels, len(val_tokens), "val_labels")
+    if len(tokens) < 1:
+        raise ValueError("no training examples left after the hold-out split")
+    seen = np.concatenate([labels.numpy(), val_y])
+    n_classes = n_classes or int(seen.max()) + 1
+    if seen.min() < 0 or seen.max() >= n_classes:
+        raise ValueError(
+            f"train_labels and val_labels must lie in [0, n_classes={n_classes}), got "
+            f"labels in [{seen.min()}, {seen.max()}]"
+        )
+    return tokens, labels, images, val_tokens, val_y, n_classes
+
+
+def example_batches(cfg: FinetuneConfig, tokens, images, palette, augment, n_px: int):
+    """The batch of every step (``GlobalBatches``): rows of ``tokens``, or with ``augment``
+    the augmented ``images`` tokenised with ``palette``; at most the whole set per batch."""
+    if augment is not None:
+        source = ImageSource(images, palette, n_px, augment, per_row=False)
+    else:
+        source = TokenSource(tokens)
+    batch = min(cfg.batch_size, len(tokens))
+    return GlobalBatches(source, np.arange(len(tokens)), batch, seed=cfg.seed)
+
+
+def check_resumable(run: RunDir, steps: int, settings: dict, model: IGPT, path, ckpt) -> None:
+    """A ValueError unless the checkpoint at ``path`` is of a fine-tuning run with these
+    ``settings``' ``FINETUNE_FIXED`` values, objective and architecture, not past ``steps``."""
+    missing = [k for k in ("finetune", "head", "optimizer", "state") if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a fine-tuning checkpoint (it has no {', '.join(missing)}); "
+            "fine-tune from it with --checkpoint and a new --out instead"
+        )
+    # runs from before head_bias existed trained the bias
+    old = {"head_bias": True, **ckpt["finetune"], "objective": objective_of(ckpt)}
+    keys = [*FINETUNE_FIXED, "objective"] + ["mask_prob"] * (settings["objective"] == "bert")
+    diff = [
+        f"{k} {old.get(k)!r} there, {settings[k]!r} now" for k in keys if old.get(k) != settings[k]
+    ]
+    diff += ["model " + d for d in architecture_differences(path, ckpt, model.config)]
+    refuse_resume(run.path, path, diff, int(ckpt["state"]["step"]), steps)
+
+
+def finetune_checkpoint(ft: Finetuner, *, with_optimizer: bool) -> dict:
+    """The checkpoint of fine-tuning run ``ft`` now: the model, the head, the run's state
+    and settings (the objective once, at the top level: ``objective_of``), and with
+    ``with_optimizer`` Adam's state (what ``resume`` needs; ``best.pt`` leaves it out)."""
+    info = {k: v for k, v in ft.settings.items() if k != "objective"}
+    extra = dict(head=ft.clf.head.state_dict(), state=ft.state, finetune=info)
+    if with_optimizer:
+        extra["optimizer"] = ft.opt.state_dict()
+    step, objective = ft.state["step"], ft.cfg.objective
+    return checkpoint_state(ft.model, step=step, palette=ft.palette, objective=objective, **extra)
+
+
+def stop_early(state: dict, patience: int | None) -> bool:
+    """Whether ``patience`` evaluations in a row brought no better hold-out accuracy."""
+    if patience is None or state["evals_since_best"] < patience:
+        return False
+    log.info(
+        "early stop at step %d: no better hold-out accuracy in %d evaluations",
+        *(state["step"], patience),
+    )
+    return True
+
+
 # ----------------------------------------------------------------------------- finetuner
 
 
@@ -215,11 +317,12 @@ class Finetuner:
         self.cfg = cfg = config
         if augment is not None and (train_images is None or palette is None):
             raise ValueError("augment needs train_images (uint8 (N, H, W, 3)) and palette")
-        tokens, labels, images = self._split(
-            train_tokens, train_labels, val_tokens, val_labels, train_images, n_classes
+        tokens, self.labels, images, self.val_tokens, self.val_y, self.n_classes = split_examples(
+            cfg, train_tokens, train_labels, val_tokens, val_labels, train_images, n_classes
         )
         self.model, self.palette = model, palette
         self.device = resolve_model_device(cfg.device, model)
+        self.autocast = autocast(self.device, uses_bf16(cfg.precision, self.device))
         self.clf = IGPTClassifier(model, self.n_classes, layer=cfg.layer).to(self.device)
         if not cfg.head_bias:
             self.clf.head.bias.requires_grad_(False)  # zero from IGPTClassifier, kept there
@@ -227,57 +330,31 @@ class Finetuner:
             self.clf.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
         self.settings = cfg.settings(self.n_classes, self.clf.layer)
-        self.labels = labels
-        if augment is not None:
-            n_px = model.config.n_px
-            source = ImageSource(images, palette, n_px, augment, per_row=False)
-        else:
-            source = TokenSource(tokens)
-        batch = min(cfg.batch_size, len(tokens))
-        self.batches = GlobalBatches(source, np.arange(len(tokens)), batch, seed=cfg.seed)
+        self.batches = example_batches(cfg, tokens, images, palette, augment, model.config.n_px)
         self.state = dict(step=0, best_val_acc=-1.0, best_step=0, evals_since_best=0, history=[])
+        self.state["skipped"] = 0
+        self.guard = NonFiniteGuard()
         self.best_weights = None  # without a run directory, the best state lives in memory
         self.run = RunDir(cfg.out_dir) if cfg.out_dir is not None else None
         if self.run is not None:
             self._open_run()
 
-    def _split(self, tokens, labels, val_tokens, val_labels, images, n_classes):
-        tokens = check_tokens(tokens, "train_tokens", shape_hint="(N, n)")
-        labels = torch.from_numpy(_as_labels(labels, len(tokens), "train_labels"))
-        if images is not None and len(images) != len(tokens):
-            raise ValueError(f"train_images has {len(images)} images, tokens {len(tokens)}")
-        if val_tokens is None:
-            from igpt.data import holdout_split
-
-            fit, val = holdout_split(len(tokens), self.cfg.val_frac, self.cfg.seed)
-            val_tokens, val_labels = tokens[val], labels[val]
-            tokens, labels = tokens[fit], labels[fit]
-            images = images[fit] if images is not None else None
-        self.val_tokens = check_tokens(val_tokens, "val_tokens", shape_hint="(N, n)")
-        self.val_y = _as_labels(val_labels, len(self.val_tokens), "val_labels")
-        if len(tokens) < 1:
-            raise ValueError("no training examples left after the hold-out split")
-        seen = np.concatenate([labels.numpy(), self.val_y])
-        self.n_classes = n_classes or int(seen.max()) + 1
-        if seen.min() < 0 or seen.max() >= self.n_classes:
-            raise ValueError(
-                f"train_labels and val_labels must lie in [0, n_classes={self.n_classes}), got "
-                f"labels in [{seen.min()}, {seen.max()}]"
-            )
-        return tokens, labels, images
-
     def _open_run(self) -> None:
-        found = self.run.resume_checkpoint(self.cfg.resume)
+        check = functools.partial(
+            check_resumable, self.run, self.cfg.steps, self.settings, self.model
+        )
+        found = open_resume(self.run, self.cfg.resume, check)
         if found is not None:
             latest, ckpt = found
-            self._check_resumable(latest, ckpt)
             self.model.load_state_dict(ckpt["model"])
             self.clf.head.load_state_dict(ckpt["head"])
             self.opt.load_state_dict(ckpt["optimizer"])
             cfg = self.cfg  # this run's settings, not the ones the optimizer state brought back
-            for g in self.opt.param_groups:
-                g.update(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-            self.state.update({k: ckpt["state"][k] for k in self.state})
+            restore_optimizer_settings(
+                self.opt, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            )
+            self.state.update({k: ckpt["state"].get(k, 0) for k in self.state})
+            self.guard = NonFiniteGuard(self.state["skipped"])
             s = self.state
             log.info(
                 "resumed %s at step %d (best hold-out acc %.4f at step %d)",
@@ -287,66 +364,28 @@ class Finetuner:
         self.run.write_json("config.json", conf)
         self.run.truncate_metrics(self.state["step"])
 
-    def _check_resumable(self, path, ckpt: dict) -> None:
-        """A ValueError unless the checkpoint at ``path`` is of a fine-tuning run with this
-        run's ``FINETUNE_FIXED`` settings, objective and architecture, not past ``steps``."""
-        missing = [k for k in ("finetune", "head", "optimizer", "state") if k not in ckpt]
-        if missing:
-            raise CheckpointError(
-                f"{path} is not a fine-tuning checkpoint (it has no {', '.join(missing)}); "
-                "fine-tune from it with --checkpoint and a new --out instead"
-            )
-        # runs from before head_bias existed trained the bias
-        old = {"head_bias": True, **ckpt["finetune"], "objective": objective_of(ckpt)}
-        now = self.settings
-        keys = [*FINETUNE_FIXED, "objective"] + ["mask_prob"] * (now["objective"] == "bert")
-        diff = [f"{k} {old.get(k)!r} there, {now[k]!r} now" for k in keys if old.get(k) != now[k]]
-        diff += ["model " + d for d in architecture_differences(path, ckpt, self.model.config)]
-        if diff:
-            raise ValueError(
-                f"cannot resume {self.run.path} from {Path(path).name}: it was trained with "
-                f"other settings ({'; '.join(diff)}); pass the run's values, or use another --out"
-            )
-        if int(ckpt["state"]["step"]) > self.cfg.steps:
-            raise ValueError(
-                f"cannot resume {self.run.path}: {Path(path).name} is at step "
-                f"{ckpt['state']['step']}, past steps={self.cfg.steps}; pass --steps "
-                f"{ckpt['state']['step']} or more"
-            )
-
-    def _info(self) -> dict:
-        # the objective is recorded once, at the checkpoint's top level (objective_of)
-        info = {k: v for k, v in self.settings.items() if k != "objective"}
-        return {"finetune": info, "objective": self.cfg.objective}
-
-    def _checkpoint(self, with_optimizer: bool) -> dict:
-        extra = dict(head=self.clf.head.state_dict(), state=self.state, **self._info())
-        if with_optimizer:
-            extra["optimizer"] = self.opt.state_dict()
-        return checkpoint_state(self.model, step=self.state["step"], palette=self.palette, **extra)
-
     def _step(self, step: int) -> dict:
-        """One optimizer step on the batch of ``step``; returns its metrics row."""
+        """One optimizer step on the batch of ``step`` (skipped when not finite); returns
+        its metrics row."""
         cfg = self.cfg
         x = self.batches.tokens(step).to(self.device, torch.long)
         y = self.labels[self.batches.indices(step)].to(self.device)
         mask = None
         if cfg.objective == "bert":
             mask = self.batches.mask(step, x.shape[1], cfg.mask_prob).to(self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with self.autocast:
             gen_logits, logits = self.clf(x, mask, generative=cfg.joint)
         l_clf = F.cross_entropy(logits, y)
         l_gen = generative_loss(gen_logits, x, mask) if cfg.joint else None
         loss = l_clf + l_gen if cfg.joint else l_clf
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {step}; lower lr (now {cfg.lr})"
-            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(self.clf.parameters(), cfg.grad_clip)
-        self.opt.step()
+        clip = cfg.grad_clip if cfg.grad_clip else float("inf")
+        grad_norm = float(nn.utils.clip_grad_norm_(self.clf.parameters(), clip))
+        if self.guard.check(step, loss.item(), grad_norm, cfg.lr):
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.state["skipped"] = self.guard.skipped
         row = {"step": step + 1, "loss": loss.item(), "clf_loss": l_clf.item()}
         if l_gen is not None:
             row["gen_loss"] = l_gen.item()
@@ -355,22 +394,16 @@ class Finetuner:
     def _evaluate_and_keep_best(self) -> float:
         """Hold-out accuracy now; the best weights so far are kept (best.pt or in memory)."""
         cfg, s = self.cfg, self.state
-        acc = evaluate(
-            self.clf,
-            self.val_tokens,
-            self.val_y,
-            objective=cfg.objective,
-            n_masks=cfg.n_masks,
-            mask_prob=cfg.mask_prob,
-            seed=cfg.seed,
-            batch_size=max(cfg.batch_size, 64),
-            device=self.device,
-        )
+        kw = dict(objective=cfg.objective, n_masks=cfg.n_masks, mask_prob=cfg.mask_prob)
+        kw.update(seed=cfg.seed, batch_size=max(cfg.batch_size, 64), device=self.device)
+        acc = evaluate(self.clf, self.val_tokens, self.val_y, **kw)
         s["history"].append({"step": s["step"], "val_acc": acc})
         if acc > s["best_val_acc"]:
             s.update(best_val_acc=acc, best_step=s["step"], evals_since_best=0)
             if self.run is not None:
-                atomic_torch_save(self._checkpoint(with_optimizer=False), self.run.path / "best.pt")
+                atomic_torch_save(
+                    finetune_checkpoint(self, with_optimizer=False), self.run.path / "best.pt"
+                )
             else:
                 weights = self.clf.state_dict().items()
                 self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights}
@@ -391,24 +424,13 @@ class Finetuner:
         elif self.best_weights is not None:
             self.clf.load_state_dict(self.best_weights)
 
-    def _stop_early(self) -> bool:
-        patience = self.cfg.patience
-        if patience is None or self.state["evals_since_best"] < patience:
-            return False
-        log.info(
-            "early stop at step %d: no better hold-out accuracy in %d evaluations",
-            *(self.state["step"], patience),
-        )
-        return True
-
     def fit(self) -> dict:
         """Train to ``steps`` (or an early stop); returns the classifier at its best step.
 
         The result holds ``classifier``, ``best_val_acc``, ``best_step``, ``step`` (the last
-        step trained), ``stopped_early``, ``history`` (one dict per evaluation), ``settings``.
+        step trained), ``stopped_early``, ``history`` (one dict per evaluation), ``settings``,
+        ``skipped`` (steps skipped for a non-finite loss or gradient).
         """
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         # log lines go through tqdm.write, above the bar rather than glued onto it
         with logging_redirect_tqdm():
             return self._fit()
@@ -423,7 +445,7 @@ class Finetuner:
             desc="finetune",
             disable=not progress_enabled(cfg.progress),
         )
-        while s["step"] < cfg.steps and not (stopped_early := self._stop_early()):
+        while s["step"] < cfg.steps and not (stopped_early := stop_early(s, cfg.patience)):
             row = self._step(s["step"])
             s["step"] = row["step"]
             pending.append(row)
@@ -434,7 +456,9 @@ class Finetuner:
                 if self.run is not None:
                     self.run.append_metrics(pending)
                     # the latest checkpoint only: it holds Adam's state
-                    self.run.save_checkpoint(self._checkpoint(True), s["step"], keep=1)
+                    self.run.save_checkpoint(
+                        finetune_checkpoint(self, with_optimizer=True), s["step"], keep=1
+                    )
                 pending = []
         bar.close()
         if s["best_val_acc"] < 0:  # resumed a finished run or steps already reached
@@ -444,7 +468,7 @@ class Finetuner:
             self.plot()
         if math.isfinite(s["best_val_acc"]):
             log.info("best hold-out accuracy %.4f at step %d", s["best_val_acc"], s["best_step"])
-        keys = ("best_val_acc", "best_step", "step", "history")
+        keys = ("best_val_acc", "best_step", "step", "history", "skipped")
         return {
             "classifier": self.clf,
             "stopped_early": stopped_early,
@@ -460,35 +484,15 @@ class Finetuner:
 
 
 def finetune(
-    model: IGPT,
-    train_tokens,
-    train_labels,
-    *,
-    n_classes: int | None = None,
-    val_tokens=None,
-    val_labels=None,
-    train_images: np.ndarray | None = None,
-    palette=None,
-    augment: Callable | None = None,
-    config: FinetuneConfig | None = None,
-    **settings,
+    model: IGPT, train_tokens, train_labels, *, config: FinetuneConfig | None = None, **kwargs
 ) -> dict:
     """Fine-tune ``model`` with a class head; returns the classifier at its best hold-out step.
 
-    ``settings`` are ``FinetuneConfig`` fields (``steps=``, ``lr=``, ``objective=``,
-    ``out_dir=`` ...), applied over ``config``; the data arguments are ``Finetuner``'s. See
-    ``Finetuner.fit`` for the result.
+    ``kwargs`` are ``Finetuner``'s data arguments (``DATA_ARGUMENTS``: ``n_classes``,
+    ``val_tokens``, ``val_labels``, ``train_images``, ``palette``, ``augment``) and
+    ``FinetuneConfig`` fields (``steps=``, ``lr=``, ``objective=``, ``out_dir=`` ...), the
+    latter applied over ``config``. See ``Finetuner.fit`` for the result.
     """
-    cfg = dataclasses.replace(config, **settings) if config else FinetuneConfig(**settings)
-    return Finetuner(
-        model,
-        cfg,
-        train_tokens,
-        train_labels,
-        n_classes=n_classes,
-        val_tokens=val_tokens,
-        val_labels=val_labels,
-        train_images=train_images,
-        palette=palette,
-        augment=augment,
-    ).fit()
+    data = {k: kwargs.pop(k) for k in DATA_ARGUMENTS if k in kwargs}
+    cfg = dataclasses.replace(config, **kwargs) if config else FinetuneConfig(**kwargs)
+    return Finetuner(model, cfg, train_tokens, train_labels, **data).fit()

@@ -61,7 +61,7 @@ def resolve_device(want: str | None, *, local_rank: int | None = None) -> torch.
             f"--device {want!r} is not a device name igpt runs on; use cpu, cuda or cuda:N"
         )
     if device.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        n = torch.cuda.device_count()
         if n == 0:
             raise ValueError(f"--device {want!r} but no CUDA GPU is visible; use --device cpu")
         if device.index is not None and device.index >= n:

@@ -357,25 +357,12 @@ def pick_device(name: str | None):
 
     Raises ``UsageError`` naming what to pass when the device named does not exist here.
     """
-    import torch
+    from igpt.training import resolve_device
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise UsageError(
-            f"--device {name!r} is not a device name igpt runs on; use cpu, cuda or cuda:N"
-        )
-    if device.type == "cuda":
-        n = torch.cuda.device_count()
-        if n == 0:
-            raise UsageError(f"--device {name!r} but no CUDA GPU is visible; use --device cpu")
-        if device.index is not None and device.index >= n:
-            raise UsageError(f"--device {name!r} but only {n} CUDA GPU(s) are visible")
-    return device
+        return resolve_device(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def open_checkpoint(args: argparse.Namespace, *, source=None, device=None):

@@ -20,7 +20,7 @@ from igpt.commands._common import (
 )
 from igpt.finetune import FinetuneConfig, evaluate, finetune
 from igpt.objectives import OBJECTIVES
-from igpt.train import progress_enabled
+from igpt.trainconfig import progress_enabled
 
 log = logging.getLogger(__name__)
 
