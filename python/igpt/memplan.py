@@ -42,7 +42,7 @@ import logging
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from igpt import memory
+from igpt.memory import Plan, format_size, parse_size, plan
 from igpt.model import IGPT
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,9 @@ RESET_AFTER = 1  # steps of this plan after which the peak statistics are reset
 MEASURE_AFTER = 3  # ... and after which the peak is read (steps 2 and 3 measured)
 
 
-def nothing_fits_message(p: memory.Plan, max_memory) -> str:
+def nothing_fits_message(p: Plan, max_memory) -> str:
     """The ValueError text when no plan fits: the smallest plan's peak and what would fit."""
-    fmt = memory.format_size
+    fmt = format_size
     msg = (
         f"max_memory {max_memory!r}: no plan fits {fmt(p.memory_bytes)} per GPU on "
         f"{p.gpus} GPU(s); the smallest ({p.describe()}) needs {fmt(p.needed_bytes)}"
@@ -97,9 +97,9 @@ class TrainMemory:
             return
         if cfg.grad_accum != 1 or cfg.checkpointing:
             log.warning("--max-memory: the plan replaces --grad-accum and --checkpointing")
-        p = memory.plan(
+        p = plan(
             self.config,
-            memory_bytes=memory.parse_size(cfg.max_memory),
+            memory_bytes=parse_size(cfg.max_memory),
             fsdp=True if cfg.fsdp and dist.world > 1 else None,
             **self.options,
         )
@@ -110,7 +110,7 @@ class TrainMemory:
         if device.type != "cuda":
             log.info("the peak memory check needs CUDA: on %s only the plan is applied", device)
 
-    def adopt(self, p: memory.Plan, *, step: int | None) -> dict:
+    def adopt(self, p: Plan, *, step: int | None) -> dict:
         """Make ``p`` the plan from ``step`` on (and record it); returns its ``settings``."""
         self.plan = p
         self.settings = {
@@ -125,12 +125,12 @@ class TrainMemory:
         self._write()
         return self.settings
 
-    def next_plan(self) -> memory.Plan | None:
+    def next_plan(self) -> Plan | None:
         """The fastest plan with a strictly smaller predicted peak (same FSDP choice), or
         None (without ``max_memory``, or when none fits)."""
         if self.plan is None:
             return None
-        p = memory.plan(
+        p = plan(
             self.config,
             memory_bytes=self.plan.predicted_peak_bytes - 1,
             fsdp=self.plan.fsdp,
@@ -155,7 +155,7 @@ class TrainMemory:
             self._pending = {"predicted_peak_bytes": predicted, "measured_peak_bytes": measured}
             log.info(
                 "peak memory: predicted %s, measured %s (measured / predicted %.3f)",
-                *(memory.format_size(predicted), memory.format_size(measured)),
+                *(format_size(predicted), format_size(measured)),
                 measured / predicted,
             )
             self._write()
@@ -173,7 +173,7 @@ def _when(step: int | None) -> str:
     return "the start" if step is None else f"step {step}"
 
 
-def _plan_row(p: memory.Plan) -> dict:
+def _plan_row(p: Plan) -> dict:
     keys = ("micro_batch", "accumulation", "checkpointing", "recomputed", "offload", "fsdp")
     return {**{k: getattr(p, k) for k in keys}, "predicted_peak_bytes": p.predicted_peak_bytes}
 
