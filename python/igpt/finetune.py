@@ -179,6 +179,13 @@ class FinetuneConfig:
         if self.resume and self.out_dir is None:
             raise ValueError("resume=True needs out_dir (the run to continue)")
 
+    def to_dict(self) -> dict:
+        """The fields as JSON-ready values (``config.json`` holds them under ``config``)."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["out_dir"] = None if self.out_dir is None else str(self.out_dir)
+        return d
+
     def settings(self, n_classes: int, layer: int) -> dict:
         """What a run records of its settings (config.json, the result's ``settings``)."""
         keys = ("objective", "joint", "head_bias", "lr", "batch_size", "steps", "seed", "mask_prob")
@@ -361,6 +368,7 @@ class Finetuner:
                 *(latest, s["step"], s["best_val_acc"], s["best_step"]),
             )
         conf = {"model": self.model.config.to_dict(), "finetune": self.settings}
+        conf["config"] = self.cfg.to_dict()  # every setting: what `igpt finetune --resume` reads
         self.run.write_json("config.json", conf)
         self.run.truncate_metrics(self.state["step"])
 
