@@ -22,6 +22,7 @@ from igpt.commands._common import (
     open_checkpoint,
     pick_device,
 )
+from igpt.commands.finetune import near_chance
 
 DESIGN_COMMANDS = ("fit-palette", "pretrain", "probe", "finetune", "sample", "bench", "demo")
 
@@ -327,8 +328,11 @@ def test_finetune_resume_alone_continues_the_run(tmp_path, tiny_checkpoint, caps
     )
     capsys.readouterr()
     main(["finetune", "--out", run, "--resume", "--steps", "4", "--device", "cpu"])
-    assert "test accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
     summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    test_labels = labelled_splits("digits", 40)[1].labels
+    assert "test accuracy" in out
+    assert ("near chance" in out) == (near_chance(summary["test_acc"], test_labels) is not None)
     assert summary["step"] == 4 and [h["step"] for h in summary["history"]] == [2, 4]
     assert summary["settings"]["lr"] == 1e-3 and summary["settings"]["batch_size"] == 8
     command = json.loads((tmp_path / "ft" / "command.json").read_text())["command"]
@@ -348,3 +352,11 @@ def test_unknown_model_sizes_are_refused_while_parsing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and "igpt-huge" in err and err.count("\n") == 1
         assert not (tmp_path / "x").exists()  # nothing written: no palette, no run directory
+
+
+def test_near_chance_is_measured_from_the_most_frequent_class():
+    labels = [0] * 6 + [1] * 2 + [2] * 2  # always class 0: 0.6
+    assert near_chance(0.6, labels) == 0.6 and near_chance(0.63, labels) == 0.6
+    assert near_chance(0.65, labels) is None and near_chance(0.9, labels) is None
+    assert near_chance(0.137, list(range(10)) * 5) == 0.1  # the 40-step run
+    assert near_chance(0.384, list(range(10)) * 5) is None

@@ -143,3 +143,20 @@ def run(args) -> None:
         f"test accuracy {test_acc:.4f}{ensemble}"
     )
     print(f"wrote {out / 'best.pt'}, {out / 'finetune.json'} and {out / 'finetune.png'}")
+    chance = near_chance(test_acc, test.labels)
+    if chance is not None:
+        print(
+            f"note: test accuracy {test_acc:.4f} is near chance ({chance:.4f}, always the most "
+            f"frequent class): the classifier learned little in {res['step']} steps; train "
+            "longer (--steps) or raise --lr"
+        )
+
+
+def near_chance(acc: float, labels) -> float | None:
+    """The chance accuracy (the most frequent class's share of ``labels``) when ``acc`` is
+    within a tenth of the way from it to 1, else None."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    chance = float(counts.max() / counts.sum())
+    return chance if acc < chance + 0.1 * (1 - chance) else None
