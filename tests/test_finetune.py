@@ -311,3 +311,18 @@ def test_finetune_reads_its_mixed_precision_from_the_config():
     assert not Finetuner(tiny(), FinetuneConfig(steps=1), x, y).autocast._enabled  # auto, CPU
     with pytest.raises(ValueError, match="precision"):
         FinetuneConfig(precision="fp8")
+
+
+def test_head_lr_gives_the_head_its_own_rate_and_resume_restores_both(tmp_path):
+    from igpt.finetune import FinetuneConfig, Finetuner
+
+    x, y = synthetic(32)
+    kw = dict(steps=2, batch_size=8, eval_every=2, progress=False, out_dir=str(tmp_path / "r"))
+    t = Finetuner(tiny(), FinetuneConfig(lr=1e-4, head_lr=1e-2, **kw), x, y)
+    assert [g["lr"] for g in t.opt.param_groups] == [1e-4, 1e-2]
+    assert t.opt.param_groups[1]["params"] == list(t.clf.head.parameters())
+    t.fit()
+    again = FinetuneConfig(lr=2e-4, head_lr=3e-2, resume=True, **{**kw, "steps": 3})
+    assert [g["lr"] for g in Finetuner(tiny(), again, x, y).opt.param_groups] == [2e-4, 3e-2]
+    with pytest.raises(ValueError, match="head_lr"):
+        FinetuneConfig(head_lr=0.0)

@@ -119,6 +119,7 @@ class FinetuneConfig:
     steps: int = setting(1000, "optimizer steps")
     batch_size: int = setting(32, "batch size")
     lr: float = setting(1e-4, "learning rate (constant)")
+    head_lr: float | None = setting(None, "learning rate of the class head", default_text="lr")
     betas: tuple[float, float] = setting((0.9, 0.95), "Adam betas (the pre-training ones)")
     weight_decay: float = setting(0.0, "Adam weight decay")
     grad_clip: float | None = setting(None, "clip the gradient norm", default_text="off")
@@ -170,6 +171,8 @@ class FinetuneConfig:
         _check_real("weight_decay", self.weight_decay, least=0)
         if self.grad_clip is not None:
             _check_real("grad_clip", self.grad_clip, above=0)
+        if self.head_lr is not None:
+            _check_real("head_lr", self.head_lr, above=0)
         _check_real("mask_prob", self.mask_prob, above=0, most=1)
         _check_real("val_frac", self.val_frac, above=0, below=1)
         if len(self.betas) != 2:
@@ -186,9 +189,16 @@ class FinetuneConfig:
         d["out_dir"] = None if self.out_dir is None else str(self.out_dir)
         return d
 
+    @property
+    def rates(self) -> list[float]:
+        """The learning rate of each of the optimizer's groups: one for the whole classifier,
+        or (with ``head_lr``) the model's and the head's."""
+        return [self.lr] if self.head_lr is None else [self.lr, self.head_lr]
+
     def settings(self, n_classes: int, layer: int) -> dict:
         """What a run records of its settings (config.json, the result's ``settings``)."""
-        keys = ("objective", "joint", "head_bias", "lr", "batch_size", "steps", "seed", "mask_prob")
+        keys = ("objective", "joint", "head_bias", "lr", "head_lr", "batch_size", "steps", "seed")
+        keys += ("mask_prob",)
         return {"n_classes": n_classes, "layer": layer, **{k: getattr(self, k) for k in keys}}
 
 
@@ -278,6 +288,16 @@ def finetune_checkpoint(ft: Finetuner, *, with_optimizer: bool) -> dict:
     return checkpoint_state(ft.model, step=step, palette=ft.palette, objective=objective, **extra)
 
 
+def finetune_optimizer(cfg: FinetuneConfig, clf: IGPTClassifier) -> torch.optim.Adam:
+    """Adam over the classifier: one group at ``lr``, or with ``head_lr`` the model's
+    parameters at ``lr`` and the head's at ``head_lr`` (a run resumes with the same count)."""
+    parts = [list(clf.parameters())]
+    if cfg.head_lr is not None:
+        parts = [list(clf.model.parameters()), list(clf.head.parameters())]
+    groups = [{"params": ps, "lr": lr} for ps, lr in zip(parts, cfg.rates, strict=True)]
+    return torch.optim.Adam(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
 def stop_early(state: dict, patience: int | None) -> bool:
     """Whether ``patience`` evaluations in a row brought no better hold-out accuracy."""
     if patience is None or state["evals_since_best"] < patience:
@@ -333,9 +353,7 @@ class Finetuner:
         self.clf = IGPTClassifier(model, self.n_classes, layer=cfg.layer).to(self.device)
         if not cfg.head_bias:
             self.clf.head.bias.requires_grad_(False)  # zero from IGPTClassifier, kept there
-        self.opt = torch.optim.Adam(
-            self.clf.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-        )
+        self.opt = finetune_optimizer(cfg, self.clf)
         self.settings = cfg.settings(self.n_classes, self.clf.layer)
         self.batches = example_batches(cfg, tokens, images, palette, augment, model.config.n_px)
         self.state = dict(step=0, best_val_acc=-1.0, best_step=0, evals_since_best=0, history=[])
@@ -358,7 +376,7 @@ class Finetuner:
             self.opt.load_state_dict(ckpt["optimizer"])
             cfg = self.cfg  # this run's settings, not the ones the optimizer state brought back
             restore_optimizer_settings(
-                self.opt, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+                self.opt, lr=cfg.rates, betas=cfg.betas, weight_decay=cfg.weight_decay
             )
             self.state.update({k: ckpt["state"].get(k, 0) for k in self.state})
             self.guard = NonFiniteGuard(self.state["skipped"])

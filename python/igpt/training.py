@@ -138,10 +138,15 @@ def refuse_resume(out, path, diff: list[str], step: int, steps: int) -> None:
 
 
 def restore_optimizer_settings(
-    optimizer, *, lr: float, betas, weight_decay: float, factor: float = 1.0
+    optimizer, *, lr, betas, weight_decay: float, factor: float = 1.0
 ) -> None:
-    """After ``optimizer.load_state_dict``: this run's ``lr`` (times the schedule's ``factor``
-    at the resume step), ``betas`` and ``weight_decay`` on every group, and ``initial_lr``
-    (the schedule's peak), replacing the old run's that the state brought back."""
-    for g in optimizer.param_groups:
-        g.update(initial_lr=lr, lr=lr * factor, betas=tuple(betas), weight_decay=weight_decay)
+    """After ``optimizer.load_state_dict``: this run's ``lr`` (one for every group, or one
+    per group; times the schedule's ``factor`` at the resume step), ``betas`` and
+    ``weight_decay`` on every group, and ``initial_lr`` (the schedule's peak), replacing the
+    old run's that the state brought back."""
+    groups = optimizer.param_groups
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(groups)
+    if len(lrs) != len(groups):
+        raise ValueError(f"lr has {len(lrs)} rates for {len(groups)} parameter groups")
+    for g, rate in zip(groups, lrs, strict=True):
+        g.update(initial_lr=rate, lr=rate * factor, betas=tuple(betas), weight_decay=weight_decay)
