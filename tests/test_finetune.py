@@ -120,7 +120,11 @@ def test_resume_extends_and_refuses_only_what_would_make_the_run_meaningless(tmp
     cfg = FinetuneConfig(**{**again, "steps": 4, "lr": 5e-4, "weight_decay": 0.01})
     t = Finetuner(tiny(), cfg, x, y)
     assert t.state["step"] == 2
-    assert [(g["lr"], g["weight_decay"]) for g in t.opt.param_groups] == [(5e-4, 0.01)]
+    # the model's group and (issue 26: the zero-initialised head's own rate) the head's
+    assert [(g["lr"], g["weight_decay"]) for g in t.opt.param_groups] == [
+        (5e-4, 0.01),
+        (1e-2, 0.01),
+    ]
     assert t.fit()["step"] == 4
 
 
@@ -326,3 +330,10 @@ def test_head_lr_gives_the_head_its_own_rate_and_resume_restores_both(tmp_path):
     assert [g["lr"] for g in Finetuner(tiny(), again, x, y).opt.param_groups] == [2e-4, 3e-2]
     with pytest.raises(ValueError, match="head_lr"):
         FinetuneConfig(head_lr=0.0)
+    # a run made with one rate for the whole classifier resumes under a head rate and back
+    one = dict(kw, out_dir=str(tmp_path / "one"))
+    Finetuner(tiny(), FinetuneConfig(head_lr=None, **one), x, y).fit()
+    two = Finetuner(tiny(), FinetuneConfig(resume=True, **{**one, "steps": 3}), x, y)
+    assert [g["lr"] for g in two.opt.param_groups] == [1e-4, 1e-2] and two.fit()["step"] == 3
+    back = FinetuneConfig(head_lr=None, resume=True, **{**one, "steps": 4})
+    assert Finetuner(tiny(), back, x, y).fit()["step"] == 4

@@ -93,6 +93,8 @@ log = logging.getLogger(__name__)
 # what a resumed fine-tuning run must share with its checkpoint's run: the head, the loss
 # and the batch of every step (the architecture and n_classes are checked beside them)
 FINETUNE_FIXED = ("n_classes", "layer", "joint", "head_bias", "batch_size", "seed")
+# the class head's default learning rate: 100x the model's default (see FinetuneConfig)
+HEAD_LR = 1e-2
 # the keyword arguments of Finetuner (and finetune) that are data, not settings
 DATA_ARGUMENTS = ("n_classes", "val_tokens", "val_labels", "train_images", "palette", "augment")
 
@@ -118,8 +120,12 @@ class FinetuneConfig:
     layer: int | None = setting(None, "pooled layer the head reads", default_text="n^L")
     steps: int = setting(1000, "optimizer steps")
     batch_size: int = setting(32, "batch size")
-    lr: float = setting(1e-4, "learning rate (constant)")
-    head_lr: float | None = setting(None, "learning rate of the class head", default_text="lr")
+    lr: float = setting(1e-4, "learning rate of the pretrained model (constant)")
+    # the head starts at zero and must travel far, the pretrained weights only a little: at
+    # one rate of 1e-4 the demo's model was still at chance after 40 steps (issue 26)
+    head_lr: float | None = setting(
+        HEAD_LR, "learning rate of the class head (constant; in Python, None: lr)"
+    )
     betas: tuple[float, float] = setting((0.9, 0.95), "Adam betas (the pre-training ones)")
     weight_decay: float = setting(0.0, "Adam weight decay")
     grad_clip: float | None = setting(None, "clip the gradient norm", default_text="off")
@@ -298,6 +304,21 @@ def finetune_optimizer(cfg: FinetuneConfig, clf: IGPTClassifier) -> torch.optim.
     return torch.optim.Adam(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def regroup(state: dict, optimizer) -> dict:
+    """``state`` (an optimizer's state dict) with its parameters in ``optimizer``'s groups:
+    a run saved with one group for the whole classifier resumes under a separate
+    ``head_lr`` and back (the parameters keep their order: the model's, then the head's)."""
+    saved, now = state["param_groups"], optimizer.param_groups
+    if len(saved) == len(now):
+        return state
+    ids = [i for g in saved for i in g["params"]]
+    groups, start = [], 0
+    for g in now:
+        groups.append({**saved[0], "params": ids[start : start + len(g["params"])]})
+        start += len(g["params"])
+    return {**state, "param_groups": groups}
+
+
 def stop_early(state: dict, patience: int | None) -> bool:
     """Whether ``patience`` evaluations in a row brought no better hold-out accuracy."""
     if patience is None or state["evals_since_best"] < patience:
@@ -373,7 +394,7 @@ class Finetuner:
             latest, ckpt = found
             self.model.load_state_dict(ckpt["model"])
             self.clf.head.load_state_dict(ckpt["head"])
-            self.opt.load_state_dict(ckpt["optimizer"])
+            self.opt.load_state_dict(regroup(ckpt["optimizer"], self.opt))
             cfg = self.cfg  # this run's settings, not the ones the optimizer state brought back
             restore_optimizer_settings(
                 self.opt, lr=cfg.rates, betas=cfg.betas, weight_decay=cfg.weight_decay
