@@ -933,3 +933,17 @@ def test_old_metrics_files_are_read_under_the_new_names(tmp_path):
     (row,) = run.read_metrics()
     assert "val_bpd" not in row and row["val_bits_per_token"] == 1.5
     assert row["val_bits_per_dim"] == 0.5 and row["val_loss"] == 0.6931
+
+
+def test_one_device_resolver_and_one_precision_policy_for_both_trainers():
+    from igpt.training import resolve_device, uses_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_device("cpu") == cpu and resolve_device("cpu", local_rank=3) == cpu
+    assert resolve_device(None) == (cuda if torch.cuda.is_available() else cpu)
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_device("tpu")
+    assert [uses_bf16(p, cpu) for p in ("auto", "bf16", "fp32")] == [False, True, False]
+    assert [uses_bf16(p, cuda) for p in ("auto", "bf16", "fp32")] == [True, True, False]
+    with pytest.raises(ValueError, match="precision"):
+        uses_bf16("fp8", cpu)
