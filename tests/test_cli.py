@@ -22,6 +22,7 @@ from igpt.commands._common import (
     open_checkpoint,
     pick_device,
 )
+from igpt.commands.finetune import near_chance
 
 DESIGN_COMMANDS = ("fit-palette", "pretrain", "probe", "finetune", "sample", "bench", "demo")
 
@@ -289,3 +290,85 @@ def test_read_palette_names_the_flag_and_file(tmp_path):
         read_palette(tmp_path / "shape.npy")
     with pytest.raises(FileNotFoundError):
         read_palette(tmp_path / "missing.npy")
+
+
+# ----------------------------------------------------------------------------- issue 26: resume
+
+
+def test_pretrain_resume_alone_continues_the_run(tmp_path, digits_palette, monkeypatch, capsys):
+    """`igpt pretrain --out RUN --resume` takes the run's own settings from its config.json;
+    a flag typed beside it overrides, and is refused only where it would make another run."""
+    import json
+
+    monkeypatch.setenv("IGPT_CACHE", str(tmp_path / "cache"))
+    digits_palette.save(tmp_path / "greys.npy")
+    run = str(tmp_path / "run")
+    here = ["--device", "cpu", "--no-progress"]
+    main(["pretrain", "--out", run, "--n-px", "4", "--batch-size", "8", "--steps", "2",
+          "--ckpt-every", "2", "--val-size", "8", "--lr", "1e-3", "--log-every", "1",
+          "--palette", str(tmp_path / "greys.npy"), *here])  # fmt: skip
+    capsys.readouterr()
+    main(["pretrain", "--out", run, "--resume", "--steps", "3", *here])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 3 and summary["out"] == run
+    train = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (train["n_px"], train["batch_size"], train["lr"], train["steps"]) == (4, 8, 1e-3, 3)
+    assert train["resume"] is True and train["val_size"] == 8 and train["log_every"] == 1
+    with pytest.raises(SystemExit, match="batch_size 8 there, 16 now"):
+        main(["pretrain", "--out", run, "--resume", "--steps", "4", "--batch-size", "16", *here])
+
+
+def test_finetune_resume_alone_continues_the_run(tmp_path, tiny_checkpoint, capsys):
+    import json
+
+    ckpt = tiny_checkpoint(tmp_path / "pre.pt")
+    run = str(tmp_path / "ft")
+    first = ["--steps", "2", "--eval-every", "2", "--batch-size", "8", "--limit", "40"]
+    main(
+        [
+            "finetune",
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            run,
+            *first,
+            "--lr",
+            "1e-3",
+            "--device",
+            "cpu",
+        ]
+    )
+    capsys.readouterr()
+    main(["finetune", "--out", run, "--resume", "--steps", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    test_labels = labelled_splits("digits", 40)[1].labels
+    assert "test accuracy" in out
+    assert ("near chance" in out) == (near_chance(summary["test_acc"], test_labels) is not None)
+    assert summary["step"] == 4 and [h["step"] for h in summary["history"]] == [2, 4]
+    assert summary["settings"]["lr"] == 1e-3 and summary["settings"]["batch_size"] == 8
+    command = json.loads((tmp_path / "ft" / "command.json").read_text())["command"]
+    assert command["limit"] == 40 and command["data"] == "digits"
+    with pytest.raises(SystemExit, match="batch_size 8 there, 16 now"):
+        main(["finetune", "--out", run, "--resume", "--steps", "6", "--batch-size", "16",
+              "--device", "cpu"])  # fmt: skip
+
+
+def test_unknown_model_sizes_are_refused_while_parsing(tmp_path, capsys):
+    for argv in (
+        ["pretrain", "--out", str(tmp_path / "x")],
+        ["demo", "--out", str(tmp_path / "x")],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--model", "igpt-huge"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "igpt-huge" in err and err.count("\n") == 1
+        assert not (tmp_path / "x").exists()  # nothing written: no palette, no run directory
+
+
+def test_near_chance_is_measured_from_the_most_frequent_class():
+    labels = [0] * 6 + [1] * 2 + [2] * 2  # always class 0: 0.6
+    assert near_chance(0.6, labels) == 0.6 and near_chance(0.63, labels) == 0.6
+    assert near_chance(0.65, labels) is None and near_chance(0.9, labels) is None
+    assert near_chance(0.137, list(range(10)) * 5) == 0.1  # the issue's 40-step run
+    assert near_chance(0.384, list(range(10)) * 5) is None

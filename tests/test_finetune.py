@@ -120,7 +120,11 @@ def test_resume_extends_and_refuses_only_what_would_make_the_run_meaningless(tmp
     cfg = FinetuneConfig(**{**again, "steps": 4, "lr": 5e-4, "weight_decay": 0.01})
     t = Finetuner(tiny(), cfg, x, y)
     assert t.state["step"] == 2
-    assert [(g["lr"], g["weight_decay"]) for g in t.opt.param_groups] == [(5e-4, 0.01)]
+    # the model's group and (issue 26: the zero-initialised head's own rate) the head's
+    assert [(g["lr"], g["weight_decay"]) for g in t.opt.param_groups] == [
+        (5e-4, 0.01),
+        (1e-2, 0.01),
+    ]
     assert t.fit()["step"] == 4
 
 
@@ -271,3 +275,65 @@ def test_finetune_tokenises_augmented_images_every_step():
     assert calls == [8, 8, 8] and res["step"] == 3
     with pytest.raises(ValueError, match="augment needs"):
         finetune(tiny(), tokenize(images, palette, 4), labels, augment=augment, steps=1)
+
+
+def test_a_non_finite_step_is_skipped_and_counted_as_in_pretraining(monkeypatch):
+    """One non-finite policy for both trainers (issue 21): fine-tuning skips and counts a
+    non-finite step (it used to raise), and gives up after NONFINITE_LIMIT in a row."""
+    import igpt.finetune
+    from igpt.training import NONFINITE_LIMIT
+
+    x, y = synthetic(32)
+    real, calls = igpt.finetune.F.cross_entropy, []
+
+    def spiky(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(igpt.finetune.F, "cross_entropy", spiky)
+    torch.manual_seed(0)
+    model = tiny()
+    res = finetune(model, x, y, steps=3, batch_size=8, eval_every=3, progress=False)
+    assert res["step"] == 3 and res["skipped"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ft = igpt.finetune.Finetuner(model, igpt.finetune.FinetuneConfig(steps=3), x, y)
+    monkeypatch.setattr(igpt.finetune.F, "cross_entropy", lambda *a, **k: real(*a, **k) * np.nan)
+    for s in range(NONFINITE_LIMIT - 1):
+        ft._step(s)
+    assert ft.guard.skipped == ft.state["skipped"] == NONFINITE_LIMIT - 1
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        ft._step(NONFINITE_LIMIT)
+
+
+def test_finetune_reads_its_mixed_precision_from_the_config():
+    from igpt.finetune import FinetuneConfig, Finetuner
+
+    x, y = synthetic(16)
+    ft = Finetuner(tiny(), FinetuneConfig(precision="bf16", steps=1, batch_size=8), x, y)
+    assert ft.autocast.fast_dtype == torch.bfloat16 and ft.autocast._enabled
+    assert not Finetuner(tiny(), FinetuneConfig(steps=1), x, y).autocast._enabled  # auto, CPU
+    with pytest.raises(ValueError, match="precision"):
+        FinetuneConfig(precision="fp8")
+
+
+def test_head_lr_gives_the_head_its_own_rate_and_resume_restores_both(tmp_path):
+    from igpt.finetune import FinetuneConfig, Finetuner
+
+    x, y = synthetic(32)
+    kw = dict(steps=2, batch_size=8, eval_every=2, progress=False, out_dir=str(tmp_path / "r"))
+    t = Finetuner(tiny(), FinetuneConfig(lr=1e-4, head_lr=1e-2, **kw), x, y)
+    assert [g["lr"] for g in t.opt.param_groups] == [1e-4, 1e-2]
+    assert t.opt.param_groups[1]["params"] == list(t.clf.head.parameters())
+    t.fit()
+    again = FinetuneConfig(lr=2e-4, head_lr=3e-2, resume=True, **{**kw, "steps": 3})
+    assert [g["lr"] for g in Finetuner(tiny(), again, x, y).opt.param_groups] == [2e-4, 3e-2]
+    with pytest.raises(ValueError, match="head_lr"):
+        FinetuneConfig(head_lr=0.0)
+    # a run made with one rate for the whole classifier resumes under a head rate and back
+    one = dict(kw, out_dir=str(tmp_path / "one"))
+    Finetuner(tiny(), FinetuneConfig(head_lr=None, **one), x, y).fit()
+    two = Finetuner(tiny(), FinetuneConfig(resume=True, **{**one, "steps": 3}), x, y)
+    assert [g["lr"] for g in two.opt.param_groups] == [1e-4, 1e-2] and two.fit()["step"] == 3
+    back = FinetuneConfig(head_lr=None, resume=True, **{**one, "steps": 4})
+    assert Finetuner(tiny(), back, x, y).fit()["step"] == 4

@@ -93,8 +93,12 @@ def test_cli_text_and_errors(capsys):
     main(["plan", "--model", "igpt-xl", "--n-px", "64", "--batch-size", "8", "--memory", "24G"])
     text = capsys.readouterr().out
     assert "nothing fits" in text and "8 GPUs of 22.4 GiB" in text  # 24G = 24e9 bytes
-    with pytest.raises(SystemExit, match="memory size must be"):
-        main(["plan", "--model", "igpt-s", "--batch-size", "8", "--memory", "40 gigs"])
+    # refused while parsing (issue 26): exit 2, the reason on stderr in one line
+    for bad in ("40 gigs", "40XB"):
+        with pytest.raises(SystemExit) as e:
+            main(["plan", "--model", "igpt-s", "--batch-size", "8", "--memory", bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "memory size must be" in err and err.count("\n") == 1
 
 
 def test_alternatives_fit_and_are_not_faster():

@@ -185,11 +185,13 @@ def test_checkpointing_gives_the_same_gradients_and_state_dict():
 def test_checkpointing_recomputes_only_chosen_blocks_in_training(monkeypatch):
     import copy
 
-    import igpt.train
+    import igpt.memplan
 
     calls = []
-    real = igpt.train.checkpoint
-    monkeypatch.setattr(igpt.train, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = igpt.memplan.checkpoint
+    monkeypatch.setattr(
+        igpt.memplan, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     model = apply_checkpointing(
         IGPT(IGPTConfig(n_px=4, n_colors=8, n_layer=5, n_embd=64, n_head=2)), 2
     )
@@ -627,7 +629,7 @@ def test_palette_is_fitted_afresh_and_without_the_holdout(tmp_path, monkeypatch)
 
 
 def test_augmented_training_and_checkpointing_policy(tmp_path, palette_file, monkeypatch):
-    import igpt.train
+    import igpt.memplan
     from igpt.data import tokenize
 
     t = Trainer(_cfg(tmp_path, "aug", palette=palette_file, augment="cifar"))
@@ -641,8 +643,10 @@ def test_augmented_training_and_checkpointing_policy(tmp_path, palette_file, mon
     t.close()
 
     calls = []
-    real = igpt.train.checkpoint
-    monkeypatch.setattr(igpt.train, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = igpt.memplan.checkpoint
+    monkeypatch.setattr(
+        igpt.memplan, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     kw = dict(palette=palette_file, augment="cifar", steps=2)
     recomputed = pretrain(_cfg(tmp_path, "ckpt", checkpointing=1, **kw))
     assert len(calls) == 2 * TINY["n_layer"]  # every block of both training forwards
@@ -929,3 +933,17 @@ def test_old_metrics_files_are_read_under_the_new_names(tmp_path):
     (row,) = run.read_metrics()
     assert "val_bpd" not in row and row["val_bits_per_token"] == 1.5
     assert row["val_bits_per_dim"] == 0.5 and row["val_loss"] == 0.6931
+
+
+def test_one_device_resolver_and_one_precision_policy_for_both_trainers():
+    from igpt.training import resolve_device, uses_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_device("cpu") == cpu and resolve_device("cpu", local_rank=3) == cpu
+    assert resolve_device(None) == (cuda if torch.cuda.is_available() else cpu)
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_device("tpu")
+    assert [uses_bf16(p, cpu) for p in ("auto", "bf16", "fp32")] == [False, True, False]
+    assert [uses_bf16(p, cuda) for p in ("auto", "bf16", "fp32")] == [True, True, False]
+    with pytest.raises(ValueError, match="precision"):
+        uses_bf16("fp8", cpu)

@@ -2,7 +2,6 @@
 numbers, --max-memory runs igpt.memory's plan, an out-of-memory step is redone under the
 next plan, a budget nothing fits is refused, and the peak check's bookkeeping."""
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from igpt import memory
+from igpt import IGPTConfig, memory
 from igpt.memplan import TrainMemory
 from igpt.palette import Palette
 from igpt.train import TrainConfig, Trainer, pretrain
@@ -144,7 +143,7 @@ def test_max_memory_plans_offload_when_only_offload_fits(tmp_path, palette_file)
 def test_offload_asked_for_stays_on_under_a_plan_without_it(tmp_path, palette_file):
     t = Trainer(_cfg(tmp_path, palette_file, max_memory=BUDGET, offload_activations=True))
     assert not t.memory.plan.offload and t.cfg.offload_activations
-    t.memory.adopt(t, t.memory.next_plan(), step=0)
+    t.apply_memory(t.memory.adopt(t.memory.next_plan(), step=0))
     assert t.cfg.offload_activations and t.cfg.grad_accum == 4
 
 
@@ -242,7 +241,7 @@ def test_out_of_memory_steps_back_to_the_next_plan_and_redoes_the_step(tmp_path,
     # the same as a run told to switch to the second plan's settings at step 2
     ref = Trainer(_cfg(tmp_path, palette_file, "ref", grad_accum=2, checkpointing=2))
     expected = [ref.train_step(s)["loss"] for s in (0, 1)]
-    ref.memory.apply(ref, dataclasses.replace(ref.cfg, grad_accum=4, checkpointing=0))
+    ref.apply_memory(dict(grad_accum=4, checkpointing=0, offload_activations=False, fsdp=False))
     expected += [ref.train_step(s)["loss"] for s in (2, 3)]
     assert losses == expected
 
@@ -300,6 +299,23 @@ def test_train_memory_without_a_budget_keeps_the_settings(tmp_path, palette_file
     assert isinstance(t.memory, TrainMemory) and t.memory.plan is None
     assert (t.micro, t.cfg.grad_accum, t.cfg.checkpointing) == (2, 4, 1)
     assert not (Path(t.run.path) / "memory.json").exists()
+
+
+def test_train_memory_returns_the_plan_and_leaves_the_config_alone(tmp_path, palette_file):
+    """The plan is the trainer's to apply (issue 21): building TrainMemory changes no config."""
+    from igpt.distributed import Distributed
+    from igpt.rundir import RunDir
+
+    cfg = _cfg(tmp_path, palette_file, max_memory=BUDGET)
+    before = cfg.to_dict()
+    config = IGPTConfig.from_name("igpt-tiny", n_px=8, n_colors=16, **TINY)
+    run = RunDir(tmp_path / "plain")
+    m = TrainMemory(
+        cfg, config, dist=Distributed("cpu"), device=torch.device("cpu"), amp=False, run=run
+    )
+    assert cfg.to_dict() == before
+    want = {"grad_accum": 2, "checkpointing": 2, "offload_activations": False, "fsdp": False}
+    assert m.settings == want and (m.plan.accumulation, m.plan.checkpointing) == (2, 2)
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -1,16 +1,19 @@
 """Fine-tuning: a class head on a pretrained iGPT, trained with L_GEN + L_CLF (sec. 3.4).
 
-    clf = IGPTClassifier(model, n_classes=10)              # head on mean-pooled n^L, zeros
     res = finetune(model, tokens, labels, n_classes=10, steps=1000, out_dir="runs/ft")
     acc = evaluate(res["classifier"], test_tokens, test_labels)
 
-The head reads the average-pooled n^L = ln_f(h^L) (or, with ``layer=l``, the pooled n^l of
-an earlier layer, as the probe's features) and starts at zero, so the first predictions are
-uniform. The loss is L_GEN + L_CLF (the paper's choice; L_GEN is the model's AR or BERT
-objective, ``igpt.objectives``) or L_CLF alone (``joint=False``). Adam with the
-pre-training betas at a constant rate, early stopping on hold-out accuracy. BERT models see
-masked inputs in training and evaluation, and the evaluation can ensemble several masks
-(sec. 4.6, ``n_masks``).
+The classifier (``IGPTClassifier``, ``predict``, ``evaluate``, ``load_classifier``) lives in
+``igpt.classifier`` and is re-exported here. The loss is L_GEN + L_CLF (the paper's choice;
+L_GEN is the model's AR or BERT objective, ``igpt.objectives``) or L_CLF alone
+(``joint=False``). Adam with the pre-training betas at a constant rate, early stopping on
+hold-out accuracy. BERT models see masked inputs in training and evaluation, and the
+evaluation can ensemble several masks (sec. 4.6, ``n_masks``).
+
+It runs on the skeleton pre-training runs on (``igpt.training``): the same device resolver,
+the mixed precision its config names (``precision``: bf16 autocast on CUDA by default), a
+non-finite step skipped and counted (``NonFiniteGuard``), one resume verdict and one
+restore of the optimizer settings.
 
 Resume (``resume=True``) continues from the run's latest checkpoint; ``steps`` may be
 raised to extend a run (the rate is constant, so there is no schedule to re-plan) and a
@@ -28,17 +31,18 @@ latest ``ckpt_XXXXXXXX.pt`` for ``resume`` and ``best.pt``, the best hold-out we
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from igpt._checks import check_tokens
 from igpt.batches import GlobalBatches, ImageSource, TokenSource
@@ -49,139 +53,50 @@ from igpt.checkpoint import (
     checkpoint_state,
     load_checkpoint,
 )
-from igpt.features import resolve_layers
-from igpt.model import IGPT
-from igpt.objectives import (
-    MASK_PROB,
-    OBJECTIVES,
-    MaskRows,
-    check_objective,
-    generative_loss,
-    objective_of,
+from igpt.classifier import (  # re-exported: their home is igpt.classifier
+    IGPTClassifier,
+    evaluate,
+    load_classifier,
+    predict,
+    resolve_model_device,
 )
-from igpt.probe import as_labels, modal_prediction
+from igpt.model import IGPT
+from igpt.objectives import MASK_PROB, OBJECTIVES, check_objective, generative_loss, objective_of
+from igpt.probe import as_labels
 from igpt.rundir import RunDir
-from igpt.train import progress_enabled, setting
+from igpt.trainconfig import progress_enabled, setting
+from igpt.training import (
+    PRECISIONS,
+    NonFiniteGuard,
+    autocast,
+    open_resume,
+    refuse_resume,
+    restore_optimizer_settings,
+    uses_bf16,
+)
+
+__all__ = [
+    "FinetuneConfig",
+    "Finetuner",
+    "finetune",
+    "FINETUNE_FIXED",
+    "DATA_ARGUMENTS",
+    # re-exported: their home is igpt.classifier
+    "IGPTClassifier",
+    "predict",
+    "evaluate",
+    "load_classifier",
+]
 
 log = logging.getLogger(__name__)
 
 # what a resumed fine-tuning run must share with its checkpoint's run: the head, the loss
 # and the batch of every step (the architecture and n_classes are checked beside them)
 FINETUNE_FIXED = ("n_classes", "layer", "joint", "head_bias", "batch_size", "seed")
-
-
-class IGPTClassifier(nn.Module):
-    """An ``IGPT`` with a zero-initialised linear class head on average-pooled features.
-
-    Args:
-        model: the pretrained ``IGPT`` (shared, not copied).
-        n_classes: number of classes.
-        layer: which pooled feature the head reads: None (or L) for n^L = ln_f(h^L), the
-            paper's fine-tuning choice; l < L for the pooled ln_1 of block l's input.
-    """
-
-    def __init__(self, model: IGPT, n_classes: int, *, layer: int | None = None):
-        super().__init__()
-        if not isinstance(model, IGPT):
-            raise TypeError(f"model must be an igpt.IGPT, got {type(model).__name__}")
-        if not isinstance(n_classes, int) or n_classes < 2:
-            raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
-        L = model.config.n_layer
-        self.model = model
-        self.layer = L if layer is None else resolve_layers([layer], L)[0]
-        self.n_classes = n_classes
-        self.head = nn.Linear(model.config.n_embd, n_classes)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, tokens, bert_mask=None, *, generative: bool = True):
-        """(gen_logits (B, n, n_colors) or None, class_logits (B, n_classes) float32).
-
-        tokens: int (B, n); bert_mask: bool (B, n) for a BERT model (True = masked), None
-        for AR. ``generative=False`` skips the output head (and the blocks above ``layer``).
-        """
-        m = self.model
-        run_all = generative or self.layer == m.config.n_layer
-        n_L, pooled = m.trunk(tokens, bert_mask, pool_layers=[self.layer], run_all=run_all)
-        gen_logits = m.lm_head(n_L) if generative else None
-        pooled = pooled[:, 0]  # (B, d)
-        return gen_logits, self.head(pooled).float()
-
-
-def _resolve_device(device, model):
-    if device is None:
-        return next(model.parameters()).device
-    return torch.device(device)
-
-
-@torch.no_grad()
-def predict(
-    classifier: IGPTClassifier,
-    tokens,
-    *,
-    objective: str = "ar",
-    n_masks: int = 1,
-    mask_prob: float = MASK_PROB,
-    seed: int = 0,
-    batch_size: int = 64,
-    device=None,
-    progress: bool = False,
-) -> np.ndarray:
-    """Class predictions (N,) int64. BERT: the modal class over ``n_masks`` masks (sec. 4.6).
-
-    Mask m is ``igpt.objectives.bert_mask((N, n), mask_prob, seed=seed + 1 + m)``, the masks
-    of ``igpt.probe.bert_ensemble_probe``, the same on every device and for every batch
-    size; ties between classes are broken at random with ``seed`` (``modal_prediction``).
-    """
-    tokens = check_tokens(tokens, "tokens", shape_hint="(N, n)")
-    check_objective(objective)
-    device = _resolve_device(device, classifier)
-    classifier.to(device)
-    was_training = classifier.training
-    classifier.eval()
-    N, n = tokens.shape
-    runs = n_masks if objective == "bert" else 1
-    preds = np.empty((runs, N), dtype=np.int64)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    try:
-        for r in range(runs):
-            mask = MaskRows((N, n), mask_prob, seed=seed + 1 + r) if objective == "bert" else None
-            for s in tqdm(range(0, N, batch_size), desc="predict", disable=not progress):
-                x = tokens[s : s + batch_size].to(device, torch.long)
-                m = mask(s, s + batch_size).to(device) if mask is not None else None
-                with autocast:
-                    _, logits = classifier(x, m, generative=False)
-                preds[r, s : s + len(x)] = logits.argmax(1).cpu().numpy()
-    finally:
-        classifier.train(was_training)
-    return preds[0] if runs == 1 else modal_prediction(preds, seed=seed)
-
-
-def evaluate(classifier: IGPTClassifier, tokens, labels, **kw) -> float:
-    """Accuracy of ``predict(classifier, tokens, **kw)`` against integer ``labels``."""
-    y = as_labels(labels, len(tokens), "labels")
-    return float((predict(classifier, tokens, **kw) == y).mean())
-
-
-def load_classifier(path_or_dir, device=None):
-    """A fine-tuned classifier from a checkpoint: ``(classifier, palette_or_None, ckpt)``.
-
-    Pass ``best.pt`` of a fine-tuning run for its best hold-out weights, or the run
-    directory for its latest checkpoint.
-    """
-    from igpt.checkpoint import load_model
-
-    model, palette, ckpt = load_model(path_or_dir)
-    if "head" not in ckpt or "finetune" not in ckpt:
-        raise ValueError(f"{path_or_dir} is not a fine-tuning checkpoint (it has no class head)")
-    info = ckpt["finetune"]
-    clf = IGPTClassifier(model, int(info["n_classes"]), layer=int(info["layer"]))
-    clf.head.load_state_dict(ckpt["head"])
-    if not info.get("head_bias", True):
-        clf.head.bias.requires_grad_(False)  # fine-tuned without a bias: it stays zero
-    if device is not None:
-        clf.to(device)
-    return clf, palette, ckpt
+# the class head's default learning rate: 100x the model's default (see FinetuneConfig)
+HEAD_LR = 1e-2
+# the keyword arguments of Finetuner (and finetune) that are data, not settings
+DATA_ARGUMENTS = ("n_classes", "val_tokens", "val_labels", "train_images", "palette", "augment")
 
 
 # ----------------------------------------------------------------------------- config
@@ -205,7 +120,12 @@ class FinetuneConfig:
     layer: int | None = setting(None, "pooled layer the head reads", default_text="n^L")
     steps: int = setting(1000, "optimizer steps")
     batch_size: int = setting(32, "batch size")
-    lr: float = setting(1e-4, "learning rate (constant)")
+    lr: float = setting(1e-4, "learning rate of the pretrained model (constant)")
+    # the head starts at zero and must travel far, the pretrained weights only a little: at
+    # one rate of 1e-4 the demo's model was still at chance after 40 steps (issue 26)
+    head_lr: float | None = setting(
+        HEAD_LR, "learning rate of the class head (constant; in Python, None: lr)"
+    )
     betas: tuple[float, float] = setting((0.9, 0.95), "Adam betas (the pre-training ones)")
     weight_decay: float = setting(0.0, "Adam weight decay")
     grad_clip: float | None = setting(None, "clip the gradient norm", default_text="off")
@@ -223,6 +143,9 @@ class FinetuneConfig:
     )
     resume: bool = setting(False, "continue from the latest checkpoint in the run directory")
     seed: int = setting(0, "batches, masks, augmentations and the hold-out split")
+    precision: str = setting(
+        "auto", "auto: bf16 autocast on CUDA, fp32 on the CPU", choices=PRECISIONS
+    )
     device: str | None = setting(None, "cpu, cuda ...", default_text="the model's")
     progress: bool | None = setting(
         None, "tqdm progress bars", default_text="when stderr is a terminal"
@@ -233,6 +156,8 @@ class FinetuneConfig:
         # an lr of inf or nan would train and write NaN checkpoints
         self.betas = tuple(self.betas)
         check_objective(self.objective)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("steps", "batch_size", "eval_every", "n_masks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -252,6 +177,8 @@ class FinetuneConfig:
         _check_real("weight_decay", self.weight_decay, least=0)
         if self.grad_clip is not None:
             _check_real("grad_clip", self.grad_clip, above=0)
+        if self.head_lr is not None:
+            _check_real("head_lr", self.head_lr, above=0)
         _check_real("mask_prob", self.mask_prob, above=0, most=1)
         _check_real("val_frac", self.val_frac, above=0, below=1)
         if len(self.betas) != 2:
@@ -261,9 +188,23 @@ class FinetuneConfig:
         if self.resume and self.out_dir is None:
             raise ValueError("resume=True needs out_dir (the run to continue)")
 
+    def to_dict(self) -> dict:
+        """The fields as JSON-ready values (``config.json`` holds them under ``config``)."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["out_dir"] = None if self.out_dir is None else str(self.out_dir)
+        return d
+
+    @property
+    def rates(self) -> list[float]:
+        """The learning rate of each of the optimizer's groups: one for the whole classifier,
+        or (with ``head_lr``) the model's and the head's."""
+        return [self.lr] if self.head_lr is None else [self.lr, self.head_lr]
+
     def settings(self, n_classes: int, layer: int) -> dict:
         """What a run records of its settings (config.json, the result's ``settings``)."""
-        keys = ("objective", "joint", "head_bias", "lr", "batch_size", "steps", "seed", "mask_prob")
+        keys = ("objective", "joint", "head_bias", "lr", "head_lr", "batch_size", "steps", "seed")
+        keys += ("mask_prob",)
         return {"n_classes": n_classes, "layer": layer, **{k: getattr(self, k) for k in keys}}
 
 
@@ -277,6 +218,116 @@ def _check_real(name, v, *, above=None, least=None, below=None, most=None) -> No
         bounds = [f"> {above}"] * (above is not None) + [f">= {least}"] * (least is not None)
         bounds += [f"< {below}"] * (below is not None) + [f"<= {most}"] * (most is not None)
         raise ValueError(f"{name} must be a finite number {' and '.join(bounds)}, got {v!r}")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def split_examples(cfg: FinetuneConfig, tokens, labels, val_tokens, val_labels, images, n_classes):
+    """The checked training and hold-out sets: ``(tokens, labels, images, val_tokens, val_y,
+    n_classes)``; without ``val_tokens``, ``cfg.val_frac`` of the training set is held out.
+    ``n_classes`` defaults to the largest label + 1."""
+    tokens = check_tokens(tokens, "train_tokens", shape_hint="(N, n)")
+    labels = torch.from_numpy(as_labels(labels, len(tokens), "train_labels"))
+    if images is not None and len(images) != len(tokens):
+        raise ValueError(f"train_images has {len(images)} images, tokens {len(tokens)}")
+    if val_tokens is None:
+        from igpt.data import holdout_split
+
+        fit, val = holdout_split(len(tokens), cfg.val_frac, cfg.seed)
+        val_tokens, val_labels = tokens[val], labels[val]
+        tokens, labels = tokens[fit], labels[fit]
+        images = images[fit] if images is not None else None
+    val_tokens = check_tokens(val_tokens, "val_tokens", shape_hint="(N, n)")
+    val_y = as_labels(val_labels, len(val_tokens), "val_labels")
+    if len(tokens) < 1:
+        raise ValueError("no training examples left after the hold-out split")
+    seen = np.concatenate([labels.numpy(), val_y])
+    n_classes = n_classes or int(seen.max()) + 1
+    if seen.min() < 0 or seen.max() >= n_classes:
+        raise ValueError(
+            f"train_labels and val_labels must lie in [0, n_classes={n_classes}), got "
+            f"labels in [{seen.min()}, {seen.max()}]"
+        )
+    return tokens, labels, images, val_tokens, val_y, n_classes
+
+
+def example_batches(cfg: FinetuneConfig, tokens, images, palette, augment, n_px: int):
+    """The batch of every step (``GlobalBatches``): rows of ``tokens``, or with ``augment``
+    the augmented ``images`` tokenised with ``palette``; at most the whole set per batch."""
+    if augment is not None:
+        source = ImageSource(images, palette, n_px, augment, per_row=False)
+    else:
+        source = TokenSource(tokens)
+    batch = min(cfg.batch_size, len(tokens))
+    return GlobalBatches(source, np.arange(len(tokens)), batch, seed=cfg.seed)
+
+
+def check_resumable(run: RunDir, steps: int, settings: dict, model: IGPT, path, ckpt) -> None:
+    """A ValueError unless the checkpoint at ``path`` is of a fine-tuning run with these
+    ``settings``' ``FINETUNE_FIXED`` values, objective and architecture, not past ``steps``."""
+    missing = [k for k in ("finetune", "head", "optimizer", "state") if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a fine-tuning checkpoint (it has no {', '.join(missing)}); "
+            "fine-tune from it with --checkpoint and a new --out instead"
+        )
+    # runs from before head_bias existed trained the bias
+    old = {"head_bias": True, **ckpt["finetune"], "objective": objective_of(ckpt)}
+    keys = [*FINETUNE_FIXED, "objective"] + ["mask_prob"] * (settings["objective"] == "bert")
+    diff = [
+        f"{k} {old.get(k)!r} there, {settings[k]!r} now" for k in keys if old.get(k) != settings[k]
+    ]
+    diff += ["model " + d for d in architecture_differences(path, ckpt, model.config)]
+    refuse_resume(run.path, path, diff, int(ckpt["state"]["step"]), steps)
+
+
+def finetune_checkpoint(ft: Finetuner, *, with_optimizer: bool) -> dict:
+    """The checkpoint of fine-tuning run ``ft`` now: the model, the head, the run's state
+    and settings (the objective once, at the top level: ``objective_of``), and with
+    ``with_optimizer`` Adam's state (what ``resume`` needs; ``best.pt`` leaves it out)."""
+    info = {k: v for k, v in ft.settings.items() if k != "objective"}
+    extra = dict(head=ft.clf.head.state_dict(), state=ft.state, finetune=info)
+    if with_optimizer:
+        extra["optimizer"] = ft.opt.state_dict()
+    step, objective = ft.state["step"], ft.cfg.objective
+    return checkpoint_state(ft.model, step=step, palette=ft.palette, objective=objective, **extra)
+
+
+def finetune_optimizer(cfg: FinetuneConfig, clf: IGPTClassifier) -> torch.optim.Adam:
+    """Adam over the classifier: one group at ``lr``, or with ``head_lr`` the model's
+    parameters at ``lr`` and the head's at ``head_lr`` (a run resumes with the same count)."""
+    parts = [list(clf.parameters())]
+    if cfg.head_lr is not None:
+        parts = [list(clf.model.parameters()), list(clf.head.parameters())]
+    groups = [{"params": ps, "lr": lr} for ps, lr in zip(parts, cfg.rates, strict=True)]
+    return torch.optim.Adam(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def regroup(state: dict, optimizer) -> dict:
+    """``state`` (an optimizer's state dict) with its parameters in ``optimizer``'s groups:
+    a run saved with one group for the whole classifier resumes under a separate
+    ``head_lr`` and back (the parameters keep their order: the model's, then the head's)."""
+    saved, now = state["param_groups"], optimizer.param_groups
+    if len(saved) == len(now):
+        return state
+    ids = [i for g in saved for i in g["params"]]
+    groups, start = [], 0
+    for g in now:
+        groups.append({**saved[0], "params": ids[start : start + len(g["params"])]})
+        start += len(g["params"])
+    return {**state, "param_groups": groups}
+
+
+def stop_early(state: dict, patience: int | None) -> bool:
+    """Whether ``patience`` evaluations in a row brought no better hold-out accuracy."""
+    if patience is None or state["evals_since_best"] < patience:
+        return False
+    log.info(
+        "early stop at step %d: no better hold-out accuracy in %d evaluations",
+        *(state["step"], patience),
+    )
+    return True
 
 
 # ----------------------------------------------------------------------------- finetuner
@@ -314,138 +365,74 @@ class Finetuner:
         self.cfg = cfg = config
         if augment is not None and (train_images is None or palette is None):
             raise ValueError("augment needs train_images (uint8 (N, H, W, 3)) and palette")
-        tokens, labels, images = self._split(
-            train_tokens, train_labels, val_tokens, val_labels, train_images, n_classes
+        tokens, self.labels, images, self.val_tokens, self.val_y, self.n_classes = split_examples(
+            cfg, train_tokens, train_labels, val_tokens, val_labels, train_images, n_classes
         )
         self.model, self.palette = model, palette
-        self.device = _resolve_device(cfg.device, model)
+        self.device = resolve_model_device(cfg.device, model)
+        self.autocast = autocast(self.device, uses_bf16(cfg.precision, self.device))
         self.clf = IGPTClassifier(model, self.n_classes, layer=cfg.layer).to(self.device)
         if not cfg.head_bias:
             self.clf.head.bias.requires_grad_(False)  # zero from IGPTClassifier, kept there
-        self.opt = torch.optim.Adam(
-            self.clf.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-        )
+        self.opt = finetune_optimizer(cfg, self.clf)
         self.settings = cfg.settings(self.n_classes, self.clf.layer)
-        self.labels = labels
-        if augment is not None:
-            n_px = model.config.n_px
-            source = ImageSource(images, palette, n_px, augment, per_row=False)
-        else:
-            source = TokenSource(tokens)
-        batch = min(cfg.batch_size, len(tokens))
-        self.batches = GlobalBatches(source, np.arange(len(tokens)), batch, seed=cfg.seed)
+        self.batches = example_batches(cfg, tokens, images, palette, augment, model.config.n_px)
         self.state = dict(step=0, best_val_acc=-1.0, best_step=0, evals_since_best=0, history=[])
+        self.state["skipped"] = 0
+        self.guard = NonFiniteGuard()
         self.best_weights = None  # without a run directory, the best state lives in memory
         self.run = RunDir(cfg.out_dir) if cfg.out_dir is not None else None
         if self.run is not None:
             self._open_run()
 
-    def _split(self, tokens, labels, val_tokens, val_labels, images, n_classes):
-        tokens = check_tokens(tokens, "train_tokens", shape_hint="(N, n)")
-        labels = torch.from_numpy(as_labels(labels, len(tokens), "train_labels"))
-        if images is not None and len(images) != len(tokens):
-            raise ValueError(f"train_images has {len(images)} images, tokens {len(tokens)}")
-        if val_tokens is None:
-            from igpt.data import holdout_split
-
-            fit, val = holdout_split(len(tokens), self.cfg.val_frac, self.cfg.seed)
-            val_tokens, val_labels = tokens[val], labels[val]
-            tokens, labels = tokens[fit], labels[fit]
-            images = images[fit] if images is not None else None
-        self.val_tokens = check_tokens(val_tokens, "val_tokens", shape_hint="(N, n)")
-        self.val_y = as_labels(val_labels, len(self.val_tokens), "val_labels")
-        if len(tokens) < 1:
-            raise ValueError("no training examples left after the hold-out split")
-        seen = np.concatenate([labels.numpy(), self.val_y])
-        self.n_classes = n_classes or int(seen.max()) + 1
-        if seen.min() < 0 or seen.max() >= self.n_classes:
-            raise ValueError(
-                f"train_labels and val_labels must lie in [0, n_classes={self.n_classes}), got "
-                f"labels in [{seen.min()}, {seen.max()}]"
-            )
-        return tokens, labels, images
-
     def _open_run(self) -> None:
-        found = self.run.resume_checkpoint(self.cfg.resume)
+        check = functools.partial(
+            check_resumable, self.run, self.cfg.steps, self.settings, self.model
+        )
+        found = open_resume(self.run, self.cfg.resume, check)
         if found is not None:
             latest, ckpt = found
-            self._check_resumable(latest, ckpt)
             self.model.load_state_dict(ckpt["model"])
             self.clf.head.load_state_dict(ckpt["head"])
-            self.opt.load_state_dict(ckpt["optimizer"])
+            self.opt.load_state_dict(regroup(ckpt["optimizer"], self.opt))
             cfg = self.cfg  # this run's settings, not the ones the optimizer state brought back
-            for g in self.opt.param_groups:
-                g.update(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-            self.state.update({k: ckpt["state"][k] for k in self.state})
+            restore_optimizer_settings(
+                self.opt, lr=cfg.rates, betas=cfg.betas, weight_decay=cfg.weight_decay
+            )
+            self.state.update({k: ckpt["state"].get(k, 0) for k in self.state})
+            self.guard = NonFiniteGuard(self.state["skipped"])
             s = self.state
             log.info(
                 "resumed %s at step %d (best hold-out acc %.4f at step %d)",
                 *(latest, s["step"], s["best_val_acc"], s["best_step"]),
             )
         conf = {"model": self.model.config.to_dict(), "finetune": self.settings}
+        conf["config"] = self.cfg.to_dict()  # every setting: what `igpt finetune --resume` reads
         self.run.write_json("config.json", conf)
         self.run.truncate_metrics(self.state["step"])
 
-    def _check_resumable(self, path, ckpt: dict) -> None:
-        """A ValueError unless the checkpoint at ``path`` is of a fine-tuning run with this
-        run's ``FINETUNE_FIXED`` settings, objective and architecture, not past ``steps``."""
-        missing = [k for k in ("finetune", "head", "optimizer", "state") if k not in ckpt]
-        if missing:
-            raise CheckpointError(
-                f"{path} is not a fine-tuning checkpoint (it has no {', '.join(missing)}); "
-                "fine-tune from it with --checkpoint and a new --out instead"
-            )
-        # runs from before head_bias existed trained the bias
-        old = {"head_bias": True, **ckpt["finetune"], "objective": objective_of(ckpt)}
-        now = self.settings
-        keys = [*FINETUNE_FIXED, "objective"] + ["mask_prob"] * (now["objective"] == "bert")
-        diff = [f"{k} {old.get(k)!r} there, {now[k]!r} now" for k in keys if old.get(k) != now[k]]
-        diff += ["model " + d for d in architecture_differences(path, ckpt, self.model.config)]
-        if diff:
-            raise ValueError(
-                f"cannot resume {self.run.path} from {Path(path).name}: it was trained with "
-                f"other settings ({'; '.join(diff)}); pass the run's values, or use another --out"
-            )
-        if int(ckpt["state"]["step"]) > self.cfg.steps:
-            raise ValueError(
-                f"cannot resume {self.run.path}: {Path(path).name} is at step "
-                f"{ckpt['state']['step']}, past steps={self.cfg.steps}; pass --steps "
-                f"{ckpt['state']['step']} or more"
-            )
-
-    def _info(self) -> dict:
-        # the objective is recorded once, at the checkpoint's top level (objective_of)
-        info = {k: v for k, v in self.settings.items() if k != "objective"}
-        return {"finetune": info, "objective": self.cfg.objective}
-
-    def _checkpoint(self, with_optimizer: bool) -> dict:
-        extra = dict(head=self.clf.head.state_dict(), state=self.state, **self._info())
-        if with_optimizer:
-            extra["optimizer"] = self.opt.state_dict()
-        return checkpoint_state(self.model, step=self.state["step"], palette=self.palette, **extra)
-
     def _step(self, step: int) -> dict:
-        """One optimizer step on the batch of ``step``; returns its metrics row."""
+        """One optimizer step on the batch of ``step`` (skipped when not finite); returns
+        its metrics row."""
         cfg = self.cfg
         x = self.batches.tokens(step).to(self.device, torch.long)
         y = self.labels[self.batches.indices(step)].to(self.device)
         mask = None
         if cfg.objective == "bert":
             mask = self.batches.mask(step, x.shape[1], cfg.mask_prob).to(self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with self.autocast:
             gen_logits, logits = self.clf(x, mask, generative=cfg.joint)
         l_clf = F.cross_entropy(logits, y)
         l_gen = generative_loss(gen_logits, x, mask) if cfg.joint else None
         loss = l_clf + l_gen if cfg.joint else l_clf
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {step}; lower lr (now {cfg.lr})"
-            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(self.clf.parameters(), cfg.grad_clip)
-        self.opt.step()
+        clip = cfg.grad_clip if cfg.grad_clip else float("inf")
+        grad_norm = float(nn.utils.clip_grad_norm_(self.clf.parameters(), clip))
+        if self.guard.check(step, loss.item(), grad_norm, cfg.lr):
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.state["skipped"] = self.guard.skipped
         row = {"step": step + 1, "loss": loss.item(), "clf_loss": l_clf.item()}
         if l_gen is not None:
             row["gen_loss"] = l_gen.item()
@@ -454,22 +441,16 @@ class Finetuner:
     def _evaluate_and_keep_best(self) -> float:
         """Hold-out accuracy now; the best weights so far are kept (best.pt or in memory)."""
         cfg, s = self.cfg, self.state
-        acc = evaluate(
-            self.clf,
-            self.val_tokens,
-            self.val_y,
-            objective=cfg.objective,
-            n_masks=cfg.n_masks,
-            mask_prob=cfg.mask_prob,
-            seed=cfg.seed,
-            batch_size=max(cfg.batch_size, 64),
-            device=self.device,
-        )
+        kw = dict(objective=cfg.objective, n_masks=cfg.n_masks, mask_prob=cfg.mask_prob)
+        kw.update(seed=cfg.seed, batch_size=max(cfg.batch_size, 64), device=self.device)
+        acc = evaluate(self.clf, self.val_tokens, self.val_y, **kw)
         s["history"].append({"step": s["step"], "val_acc": acc})
         if acc > s["best_val_acc"]:
             s.update(best_val_acc=acc, best_step=s["step"], evals_since_best=0)
             if self.run is not None:
-                atomic_torch_save(self._checkpoint(with_optimizer=False), self.run.path / "best.pt")
+                atomic_torch_save(
+                    finetune_checkpoint(self, with_optimizer=False), self.run.path / "best.pt"
+                )
             else:
                 weights = self.clf.state_dict().items()
                 self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights}
@@ -490,24 +471,13 @@ class Finetuner:
         elif self.best_weights is not None:
             self.clf.load_state_dict(self.best_weights)
 
-    def _stop_early(self) -> bool:
-        patience = self.cfg.patience
-        if patience is None or self.state["evals_since_best"] < patience:
-            return False
-        log.info(
-            "early stop at step %d: no better hold-out accuracy in %d evaluations",
-            *(self.state["step"], patience),
-        )
-        return True
-
     def fit(self) -> dict:
         """Train to ``steps`` (or an early stop); returns the classifier at its best step.
 
         The result holds ``classifier``, ``best_val_acc``, ``best_step``, ``step`` (the last
-        step trained), ``stopped_early``, ``history`` (one dict per evaluation), ``settings``.
+        step trained), ``stopped_early``, ``history`` (one dict per evaluation), ``settings``,
+        ``skipped`` (steps skipped for a non-finite loss or gradient).
         """
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         # log lines go through tqdm.write, above the bar rather than glued onto it
         with logging_redirect_tqdm():
             return self._fit()
@@ -522,7 +492,7 @@ class Finetuner:
             desc="finetune",
             disable=not progress_enabled(cfg.progress),
         )
-        while s["step"] < cfg.steps and not (stopped_early := self._stop_early()):
+        while s["step"] < cfg.steps and not (stopped_early := stop_early(s, cfg.patience)):
             row = self._step(s["step"])
             s["step"] = row["step"]
             pending.append(row)
@@ -533,7 +503,9 @@ class Finetuner:
                 if self.run is not None:
                     self.run.append_metrics(pending)
                     # the latest checkpoint only: it holds Adam's state
-                    self.run.save_checkpoint(self._checkpoint(True), s["step"], keep=1)
+                    self.run.save_checkpoint(
+                        finetune_checkpoint(self, with_optimizer=True), s["step"], keep=1
+                    )
                 pending = []
         bar.close()
         if s["best_val_acc"] < 0:  # resumed a finished run or steps already reached
@@ -543,7 +515,7 @@ class Finetuner:
             self.plot()
         if math.isfinite(s["best_val_acc"]):
             log.info("best hold-out accuracy %.4f at step %d", s["best_val_acc"], s["best_step"])
-        keys = ("best_val_acc", "best_step", "step", "history")
+        keys = ("best_val_acc", "best_step", "step", "history", "skipped")
         return {
             "classifier": self.clf,
             "stopped_early": stopped_early,
@@ -559,35 +531,15 @@ class Finetuner:
 
 
 def finetune(
-    model: IGPT,
-    train_tokens,
-    train_labels,
-    *,
-    n_classes: int | None = None,
-    val_tokens=None,
-    val_labels=None,
-    train_images: np.ndarray | None = None,
-    palette=None,
-    augment: Callable | None = None,
-    config: FinetuneConfig | None = None,
-    **settings,
+    model: IGPT, train_tokens, train_labels, *, config: FinetuneConfig | None = None, **kwargs
 ) -> dict:
     """Fine-tune ``model`` with a class head; returns the classifier at its best hold-out step.
 
-    ``settings`` are ``FinetuneConfig`` fields (``steps=``, ``lr=``, ``objective=``,
-    ``out_dir=`` ...), applied over ``config``; the data arguments are ``Finetuner``'s. See
-    ``Finetuner.fit`` for the result.
+    ``kwargs`` are ``Finetuner``'s data arguments (``DATA_ARGUMENTS``: ``n_classes``,
+    ``val_tokens``, ``val_labels``, ``train_images``, ``palette``, ``augment``) and
+    ``FinetuneConfig`` fields (``steps=``, ``lr=``, ``objective=``, ``out_dir=`` ...), the
+    latter applied over ``config``. See ``Finetuner.fit`` for the result.
     """
-    cfg = dataclasses.replace(config, **settings) if config else FinetuneConfig(**settings)
-    return Finetuner(
-        model,
-        cfg,
-        train_tokens,
-        train_labels,
-        n_classes=n_classes,
-        val_tokens=val_tokens,
-        val_labels=val_labels,
-        train_images=train_images,
-        palette=palette,
-        augment=augment,
-    ).fit()
+    data = {k: kwargs.pop(k) for k in DATA_ARGUMENTS if k in kwargs}
+    cfg = dataclasses.replace(config, **kwargs) if config else FinetuneConfig(**kwargs)
+    return Finetuner(model, cfg, train_tokens, train_labels, **data).fit()

@@ -1,15 +1,19 @@
 """The trainer's side of ``igpt.memory``: ``--max-memory``, ``--offload-activations``, the
 predicted-against-measured peak, and the step back to a smaller plan after an OOM.
 
-    memory = TrainMemory(trainer)     # plans, and applies the plan to the trainer's settings
-    with memory.offload(): loss = forward_and_loss(...)     # backward outside it
-    stats = memory.step(trainer)      # train_step, redone under the next plan after an OOM
+    memory = TrainMemory(cfg, model.config, dist=d, device=device, amp=amp, run=run)
+    trainer.apply_memory(memory.settings)      # the trainer applies what the plan says
+    p = memory.next_plan()                     # after an OOM: the next smaller plan, or None
+    trainer.apply_memory(memory.adopt(p, step=s))
+    memory.check_peak(step, steps)             # the predicted against the measured peak
+    apply_checkpointing(model, every)          # recompute every k-th block in the backward
 
 With ``max_memory`` set, ``igpt.memory.plan`` picks the fastest micro-batch x accumulation,
 checkpointing and activation offload (and FSDP under torchrun) whose predicted peak fits;
-the trainer then runs ``grad_accum``, ``checkpointing`` and ``offload_activations`` as the
-plan says (its ``cfg`` holds the resolved values, and so does ``config.json``; the global
-batch does not change). ``offload_activations`` alone offloads with the settings given.
+``TrainMemory.settings`` says which ``grad_accum``, ``checkpointing`` and
+``offload_activations`` to run, and the trainer applies them itself (its ``cfg`` then holds
+the resolved values, and so does ``config.json``; the global batch does not change).
+``offload_activations`` alone offloads with the settings given.
 
 On CUDA the peak is checked: ``torch.cuda.max_memory_allocated`` is reset after the first
 step (Adam's state is allocated and Triton autotunes then) and read after the third; the
@@ -33,24 +37,25 @@ settings its ``memory.json`` records (``--grad-accum``, ``--checkpointing``, off
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from igpt import memory
+from igpt.memory import Plan, format_size, parse_size, plan
+from igpt.model import IGPT
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainMemory", "nothing_fits_message"]
+__all__ = ["TrainMemory", "apply_checkpointing", "nothing_fits_message"]
 
 RESET_AFTER = 1  # steps of this plan after which the peak statistics are reset
 MEASURE_AFTER = 3  # ... and after which the peak is read (steps 2 and 3 measured)
 
 
-def nothing_fits_message(p: memory.Plan, max_memory) -> str:
+def nothing_fits_message(p: Plan, max_memory) -> str:
     """The ValueError text when no plan fits: the smallest plan's peak and what would fit."""
-    fmt = memory.format_size
+    fmt = format_size
     msg = (
         f"max_memory {max_memory!r}: no plan fits {fmt(p.memory_bytes)} per GPU on "
         f"{p.gpus} GPU(s); the smallest ({p.describe()}) needs {fmt(p.needed_bytes)}"
@@ -62,120 +67,70 @@ def nothing_fits_message(p: memory.Plan, max_memory) -> str:
 
 class TrainMemory:
     """A trainer's memory settings: the plan it runs (None without ``max_memory``), the
-    offload switch, the peak check and the step back.
+    settings that plan asks for, the peak check and the next plan after an OOM.
 
-    Building it plans from ``trainer.cfg`` and ``trainer.raw_model.config`` and sets, on the
-    trainer, ``cfg`` (the plan's ``grad_accum``, ``checkpointing``, ``offload_activations``),
-    ``micro`` and the model's checkpointing, and ``dist.sharded`` when the plan shards; call
-    it after the model is built and before it is wrapped. Raises ValueError when nothing
-    fits.
+    Building it plans from ``cfg`` (a ``TrainConfig``) and ``model_config``; it changes
+    nothing of the trainer: ``settings`` holds ``grad_accum``, ``checkpointing`` and
+    ``offload_activations`` (and ``fsdp``: whether the plan shards), for the trainer to
+    apply. Raises ValueError when nothing fits.
     """
 
-    def __init__(self, trainer):
-        cfg, d = trainer.cfg, trainer.dist
-        self.device = trainer.device
-        cpu_fp32 = self.device.type == "cpu" and not trainer.amp
+    def __init__(self, cfg, model_config, *, dist, device, amp: bool, run):
+        self.device, self.run = device, run
+        cpu_fp32 = device.type == "cpu" and not amp
         self.options = dict(
             batch_size=cfg.batch_size,
-            gpus=d.world,
+            gpus=dist.world,
             objective=cfg.objective,
             # the CPU's reference path is modelled in fp32 only; bf16 anywhere as on CUDA
-            precision="fp32" if not trainer.amp else "bf16",
+            precision="fp32" if not amp else "bf16",
             device="cpu" if cpu_fp32 else "cuda",
             mask_prob=cfg.mask_prob,
         )
-        self.config = trainer.raw_model.config
+        self.config = model_config
         self.plan = self.plans = None
         self._steps, self._pending = 0, {}
         self._asked_offload = cfg.offload_activations  # --offload-activations: on in every plan
+        keys = ("grad_accum", "checkpointing", "offload_activations")
+        self.settings = {k: getattr(cfg, k) for k in keys} | {"fsdp": False}
         if cfg.max_memory is None:
-            self.apply(trainer, cfg)
             return
         if cfg.grad_accum != 1 or cfg.checkpointing:
             log.warning("--max-memory: the plan replaces --grad-accum and --checkpointing")
-        p = memory.plan(
+        p = plan(
             self.config,
-            memory_bytes=memory.parse_size(cfg.max_memory),
-            fsdp=True if cfg.fsdp and d.world > 1 else None,
+            memory_bytes=parse_size(cfg.max_memory),
+            fsdp=True if cfg.fsdp and dist.world > 1 else None,
             **self.options,
         )
         if not p.fits:
             raise ValueError(nothing_fits_message(p, cfg.max_memory))
-        if p.fsdp:
-            d.sharded = True  # gpus = world > 1: under torchrun
         self.plans = []
-        self.adopt(trainer, p, step=None)  # None: from the start (or the resumed step)
-        if self.device.type != "cuda":
-            log.info(
-                "the peak memory check needs CUDA: on %s only the plan is applied", self.device
-            )
+        self.adopt(p, step=None)  # None: from the start (or the resumed step)
+        if device.type != "cuda":
+            log.info("the peak memory check needs CUDA: on %s only the plan is applied", device)
 
-    # -- settings -------------------------------------------------------------------------
-
-    def apply(self, trainer, cfg) -> None:
-        """Run ``trainer`` with ``cfg``'s grad_accum and checkpointing from now on."""
-        d = trainer.dist
-        if cfg.batch_size % (d.world * cfg.grad_accum):
-            raise ValueError(
-                f"batch_size {cfg.batch_size} must divide by world_size * grad_accum = "
-                f"{d.world} * {cfg.grad_accum}"
-            )
-        trainer.cfg = cfg
-        trainer.micro = cfg.batch_size // (d.world * cfg.grad_accum)
-        from igpt.train import apply_checkpointing  # igpt.train imports this module
-
-        apply_checkpointing(trainer.raw_model, cfg.checkpointing)
-
-    def adopt(self, trainer, p: memory.Plan, *, step: int | None) -> None:
-        """Make ``p`` the plan ``trainer`` runs from ``step`` on (and record it)."""
+    def adopt(self, p: Plan, *, step: int | None) -> dict:
+        """Make ``p`` the plan from ``step`` on (and record it); returns its ``settings``."""
         self.plan = p
-        cfg = dataclasses.replace(
-            trainer.cfg,
-            grad_accum=p.accumulation,
-            checkpointing=p.checkpointing,
-            offload_activations=p.offload or self._asked_offload,
-        )
-        self.apply(trainer, cfg)
+        self.settings = {
+            "grad_accum": p.accumulation,
+            "checkpointing": p.checkpointing,
+            "offload_activations": p.offload or self._asked_offload,
+            "fsdp": p.fsdp,
+        }
         self.plans.append({"from_step": step, **_plan_row(p)})
         self._steps = 0
         log.info("memory plan from %s: %s (predicted)", _when(step), p.describe())
-        self._write(trainer)
+        self._write()
+        return self.settings
 
-    def offload(self, trainer):
-        """The context of forward + loss: activation offload when the run asks for it (a
-        forward without gradients saves nothing, so evaluation is unaffected)."""
-        return memory.activation_offload(trainer.cfg.offload_activations)
-
-    # -- the step -------------------------------------------------------------------------
-
-    def step(self, trainer) -> dict:
-        """``trainer.train_step(trainer.step)``; after an out-of-memory error, redone under
-        the next plan (re-raised without ``max_memory`` or when no smaller plan fits)."""
-        while True:
-            try:
-                stats = trainer.train_step(trainer.step)
-                break
-            except torch.cuda.OutOfMemoryError:
-                p = self.next_plan()
-                if p is None:
-                    raise
-                log.warning(
-                    "step %d ran out of memory under the plan predicted at %s; redoing it",
-                    *(trainer.step, memory.format_size(self.plan.predicted_peak_bytes)),
-                )
-            # outside the handler: the traceback no longer holds the step's tensors
-            trainer.optimizer.zero_grad(set_to_none=True)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.adopt(trainer, p, step=trainer.step)
-        self._check_peak(trainer)
-        return stats
-
-    def next_plan(self) -> memory.Plan | None:
-        """The fastest plan with a strictly smaller predicted peak (same FSDP choice)."""
+    def next_plan(self) -> Plan | None:
+        """The fastest plan with a strictly smaller predicted peak (same FSDP choice), or
+        None (without ``max_memory``, or when none fits)."""
         if self.plan is None:
             return None
-        p = memory.plan(
+        p = plan(
             self.config,
             memory_bytes=self.plan.predicted_peak_bytes - 1,
             fsdp=self.plan.fsdp,
@@ -183,13 +138,14 @@ class TrainMemory:
         )
         return p if p.fits else None
 
-    def _check_peak(self, trainer) -> None:
-        """Reset the peak after the plan's first step, read it after its third (or at the
-        run's last step, when that comes sooner)."""
+    def check_peak(self, step: int, steps: int) -> None:
+        """After the plan's step ``step`` (0-based) of a ``steps``-step run: reset the peak
+        after the plan's first step, read it after its third (or at the run's last step,
+        when that comes sooner)."""
         self._steps += 1
         if self.plan is None or self.device.type != "cuda" or "measured" in self.plans[-1]:
             return
-        final = trainer.step + 1 >= trainer.cfg.steps
+        final = step + 1 >= steps
         if self._steps == RESET_AFTER and not final:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self._steps >= MEASURE_AFTER or final:
@@ -199,24 +155,56 @@ class TrainMemory:
             self._pending = {"predicted_peak_bytes": predicted, "measured_peak_bytes": measured}
             log.info(
                 "peak memory: predicted %s, measured %s (measured / predicted %.3f)",
-                *(memory.format_size(predicted), memory.format_size(measured)),
+                *(format_size(predicted), format_size(measured)),
                 measured / predicted,
             )
-            self._write(trainer)
+            self._write()
 
     def metrics(self) -> dict:
         """The measured and predicted peak, once, for the next metrics row (else {})."""
         out, self._pending = self._pending, {}
         return out
 
-    def _write(self, trainer) -> None:
-        trainer.run.write_json("memory.json", {"plans": self.plans, **self.options})
+    def _write(self) -> None:
+        self.run.write_json("memory.json", {"plans": self.plans, **self.options})
 
 
 def _when(step: int | None) -> str:
     return "the start" if step is None else f"step {step}"
 
 
-def _plan_row(p: memory.Plan) -> dict:
+def _plan_row(p: Plan) -> dict:
     keys = ("micro_batch", "accumulation", "checkpointing", "recomputed", "offload", "fsdp")
     return {**{k: getattr(p, k) for k in keys}, "predicted_peak_bytes": p.predicted_peak_bytes}
+
+
+# ----------------------------------------------------------------------------- checkpointing
+
+
+class _Recompute:
+    """A block's forward that keeps no activations in training: the backward reruns it."""
+
+    def __init__(self, forward):
+        self.forward = forward  # the bound forward of the block (its parameters stay put)
+
+    def __call__(self, *args, **kwargs):
+        if torch.is_grad_enabled() and self.forward.__self__.training:
+            return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+        return self.forward(*args, **kwargs)
+
+
+def apply_checkpointing(model: IGPT, every: int) -> IGPT:
+    """Activation checkpointing: blocks 0, k, 2k ... of ``model.transformer.h`` recompute
+    their activations in the backward (k = ``every``; 0 turns it off again).
+
+    The block's ``forward`` is replaced on the instance, so the module tree, the parameter
+    names and the state dict keys do not change, and DDP / FSDP2 wrap the model as usual.
+    Only training forwards with gradients recompute; evaluation runs as before.
+    """
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"every must be an int >= 0, got {every!r}")
+    for i, block in enumerate(model.transformer.h):
+        block.__dict__.pop("forward", None)  # undo an earlier call
+        if every and i % every == 0:
+            block.forward = _Recompute(block.forward)
+    return model

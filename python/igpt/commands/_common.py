@@ -3,6 +3,7 @@
     add_common_arguments(parser, "checkpoint", "data", "device")   # flags with one meaning
     dataclass_arguments(parser, TrainConfig, skip=("model_overrides",))
     cfg = config_from_args(TrainConfig, args, progress=not args.no_progress)
+    saved = run_settings(args, "runs/x/config.json", TrainConfig, section="train")  # --resume
     parser.add_argument("--n", type=count(1))          # a hand-written flag, checked
     device = pick_device(args.device)
     path, model, palette, ckpt, objective = open_checkpoint(args, device=device)
@@ -33,6 +34,11 @@ __all__ = [
     "add_common_arguments",
     "dataclass_arguments",
     "config_from_args",
+    "given_flags",
+    "run_settings",
+    "Given",
+    "GivenFlag",
+    "GivenTrue",
     "pick_device",
     "open_checkpoint",
     "labelled_splits",
@@ -131,6 +137,74 @@ def _word(name: str):
     return re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
 
 
+# ----------------------------------------------------------------------------- given flags
+
+
+def _mark_given(namespace, dest: str) -> None:
+    # a new frozenset each time: argparse copies a sub-command's namespace into the parent's
+    namespace._given = frozenset(getattr(namespace, "_given", ())) | {dest}
+
+
+class Given(argparse.Action):
+    """``action=`` of a store flag that also records that it was given (``given_flags``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _mark_given(namespace, self.dest)
+
+
+class GivenFlag(argparse.BooleanOptionalAction):
+    """``--flag/--no-flag`` that also records that it was given (``given_flags``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        _mark_given(namespace, self.dest)
+
+
+class GivenTrue(argparse.Action):
+    """``store_true`` that also records that it was given (``given_flags``)."""
+
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(
+            option_strings, dest, nargs=0, default=default, required=required, help=help
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        _mark_given(namespace, self.dest)
+
+
+def given_flags(args: argparse.Namespace) -> frozenset:
+    """The dests of the flags typed on the command line (as opposed to their defaults):
+    those of ``dataclass_arguments`` and of flags added with ``Given``/``GivenFlag``/
+    ``GivenTrue``."""
+    return frozenset(getattr(args, "_given", ()))
+
+
+def run_settings(args: argparse.Namespace, path, names, *, section: str, skip=()) -> dict:
+    """For ``--resume``: the settings a run recorded in its ``path`` (a JSON file, e.g. the
+    run's ``config.json``, under ``section``) for ``names`` (field names, or a dataclass),
+    less those whose flag was given (those override) and ``skip``; {} when the file or its
+    section does not exist (a run that has not started, an older version's record). A
+    UsageError when the file is not JSON."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    if dataclasses.is_dataclass(names):
+        names = [f.name for f in dataclasses.fields(names) if f.init]
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as e:
+        raise UsageError(f"--resume: {path} is not a run's record ({e}); use another --out") from e
+    # a record of an older version may lack the section: the flags then say it all
+    saved = record.get(section) if isinstance(record, dict) else None
+    saved = saved if isinstance(saved, dict) else {}
+    given = given_flags(args) | set(skip)
+    return {k: _config_value(saved[k]) for k in names if k in saved and k not in given}
+
+
 # ----------------------------------------------------------------------------- dataclass flags
 
 
@@ -147,7 +221,7 @@ def _flag_kwargs(name: str, tp) -> dict:
     """argparse keywords (type, nargs, action) for a field of annotation ``tp``."""
     tp, _ = _unwrap_optional(tp)
     if tp is bool:
-        return {"action": argparse.BooleanOptionalAction}
+        return {"action": GivenFlag}
     if tp is float:
         return {"type": number()}
     if tp in (int, str):
@@ -222,6 +296,7 @@ def dataclass_arguments(
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         if "flag" in meta and "metavar" not in kwargs and "action" not in kwargs:
             kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        kwargs.setdefault("action", Given)  # records the flags typed (--resume keeps the rest)
         parser.add_argument(flag, dest=f.name, default=default, help=text, **kwargs)
         flags[f.name] = flag
     checks = [*(parser.get_default("_parse_checks") or []), _config_check(cls, flags)]
@@ -288,6 +363,12 @@ def flat(items) -> list | None:
 # ----------------------------------------------------------------------------- shared flags
 
 
+def _model_names() -> tuple:
+    from igpt.config import SIZES
+
+    return tuple(SIZES)
+
+
 def add_common_arguments(
     parser: argparse.ArgumentParser, *names: str, helps: dict | None = None
 ) -> None:
@@ -300,6 +381,7 @@ def add_common_arguments(
             ("--model",),
             dict(
                 default="igpt-tiny",
+                choices=_model_names(),  # an unknown size exits 2 while parsing
                 help="named size: igpt-tiny, igpt-s, igpt-m, igpt-l, igpt-xl (default %(default)s)",
             ),
         ),
@@ -357,25 +439,12 @@ def pick_device(name: str | None):
 
     Raises ``UsageError`` naming what to pass when the device named does not exist here.
     """
-    import torch
+    from igpt.training import resolve_device
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise UsageError(
-            f"--device {name!r} is not a device name igpt runs on; use cpu, cuda or cuda:N"
-        )
-    if device.type == "cuda":
-        n = torch.cuda.device_count()
-        if n == 0:
-            raise UsageError(f"--device {name!r} but no CUDA GPU is visible; use --device cpu")
-        if device.index is not None and device.index >= n:
-            raise UsageError(f"--device {name!r} but only {n} CUDA GPU(s) are visible")
-    return device
+        return resolve_device(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def open_checkpoint(args: argparse.Namespace, *, source=None, device=None):

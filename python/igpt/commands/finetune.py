@@ -1,7 +1,12 @@
 """``igpt finetune``: fine-tune a checkpoint on a labelled data set, report test accuracy.
 
 Flags come from ``FinetuneConfig``'s fields (``--out`` is its ``out_dir``), plus the data
-ones; the run writes ``finetune.json`` (the summary) beside the fine-tuning run's files.
+ones; the run writes ``finetune.json`` (the summary) and ``command.json`` (the command's own
+flags) beside the fine-tuning run's files.
+
+``igpt finetune --out RUN --resume`` alone continues the run in RUN: the settings come from
+its ``config.json`` and ``command.json``; a flag typed beside ``--resume`` overrides the
+run's value (refused, as ever, where it would make another run: ``FINETUNE_FIXED``).
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import logging
 from pathlib import Path
 
 from igpt.commands._common import (
+    Given,
+    GivenTrue,
     UsageError,
     config_from_args,
     count,
@@ -17,17 +24,27 @@ from igpt.commands._common import (
     labelled_splits,
     open_checkpoint,
     pick_device,
+    run_settings,
 )
 from igpt.finetune import FinetuneConfig, evaluate, finetune
 from igpt.objectives import OBJECTIVES
-from igpt.train import progress_enabled
+from igpt.trainconfig import progress_enabled
 
 log = logging.getLogger(__name__)
 
 
+# the command's own flags that command.json records for --resume
+COMMAND_FLAGS = ("checkpoint", "data", "objective", "clf_only", "augment", "limit")
+# what a resumed run does not take from its config.json: where and how this process runs
+NOT_RESUMED = ("out_dir", "resume", "device", "progress")
+
+
 def add_arguments(parser) -> None:
     """Flags of ``igpt finetune``: FinetuneConfig's fields, and the ones of the command."""
-    a = parser.add_argument
+
+    def a(*flags, **kw):
+        parser.add_argument(*flags, **{"action": Given, **kw})
+
     a("--checkpoint", default=None, help="checkpoint file, or a run directory for its latest")
     a("--data", default="digits", help="labelled data: digits, cifar10:DIR ... (default digits)")
     # where the command's meaning differs from the library's: the checkpoint's objective,
@@ -38,7 +55,11 @@ def add_arguments(parser) -> None:
     skip = ("objective", "out_dir", "device", "joint", "val_frac", "progress")
     dataclass_arguments(parser, FinetuneConfig, skip=skip)
     parser.set_defaults(n_masks=5)  # sec. 4.6's ensemble for the test accuracy
-    a("--clf-only", action="store_true", help="train L_CLF alone (default: L_GEN + L_CLF)")
+    a(
+        "--clf-only",
+        action=GivenTrue,
+        help="train L_CLF alone (default: L_GEN + L_CLF)",
+    )
     a(
         "--augment",
         choices=("auto", "none", "cifar"),
@@ -46,6 +67,22 @@ def add_arguments(parser) -> None:
         help="training augmentation: cifar = pad 4, random crop, flip (auto: for cifar specs)",
     )
     a("--limit", type=count(1), default=None, help="use the first N images per split")
+
+
+def _resumed(args) -> None:
+    """For ``--resume``: the run's recorded flags and settings onto ``args``, except the
+    flags typed now (they override) and where this process runs."""
+    run = Path(args.out_dir)
+    # the model comes from the run's own latest checkpoint unless --checkpoint is typed
+    flags = [k for k in COMMAND_FLAGS if k != "checkpoint"]
+    saved = run_settings(args, run / "command.json", flags, section="command")
+    saved.update(
+        run_settings(args, run / "config.json", FinetuneConfig, section="config", skip=NOT_RESUMED)
+    )
+    for k, v in saved.items():
+        setattr(args, k, v)
+    if saved:
+        log.info("resuming %s with its recorded settings, except the flags given", run)
 
 
 def _data(args, model, palette):
@@ -68,6 +105,8 @@ def run(args) -> None:
     from igpt.checkpoint import latest_checkpoint
     from igpt.rundir import RunDir
 
+    if args.resume:
+        _resumed(args)
     source = args.checkpoint
     if source is None:
         if not (args.resume and latest_checkpoint(args.out_dir)):
@@ -84,15 +123,15 @@ def run(args) -> None:
     cfg = config_from_args(
         FinetuneConfig, args, objective=objective, joint=not args.clf_only, device=str(device)
     )
-    res = finetune(
-        model, x, train.labels, n_classes=n_classes, train_images=train.images, palette=palette,
-        augment=augment, config=cfg,
-    )  # fmt: skip
+    run_dir = RunDir(cfg.out_dir)
+    run_dir.check_fresh(cfg.resume)  # before command.json: never over another run's record
+    record = {k: getattr(args, k) for k in COMMAND_FLAGS} | {"checkpoint": str(path)}
+    run_dir.write_json("command.json", {"command": record})
+    data = dict(n_classes=n_classes, train_images=train.images, palette=palette, augment=augment)
+    res = finetune(model, x, train.labels, config=cfg, **data)
     # the whole test set, n_masks times for BERT: a bar where stderr is a terminal
-    test_acc = evaluate(
-        res["classifier"], xt, test.labels, objective=objective, n_masks=cfg.n_masks,
-        seed=cfg.seed, device=device, progress=progress_enabled(None),
-    )  # fmt: skip
+    kw = dict(objective=objective, n_masks=cfg.n_masks, seed=cfg.seed, device=device)
+    test_acc = evaluate(res["classifier"], xt, test.labels, progress=progress_enabled(None), **kw)
     summary = {k: res[k] for k in ("best_val_acc", "best_step", "step", "stopped_early")}
     summary.update(test_acc=test_acc, checkpoint=str(path), data=args.data)
     summary.update(settings=res["settings"], history=res["history"])
@@ -104,3 +143,20 @@ def run(args) -> None:
         f"test accuracy {test_acc:.4f}{ensemble}"
     )
     print(f"wrote {out / 'best.pt'}, {out / 'finetune.json'} and {out / 'finetune.png'}")
+    chance = near_chance(test_acc, test.labels)
+    if chance is not None:
+        print(
+            f"note: test accuracy {test_acc:.4f} is near chance ({chance:.4f}, always the most "
+            f"frequent class): the classifier learned little in {res['step']} steps; train "
+            "longer (--steps) or raise --lr"
+        )
+
+
+def near_chance(acc: float, labels) -> float | None:
+    """The chance accuracy (the most frequent class's share of ``labels``) when ``acc`` is
+    within a tenth of the way from it to 1, else None."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    chance = float(counts.max() / counts.sum())
+    return chance if acc < chance + 0.1 * (1 - chance) else None

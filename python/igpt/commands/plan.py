@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from igpt.commands._common import UsageError, count
+from igpt.commands._common import count
 from igpt.config import SIZES, IGPTConfig
 
 
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--model", default="igpt-s", choices=list(SIZES), help="named size (default %(default)s)")
     a("--n-px", type=count(1), default=32, help="image side in pixels (default %(default)s)")
     a("--batch-size", type=count(1), required=True, help="global batch (images per optimizer step)")
-    a("--memory", required=True, help="memory per GPU: 40GiB, 40GB, 24G or bytes")
+    a("--memory", type=_size, required=True, help="memory per GPU: 40GiB, 40GB, 24G or bytes")
     a("--gpus", type=count(1), default=1, help="GPUs to train on (default 1)")
     a("--objective", choices=("ar", "bert"), default="ar", help="(default %(default)s)")
     a("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="(default bf16)")
@@ -32,13 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _size(text: str) -> int:
-    """``--memory`` in bytes; a UsageError naming the flag when it is no size."""
+    """``--memory`` in bytes, read while parsing: a size that is none exits 2 with one line."""
     from igpt.memory import parse_size
 
     try:
         return parse_size(text)
     except ValueError as e:
-        raise UsageError(f"--memory: {e}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(args) -> None:
@@ -49,7 +49,7 @@ def run(args) -> None:
     p = memory.plan(
         config,
         batch_size=args.batch_size,
-        memory_bytes=_size(args.memory),
+        memory_bytes=args.memory,
         gpus=args.gpus,
         objective=args.objective,
         precision=args.precision,
