@@ -338,6 +338,12 @@ def test_load_any_says_it_drops_a_head_and_load_classifier_keeps_it(tmp_path, ca
             torch.testing.assert_close(got.eval()(x, generative=False)[1], want)
     with pytest.raises(ValueError, match="not a classifier"):
         load_classifier(save_pretrained(_igpt_model(), tmp_path / "hf_lm"))
+    from igpt.classifier import IGPTClassifier as Classifier
+
+    direct = Classifier.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(direct(x, generative=False)[1], want)
+    assert not direct.head.bias.requires_grad
 
 
 # ----------------------------------------------------------------------------- the commands

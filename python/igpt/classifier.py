@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from igpt import hf_format
 from igpt._checks import check_tokens
 from igpt.features import resolve_layers
 from igpt.model import IGPT
@@ -51,6 +52,29 @@ class IGPTClassifier(nn.Module):
         self.head = nn.Linear(model.config.n_embd, n_classes)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_hf_score(cls, model: IGPT, score: torch.Tensor) -> IGPTClassifier:
+        """A classifier on ``model`` whose head is transformers' bias-free ``score`` weight
+        (n_classes, d); the head's bias stays zero and frozen (``requires_grad=False``)."""
+        clf = cls(model, score.shape[0])
+        with torch.no_grad():
+            clf.head.weight.copy_(score)
+        clf.head.bias.requires_grad_(False)
+        return clf
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id) -> IGPTClassifier:
+        """A transformers ``ImageGPTForImageClassification`` directory or hub id (float32,
+        CPU); a ValueError says so when it holds a causal model, which has no class head."""
+        config, weights, score = hf_format.read_pretrained(path_or_hub_id)
+        if score is None:
+            raise ValueError(
+                f"{path_or_hub_id} holds a causal ImageGPT model, not a classifier "
+                "(ImageGPTForImageClassification); load it with IGPT.from_pretrained"
+            )
+        model = hf_format.load_converted(IGPT(config), weights, score=score)
+        return cls.from_hf_score(model, score)
 
     def forward(self, tokens, bert_mask=None, *, generative: bool = True):
         """(gen_logits (B, n, n_colors) or None, class_logits (B, n_classes) float32).

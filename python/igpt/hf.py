@@ -6,7 +6,7 @@ directories) is ``igpt.hf_format``; this module builds models from it:
     HF(input_ids=[SOS] + x[:-1]).logits == IGPT(x)       (to float error)
 
 Classifiers: ``ImageGPTForImageClassification`` mean-pools the final norm's output over every
-position and applies a bias-free ``score`` Linear; ``igpt.finetune.IGPTClassifier`` with
+position and applies a bias-free ``score`` Linear; ``igpt.classifier.IGPTClassifier`` with
 the default ``layer`` pools the same n^L = ln_f(h^L) over the same positions, so with the
 same [SOS] + x[:-1] input convention the logits agree. HF pools padded positions too (its
 ``attention_mask`` does not reach the pooling); igpt has no padding, so the two agree for
@@ -37,8 +37,8 @@ import torch
 
 from igpt import hf_format
 from igpt.checkpoint import load_any
-from igpt.finetune import IGPTClassifier
-from igpt.finetune import load_classifier as load_classifier_checkpoint
+from igpt.classifier import IGPTClassifier
+from igpt.classifier import load_classifier as load_classifier_checkpoint
 from igpt.hf_format import HF_CONFIG_DEFAULTS, hf_config_dict, is_pretrained_dir
 from igpt.hf_patch import (
     apply_igpt_kernels_to_imagegpt,
@@ -78,7 +78,7 @@ def from_hf(model_or_state_dict, *, n_head: int | None = None):
     ``ImageGPTForCausalImageModeling`` and ``ImageGPTModel`` give an ``IGPT`` (the latter
     has no ``lm_head``: the returned head stays zero and a warning is logged);
     ``ImageGPTForImageClassification`` (or a state dict with ``score.weight``) gives an
-    ``igpt.finetune.IGPTClassifier`` with HF's ``score`` as its ``head`` (bias zero and
+    ``igpt.classifier.IGPTClassifier`` with HF's ``score`` as its ``head`` (bias zero and
     frozen, as HF's head has none) and a zero ``lm_head``. A state dict needs ``n_head``.
     The result is in float32 on the CPU; move it with ``.to()``.
     """
@@ -103,13 +103,7 @@ def from_hf(model_or_state_dict, *, n_head: int | None = None):
 def _build(config, ours: dict, score: torch.Tensor | None):
     """The IGPT (or, with HF's ``score`` weight, the IGPTClassifier) holding ``ours``."""
     model = hf_format.load_converted(IGPT(config), ours, score=score)
-    if score is None:
-        return model
-    clf = IGPTClassifier(model, score.shape[0])
-    with torch.no_grad():
-        clf.head.weight.copy_(score)
-    clf.head.bias.requires_grad_(False)  # HF's score has no bias: keep it zero when trained
-    return clf
+    return model if score is None else IGPTClassifier.from_hf_score(model, score)
 
 
 def hf_state_dict(model_or_classifier) -> tuple[dict, dict]:
@@ -197,10 +191,5 @@ def load_classifier(path) -> tuple[IGPTClassifier, Palette | None]:
     if p.is_file() or (p.is_dir() and not is_pretrained_dir(p)):
         clf, palette, _ = load_classifier_checkpoint(p)
         return clf, palette
-    clf = from_pretrained(path)
-    if not isinstance(clf, IGPTClassifier):
-        raise ValueError(
-            f"{path} holds a causal ImageGPT model, not a classifier "
-            "(ImageGPTForImageClassification); load it with igpt.hf.load_any"
-        )
+    clf = IGPTClassifier.from_pretrained(path)
     return clf, load_palette(path) if hf_format.has_processor_config(path) else None
