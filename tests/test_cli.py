@@ -79,7 +79,9 @@ def test_probe_draws_no_bars_into_a_log_and_has_progress_flags(tiny_checkpoint, 
     main(argv)  # stderr is captured here, not a terminal: no bars
     err = capsys.readouterr().err
     assert "\r" not in err and "features:" not in err
-    assert build_parser().parse_args(["probe", "--no-progress"]).no_progress is True
+    for command in ("probe", "finetune"):  # the flags pretrain and demo have
+        assert build_parser().parse_args([command, "--no-progress"]).progress is False
+        assert build_parser().parse_args([command, "--progress"]).progress is True
     help_text = build_parser()._subparsers._group_actions[0].choices["probe"].format_help()
     assert "default None" not in help_text and "checkpoint's own" in help_text
 

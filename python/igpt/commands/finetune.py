@@ -52,7 +52,7 @@ def add_arguments(parser) -> None:
     a("--objective", choices=OBJECTIVES, default=None, help="default: the checkpoint's own")
     a("--out", dest="out_dir", default="runs/finetune", help="run directory (default %(default)s)")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    skip = ("objective", "out_dir", "device", "joint", "val_frac", "progress")
+    skip = ("objective", "out_dir", "device", "joint", "val_frac")
     dataclass_arguments(parser, FinetuneConfig, skip=skip)
     parser.set_defaults(n_masks=5)  # sec. 4.6's ensemble for the test accuracy
     a(
@@ -129,9 +129,10 @@ def run(args) -> None:
     run_dir.write_json("command.json", {"command": record})
     data = dict(n_classes=n_classes, train_images=train.images, palette=palette, augment=augment)
     res = finetune(model, x, train.labels, config=cfg, **data)
-    # the whole test set, n_masks times for BERT: a bar where stderr is a terminal
+    # the whole test set, n_masks times for BERT: a bar where stderr is a terminal (or asked)
     kw = dict(objective=objective, n_masks=cfg.n_masks, seed=cfg.seed, device=device)
-    test_acc = evaluate(res["classifier"], xt, test.labels, progress=progress_enabled(None), **kw)
+    progress = progress_enabled(cfg.progress)
+    test_acc = evaluate(res["classifier"], xt, test.labels, progress=progress, **kw)
     summary = {k: res[k] for k in ("best_val_acc", "best_step", "step", "stopped_early")}
     summary.update(test_acc=test_acc, checkpoint=str(path), data=args.data)
     summary.update(settings=res["settings"], history=res["history"])

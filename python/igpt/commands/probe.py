@@ -65,7 +65,12 @@ def add_arguments(parser) -> None:
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init probes")
     a("--limit", type=count(1), default=None, help="use the first N images per split")
     a("--cache-dir", default=None, help="feature cache (default OUT/cache)")
-    a("--no-progress", action="store_true", help="hide progress bars (shown on a terminal)")
+    a(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tqdm progress bars (default: when stderr is a terminal)",
+    )
 
 
 def _floats(text: str) -> list[float]:
@@ -84,7 +89,7 @@ def run(args) -> None:
     """``igpt probe``: probe every layer of a checkpoint on a labelled dataset."""
     from igpt.evaluation import evaluate
     from igpt.reporting import summary_text, write_report
-    from igpt.train import progress_enabled
+    from igpt.trainconfig import progress_enabled
 
     device = pick_device(args.device)
     path, model, palette, ckpt, objective = open_checkpoint(args, device=device)
@@ -114,7 +119,7 @@ def run(args) -> None:
         device=device,
         cache_dir=Path(args.cache_dir) if args.cache_dir else out / "cache",
         cache_key=f"{path.resolve()}|{path.stat().st_mtime_ns}|step={ckpt.get('step')}|{args.data}",
-        progress=progress_enabled(False if args.no_progress else None),
+        progress=progress_enabled(args.progress),
     )
     results = {"checkpoint": str(path), "data": args.data, **results}
     paths = write_report(results, out)
