@@ -609,18 +609,19 @@ def test_palette_is_fitted_afresh_and_without_the_holdout(tmp_path, monkeypatch)
     from igpt.data import load_images, resize
 
     seen = []
-    real_fit = palette_module.fit_palette
+    real_fit = palette_module.fit_palette_on  # a lazy read of the sampled images only
 
-    def recording_fit(images, **kw):
-        seen.append(images)
-        return real_fit(images, **kw)
+    def recording_fit(image_set, k, *, rows, **kw):
+        seen.append(rows)
+        return real_fit(image_set, k, rows=rows, **kw)
 
-    monkeypatch.setattr(palette_module, "fit_palette", recording_fit)
+    monkeypatch.setattr(palette_module, "fit_palette_on", recording_fit)
     t = Trainer(_cfg(tmp_path))
     t.close()
     images = resize(load_images("digits").images, 8)
-    fitted = sorted(map(bytes, seen[0]))
-    assert fitted == sorted(map(bytes, images[t.batches.train_idx]))  # < 4096 images: all of them
+    assert sorted(seen[0]) == sorted(t.batches.train_idx)  # < 4096 images: all of them
+    whole = palette_module.fit_palette(images[seen[0]], k=len(t.palette), seed=0)
+    assert torch.equal(t.palette.centroids, whole.centroids)  # as if read into memory
     # a run that died before its first checkpoint left palette.npy; the next run in that
     # directory asks for another palette size and must get it, not the stale file
     t = Trainer(_cfg(tmp_path, n_colors=8))

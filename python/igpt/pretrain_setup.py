@@ -180,7 +180,7 @@ def check_architecture(path: Path, ckpt: dict, mcfg: IGPTConfig) -> None:
 def run_palette(cfg: TrainConfig, run: RunDir, d: Distributed, palette, ckpt, data):
     """The palette of a run: the checkpoint's, the one given, ``cfg.palette``, or a fit."""
     from igpt.data import holdout_split, load_images, resize
-    from igpt.palette import Palette, fit_palette
+    from igpt.palette import Palette, fit_palette, fit_palette_on
 
     if ckpt is not None and "palette" in ckpt:
         return Palette(ckpt["palette"])
@@ -200,12 +200,17 @@ def run_palette(cfg: TrainConfig, run: RunDir, d: Distributed, palette, ckpt, da
     path = run.path / "palette.npy"
     if d.is_main:
         k = cfg.n_colors or cfg.data_defaults()["n_colors"]
-        images = data.images if data is not None else load_images(cfg.data).images
+        # read lazily: only the images holding the sampled pixels, never the whole set
+        images = data.images if data is not None else load_images(cfg.data, lazy=True)
         # the training part only: the hold-out must not shape the tokens it is scored on
-        images = images[holdout_split(len(images), cfg.val_frac, seed=0)[0]]
-        sample = images[np.random.default_rng(cfg.seed).permutation(len(images))[:4096]]
-        log.info("fitting a %d-colour palette on %d images", k, len(sample))
-        fit_palette(resize(sample, cfg.n_px), k=k, seed=cfg.seed).save(path)
+        rows = holdout_split(len(images), cfg.val_frac, seed=0)[0]
+        rows = rows[np.random.default_rng(cfg.seed).permutation(len(rows))[:4096]]
+        log.info("fitting a %d-colour palette on %d images", k, len(rows))
+        if data is not None:
+            fitted = fit_palette(resize(images[rows], cfg.n_px), k=k, seed=cfg.seed)
+        else:  # the same pixels as above would draw (fit_palette_on's contract)
+            fitted = fit_palette_on(images, k, n_px=cfg.n_px, rows=rows, seed=cfg.seed)
+        fitted.save(path)
     d.barrier()
     return Palette.load(path)
 
