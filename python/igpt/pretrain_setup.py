@@ -229,9 +229,8 @@ def run_data(cfg: TrainConfig, d: Distributed, palette, data):
         cache = functools.partial(
             cached_tokens, cfg.data, "train", palette, cfg.n_px, cache_dir=cfg.cache_dir
         )
-        if d.is_main:  # rank 0 fills the cache, the others then only map it
-            cache()
-        d.barrier()
+        # every rank asks for the entry: its lock makes the others wait while one builds
+        # it (no collective that a build of hours would time out), then each maps it
         source = TokenSource(cache()[0])
     train_idx, val_idx = holdout_split(len(source), cfg.val_frac, seed=0)
     if len(train_idx) == 0:

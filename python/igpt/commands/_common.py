@@ -390,8 +390,8 @@ def add_common_arguments(
             ("--data",),
             dict(
                 default="digits",
-                help="digits (bundled), cifar10:DIR, "
-                "cifar100:DIR, folder:DIR or npz:FILE (default %(default)s)",
+                help="digits (bundled), cifar10:DIR, cifar100:DIR, folder:DIR, npz:FILE, "
+                "imagenet32:DIR or imagenet64:DIR (default %(default)s)",
             ),
         ),
         "objective": (
