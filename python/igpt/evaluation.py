@@ -99,9 +99,8 @@ def evaluate(
             progress=progress, **({} if method == "sgd" or Cs is None else {"Cs": list(Cs)}),
         )  # fmt: skip
     if baselines:
-        common["seed"] = seed
         results.update(
-            _baselines(model, (train, test), ids, features, low_data_baselines, **common)
+            _baselines(model, (train, test), ids, features, low_data_baselines, **common, seed=seed)
         )
     return results
 
