@@ -31,7 +31,7 @@ import setuptools
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-CPU_SOURCES = ["csrc/binding.cpp", "csrc/palette_cpu.cpp"]
+CPU_SOURCES = ["csrc/binding.cpp", "csrc/palette_cpu.cpp", "csrc/nearest_check.cpp"]
 CUDA_SOURCES = ["csrc/palette_cuda.cu"]
 
 

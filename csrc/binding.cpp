@@ -147,6 +147,61 @@ torch::Tensor lut_gather(const torch::Tensor& pixels, const torch::Tensor& lut) 
   return out;
 }
 
+// clear (n,) bool: whether centres[best] is nearer to x than every other centre by more than
+// margin (clear_nearest_cpu in palette.h). CPU tensors: x (n, 3) float32/float64, centres
+// (K, 3) float64, best (n,) int64, near (K, m) int32, near_dist (K, m) and beyond (K,)
+// float64, all contiguous.
+torch::Tensor clear_nearest(const torch::Tensor& x, const torch::Tensor& centres,
+                            const torch::Tensor& best, const torch::Tensor& near,
+                            const torch::Tensor& near_dist, const torch::Tensor& beyond,
+                            double margin, int threads) {
+  const bool fp64 = x.scalar_type() == torch::kFloat64;
+  TORCH_CHECK_VALUE(fp64 || x.scalar_type() == torch::kFloat32,
+                    "x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == 3, "x must be (n, 3), got ", x.sizes());
+  const int64_t n = x.size(0), K = centres.size(0), m = near.dim() == 2 ? near.size(1) : -1;
+  TORCH_CHECK_VALUE(centres.dim() == 2 && centres.size(1) == 3 && K >= 1 &&
+                        centres.scalar_type() == torch::kFloat64,
+                    "centres must be (K, 3) float64, got ", centres.sizes(), " ",
+                    centres.scalar_type());
+  TORCH_CHECK_VALUE(best.dim() == 1 && best.size(0) == n && best.scalar_type() == torch::kInt64,
+                    "best must be (n,) int64 with n = ", n);
+  TORCH_CHECK_VALUE(near.dim() == 2 && near.size(0) == K && near.scalar_type() == torch::kInt32,
+                    "near must be (K, m) int32 with K = ", K);
+  TORCH_CHECK_VALUE(near_dist.sizes() == near.sizes() &&
+                        near_dist.scalar_type() == torch::kFloat64,
+                    "near_dist must be float64 of near's shape");
+  TORCH_CHECK_VALUE(beyond.dim() == 1 && beyond.size(0) == K &&
+                        beyond.scalar_type() == torch::kFloat64,
+                    "beyond must be (K,) float64");
+  for (const auto* t : {&x, &centres, &best, &near, &near_dist, &beyond}) {
+    TORCH_CHECK_VALUE(!t->is_cuda() && t->is_contiguous(),
+                      "clear_nearest takes contiguous CPU tensors");
+  }
+  if (n > 0) {
+    TORCH_CHECK_VALUE(best.min().item<int64_t>() >= 0 && best.max().item<int64_t>() < K,
+                      "best must lie in [0, ", K, ")");
+  }
+  if (K > 1 && m > 0) {
+    TORCH_CHECK_VALUE(near.min().item<int32_t>() >= 0 && near.max().item<int32_t>() < K,
+                      "near must lie in [0, ", K, ")");
+  }
+  auto clear = torch::empty({n}, x.options().dtype(torch::kBool));
+  auto* out = reinterpret_cast<uint8_t*>(clear.data_ptr<bool>());
+  pybind11::gil_scoped_release no_gil;
+  if (fp64)
+    igpt::clear_nearest_cpu(x.data_ptr<double>(), n, centres.data_ptr<double>(),
+                            best.data_ptr<int64_t>(), near.data_ptr<int32_t>(),
+                            near_dist.data_ptr<double>(), m, beyond.data_ptr<double>(), margin,
+                            out, threads);
+  else
+    igpt::clear_nearest_cpu(x.data_ptr<float>(), n, centres.data_ptr<double>(),
+                            best.data_ptr<int64_t>(), near.data_ptr<int32_t>(),
+                            near_dist.data_ptr<double>(), m, beyond.data_ptr<double>(), margin,
+                            out, threads);
+  return clear;
+}
+
 bool has_cuda() {
 #ifdef IGPT_WITH_CUDA
   return true;
@@ -197,6 +252,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "cpu_isa", [] { return std::string(igpt::cpu_isa()); },
       "the CPU kernel's version that quantize and build_lut use ($IGPT_CPU_ISA or the best)");
   m.def("cpu_isas", &igpt::cpu_isas, "the CPU kernel's versions this CPU runs, best first");
+  m.def("clear_nearest", &clear_nearest,
+        "(n,) bool: whether centres[best] beats every other centre by more than margin in "
+        "fp64 squared distance, proven with each centre's nearest-neighbour table",
+        py::arg("x"), py::arg("centres"), py::arg("best"), py::arg("near"), py::arg("near_dist"),
+        py::arg("beyond"), py::arg("margin"), py::arg("threads") = 0);
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
   m.def("build_info", &build_info,
         "{torch: 'X.Y.Z', cxx11_abi, cuda, sources: digest} this module was built with");

@@ -39,6 +39,20 @@ std::vector<std::string> cpu_isas();                // the versions this CPU run
 void lut_gather_cpu(const uint8_t* pixels, int64_t n, const int16_t* lut, int64_t* out);
 void lut_gather_cpu(const uint8_t* pixels, int64_t n, const int32_t* lut, int64_t* out);
 
+// ---- The nearest-centre proof (nearest_check.cpp) --------------------------------------
+// clear[i] = 1 when centre best[i] is nearer to x[i] than every other centre by more than
+// `margin` in squared distance (fp64), 0 otherwise. x: (n, 3) float32 or float64, centres:
+// (K, 3) float64, best: (n,) in [0, K). near (K, m): each centre's m nearest other centres,
+// nearest first, at distances near_dist (K, m); beyond (K,): the distance from each centre
+// to the nearest centre not in its row (+inf when none). threads: 0 for OpenMP's default.
+// Exact and near ties give 0: the caller decides those pixels some other way.
+void clear_nearest_cpu(const float* x, int64_t n, const double* centres, const int64_t* best,
+                       const int32_t* near, const double* near_dist, int64_t m,
+                       const double* beyond, double margin, uint8_t* clear, int threads = 0);
+void clear_nearest_cpu(const double* x, int64_t n, const double* centres, const int64_t* best,
+                       const int32_t* near, const double* near_dist, int64_t m,
+                       const double* beyond, double margin, uint8_t* clear, int threads = 0);
+
 // ---- CUDA (palette_cuda.cu); stream is a cudaStream_t --------------------------------
 // Each returns 0 or a cudaError_t code; cuda_error_string turns that into text.
 int quantize_cuda(const uint8_t* pixels, int64_t n, const float* palette, int64_t K,

@@ -48,7 +48,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parent
-CPU_SOURCES = ("binding.cpp", "palette_cpu.cpp")
+CPU_SOURCES = ("binding.cpp", "palette_cpu.cpp", "nearest_check.cpp")
 CUDA_SOURCES = ("palette_cuda.cu",)
 CXX_FLAGS = ("-O3", "-std=c++17", "-fopenmp")
 NVCC_FLAGS = ("-O3", "-std=c++17")

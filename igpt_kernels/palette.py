@@ -269,6 +269,23 @@ def _checked(pixels, palette, lut):
 _compiled_unavailable = compiled_unavailable  # the name tests/ and benchmarks/ still use
 
 
+def clear_nearest(x, centres, best, near, near_dist, beyond, margin: float):
+    """(n,) bool: whether ``centres[best]`` beats every other centre by more than ``margin``
+    (float64 squared distances), proven with ``reference.neighbour_table``'s tables; the
+    reference ``reference.clear_nearest`` states the rule. On the CPU the C++ check visits
+    each centre's neighbours nearest first and stops as soon as the triangle inequality
+    clears the rest (csrc/nearest_check.cpp): the same verdicts, as a neighbour the bound
+    clears also clears the margin itself. Elsewhere, or without the compiled module, the
+    reference runs."""
+    ext = _load_ext()
+    if ext is None or x.is_cuda:
+        return reference.clear_nearest(x, centres, best, near, near_dist, beyond, margin)
+    return ext.clear_nearest(
+        x.contiguous(), centres.contiguous(), best.contiguous(), near, near_dist, beyond,
+        float(margin),
+    )  # fmt: skip
+
+
 def dequantize(tokens, palette):
     """Map palette indices (...) of any integer dtype (uint16, the token cache's, included)
     back to uint8 RGB (..., 3), colours rounded and clamped. Ids outside [0, K) raise a

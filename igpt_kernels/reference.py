@@ -407,3 +407,33 @@ def ln_linear(x, norm_weight, norm_bias, weight, bias, *, norm="rms", eps=1e-5, 
     if backend not in ("auto", "torch"):
         raise ValueError(f"the reference ln_linear only runs backend='torch', got {backend!r}")
     return F.linear(normalize(x, norm_weight, norm_bias, norm, eps), weight, bias)
+
+
+def neighbour_table(centres, m: int):
+    """Each centre's ``m`` nearest other centres: ``(near, near_dist, beyond)``, with
+    ``near`` (K, m') int32 indices nearest first (m' = min(m, K - 1)), ``near_dist`` (K, m')
+    float64 their distances and ``beyond`` (K,) float64 the distance to the nearest centre
+    not in the row (+inf when there is none). ``centres``: (K, 3) float64."""
+    K = centres.shape[0]
+    m = max(0, min(m, K - 1))
+    # differences squared and summed: cdist's GEMM form would lose float64 bits
+    between = torch.cdist(centres, centres, compute_mode="donot_use_mm_for_euclid_dist")
+    between.fill_diagonal_(math.inf)
+    dist, near = torch.topk(between, min(m + 1, K - 1), dim=1, largest=False)  # nearest first
+    beyond = dist[:, m] if m < K - 1 else torch.full((K,), math.inf, dtype=centres.dtype)
+    return near[:, :m].to(torch.int32).contiguous(), dist[:, :m].contiguous(), beyond.contiguous()
+
+
+def clear_nearest(x, centres, best, near, near_dist, beyond, margin: float):
+    """(n,) bool: whether ``centres[best]`` is nearer to ``x`` than every other centre by more
+    than ``margin`` in float64 squared distance, proven with ``neighbour_table``'s tables:
+    every listed neighbour is checked, and the unlisted ones are bounded by the triangle
+    inequality, |x - c_k| >= beyond[best] - |x - c_best|. True only where it holds; exact and
+    near ties, and pixels the bound cannot settle, give False. x: (n, 3) float32/float64."""
+    x = x.double()
+    d_best = (x - centres[best]).square().sum(1)
+    r = d_best.sqrt()
+    gaps = (x[:, None, :] - centres[near[best].long()]).square().sum(2) - d_best[:, None]
+    lower = beyond[best] - r
+    bound = torch.where(lower > 0, lower.square() - d_best, -math.inf)
+    return (gaps > margin).all(1) & (bound > margin)

@@ -1,6 +1,8 @@
 """Palette quantization: the reference, the C++/CUDA kernels and their lookup table against
 an fp64 brute force, parity with transformers' ImageGPT processor, fitting, ``Palette``."""
 
+import math
+import re
 import shutil
 import subprocess
 import warnings
@@ -489,3 +491,70 @@ def test_cuda_matches_cpu_at_scale(K):
     assert table.is_cuda and table.dtype == (torch.int16 if K <= 32768 else torch.int32)
     if K <= 512:
         assert torch.equal(table.cpu(), kp.get_lut(palette))
+
+
+# --------------------------------------------------------------------------------------
+# the nearest-centre proof (transformers' processor tokens, igpt.hf_patch)
+# --------------------------------------------------------------------------------------
+
+
+def _exactly_clear(x, centres, best, margin):
+    """The predicate itself: every other centre's fp64 squared distance exceeds best's by
+    more than margin (all K centres, no table)."""
+    d = _dist64(x, centres)
+    d_best = d.gather(1, best[:, None])
+    return (d.scatter(1, best[:, None], math.inf) - d_best > margin).all(1)
+
+
+def _hard_case(dtype):
+    """Centres with a duplicate; pixels: random, at centres, and at midpoints of neighbouring
+    centres (ties in exact arithmetic); the proposed best is the fp64 nearest."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.rand(200, 3, generator=g, dtype=torch.float64) * 2 - 1
+    centres[7] = centres[3]
+    mids = (centres[:100] + centres[100:]) / 2
+    x = torch.cat([torch.rand(3000, 3, generator=g, dtype=torch.float64) * 2 - 1, centres, mids])
+    x = x.to(dtype)
+    best = _dist64(x, centres).argmin(1)
+    return x, centres, best
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m", [0, 2, 16, 199])
+def test_clear_nearest_is_sound_and_matches_reference(dtype, m):
+    x, centres, best = _hard_case(dtype)
+    table = reference.neighbour_table(centres, m)
+    assert table[0].shape == (200, m) and table[0].dtype == torch.int32
+    margin = 1e-9
+    exact = _exactly_clear(x, centres, best, margin)
+    ref = reference.clear_nearest(x, centres, best, *table, margin)
+    got = kp.clear_nearest(x, centres, best, *table, margin)
+    assert got.dtype == torch.bool and torch.equal(got, ref)
+    assert not (got & ~exact).any()  # never clear where a centre is within the margin
+    assert not got[3003].item() and not got[3007].item()  # the duplicated centre: a tie
+    if m == 199:  # every centre listed: the check is the predicate itself
+        assert torch.equal(got, exact)
+    if m >= 16:
+        assert got.float().mean() > 0.9  # and it settles nearly every pixel
+    wide = kp.clear_nearest(x, centres, best, *table, 1e-2)  # a wider margin clears fewer
+    assert not (wide & ~got).any() and wide.sum() < got.sum()
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        (lambda a: {**a, "best": a["best"] + 200}, "best must lie in [0, 200)"),
+        (lambda a: {**a, "x": a["x"].half()}, "x must be float32 or float64"),
+        (lambda a: {**a, "centres": a["centres"].float()}, "centres must be (K, 3) float64"),
+        (lambda a: {**a, "best": a["best"][:-1]}, "best must be (n,) int64"),
+    ],
+)
+def test_clear_nearest_bad_input(change, words):
+    if kp.compiled_unavailable("cpu", torch.zeros(1, 3, dtype=torch.uint8)) is not None:
+        pytest.skip("no compiled module")
+    x, centres, best = _hard_case(torch.float64)
+    near, near_dist, beyond = reference.neighbour_table(centres, 4)
+    args = dict(x=x, centres=centres, best=best)
+    bad = change(args)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        kp.clear_nearest(bad["x"], bad["centres"], bad["best"], near, near_dist, beyond, 1e-9)

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 
 import igpt_kernels
+from igpt_kernels.palette import clear_nearest
+from igpt_kernels.reference import neighbour_table
 
 log = logging.getLogger(__name__)
 
@@ -331,27 +333,39 @@ def block_forward(
 
 # ----------------------------------------------------------------------------- processor
 
-_NEIGHBOURS = 16  # clusters checked per pixel before the full check (photos: nearly all)
-_CHUNK = 1 << 16  # pixels per float64 check (a (chunk, 16, 3) float64 temporary: 25 MiB)
-_NEIGHBOUR_CACHE: dict = {}  # the last clusters' _neighbours tables
+_NEIGHBOURS = 16  # clusters in each cluster's neighbour table (photos: nearly always enough)
+_CHUNK = 1 << 16  # rows per float64 check off the CPU (a (chunk, 16, 3) temporary: 25 MiB)
+_NEIGHBOUR_CACHE: dict = {}  # the last clusters' neighbour_table
 
 
-def _error_margin(x, c, tf32: bool) -> float:
+def _error_margin(x, c) -> float:
     """Twice the most transformers' float a^2 - 2ab + b^2 can move one squared distance,
-    doubled again (two distances are compared), plus float64's error in the gaps checked.
+    doubled again (two distances are compared), plus float64's error in our own check.
 
     With unit roundoff u and s = max|x_i| + max|c_i|: a^2, ab and b^2 (three-term sums of
     products) err by at most 4u|x|^2, 4u|x||c| (times 2) and 4u|c|^2; the two additions by
     u(|x| + |c|)^2 each: 6u(|x| + |c|)^2 <= 18u s^2 in all. The bound used is 36u s^2.
+
+    u is float64's when the clusters are float64: numpy then promotes the pixels to float64
+    for ab and b^2, and a^2, summed in the pixels' dtype, adds the same error to every
+    cluster's distance of a pixel, which leaves its argmin alone; torch's matmul needs both
+    in float64. Otherwise float32's, or TF32's on a CUDA GEMM that allows it.
     """
     span = float(x.abs().max()) + float(c.abs().max())
-    unit = 2.0**-11 if tf32 else 2.0**-24  # TF32 GEMMs keep 10 mantissa bits
+    if c.dtype == torch.float64:
+        unit = 2.0**-53
+    elif x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        unit = 2.0**-11  # TF32 GEMMs keep 10 mantissa bits
+    else:
+        unit = 2.0**-24
     return 2 * 36 * unit * span * span + 1e-12 * (1 + span * span)
 
 
-def _fast_path_problem(x, c) -> str | None:
+def _fast_path_problem(x, c, as_numpy: bool) -> str | None:
     if x.dtype not in (torch.float32, torch.float64) or c.dtype.is_complex:
         return f"pixels of dtype {x.dtype}"
+    if not as_numpy and x.dtype != c.dtype:
+        return f"pixels of {x.dtype} with clusters of {c.dtype}"  # transformers' matmul refuses
     if c.dim() != 2 or c.shape[1] != 3 or not 1 <= c.shape[0] <= 65536:
         return f"clusters of shape {tuple(c.shape)}"
     if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(c).all())):
@@ -360,47 +374,35 @@ def _fast_path_problem(x, c) -> str | None:
 
 
 def _neighbours(c):
-    """Per cluster b, its ``_NEIGHBOURS`` nearest other clusters k as the terms of
-    |x - c_k|^2 - |x - c_b|^2 = (|c_k|^2 - |c_b|^2) - 2 x . (c_k - c_b): offsets (K, m),
-    directions (K, m, 3), and the distance to the next cluster not among them (K,).
-    The last clusters' tables are kept (a processor quantizes with the same ones each call)."""
+    """``igpt_kernels.reference.neighbour_table`` of the float64 clusters ``c``; the last
+    clusters' table is kept (a processor quantizes with the same ones each call)."""
     key = (str(c.device), hashlib.blake2b(c.cpu().numpy().tobytes(), digest_size=16).digest())
-    if key in _NEIGHBOUR_CACHE:
-        return _NEIGHBOUR_CACHE[key]
-    K = c.shape[0]
-    m = min(_NEIGHBOURS, K - 1)
-    # (K, K) differences squared and summed: cdist's GEMM form would lose float64 bits
-    between = torch.cdist(c, c, compute_mode="donot_use_mm_for_euclid_dist")
-    between.fill_diagonal_(math.inf)
-    far, near = torch.topk(between, min(m + 1, K - 1), dim=1, largest=False)  # nearest first
-    norms = c.square().sum(1)
-    offsets = norms[near[:, :m]] - norms[:, None]
-    directions = c[near[:, :m]] - c[:, None, :]
-    beyond = far[:, m] if m < K - 1 else torch.full((K,), math.inf, dtype=c.dtype, device=c.device)
-    _NEIGHBOUR_CACHE.clear()
-    _NEIGHBOUR_CACHE[key] = offsets, directions, beyond
+    if key not in _NEIGHBOUR_CACHE:
+        _NEIGHBOUR_CACHE.clear()
+        _NEIGHBOUR_CACHE[key] = neighbour_table(c, _NEIGHBOURS)
     return _NEIGHBOUR_CACHE[key]
 
 
-def _clear_winner(x, c, best, margin: float, neighbours):
+def _clear_winner(x, c, best, margin: float):
     """Whether every other cluster is farther from x than c[best] by more than ``margin``
-    (float64 squared distances): first against the ``_NEIGHBOURS`` clusters nearest to
-    c[best], the rest bounded by the triangle inequality; pixels that bound leaves open
-    are checked against all clusters. x: (n, 3), n <= _CHUNK."""
-    offsets, directions, beyond = neighbours
-    d_best = (x - c[best]).square().sum(1)  # (n,)
-    gap = offsets[best] - 2 * torch.bmm(directions[best], x[:, :, None])[..., 0]  # (n, m)
-    # a cluster k not checked has |c_k - c_best| >= beyond, so |x - c_k| >= beyond - |x - c_best|
-    r = d_best.sqrt()
-    beyond = beyond[best]
-    bound = torch.where(beyond > r, (beyond - r).square() - d_best, -math.inf)
-    clear = (gap.amin(1) > margin) & (bound > margin)
+    (float64 squared distances): first ``igpt_kernels.palette.clear_nearest`` with the
+    clusters' neighbour table, then the pixels it leaves open against all clusters."""
+    table = _neighbours(c)
+    if x.is_cuda:
+        clear = torch.cat(
+            [
+                clear_nearest(x[s : s + _CHUNK], c, best[s : s + _CHUNK], *table, margin)
+                for s in range(0, len(best), _CHUNK)
+            ]
+        )
+    else:
+        clear = clear_nearest(x, c, best, *table, margin)
     open_ = (~clear).nonzero().squeeze(1)
     norms = c.square().sum(1)
     step = max(1, (1 << 20) // c.shape[0])
     for s in range(0, len(open_), step):
         rows = open_[s : s + step]
-        d_all = norms - 2 * x[rows] @ c.t()  # (rows, K): |x - c_k|^2 - |x|^2
+        d_all = norms - 2 * x[rows].double() @ c.t()  # (rows, K): |x - c_k|^2 - |x|^2
         d_other = d_all.scatter(1, best[rows, None], math.inf).amin(1)
         clear[rows] = d_other - d_all.gather(1, best[rows, None])[:, 0] > margin
     return clear
@@ -418,33 +420,27 @@ def quantize_clusters(x, clusters, original):
     the nearest colour k. Then, in float64 on x and the clusters themselves, every other
     cluster is shown farther than c_k by more than a bound on transformers' float rounding
     (``_error_margin``): its argmin of a^2 - 2ab + b^2 can then only be k. The pixels left
-    (near-ties, exact ties included: about 1% of photo pixels with 512 k-means clusters) are
-    decided by ``original`` itself, so the tie rule is transformers': the first minimum of
-    its float a^2 - 2ab + b^2 (``argmin``), the lowest index among distances equal in its
-    arithmetic. The kernel's own rule (the exact nearest, lowest index on exact ties) thus
-    never decides a token. Pixels of other dtypes, NaN and odd shapes go to ``original``.
+    (near-ties, exact ties included) are decided by ``original`` itself, so the tie rule is
+    transformers': the first minimum of its float a^2 - 2ab + b^2 (``argmin``), the lowest
+    index among distances equal in its arithmetic. The kernel's own rule (the exact nearest,
+    lowest index on exact ties) thus never decides a token. Pixels of other dtypes, NaN and
+    odd shapes go to ``original``.
     """
     as_numpy = isinstance(x, np.ndarray)
     xt = torch.from_numpy(np.ascontiguousarray(x)) if as_numpy else x
     ct = clusters if torch.is_tensor(clusters) else torch.from_numpy(np.asarray(clusters))
     xt = xt.reshape(-1, 3)
-    why = _fast_path_problem(xt, ct)
+    why = _fast_path_problem(xt, ct, as_numpy)
     if why is not None or len(xt) == 0:
         log.debug("ImageGPT processor: transformers' own quantization for %s", why)
         return original(x, clusters)
-    x64, c64 = xt.double(), ct.to(xt.device, torch.float64)
-    pixels = ((x64 + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    c64 = ct.to(xt.device, torch.float64)
+    # the proposal only: its rounding need not be exact, the float64 check decides
+    pixels = ((xt + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
     best = igpt_kernels.quantize(pixels, ((c64 + 1) * 127.5).float())
     if c64.shape[0] == 1:
         return best.numpy() if as_numpy else best
-    tf32 = xt.is_cuda and torch.backends.cuda.matmul.allow_tf32 and ct.dtype != torch.float64
-    margin, neighbours = _error_margin(x64, c64, tf32), _neighbours(c64)
-    close = torch.cat(
-        [
-            ~_clear_winner(x64[s : s + _CHUNK], c64, best[s : s + _CHUNK], margin, neighbours)
-            for s in range(0, len(best), _CHUNK)
-        ]
-    )
+    close = ~_clear_winner(xt, c64, best, _error_margin(xt, ct))
     if bool(close.any()):
         rows = xt[close]
         picked = original(rows.numpy() if as_numpy else rows, clusters)
