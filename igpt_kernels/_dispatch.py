@@ -493,13 +493,15 @@ def gpu_name(device) -> str | None:
 
 def judge_call(fn, tensors, arg_names, grad):
     """judge(names) for ``choose``: a verdict for each backend name, against the oracle of
-    this call (``trust.Judge``, built once, only when something is judged)."""
+    this call (``trust.Judge``, built once, only when something is judged). ``tensors()``
+    gives the inputs judged, so a call that judges nothing (the CPU, a settled kind of call)
+    never slices them."""
 
     def judge(names):
         if not names:
             return {}
         try:
-            j = trust.Judge(fn, tensors, arg_names, grad)
+            j = trust.Judge(fn, tensors(), arg_names, grad)
         except Exception as e:  # noqa: BLE001 - e.g. no memory for the oracle: trust nothing
             why = f"PyTorch's check could not run ({type(e).__name__}: {trust.first_line(e)})"
             warnings.warn(

@@ -59,6 +59,7 @@ those that pass and keeps the fastest (``igpt_kernels._dispatch``); Triton is ne
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -537,7 +538,7 @@ def _choose(q, k, v, causal, key_padding_mask, scale, backend):
         return run_backend(name, q, k, v, causal, pad, scale)
 
     run = grad_run(fn, (q, k, v, key_padding_mask))
-    sliced = slice_heads(q, k, v, key_padding_mask)
+    sliced = functools.partial(slice_heads, q, k, v, key_padding_mask)
     judge = judge_call(fn, sliced, ARG_NAMES, needs_grad(q, k, v))
     return choose("attention", q.device, backend, reasons, AUTO_ORDER, describe, run, judge, SAFE)
 

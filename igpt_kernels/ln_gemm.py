@@ -399,5 +399,9 @@ def choose_norm_backend(op, x, backend, reasons, fields, fn, params, arg_names):
         return call_kind(x, reasons, fields)
 
     run = grad_run(fn, (x, *params))
-    judge = judge_call(fn, (slice_rows(x), *params), arg_names, needs_grad(x, *params))
+
+    def judged():
+        return (slice_rows(x), *params)
+
+    judge = judge_call(fn, judged, arg_names, needs_grad(x, *params))
     return choose(op, x.device, backend, reasons, ("triton",), describe, run, judge, "torch")

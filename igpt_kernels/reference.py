@@ -142,19 +142,20 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     Nq, Nk = q.shape[2], k.shape[2]
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-    mask = attention_mask(Nq, Nk, causal, key_padding_mask, q.device)
     if key_padding_mask is None:
+        mask = None if Nq == Nk else attention_mask(Nq, Nk, causal, None, q.device)
         # Every query sees at least one key, so PyTorch's own fused op computes the same
         # softmax without an N x N buffer on the CPU (tests check it against the loop).
         o = F.scaled_dot_product_attention(
             qc,
             kc,
             vc,
-            attn_mask=None if Nq == Nk else mask,
+            attn_mask=mask,
             is_causal=causal and Nq == Nk,
             scale=scale,
         )
         return propagate_nan(o, qc).to(q.dtype)
+    mask = attention_mask(Nq, Nk, causal, key_padding_mask, q.device)
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
