@@ -84,9 +84,8 @@ def evaluate(
 
     Args:
         model, palette: the model and the palette that tokenises its images.
-        train, test: ``igpt.data.ImageData`` with labels, or ``TokenSplit`` (a
-            ``(tokens, labels)`` pair is taken as one): tokens at the model's n_px, never
-            converted whole; the raw-pixel baseline then probes their palette colours.
+        train, test: ``igpt.data.ImageData`` with labels, or ``TokenSplit`` (or a
+            ``(tokens, labels)`` pair): tokens at the model's n_px, read batch by batch.
         layers: layers to probe (default all); per_class, n_subsets: the low-data probes.
         low_data_baselines: also run the low-data probes on both baselines (at the random
             model's best layer), with the same subsets.
@@ -107,11 +106,7 @@ def evaluate(
     lbfgs_kw = {"seed": seed} if Cs is None else {"seed": seed, "Cs": list(Cs)}
     kw = lbfgs_kw if method == "lbfgs" else {"seed": seed, "device": device}
     n_px, L = model.config.n_px, model.config.n_layer
-    x, xt = (split_tokens(s, palette, n_px) for s in (train, test))
-    y, yt = (
-        as_labels(s.labels, len(t), name)
-        for s, t, name in ((train, x, "train"), (test, xt, "test"))
-    )
+    (x, y), (xt, yt) = _tokens_and_labels(train, test, palette, n_px)
     ids = resolve_layers(layers, L)
     feat_kw = dict(batch_size=batch_size, layers=ids, device=device, progress=progress)
     feat_kw["bert_mask_seed"] = seed if objective == "bert" else None
@@ -205,6 +200,15 @@ def split_tokens(split, palette, n_px: int):
             f"{n_px}), got {tokens.shape[1]}"
         )
     return tokens
+
+
+def _tokens_and_labels(train, test, palette, n_px: int):
+    """((tokens, int64 labels) of train, the same of test) for ``evaluate``."""
+    out = []
+    for name, split in (("train", train), ("test", test)):
+        tokens = split_tokens(split, palette, n_px)
+        out.append((tokens, as_labels(split.labels, len(tokens), f"{name} labels")))
+    return out
 
 
 def raw_pixels(split, tokens, palette, n_px: int):

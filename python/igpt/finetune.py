@@ -262,6 +262,10 @@ def example_batches(
     ``tokens`` (converted to int64 per batch), augmented by ``token_augment`` if given, or
     with ``augment`` the augmented ``images`` (an array or a lazy ``ImageSet``) tokenised
     with ``palette``; at most the whole training set per batch."""
+    if augment is not None and (images is None or palette is None):
+        raise ValueError("augment needs train_images (uint8 (N, H, W, 3)) and palette")
+    if augment is not None and token_augment is not None:
+        raise ValueError("pass augment (on images) or token_augment (on tokens), not both")
     if augment is not None:
         source = ImageSource(images, palette, n_px, augment, per_row=False)
     else:
@@ -352,14 +356,11 @@ class Finetuner:
             ``config.val_frac`` of the training set is held out.
         train_images, palette, augment: with ``augment`` (e.g. ``igpt.data.pad_crop_flip``),
             each batch is ``augment(train_images[idx], rng=rng)`` tokenised with ``palette``
-            instead of ``train_tokens[idx]``. ``train_images`` may be a lazy ``ImageSet``
-            (``igpt.data.load_images(..., lazy=True)``): each batch reads its rows only.
-        token_augment: instead, ``token_augment(tokens, rng=rng)`` on each batch's int64
-            tokens, no images (e.g. a ``pad_crop_flip_tokens`` partial, for images already
-            n_px x n_px: the same batches as ``pad_crop_flip`` on the images).
+            instead of ``train_tokens[idx]`` (a lazy ``ImageSet`` reads a batch's rows only).
+        token_augment: or ``token_augment(tokens, rng=rng)`` on each batch's int64 tokens
+            (e.g. a ``pad_crop_flip_tokens`` partial: ``pad_crop_flip``'s batches, no images).
 
-    ``train_tokens`` may be the uint16 memmap of ``igpt.data.cached_tokens``: batches and
-    evaluations convert their rows to int64, never the whole set.
+    ``train_tokens`` may be ``cached_tokens``' uint16 memmap: rows become int64 per batch.
     """
 
     def __init__(
@@ -378,10 +379,6 @@ class Finetuner:
         token_augment: Callable | None = None,
     ):
         self.cfg = cfg = config
-        if augment is not None and (train_images is None or palette is None):
-            raise ValueError("augment needs train_images (uint8 (N, H, W, 3)) and palette")
-        if augment is not None and token_augment is not None:
-            raise ValueError("pass augment (on images) or token_augment (on tokens), not both")
         tokens, self.labels, rows, self.val_tokens, self.val_y, self.n_classes = split_examples(
             cfg, train_tokens, train_labels, val_tokens, val_labels, train_images, n_classes
         )

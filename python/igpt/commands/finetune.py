@@ -107,13 +107,11 @@ def _data(args, model, palette):
 
     n_px = model.config.n_px
     cache, progress = args.cache_dir, args.progress
-    train, test = token_splits(args.data, palette, n_px, cache_dir=cache, progress=progress)
-    # every label of both splits, not only the first --limit: the head covers every class
-    n_classes = int(max(train.labels.max(), test.labels.max())) + 1
-    if args.limit:
-        train, test = (
-            type(s)(s.tokens[: args.limit], s.labels[: args.limit]) for s in (train, test)
-        )
+    limit = args.limit
+    train, test = token_splits(args.data, palette, n_px, limit, cache_dir=cache, progress=progress)
+    # the cache keeps labels, not class names: the classes are those the training labels
+    # name (a single one is refused by the classifier, as a --limit too small for two)
+    n_classes = int(train.labels.max()) + 1
     cifar = parse_spec(args.data)[0].startswith("cifar")
     data = {"n_classes": n_classes, "palette": palette}
     if args.augment == "cifar" or (args.augment == "auto" and cifar):
@@ -121,7 +119,7 @@ def _data(args, model, palette):
             data["token_augment"] = functools.partial(pad_crop_flip_tokens, n_px=n_px)
         else:
             images = load_images(args.data, "train", lazy=True)
-            images = images.head(args.limit) if args.limit else images
+            images = images.head(limit) if limit else images
             data.update(train_images=images, augment=pad_crop_flip)
     return train, test, data
 
