@@ -457,13 +457,18 @@ def test_igpt_finetune_augments_lazily_read_images_at_another_side(tmp_path, mon
     cfg = FinetuneConfig(steps=2, eval_every=2, batch_size=8, out_dir=str(tmp_path / "images"))
     kw = dict(n_classes=10, train_images=train.images, palette=palette, augment=pad_crop_flip)
     finetune(model, tokenize(train.images, palette, 4), train.labels, config=cfg, **kw)
-    lazy = []
-    real = igpt.data.load_images
+    monkeypatch.setattr("igpt.commands.finetune.IN_MEMORY", 0)  # as a set too large to load
+    lazy, reads = [], []
+    real, get = igpt.data.load_images, igpt.data.ImageSet.__getitem__
     monkeypatch.setattr(igpt.data, "load_images", lambda *a, **k: lazy.append(k) or real(*a, **k))
+    monkeypatch.setattr(
+        igpt.data.ImageSet, "__getitem__", lambda s, i: reads.append(i) or get(s, i)
+    )
     main(["finetune", "--checkpoint", str(tmp_path / "pre.pt"), "--limit", "30",
           "--steps", "2", "--eval-every", "2", "--batch-size", "8", "--augment", "cifar",
           "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
           "--out", str(tmp_path / "ft")])  # fmt: skip
     assert lazy and all(k == {"lazy": True} for k in lazy)  # never the whole split in memory
+    assert [len(rows) for rows in reads] == [8, 8]  # one read of a batch's rows per step
     rows = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("images", "ft")]
     assert rows[0] == rows[1]

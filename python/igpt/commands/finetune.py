@@ -9,7 +9,8 @@ prepare`` and ``igpt pretrain`` use), batches are converted from its memmap one 
 and after ``igpt prepare`` no image is decoded. The CIFAR augmentation (pad, crop, flip)
 only moves pixels, so where the images are already n_px x n_px (CIFAR at 32) it moves the
 tokens instead (``pad_crop_flip_tokens``); at another side each batch's images are read
-lazily (``load_images(..., lazy=True)``), augmented and tokenised.
+lazily (``load_images(..., lazy=True)``; a split under ``IN_MEMORY`` bytes is read once),
+augmented and tokenised.
 
 ``igpt finetune --out RUN --resume`` alone continues the run in RUN: the settings come from
 its ``config.json`` and ``command.json``; a flag typed beside ``--resume`` overrides the
@@ -40,6 +41,9 @@ from igpt.trainconfig import progress_enabled
 log = logging.getLogger(__name__)
 
 
+# augmented images at another side than n_px are read whole up to this many bytes (CIFAR's
+# 150 MB: a random batch would unpickle every batch file), else lazily, a batch at a time
+IN_MEMORY = 1 << 30
 # the command's own flags that command.json records for --resume
 COMMAND_FLAGS = ("checkpoint", "data", "objective", "clf_only", "augment", "limit")
 # what a resumed run does not take from its config.json: where and how this process runs
@@ -120,6 +124,8 @@ def _data(args, model, palette):
         else:
             images = load_images(args.data, "train", lazy=True)
             images = images.head(limit) if limit else images
+            if images.shape and len(images) * images.shape[0] * images.shape[1] * 3 <= IN_MEMORY:
+                images = images.load().images  # one read, not one of a batch file per step
             data.update(train_images=images, augment=pad_crop_flip)
     return train, test, data
 
