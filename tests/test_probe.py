@@ -361,8 +361,15 @@ def test_features_of_a_memmap_are_converted_a_batch_at_a_time(tmp_path, monkeypa
     got = features.extract_features(model, mm, batch_size=8, progress=False)
     assert torch.equal(got, expected) and seen == [8, 8, 7]  # never the whole set at once
     # the feature cache names a memmap's tokens as it names the same tokens in int64
-    args = (model, [0, 1], None, 0.15, tmp_path, "k")
-    assert features._cache_path(model, mm, *args[1:]) == features._cache_path(model, t, *args[1:])
+    features.extract_features(model, t, cache_dir=tmp_path / "c", cache_key="k", progress=False)
+    seen.clear()
+    cached = features.extract_features(
+        model, mm, cache_dir=tmp_path / "c", cache_key="k", progress=False
+    )
+    assert torch.equal(cached, expected) and len(list((tmp_path / "c").iterdir())) == 1
+    assert seen == [23]  # the hash read one block of (at most 4096) rows; no batch ran
+    with pytest.raises(TypeError, match="tokens must be an integer tensor"):
+        features.extract_features(model, mm[0], progress=False)
 
 
 def test_evaluate_takes_token_splits_and_their_raw_pixels_are_palette_colours(
