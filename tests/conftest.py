@@ -81,3 +81,48 @@ def tiny_checkpoint(tmp_path, digits_palette):
         return save_checkpoint(path, model, step=step, palette=pal, objective=objective)
 
     return save
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache_in_tmp(tmp_path_factory):
+    """Token cache entries that commands make (probe and finetune read through the cache)
+    go to a temporary folder unless a test sets ``IGPT_CACHE``, never to ~/.cache/igpt;
+    the compiled extension, also under ``IGPT_CACHE``, stays where it was built."""
+    import igpt.data
+
+    folder = tmp_path_factory.mktemp("token_cache")
+    real = igpt.data.default_cache_dir
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            igpt.data, "default_cache_dir", lambda: real() if "IGPT_CACHE" in os.environ else folder
+        )
+        yield
+
+
+@pytest.fixture
+def no_images(monkeypatch):
+    """``no_images()``: from then on every way to images raises (the readers, the lazy
+    sets, ``tokenize``, building a token cache entry): what a command that starts from a
+    prepared token cache must never call."""
+    import igpt.data
+    import igpt.imagesets
+    import igpt.readers
+    import igpt.tokens
+    import igpt.transforms
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("images were read or tokenised")
+
+    def forbid():
+        for module, names in (
+            (igpt.data, ("load_images", "open_images", "tokenize", "build_entry")),
+            (igpt.data, ("load_digits", "load_cifar", "load_folder", "load_npz")),
+            (igpt.imagesets, ("open_images", "load_digits", "load_npz", "read_image")),
+            (igpt.readers, ("load_digits", "load_cifar", "load_folder", "load_npz")),
+            (igpt.tokens, ("read_chunk",)),
+            (igpt.transforms, ("tokenize", "read_image")),
+        ):
+            for name in names:
+                monkeypatch.setattr(module, name, refuse)
+
+    return forbid

@@ -200,6 +200,21 @@ def test_labelled_splits_take_the_first_images(tmp_path):
         labelled_splits(f"npz:{tmp_path / 'x.npz'}", None, splits=("train",))
 
 
+@pytest.mark.parametrize("command", ["probe", "finetune"])
+def test_probe_and_finetune_refuse_an_unlabelled_split_in_one_line(
+    command, tiny_checkpoint, tmp_path
+):
+    """They read the token cache now; a split without labels is refused as before."""
+    import numpy as np
+
+    images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "x.npz", images=images)
+    argv = [command, "--checkpoint", str(tiny_checkpoint(tmp_path / "m.pt")), "--device", "cpu"]
+    argv += ["--data", f"npz:{tmp_path / 'x.npz'}", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="has no labels in its 'train' split; this command"):
+        main([*argv, "--cache-dir", str(tmp_path / "cache")])
+
+
 # ----------------------------------------------------------------------------- parse-time checks
 
 

@@ -337,3 +337,138 @@ def test_head_lr_gives_the_head_its_own_rate_and_resume_restores_both(tmp_path):
     assert [g["lr"] for g in two.opt.param_groups] == [1e-4, 1e-2] and two.fit()["step"] == 3
     back = FinetuneConfig(head_lr=None, resume=True, **{**one, "steps": 4})
     assert Finetuner(tiny(), back, x, y).fit()["step"] == 4
+
+
+# ----------------------------------------------------------------------------- token cache
+
+
+@pytest.mark.parametrize("n_px, pad", [(8, 4), (5, 1), (32, 4)])
+def test_pad_crop_flip_on_tokens_is_pad_crop_flip_on_the_images_tokenised(n_px, pad):
+    """Pixels only move and a palette quantizes each pixel alone: for images already
+    n_px x n_px, augmenting the tokens equals tokenising the augmented images, exactly."""
+    from igpt.data import pad_crop_flip, pad_crop_flip_tokens, tokenize
+    from igpt.palette import fit_palette
+
+    images = np.random.default_rng(n_px).integers(0, 256, (6, n_px, n_px, 3), dtype=np.uint8)
+    palette = fit_palette(images, k=16)
+    tokens = tokenize(images, palette, n_px).numpy().astype(np.uint16)  # as the cache holds
+    for seed in range(4):
+        want = tokenize(
+            pad_crop_flip(images, pad=pad, rng=np.random.default_rng(seed)), palette, n_px
+        )
+        got = pad_crop_flip_tokens(tokens, n_px, pad=pad, rng=np.random.default_rng(seed))
+        assert got.dtype == np.int64 and np.array_equal(got, want.numpy())
+    with pytest.raises(ValueError, match="n_px \\* n_px"):
+        pad_crop_flip_tokens(tokens[:, :-1], n_px)
+
+
+def test_finetune_batches_from_a_memmap_tokens_or_lazy_images_are_those_of_the_images(tmp_path):
+    """The batches a fine-tuning run trains on: token augmentation on a uint16 memmap and
+    image augmentation on a lazy ImageSet give the in-memory images' batches."""
+    import functools
+
+    from igpt.data import ArraySource, ImageSet, pad_crop_flip, pad_crop_flip_tokens, tokenize
+    from igpt.finetune import FinetuneConfig, example_batches
+    from igpt.palette import fit_palette
+
+    images = np.random.default_rng(0).integers(0, 256, (30, 4, 4, 3), dtype=np.uint8)
+    palette = fit_palette(images, k=16)
+    tokens = tokenize(images, palette, 4).numpy().astype(np.uint16)
+    tokens.tofile(tmp_path / "t.u16")
+    mm = np.memmap(tmp_path / "t.u16", np.uint16, "r", shape=tokens.shape)
+    lazy = ImageSet(ArraySource(images), None, None)
+    assert np.array_equal(lazy[[5, 2, 5]], images[[5, 2, 5]])  # order and repeats kept
+    cfg, rows = FinetuneConfig(batch_size=8, seed=3), np.arange(3, 30)
+    flip = functools.partial(pad_crop_flip_tokens, n_px=4)
+    runs = [
+        example_batches(cfg, tokens, rows, images, palette, pad_crop_flip, 4),
+        example_batches(cfg, mm, rows, None, None, None, 4, flip),
+        example_batches(cfg, mm, rows, lazy, palette, pad_crop_flip, 4),
+    ]
+    for step in range(5):  # past an epoch of 27 rows
+        first, *others = (b.tokens(step) for b in runs)
+        assert all(torch.equal(first, other) for other in others)
+
+
+def _prepare_digits(tmp_path, palette, n_px):
+    from igpt.cli import main
+
+    palette.save(tmp_path / "palette.npy")
+    for split in ("train", "test"):
+        main(["prepare", "--data", "digits", "--n-px", str(n_px), "--palette",
+              str(tmp_path / "palette.npy"), "--split", split, "--cache-dir",
+              str(tmp_path / "cache"), "--workers", "0", "--no-progress"])  # fmt: skip
+
+
+def test_igpt_finetune_after_prepare_reads_no_image_and_trains_as_on_the_images(
+    tmp_path, capsys, no_images
+):
+    """`igpt finetune --augment cifar` on prepared digits (8x8 at n_px 8): the tokens are
+    augmented, no image is read, and the run is the one the images would give."""
+    from igpt.checkpoint import load_model, save_checkpoint
+    from igpt.cli import main
+    from igpt.commands._common import labelled_splits
+    from igpt.data import pad_crop_flip, tokenize
+    from igpt.finetune import FinetuneConfig
+    from igpt.palette import fit_palette
+
+    train, test = labelled_splits("digits", 40)
+    palette = fit_palette(train.images, k=16)
+    save_checkpoint(tmp_path / "pre.pt", tiny(n_px=8), step=3, palette=palette, objective="ar")
+    _prepare_digits(tmp_path, palette, 8)
+    model, _, _ = load_model(tmp_path / "pre.pt")
+    cfg = FinetuneConfig(steps=2, eval_every=2, batch_size=8, lr=1e-3, n_masks=5, device="cpu")
+    cfg.out_dir = str(tmp_path / "images")
+    x = tokenize(train.images, palette, 8)
+    kw = dict(n_classes=10, train_images=train.images, palette=palette, augment=pad_crop_flip)
+    want = finetune(model, x, train.labels, config=cfg, **kw)
+    want_acc = evaluate(want["classifier"], tokenize(test.images, palette, 8), test.labels)
+    capsys.readouterr()
+
+    no_images()
+    main(["finetune", "--checkpoint", str(tmp_path / "pre.pt"), "--data", "digits",
+          "--limit", "40", "--steps", "2", "--eval-every", "2", "--batch-size", "8",
+          "--lr", "1e-3", "--augment", "cifar", "--device", "cpu",
+          "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "ft")])  # fmt: skip
+    got = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert got["history"] == want["history"] and got["test_acc"] == want_acc
+    # the losses of every step: the augmented batches were the same
+    rows = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("images", "ft")]
+    assert rows[0] == rows[1] and len(rows[0].splitlines()) == 2
+    head = load_classifier(tmp_path / "ft" / "best.pt")[0].head.weight
+    assert torch.equal(head, want["classifier"].head.weight.detach())
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_igpt_finetune_augments_lazily_read_images_at_another_side(tmp_path, monkeypatch):
+    """Digits (8x8) at n_px 4: the augmentation needs the images, read lazily per batch."""
+    import igpt.data
+    from igpt.checkpoint import load_model, save_checkpoint
+    from igpt.cli import main
+    from igpt.commands._common import labelled_splits
+    from igpt.data import pad_crop_flip, tokenize
+    from igpt.finetune import FinetuneConfig
+    from igpt.palette import fit_palette
+
+    train, _ = labelled_splits("digits", 30)
+    palette = fit_palette(train.images, k=16)
+    save_checkpoint(tmp_path / "pre.pt", tiny(n_px=4), palette=palette, objective="ar")
+    model, _, _ = load_model(tmp_path / "pre.pt")
+    cfg = FinetuneConfig(steps=2, eval_every=2, batch_size=8, out_dir=str(tmp_path / "images"))
+    kw = dict(n_classes=10, train_images=train.images, palette=palette, augment=pad_crop_flip)
+    finetune(model, tokenize(train.images, palette, 4), train.labels, config=cfg, **kw)
+    monkeypatch.setattr("igpt.commands.finetune.IN_MEMORY", 0)  # as a set too large to load
+    lazy, reads = [], []
+    real, get = igpt.data.load_images, igpt.data.ImageSet.__getitem__
+    monkeypatch.setattr(igpt.data, "load_images", lambda *a, **k: lazy.append(k) or real(*a, **k))
+    monkeypatch.setattr(
+        igpt.data.ImageSet, "__getitem__", lambda s, i: reads.append(i) or get(s, i)
+    )
+    main(["finetune", "--checkpoint", str(tmp_path / "pre.pt"), "--limit", "30",
+          "--steps", "2", "--eval-every", "2", "--batch-size", "8", "--augment", "cifar",
+          "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+          "--out", str(tmp_path / "ft")])  # fmt: skip
+    assert lazy and all(k == {"lazy": True} for k in lazy)  # never the whole split in memory
+    assert [len(rows) for rows in reads] == [8, 8]  # one read of a batch's rows per step
+    rows = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("images", "ft")]
+    assert rows[0] == rows[1]

@@ -336,3 +336,104 @@ def test_igpt_probe_objective_flag_masks_a_checkpoint_that_records_none(tmp_path
     main(argv)
     report = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert report["objective"] == "bert" and report["bert_ensemble"]["n_masks"] == 2
+
+
+# ----------------------------------------------------------------------------- token splits
+
+
+def _memmap(path, tokens):
+    """``tokens`` as the token cache holds them: a read-only uint16 memmap."""
+    tokens = np.asarray(tokens, np.uint16)
+    tokens.tofile(path)
+    return np.memmap(path, np.uint16, "r", shape=tokens.shape)
+
+
+def test_features_of_a_memmap_are_converted_a_batch_at_a_time(tmp_path, monkeypatch):
+    from igpt import features
+
+    model = tiny(n_layer=1)
+    t = torch.randint(0, 16, (23, 16))
+    mm = _memmap(tmp_path / "t.u16", t.numpy())
+    expected = features.extract_features(model, t, batch_size=8, progress=False)
+    seen = []
+    real = features.long_rows
+    monkeypatch.setattr(features, "long_rows", lambda rows: seen.append(len(rows)) or real(rows))
+    got = features.extract_features(model, mm, batch_size=8, progress=False)
+    assert torch.equal(got, expected) and seen == [8, 8, 7]  # never the whole set at once
+    # the feature cache names a memmap's tokens as it names the same tokens in int64
+    features.extract_features(model, t, cache_dir=tmp_path / "c", cache_key="k", progress=False)
+    seen.clear()
+    cached = features.extract_features(
+        model, mm, cache_dir=tmp_path / "c", cache_key="k", progress=False
+    )
+    assert torch.equal(cached, expected) and len(list((tmp_path / "c").iterdir())) == 1
+    assert seen == [23]  # the hash read one block of (at most 4096) rows; no batch ran
+    with pytest.raises(TypeError, match="tokens must be an integer tensor"):
+        features.extract_features(model, mm[0], progress=False)
+
+
+def test_evaluate_takes_token_splits_and_their_raw_pixels_are_palette_colours(
+    tiny_checkpoint, tmp_path
+):
+    from igpt.checkpoint import load_model
+    from igpt.data import load_images, tokenize
+    from igpt.reporting import summary_text
+
+    model, palette, _ = load_model(tiny_checkpoint(tmp_path / "m.pt"))
+    train, test = (load_images("digits", s) for s in ("train", "test"))
+    train, test = train.subset(np.arange(100)), test.subset(np.arange(60))
+    kw = dict(per_class=(), concat=0, Cs=[1.0], progress=False)
+    from_images = evaluation.evaluate(model, palette, train, test, **kw)
+    x, xt = (tokenize(d.images, palette, 8) for d in (train, test))
+    mm, mmt = _memmap(tmp_path / "x.u16", x), _memmap(tmp_path / "xt.u16", xt)
+    split = evaluation.TokenSplit(mm, train.labels)
+    from_tokens = evaluation.evaluate(model, palette, split, (mmt, test.labels), **kw)
+    # the model and the random-init model see the same tokens: the same probes
+    assert from_tokens["layers"]["rows"] == from_images["layers"]["rows"]
+    assert from_tokens["random_init"]["rows"] == from_images["random_init"]["rows"]
+    # raw pixels from tokens can only be their palette colours, and say so
+    colours = [probe.raw_pixel_features(t, palette=palette) for t in (x, xt)]
+    direct = probe.linear_probe(colours[0], train.labels, colours[1], test.labels, Cs=[1.0])
+    assert from_tokens["raw_pixels"]["test_acc"] == direct["test_acc"]
+    assert from_tokens["raw_pixels"]["pixels"] == "palette colours at n_px 8"
+    assert from_images["raw_pixels"]["pixels"] == "images at n_px 8"
+    assert "raw pixels (palette colours at n_px 8): test acc" in summary_text(from_tokens)
+    with pytest.raises(ValueError, match="n_px \\* n_px = 64"):
+        evaluation.evaluate(model, palette, split, (mmt[:, :16], test.labels), **kw)
+    with pytest.raises(ValueError, match="test has no labels"):
+        evaluation.evaluate(model, palette, split, (mmt, None), **kw)
+
+
+def test_igpt_probe_after_prepare_reads_no_image(tiny_checkpoint, tmp_path, no_images):
+    """`igpt prepare` of both splits, then `igpt probe` from the same cache with every image
+    reader refusing: the probes of the image path, --limit rows of the memmap."""
+    from igpt.checkpoint import load_model
+    from igpt.cli import main
+    from igpt.commands._common import token_splits
+    from igpt.data import load_images
+
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    model, palette, _ = load_model(ckpt)
+    palette.save(tmp_path / "palette.npy")
+    cache = str(tmp_path / "cache")
+    for split in ("train", "test"):
+        main(["prepare", "--data", "digits", "--n-px", "8", "--palette",
+              str(tmp_path / "palette.npy"), "--split", split, "--cache-dir", cache,
+              "--workers", "0", "--no-progress"])  # fmt: skip
+    train, test = (load_images("digits", s).subset(np.arange(70)) for s in ("train", "test"))
+    expected = evaluation.evaluate(
+        model, palette, train, test, per_class=(), concat=0, Cs=[1.0], baselines=False,
+        progress=False,
+    )  # fmt: skip
+    no_images()
+    tokens = token_splits("digits", palette, 8, 70, cache_dir=cache)
+    assert all(isinstance(s.tokens, np.memmap) and len(s.tokens) == 70 for s in tokens)
+    assert all(len(s.labels) == 70 for s in tokens)
+    assert str(tokens[0].tokens.filename).startswith(str(tmp_path / "cache" / "tokens"))
+    main(["probe", "--checkpoint", str(ckpt), "--data", "digits", "--limit", "70",
+          "--per-class", "none", "--no-baselines", "--concat", "0", "--cs", "1",
+          "--cache-dir", cache, "--out", str(tmp_path / "out")])  # fmt: skip
+    report = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert report["n_train"] == 70 and report["n_test"] == 70
+    assert report["layers"]["rows"] == json.loads(json.dumps(expected["layers"]["rows"]))
+    assert sorted((tmp_path / "cache").glob("features_*.pt"))  # features beside the tokens

@@ -55,6 +55,28 @@ def check_tokens(
     return tokens
 
 
+def token_rows(tokens, name: str = "tokens", *, shape_hint: str = "(N, n)"):
+    """``tokens`` checked as an integer (N, n) array whose rows are read a batch at a time.
+
+    A numpy integer array (e.g. igpt.data's uint16 token cache, a memmap) comes back as it
+    is, so that a split of any size is never converted to int64 at once: ``long_rows`` turns
+    each batch. Anything else goes through ``check_tokens`` (a torch tensor)."""
+    if isinstance(tokens, np.ndarray) and tokens.dtype.kind in "iu":
+        if tokens.ndim != 2:
+            raise TypeError(
+                f"{name} must be an integer tensor {shape_hint}, got {_describe(tokens)}"
+            )
+        return tokens
+    return check_tokens(tokens, name, shape_hint=shape_hint)
+
+
+def long_rows(rows) -> torch.Tensor:
+    """A batch of rows of ``token_rows`` (numpy or torch) as an int64 torch tensor."""
+    if isinstance(rows, np.ndarray):
+        return torch.from_numpy(rows.astype(np.int64))
+    return rows.long()
+
+
 def check_bert_mask(bert_mask, shape: tuple[int, ...]) -> None:
     """A TypeError/ValueError unless ``bert_mask`` is a bool tensor of the tokens' ``shape``."""
     if not isinstance(bert_mask, torch.Tensor) or bert_mask.dtype != torch.bool:

@@ -22,10 +22,18 @@ from igpt.objectives import bert_mask
 
 
 class TokenSource:
-    """Rows of pre-tokenised images: an integer (N, n) array (e.g. a uint16 memmap)."""
+    """Rows of pre-tokenised images: an integer (N, n) array (e.g. a uint16 memmap).
 
-    def __init__(self, tokens):
-        self.tokens = tokens
+    Args:
+        tokens: the rows, converted to int64 a batch at a time.
+        augment: None, or ``augment(tokens, *, rng) -> tokens`` applied to each training
+            batch (int64 numpy (B, n)) with one generator per batch, drawn as
+            ``ImageSource(per_row=False)`` draws it (e.g. a ``pad_crop_flip_tokens``
+            partial: the batches of the same augmentation on the images, tokenised).
+    """
+
+    def __init__(self, tokens, augment: Callable | None = None):
+        self.tokens, self.augment = tokens, augment
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -35,8 +43,17 @@ class TokenSource:
         return torch.from_numpy(np.asarray(self.tokens[idx]).astype(np.int64))
 
     def take(self, idx, key: tuple[int, ...], first_row: int) -> torch.Tensor:
-        """The training tokens of rows ``idx`` (no augmentation: ``plain``)."""
-        return self.plain(idx)
+        """The training tokens of rows ``idx``: ``plain``, augmented when there is ``augment``."""
+        x = self.plain(idx)
+        if self.augment is None:
+            return x
+        out = self.augment(x.numpy(), rng=augment_rng(key, first_row))
+        return torch.from_numpy(np.asarray(out, np.int64))
+
+
+def augment_rng(key: tuple[int, ...], row: int) -> np.random.Generator:
+    """The generator of the augmentation of the batch ``key`` (seed, step) from ``row`` on."""
+    return np.random.default_rng(seed_of(*key, row, 3))
 
 
 class ImageSource:
@@ -71,17 +88,13 @@ class ImageSource:
 
         if self.per_row:
             parts = [
-                self.augment(self.images[i : i + 1], rng=self._rng(key, first_row + j))
+                self.augment(self.images[i : i + 1], rng=augment_rng(key, first_row + j))
                 for j, i in enumerate(idx)
             ]
             images = np.concatenate(parts)
         else:
-            images = self.augment(self.images[idx], rng=self._rng(key, first_row))
+            images = self.augment(self.images[idx], rng=augment_rng(key, first_row))
         return tokenize(images, self.palette, self.n_px)
-
-    @staticmethod
-    def _rng(key, row):
-        return np.random.default_rng(seed_of(*key, row, 3))
 
 
 class GlobalBatches:

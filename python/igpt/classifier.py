@@ -19,7 +19,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from igpt import hf_format
-from igpt._checks import check_tokens
+from igpt._checks import long_rows, token_rows
 from igpt.features import resolve_layers
 from igpt.model import IGPT
 from igpt.objectives import MASK_PROB, MaskRows, check_objective
@@ -117,7 +117,7 @@ def predict(
     of ``igpt.probe.bert_ensemble_probe``, the same on every device and for every batch
     size; ties between classes are broken at random with ``seed`` (``modal_prediction``).
     """
-    tokens = check_tokens(tokens, "tokens", shape_hint="(N, n)")
+    tokens = token_rows(tokens, "tokens", shape_hint="(N, n)")  # a memmap: batch by batch
     check_objective(objective)
     device = resolve_model_device(device, classifier)
     classifier.to(device)
@@ -131,7 +131,7 @@ def predict(
         for r in range(runs):
             mask = MaskRows((N, n), mask_prob, seed=seed + 1 + r) if objective == "bert" else None
             for s in tqdm(range(0, N, batch_size), desc="predict", disable=not progress):
-                x = tokens[s : s + batch_size].to(device, torch.long)
+                x = long_rows(tokens[s : s + batch_size]).to(device)
                 m = mask(s, s + batch_size).to(device) if mask is not None else None
                 with bf16:
                     _, logits = classifier(x, m, generative=False)

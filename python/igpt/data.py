@@ -43,7 +43,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from igpt.imagesets import ArraySource, ImageSet, open_images
+from igpt.imagesets import ArraySource, ImageSet, image_side, open_images
 from igpt.readers import (
     IMAGE_SUFFIXES,
     SPLITS,
@@ -70,6 +70,7 @@ from igpt.transforms import (
     check_images,
     holdout_split,
     pad_crop_flip,
+    pad_crop_flip_tokens,
     random_resized_crop,
     resize,
     tokenize,
@@ -90,9 +91,11 @@ __all__ = [
     "check_labels",
     "default_cache_dir",
     "holdout_split",
+    "image_side",
     "load_images",
     "open_images",
     "pad_crop_flip",
+    "pad_crop_flip_tokens",
     "palette_hash",
     "parse_spec",
     "prepare_tokens",

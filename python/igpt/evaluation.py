@@ -1,11 +1,17 @@
 """The whole linear evaluation of a model: what ``igpt probe`` and the demo run.
 
-    results = evaluate(model, palette, train, test)
+    results = evaluate(model, palette, train, test)     # ImageData splits, or
+    results = evaluate(model, palette, TokenSplit(*cached_tokens(spec, "train", palette, 32)),
+                       TokenSplit(*cached_tokens(spec, "test", palette, 32)))   # no images
 
 Features of every layer (``igpt.features``), the probes of ``igpt.probe`` on them (every
 layer, the concatenation around the best, low-data probes, the BERT mask ensemble), and the
 same probes of two baselines: raw pixels at the model's n_px and a randomly initialised
 model of the same size. ``igpt.reporting`` turns the result into a table, JSON and figures.
+
+Token splits (``TokenSplit``, e.g. the uint16 memmap of the token cache) are read a batch at
+a time and never touch images; their raw-pixel baseline can only see each token's palette
+colour, so it is the image as the model sees it, not its pixels (the result says which).
 """
 
 from __future__ import annotations
@@ -13,10 +19,15 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
+import torch
+
+from igpt._checks import long_rows, token_rows
 from igpt.features import extract_features, random_init_model, raw_pixel_features, resolve_layers
 from igpt.model import IGPT
 from igpt.probe import (
+    as_labels,
     bert_ensemble_probe,
     linear_probe,
     low_data_probe,
@@ -25,6 +36,19 @@ from igpt.probe import (
 )
 
 log = logging.getLogger(__name__)
+
+RAW_BATCH = 4096  # tokens turned into palette colours per block for the raw-pixel baseline
+
+
+class TokenSplit(NamedTuple):
+    """A labelled split as tokens: what ``evaluate`` takes in place of ``ImageData``.
+
+    ``tokens``: integer (N, n_px * n_px) numpy array or tensor in raster order (e.g. the
+    uint16 memmap ``igpt.data.cached_tokens`` returns, read a batch at a time);
+    ``labels``: integer (N,) or None. ``TokenSplit(*cached_tokens(...))`` builds one."""
+
+    tokens: Any
+    labels: Any
 
 
 def evaluate(
@@ -55,11 +79,13 @@ def evaluate(
     Probes every layer (``probe_layers``), then k labels per class at the best layer
     (``low_data_probe``, L-BFGS only), the BERT mask ensemble for a BERT model, and with
     ``baselines`` the same probes of raw pixels (the images resized to the model's n_px, the
-    input the model sees) and of a randomly initialised model of the same size.
+    input the model sees; for token splits, the tokens' palette colours) and of a randomly
+    initialised model of the same size.
 
     Args:
         model, palette: the model and the palette that tokenises its images.
-        train, test: ``igpt.data.ImageData`` with labels.
+        train, test: ``igpt.data.ImageData`` with labels, or ``TokenSplit`` (or a
+            ``(tokens, labels)`` pair): tokens at the model's n_px, read batch by batch.
         layers: layers to probe (default all); per_class, n_subsets: the low-data probes.
         low_data_baselines: also run the low-data probes on both baselines (at the random
             model's best layer), with the same subsets.
@@ -71,17 +97,16 @@ def evaluate(
 
     Returns:
         dict with ``objective``, ``n_train``, ``n_test``, ``n_layer``, ``layers`` and, as they
-        ran, ``low_data``, ``bert_ensemble``, ``raw_pixels``, ``random_init`` and
+        ran, ``low_data``, ``bert_ensemble``, ``raw_pixels`` (its ``pixels`` says what it
+        saw: ``"images at n_px"`` or ``"palette colours at n_px"``), ``random_init`` and
         ``low_data_baselines`` (name -> ``low_data_probe`` result).
     """
-    from igpt.data import tokenize
-
+    train, test = (as_split(s) for s in (train, test))
     _check_labelled(train, test, method, Cs)
     lbfgs_kw = {"seed": seed} if Cs is None else {"seed": seed, "Cs": list(Cs)}
     kw = lbfgs_kw if method == "lbfgs" else {"seed": seed, "device": device}
     n_px, L = model.config.n_px, model.config.n_layer
-    x, xt = tokenize(train.images, palette, n_px), tokenize(test.images, palette, n_px)
-    y, yt = train.labels, test.labels
+    (x, y), (xt, yt) = _tokens_and_labels(train, test, palette, n_px)
     ids = resolve_layers(layers, L)
     feat_kw = dict(batch_size=batch_size, layers=ids, device=device, progress=progress)
     feat_kw["bert_mask_seed"] = seed if objective == "bert" else None
@@ -100,8 +125,11 @@ def evaluate(
         )  # fmt: skip
     if baselines:
         results.update(
-            _baselines(model, (train, test), ids, features, low_data_baselines, **common, seed=seed)
-        )
+            _baselines(
+                model, palette, (train, test), ((x, y), (xt, yt)), ids, features,
+                low_data_baselines, **common, seed=seed,
+            )
+        )  # fmt: skip
     return results
 
 
@@ -145,15 +173,71 @@ def _check_labelled(train, test, method, Cs) -> None:
         log.warning("Cs applies to the L-BFGS probe; --method sgd chooses a weight decay")
 
 
-def _baselines(model, splits, ids, features, low_data, *, method, progress, seed, kw, low):
+def as_split(split):
+    """``split`` as ``evaluate`` reads it: ``ImageData`` or ``TokenSplit`` as they are, a
+    ``(tokens, labels)`` pair as a ``TokenSplit``; a TypeError for anything else."""
+    if isinstance(split, TokenSplit) or hasattr(split, "images"):
+        return split
+    if isinstance(split, tuple) and len(split) == 2:
+        return TokenSplit(*split)
+    raise TypeError(
+        f"a split must be igpt.data.ImageData, igpt.evaluation.TokenSplit or a (tokens, labels) "
+        f"pair, got {type(split).__name__}"
+    )
+
+
+def split_tokens(split, palette, n_px: int):
+    """The tokens of a split: a ``TokenSplit``'s own (checked, not converted), or the
+    images tokenised at ``n_px``."""
+    if not isinstance(split, TokenSplit):
+        from igpt.data import tokenize
+
+        return tokenize(split.images, palette, n_px)
+    tokens = token_rows(split.tokens, "tokens", shape_hint="(N, n_px * n_px)")
+    if tokens.shape[1] != n_px * n_px:
+        raise ValueError(
+            f"tokens must have n_px * n_px = {n_px * n_px} per image (the model's n_px "
+            f"{n_px}), got {tokens.shape[1]}"
+        )
+    return tokens
+
+
+def _tokens_and_labels(train, test, palette, n_px: int):
+    """((tokens, int64 labels) of train, the same of test) for ``evaluate``."""
+    out = []
+    for name, split in (("train", train), ("test", test)):
+        tokens = split_tokens(split, palette, n_px)
+        out.append((tokens, as_labels(split.labels, len(tokens), f"{name} labels")))
+    return out
+
+
+def raw_pixels(split, tokens, palette, n_px: int):
+    """The raw-pixel baseline's features of a split and what they saw: the images resized
+    to ``n_px``, or, for a ``TokenSplit``, the palette colours of its tokens (a block of
+    rows at a time: the features are the only whole-split copy)."""
+    if not isinstance(split, TokenSplit):
+        from igpt.data import resize
+
+        return raw_pixel_features(resize(split.images, n_px)), f"images at n_px {n_px}"
+    parts = [
+        raw_pixel_features(long_rows(tokens[s : s + RAW_BATCH]), palette=palette)
+        for s in range(0, len(tokens), RAW_BATCH)
+    ]
+    return torch.cat(parts), f"palette colours at n_px {n_px}"
+
+
+def _baselines(model, palette, splits, data, ids, features, low_data, *, method, progress,
+               seed, kw, low):  # fmt: skip
     """``evaluate``'s baselines: raw pixels at the model's n_px, and a randomly initialised
     model of the same size, probed alike (and, with ``low_data``, their low-data probes)."""
-    from igpt.data import resize
-
-    (y, yt), images = (d.labels for d in splits), [d.images for d in splits]
-    raw = [raw_pixel_features(resize(im, model.config.n_px)) for im in images]
+    n_px = model.config.n_px
+    (x, y), (xt, yt) = data
+    (raw_x, pixels), (raw_xt, _) = (
+        raw_pixels(s, t, palette, n_px) for s, t in zip(splits, (x, xt), strict=True)
+    )
+    raw = [raw_x, raw_xt]
     fit = linear_probe if method == "lbfgs" else sgd_probe
-    out = {"raw_pixels": fit(raw[0], y, raw[1], yt, **kw)}
+    out = {"raw_pixels": {**fit(raw[0], y, raw[1], yt, **kw), "pixels": pixels}}
     fresh = random_init_model(model.config, seed=seed).to(next(model.parameters()).device)
     rf, rft = features(fresh, f"random-init-{seed}")
     out["random_init"] = probe_layers(

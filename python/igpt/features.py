@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from igpt._checks import check_tokens
+from igpt._checks import long_rows, token_rows
 from igpt.checkpoint import atomic_torch_save
 from igpt.model import IGPT
 from igpt.objectives import MASK_PROB, MaskRows
@@ -39,6 +39,19 @@ def _fingerprint_tensor(h, t: torch.Tensor) -> None:
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
 
 
+def _fingerprint_tokens(h, tokens, rows: int = 4096) -> None:
+    """Hash integer tokens as their int64 values, a block of rows at a time: a uint16
+    memmap of the token cache hashes as the int64 tensor of the same tokens does (one
+    feature cache entry for both), without an int64 copy of the whole split."""
+    if isinstance(tokens, torch.Tensor) and tokens.dtype == torch.long:
+        return _fingerprint_tensor(h, tokens)
+    h.update(f"{torch.int64}{tuple(tokens.shape)}".encode())
+    for s in range(0, len(tokens), rows):
+        block = long_rows(tokens[s : s + rows]).contiguous()
+        if block.numel():
+            h.update(block.reshape(-1).view(torch.uint8).numpy())
+
+
 def _cache_path(model, tokens, layers, bert_mask_seed, mask_prob, cache_dir, cache_key) -> Path:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"v{CACHE_VERSION}|{layers}|{bert_mask_seed}|{mask_prob}|".encode())
@@ -48,7 +61,7 @@ def _cache_path(model, tokens, layers, bert_mask_seed, mask_prob, cache_dir, cac
         for name, t in model.state_dict().items():
             h.update(name.encode())
             _fingerprint_tensor(h, t)
-    _fingerprint_tensor(h, tokens)  # a different dataset never hits, whatever the key says
+    _fingerprint_tokens(h, tokens)  # a different dataset never hits, whatever the key says
     return Path(cache_dir) / f"features_{h.hexdigest()}.pt"
 
 
@@ -88,7 +101,8 @@ def extract_features(
 
     Args:
         model: an ``IGPT``. It is put in eval mode for the pass (and restored after).
-        tokens: integer (N, n) tensor or numpy array of palette tokens.
+        tokens: integer (N, n) tensor or numpy array of palette tokens (a numpy array, e.g.
+            the uint16 memmap of ``igpt.data.cached_tokens``, is read a batch at a time).
         batch_size: images per forward pass.
         layers: which of f^0 .. f^L to keep (ints, negative counts from L); None keeps all.
         bert_mask_seed: None runs the AR input. An int runs the BERT input with the mask
@@ -110,7 +124,7 @@ def extract_features(
             f"model must be an igpt.IGPT, got {type(model).__name__} (convert a transformers "
             "ImageGPT with igpt.hf.from_hf)"
         )
-    tokens = check_tokens(tokens, "tokens", shape_hint="(N, n)")
+    tokens = token_rows(tokens, "tokens", shape_hint="(N, n)")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     layer_ids = resolve_layers(layers, model.config.n_layer)
@@ -149,7 +163,7 @@ def _pooled_pass(model, tokens, layer_ids, mask, batch_size, device, progress) -
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         starts = range(0, N, batch_size)
         for s in tqdm(starts, desc="features", unit="batch", disable=not progress):
-            x = tokens[s : s + batch_size].to(device, torch.long, non_blocking=True)
+            x = long_rows(tokens[s : s + batch_size]).to(device, non_blocking=True)
             m = mask(s, s + batch_size).to(device) if mask is not None else None
             with autocast:
                 f = model.features(x, bert_mask=m)  # (B, L + 1, d) float32

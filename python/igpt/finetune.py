@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from igpt._checks import check_tokens
+from igpt._checks import token_rows
 from igpt.batches import GlobalBatches, ImageSource, TokenSource
 from igpt.checkpoint import (
     CheckpointError,
@@ -96,7 +96,10 @@ FINETUNE_FIXED = ("n_classes", "layer", "joint", "head_bias", "batch_size", "see
 # the class head's default learning rate: 100x the model's default (see FinetuneConfig)
 HEAD_LR = 1e-2
 # the keyword arguments of Finetuner (and finetune) that are data, not settings
-DATA_ARGUMENTS = ("n_classes", "val_tokens", "val_labels", "train_images", "palette", "augment")
+DATA_ARGUMENTS = (
+    *("n_classes", "val_tokens", "val_labels", "train_images", "palette", "augment"),
+    "token_augment",
+)
 
 
 # ----------------------------------------------------------------------------- config
@@ -224,23 +227,23 @@ def _check_real(name, v, *, above=None, least=None, below=None, most=None) -> No
 
 
 def split_examples(cfg: FinetuneConfig, tokens, labels, val_tokens, val_labels, images, n_classes):
-    """The checked training and hold-out sets: ``(tokens, labels, images, val_tokens, val_y,
-    n_classes)``; without ``val_tokens``, ``cfg.val_frac`` of the training set is held out.
-    ``n_classes`` defaults to the largest label + 1."""
-    tokens = check_tokens(tokens, "train_tokens", shape_hint="(N, n)")
+    """The checked training and hold-out sets: ``(tokens, labels, train_idx, val_tokens,
+    val_y, n_classes)``. ``tokens``, ``labels`` stay whole (a uint16 memmap is not copied)
+    and ``train_idx`` names the rows trained on; without ``val_tokens``, ``cfg.val_frac``
+    of the training set is held out. ``n_classes`` defaults to the largest label + 1."""
+    tokens = token_rows(tokens, "train_tokens", shape_hint="(N, n)")
     labels = torch.from_numpy(as_labels(labels, len(tokens), "train_labels"))
     if images is not None and len(images) != len(tokens):
         raise ValueError(f"train_images has {len(images)} images, tokens {len(tokens)}")
+    train_idx = np.arange(len(tokens))
     if val_tokens is None:
         from igpt.data import holdout_split
 
-        fit, val = holdout_split(len(tokens), cfg.val_frac, cfg.seed)
+        train_idx, val = holdout_split(len(tokens), cfg.val_frac, cfg.seed)
         val_tokens, val_labels = tokens[val], labels[val]
-        tokens, labels = tokens[fit], labels[fit]
-        images = images[fit] if images is not None else None
-    val_tokens = check_tokens(val_tokens, "val_tokens", shape_hint="(N, n)")
+    val_tokens = token_rows(val_tokens, "val_tokens", shape_hint="(N, n)")
     val_y = as_labels(val_labels, len(val_tokens), "val_labels")
-    if len(tokens) < 1:
+    if len(train_idx) < 1:
         raise ValueError("no training examples left after the hold-out split")
     seen = np.concatenate([labels.numpy(), val_y])
     n_classes = n_classes or int(seen.max()) + 1
@@ -249,18 +252,26 @@ def split_examples(cfg: FinetuneConfig, tokens, labels, val_tokens, val_labels, 
             f"train_labels and val_labels must lie in [0, n_classes={n_classes}), got "
             f"labels in [{seen.min()}, {seen.max()}]"
         )
-    return tokens, labels, images, val_tokens, val_y, n_classes
+    return tokens, labels, train_idx, val_tokens, val_y, n_classes
 
 
-def example_batches(cfg: FinetuneConfig, tokens, images, palette, augment, n_px: int):
-    """The batch of every step (``GlobalBatches``): rows of ``tokens``, or with ``augment``
-    the augmented ``images`` tokenised with ``palette``; at most the whole set per batch."""
+def example_batches(
+    cfg: FinetuneConfig, tokens, train_idx, images, palette, augment, n_px: int, token_augment=None
+):
+    """The batch of every step (``GlobalBatches``) over rows ``train_idx``: rows of
+    ``tokens`` (converted to int64 per batch), augmented by ``token_augment`` if given, or
+    with ``augment`` the augmented ``images`` (an array or a lazy ``ImageSet``) tokenised
+    with ``palette``; at most the whole training set per batch."""
+    if augment is not None and (images is None or palette is None):
+        raise ValueError("augment needs train_images (uint8 (N, H, W, 3)) and palette")
+    if augment is not None and token_augment is not None:
+        raise ValueError("pass augment (on images) or token_augment (on tokens), not both")
     if augment is not None:
         source = ImageSource(images, palette, n_px, augment, per_row=False)
     else:
-        source = TokenSource(tokens)
-    batch = min(cfg.batch_size, len(tokens))
-    return GlobalBatches(source, np.arange(len(tokens)), batch, seed=cfg.seed)
+        source = TokenSource(tokens, token_augment)
+    batch = min(cfg.batch_size, len(train_idx))
+    return GlobalBatches(source, train_idx, batch, seed=cfg.seed)
 
 
 def check_resumable(run: RunDir, steps: int, settings: dict, model: IGPT, path, ckpt) -> None:
@@ -345,7 +356,11 @@ class Finetuner:
             ``config.val_frac`` of the training set is held out.
         train_images, palette, augment: with ``augment`` (e.g. ``igpt.data.pad_crop_flip``),
             each batch is ``augment(train_images[idx], rng=rng)`` tokenised with ``palette``
-            instead of ``train_tokens[idx]``.
+            instead of ``train_tokens[idx]`` (a lazy ``ImageSet`` reads a batch's rows only).
+        token_augment: or ``token_augment(tokens, rng=rng)`` on each batch's int64 tokens
+            (e.g. a ``pad_crop_flip_tokens`` partial: ``pad_crop_flip``'s batches, no images).
+
+    ``train_tokens`` may be ``cached_tokens``' uint16 memmap: rows become int64 per batch.
     """
 
     def __init__(
@@ -361,11 +376,10 @@ class Finetuner:
         train_images: np.ndarray | None = None,
         palette=None,
         augment: Callable | None = None,
+        token_augment: Callable | None = None,
     ):
         self.cfg = cfg = config
-        if augment is not None and (train_images is None or palette is None):
-            raise ValueError("augment needs train_images (uint8 (N, H, W, 3)) and palette")
-        tokens, self.labels, images, self.val_tokens, self.val_y, self.n_classes = split_examples(
+        tokens, self.labels, rows, self.val_tokens, self.val_y, self.n_classes = split_examples(
             cfg, train_tokens, train_labels, val_tokens, val_labels, train_images, n_classes
         )
         self.model, self.palette = model, palette
@@ -376,7 +390,9 @@ class Finetuner:
             self.clf.head.bias.requires_grad_(False)  # zero from IGPTClassifier, kept there
         self.opt = finetune_optimizer(cfg, self.clf)
         self.settings = cfg.settings(self.n_classes, self.clf.layer)
-        self.batches = example_batches(cfg, tokens, images, palette, augment, model.config.n_px)
+        self.batches = example_batches(
+            cfg, tokens, rows, train_images, palette, augment, model.config.n_px, token_augment
+        )
         self.state = dict(step=0, best_val_acc=-1.0, best_step=0, evals_since_best=0, history=[])
         self.state["skipped"] = 0
         self.guard = NonFiniteGuard()
@@ -536,7 +552,8 @@ def finetune(
     """Fine-tune ``model`` with a class head; returns the classifier at its best hold-out step.
 
     ``kwargs`` are ``Finetuner``'s data arguments (``DATA_ARGUMENTS``: ``n_classes``,
-    ``val_tokens``, ``val_labels``, ``train_images``, ``palette``, ``augment``) and
+    ``val_tokens``, ``val_labels``, ``train_images``, ``palette``, ``augment``,
+    ``token_augment``) and
     ``FinetuneConfig`` fields (``steps=``, ``lr=``, ``objective=``, ``out_dir=`` ...), the
     latter applied over ``config``. See ``Finetuner.fit`` for the result.
     """

@@ -98,9 +98,30 @@ class ImageSet:
         out.skipped = int(len(idx) - ok.sum())
         return out
 
+    def __getitem__(self, idx) -> np.ndarray:
+        """The images at rows ``idx`` (ints) in that order, repeats included, as
+        ``images[idx]`` of an array gives them (a lazy ``train_images`` of fine-tuning).
+        A ValueError names a file that cannot be read: rows must keep matching tokens."""
+        idx = np.asarray(idx, np.int64)
+        rows, where = np.unique(idx, return_inverse=True)
+        data = self.take(rows)
+        if data.skipped:
+            raise ValueError(
+                f"{self.name or 'images'}: {data.skipped} of rows {rows.tolist()[:8]} cannot be "
+                "read, so the rows no longer match their tokens; remove the unreadable files"
+            )
+        return data.images[where.reshape(-1)]
+
     def read(self, start: int, stop: int) -> ImageData:
         """Rows ``start`` .. ``stop - 1`` (see ``take``)."""
         return self.take(np.arange(start, min(stop, len(self))))
+
+    def head(self, n: int) -> ImageSet:
+        """The first ``n`` rows as a set of their own, still listed, not loaded."""
+        rows = (np.arange(len(self)) if self.rows is None else self.rows)[:n]
+        out = ImageSet(self.source, None, self.classes, rows=rows, shape=self.shape, name=self.name)
+        out.labels = None if self.labels is None else self.labels[:n]
+        return out
 
     def load(self) -> ImageData:
         """The whole set in memory."""
@@ -330,6 +351,21 @@ def open_images(spec: str, split: str = "train", *, size: int | None = None) -> 
     if kind == "npz":
         return _open_npz(Path(arg), split, spec)
     return _open_imagenet(Path(arg), int(kind[len("imagenet") :]), split, spec)
+
+
+# the side every image of these formats has, whatever the files: no file need be opened
+FORMAT_SIDES = {"digits": 8, "cifar10": 32, "cifar100": 32, "imagenet32": 32, "imagenet64": 64}
+
+
+def image_side(spec: str, split: str = "train", *, size: int | None = None) -> int | None:
+    """The side of the square images a split comes out at, or None where they are not one
+    square size: from the format where it fixes one (no file read), else from the lazy
+    listing (``open_images``: an npz's header, a folder's file headers)."""
+    kind, _ = parse_spec(spec)
+    if kind in FORMAT_SIDES:
+        return FORMAT_SIDES[kind]
+    shape = open_images(spec, split, size=size).shape
+    return shape[0] if shape is not None and shape[0] == shape[1] else None
 
 
 class _CifarRead:

@@ -167,7 +167,9 @@ def summary_text(results: dict) -> str:
             f"random-init model, best layer {r['best_layer']}: test acc {r['best']['test_acc']:.4f}"
         )
     if results.get("raw_pixels"):
-        lines.append(f"raw pixels: test acc {results['raw_pixels']['test_acc']:.4f}")
+        raw = results["raw_pixels"]
+        seen = f" ({raw['pixels']})" if raw.get("pixels") else ""  # images, or palette colours
+        lines.append(f"raw pixels{seen}: test acc {raw['test_acc']:.4f}")
     if results.get("bert_ensemble"):
         b = results["bert_ensemble"]
         lines.append(

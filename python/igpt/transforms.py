@@ -4,6 +4,7 @@ the training augmentations and the hold-out split.
     resize(images, 32)                      # uint8 (N, H, W, 3) -> (N, 32, 32, 3), PIL bilinear
     tokenize(images, palette, n_px=32)      # int64 (N, 1024), raster order
     pad_crop_flip(images, rng=rng)          # CIFAR augmentation
+    pad_crop_flip_tokens(tokens, 32, rng=rng)   # the same on n_px x n_px tokens (no images)
     train_idx, val_idx = holdout_split(n)   # the paper's 10% (sec. 3.1)
 
 Every function takes and returns uint8 (N, H, W, 3) RGB numpy images; the one-image helpers
@@ -176,9 +177,35 @@ def pad_crop_flip(
     """CIFAR augmentation: reflection-pad by ``pad``, random crop back to (H, W), and a
     horizontal flip with probability 1/2 (paper, fine-tuning on CIFAR). uint8 in and out."""
     check_images(images)
+    return _pad_crop_flip(images, pad, rng)
+
+
+def pad_crop_flip_tokens(
+    tokens, n_px: int, *, pad: int = 4, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """``pad_crop_flip`` of tokens (N, n_px * n_px) in raster order, with the same draws.
+
+    Reflection padding, cropping and flipping only move pixels, and a palette quantizes
+    each pixel alone, so for images already n_px x n_px (which ``tokenize`` does not
+    resize) ``pad_crop_flip_tokens(tokenize(x), n_px, rng=g)`` equals
+    ``tokenize(pad_crop_flip(x, rng=g'))`` for generators g, g' in the same state: the
+    augmentation needs only the token cache, never the images. Returns int64 (N, n_px²).
+    """
+    t = np.asarray(tokens)
+    if t.ndim != 2 or t.dtype.kind not in "iu" or t.shape[1] != n_px * n_px:
+        raise ValueError(
+            f"tokens must be integer (N, n_px * n_px = {n_px * n_px}), got {t.dtype} {t.shape}"
+        )
+    grid = t.astype(np.int64).reshape(len(t), n_px, n_px, 1)  # one "channel": the token
+    return _pad_crop_flip(grid, pad, rng).reshape(len(t), n_px * n_px)
+
+
+def _pad_crop_flip(x: np.ndarray, pad: int, rng) -> np.ndarray:
+    """The moves of ``pad_crop_flip`` on any (N, H, W, C) array; the draws come from ``rng``
+    in one order (tops, lefts, flips), whatever the array holds."""
     rng = rng if rng is not None else np.random.default_rng()
-    N, H, W, _ = images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    N, H, W, _ = x.shape
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
     tops = rng.integers(0, 2 * pad + 1, size=N)
     lefts = rng.integers(0, 2 * pad + 1, size=N)
     flips = rng.random(N) < 0.5

@@ -7,7 +7,8 @@
     parser.add_argument("--n", type=count(1))          # a hand-written flag, checked
     device = pick_device(args.device)
     path, model, palette, ckpt, objective = open_checkpoint(args, device=device)
-    train, test = labelled_splits(args.data, args.limit)
+    train, test = labelled_splits(args.data, args.limit)      # ImageData, decoded
+    train, test = token_splits(args.data, palette, 32, args.limit)   # the token cache
 
 A user's mistake raises ``UsageError`` (a ``ValueError``); ``igpt.cli.main`` prints it as one
 line, or the traceback with ``-v``. Odd values are refused while parsing, before anything is
@@ -42,6 +43,7 @@ __all__ = [
     "pick_device",
     "open_checkpoint",
     "labelled_splits",
+    "token_splits",
     "read_palette",
     "int_list",
     "int_items",
@@ -503,4 +505,40 @@ def labelled_splits(spec: str, limit: int | None = None, splits=("train", "test"
                 f"--data {spec} has no labels in its {split!r} split; this command needs labels"
             )
         out.append(data.subset(np.arange(min(limit, len(data)))) if limit else data)
+    return tuple(out)
+
+
+def token_splits(
+    spec: str,
+    palette,
+    n_px: int,
+    limit: int | None = None,
+    *,
+    splits=("train", "test"),
+    cache_dir=None,
+    progress: bool | None = None,
+) -> tuple:
+    """The labelled ``TokenSplit`` of each split of ``--data spec`` from the token cache.
+
+    ``igpt.data.cached_tokens``: the entry ``igpt prepare`` and ``igpt pretrain`` use (same
+    key), so a prepared split is only mapped, never decoded; an unprepared one is tokenised
+    into it on first use, with its progress bar. The tokens are a read-only uint16 memmap
+    (N, n_px * n_px); ``limit`` keeps its first rows, a view, not a copy. Raises
+    ``UsageError`` when a split has no labels (probes and classifiers need them).
+    """
+    from igpt.data import cached_tokens
+    from igpt.evaluation import TokenSplit
+
+    out = []
+    for split in splits:
+        tokens, labels = cached_tokens(
+            spec, split, palette, n_px, cache_dir=cache_dir, progress=progress
+        )
+        if labels is None:
+            raise UsageError(
+                f"--data {spec} has no labels in its {split!r} split; this command needs labels"
+            )
+        out.append(
+            TokenSplit(tokens[:limit], labels[:limit]) if limit else TokenSplit(tokens, labels)
+        )
     return tuple(out)

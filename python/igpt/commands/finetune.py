@@ -4,6 +4,14 @@ Flags come from ``FinetuneConfig``'s fields (``--out`` is its ``out_dir``), plus
 ones; the run writes ``finetune.json`` (the summary) and ``command.json`` (the command's own
 flags) beside the fine-tuning run's files.
 
+Both splits come from the token cache (``igpt.data.cached_tokens``, the entry ``igpt
+prepare`` and ``igpt pretrain`` use), batches are converted from its memmap one at a time,
+and after ``igpt prepare`` no image is decoded. The CIFAR augmentation (pad, crop, flip)
+only moves pixels, so where the images are already n_px x n_px (CIFAR at 32) it moves the
+tokens instead (``pad_crop_flip_tokens``); at another side each batch's images are read
+lazily (``load_images(..., lazy=True)``; a split under ``IN_MEMORY`` bytes is read once),
+augmented and tokenised.
+
 ``igpt finetune --out RUN --resume`` alone continues the run in RUN: the settings come from
 its ``config.json`` and ``command.json``; a flag typed beside ``--resume`` overrides the
 run's value (refused, as ever, where it would make another run: ``FINETUNE_FIXED``).
@@ -21,10 +29,10 @@ from igpt.commands._common import (
     config_from_args,
     count,
     dataclass_arguments,
-    labelled_splits,
     open_checkpoint,
     pick_device,
     run_settings,
+    token_splits,
 )
 from igpt.finetune import FinetuneConfig, evaluate, finetune
 from igpt.objectives import OBJECTIVES
@@ -33,6 +41,9 @@ from igpt.trainconfig import progress_enabled
 log = logging.getLogger(__name__)
 
 
+# augmented images at another side than n_px are read whole up to this many bytes (CIFAR's
+# 150 MB: a random batch would unpickle every batch file), else lazily, a batch at a time
+IN_MEMORY = 1 << 30
 # the command's own flags that command.json records for --resume
 COMMAND_FLAGS = ("checkpoint", "data", "objective", "clf_only", "augment", "limit")
 # what a resumed run does not take from its config.json: where and how this process runs
@@ -67,6 +78,11 @@ def add_arguments(parser) -> None:
         help="training augmentation: cifar = pad 4, random crop, flip (auto: for cifar specs)",
     )
     a("--limit", type=count(1), default=None, help="use the first N images per split")
+    a(
+        "--cache-dir",
+        default=None,
+        help="token cache (default: $IGPT_CACHE or ~/.cache/igpt; as pretrain's and prepare's)",
+    )
 
 
 def _resumed(args) -> None:
@@ -86,18 +102,32 @@ def _resumed(args) -> None:
 
 
 def _data(args, model, palette):
-    """Tokens of both splits of ``--data``, the training augmentation and the class count."""
-    from igpt.data import pad_crop_flip, parse_spec, tokenize
+    """Both splits of ``--data`` from the token cache (``TokenSplit``), the class count, and
+    the training augmentation as ``Finetuner``'s keywords: on the tokens where the images
+    are already n_px x n_px, else on lazily read images."""
+    import functools
 
-    train, test = labelled_splits(args.data, args.limit)
+    from igpt.data import image_side, load_images, pad_crop_flip, pad_crop_flip_tokens, parse_spec
+
     n_px = model.config.n_px
-    x, xt = tokenize(train.images, palette, n_px), tokenize(test.images, palette, n_px)
+    cache, progress = args.cache_dir, args.progress
+    limit = args.limit
+    train, test = token_splits(args.data, palette, n_px, limit, cache_dir=cache, progress=progress)
+    # the cache keeps labels, not class names: the classes are those the training labels
+    # name (a single one is refused by the classifier, as a --limit too small for two)
+    n_classes = int(train.labels.max()) + 1
     cifar = parse_spec(args.data)[0].startswith("cifar")
-    augment = (
-        pad_crop_flip if args.augment == "cifar" or (args.augment == "auto" and cifar) else None
-    )
-    n_classes = train.num_classes or int(max(train.labels.max(), test.labels.max())) + 1
-    return train, test, x, xt, augment, n_classes
+    data = {"n_classes": n_classes, "palette": palette}
+    if args.augment == "cifar" or (args.augment == "auto" and cifar):
+        if image_side(args.data, "train") == n_px:  # pixels move, tokens can move alike
+            data["token_augment"] = functools.partial(pad_crop_flip_tokens, n_px=n_px)
+        else:
+            images = load_images(args.data, "train", lazy=True)
+            images = images.head(limit) if limit else images
+            if images.shape and len(images) * images.shape[0] * images.shape[1] * 3 <= IN_MEMORY:
+                images = images.load().images  # one read, not one of a batch file per step
+            data.update(train_images=images, augment=pad_crop_flip)
+    return train, test, data
 
 
 def run(args) -> None:
@@ -114,11 +144,11 @@ def run(args) -> None:
         source = args.out_dir  # the run's own latest checkpoint holds the model
     device = pick_device(args.device)
     path, model, palette, _, objective = open_checkpoint(args, source=source, device=device)
-    train, test, x, xt, augment, n_classes = _data(args, model, palette)
+    train, test, data = _data(args, model, palette)
     log.info(
         "fine-tuning %s (%s, %s) on %s: %d train, %d test images",
         *(path, objective, "L_CLF" if args.clf_only else "L_GEN + L_CLF"),
-        *(args.data, len(x), len(xt)),
+        *(args.data, len(train.tokens), len(test.tokens)),
     )
     cfg = config_from_args(
         FinetuneConfig, args, objective=objective, joint=not args.clf_only, device=str(device)
@@ -127,12 +157,11 @@ def run(args) -> None:
     run_dir.check_fresh(cfg.resume)  # before command.json: never over another run's record
     record = {k: getattr(args, k) for k in COMMAND_FLAGS} | {"checkpoint": str(path)}
     run_dir.write_json("command.json", {"command": record})
-    data = dict(n_classes=n_classes, train_images=train.images, palette=palette, augment=augment)
-    res = finetune(model, x, train.labels, config=cfg, **data)
+    res = finetune(model, train.tokens, train.labels, config=cfg, **data)
     # the whole test set, n_masks times for BERT: a bar where stderr is a terminal (or asked)
     kw = dict(objective=objective, n_masks=cfg.n_masks, seed=cfg.seed, device=device)
     progress = progress_enabled(cfg.progress)
-    test_acc = evaluate(res["classifier"], xt, test.labels, progress=progress, **kw)
+    test_acc = evaluate(res["classifier"], test.tokens, test.labels, progress=progress, **kw)
     summary = {k: res[k] for k in ("best_val_acc", "best_step", "step", "stopped_early")}
     summary.update(test_acc=test_acc, checkpoint=str(path), data=args.data)
     summary.update(settings=res["settings"], history=res["history"])

@@ -1,4 +1,10 @@
-"""``igpt probe``: linear probes of every layer of a checkpoint, low-data probes, baselines."""
+"""``igpt probe``: linear probes of every layer of a checkpoint, low-data probes, baselines.
+
+Both splits come from the token cache (``igpt.data.cached_tokens``, the entry ``igpt
+prepare`` and ``igpt pretrain`` use): after ``igpt prepare`` of each split the probe never
+touches an image, and features are extracted a batch at a time from the memmap. The raw-pixel
+baseline therefore sees each token's palette colour, the image as the model sees it.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,10 @@ from igpt.commands._common import (
     count,
     flat,
     int_items,
-    labelled_splits,
     number,
     open_checkpoint,
     pick_device,
+    token_splits,
 )
 
 log = logging.getLogger(__name__)
@@ -64,7 +70,12 @@ def add_arguments(parser) -> None:
     a("--bert-masks", type=count(1), default=5, help="masks in a BERT model's ensemble (default 5)")
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init probes")
     a("--limit", type=count(1), default=None, help="use the first N images per split")
-    a("--cache-dir", default=None, help="feature cache (default OUT/cache)")
+    a(
+        "--cache-dir",
+        default=None,
+        help="feature cache, and the token cache's root as pretrain's --cache-dir (default: "
+        "features in OUT/cache, tokens in $IGPT_CACHE or ~/.cache/igpt)",
+    )
     a(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -94,11 +105,14 @@ def run(args) -> None:
     device = pick_device(args.device)
     path, model, palette, ckpt, objective = open_checkpoint(args, device=device)
     layers, per_class = flat(args.layers), flat(args.per_class)
-    train, test = labelled_splits(args.data, args.limit)
+    n_px, cache = model.config.n_px, args.cache_dir
+    train, test = token_splits(
+        args.data, palette, n_px, args.limit, cache_dir=cache, progress=args.progress
+    )
     out = Path(args.out)
     log.info(
         "probing %s (%s, L=%d) on %s: %d train, %d test images",
-        *(path, objective, model.config.n_layer, args.data, len(train), len(test)),
+        *(path, objective, model.config.n_layer, args.data, len(train.tokens), len(test.tokens)),
     )
     results = evaluate(
         model,
@@ -117,7 +131,7 @@ def run(args) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
         device=device,
-        cache_dir=Path(args.cache_dir) if args.cache_dir else out / "cache",
+        cache_dir=Path(cache) if cache else out / "cache",
         cache_key=f"{path.resolve()}|{path.stat().st_mtime_ns}|step={ckpt.get('step')}|{args.data}",
         progress=progress_enabled(args.progress),
     )
