@@ -4,12 +4,13 @@
 // Per pixel: d_b = |x - c_b|^2 and r = sqrt(d_b). The neighbours of c_b are visited nearest
 // first; before neighbour j, every centre not yet checked lies at least near_dist[b][j] from
 // c_b (the table is sorted, and `beyond` bounds the rest), so by the triangle inequality at
-// least near_dist[b][j] - r from x. Once that bound clears the margin the pixel is clear;
-// a checked neighbour within the margin makes it open. Most pixels lie well inside their
+// least near_dist[b][j] - r from x. That bound clears the margin, (s - r)^2 - d_b > margin
+// with s > r, exactly when s > r + sqrt(d_b + margin), which s^2 > 4 (d_b + margin) implies
+// (r <= sqrt(d_b + margin)): a test without square roots that gives up only a band of
+// width sqrt(d_b + margin) - r <= sqrt(margin). Once a neighbour's distance from c_b passes it the pixel is clear; a
+// checked neighbour within the margin makes it open. Most pixels lie well inside their
 // centre's cell and stop after a neighbour or two.
 #include <omp.h>
-
-#include <cmath>
 
 #include "palette.h"
 
@@ -21,13 +22,6 @@ inline double sq3(const double* c, double x0, double x1, double x2) {
   return a * a + b * b + d * d;
 }
 
-// Whether every centre but b is farther than the margin beyond d_b, given that all those
-// not checked yet are at least `spacing` from c_b.
-inline bool far_beyond(double spacing, double r, double d_b, double margin) {
-  const double lower = spacing - r;
-  return lower > 0 && lower * lower - d_b > margin;
-}
-
 template <typename T>
 void check(const T* x, int64_t n, const double* centres, const int64_t* best, const int32_t* near,
            const double* near_dist, int64_t m, const double* beyond, double margin,
@@ -37,17 +31,18 @@ void check(const T* x, int64_t n, const double* centres, const int64_t* best, co
   for (int64_t i = 0; i < n; ++i) {
     const double x0 = x[3 * i], x1 = x[3 * i + 1], x2 = x[3 * i + 2];
     const int64_t b = best[i];
-    const double d_b = sq3(centres + 3 * b, x0, x1, x2), r = std::sqrt(d_b);
+    const double d_b = sq3(centres + 3 * b, x0, x1, x2);
+    const double far = 4 * (d_b + margin);  // the squared threshold above
     const int32_t* nb = near + b * m;
     const double* nd = near_dist + b * m;
     uint8_t verdict = 2;  // 2: not decided by the neighbours
     for (int64_t j = 0; j < m && verdict == 2; ++j) {
-      if (far_beyond(nd[j], r, d_b, margin))
+      if (nd[j] * nd[j] > far)
         verdict = 1;
       else if (sq3(centres + 3 * int64_t(nb[j]), x0, x1, x2) - d_b <= margin)
         verdict = 0;
     }
-    clear[i] = verdict == 2 ? far_beyond(beyond[b], r, d_b, margin) : verdict;
+    clear[i] = verdict == 2 ? beyond[b] * beyond[b] > far : verdict;
   }
 }
 

@@ -429,12 +429,11 @@ def clear_nearest(x, centres, best, near, near_dist, beyond, margin: float):
     """(n,) bool: whether ``centres[best]`` is nearer to ``x`` than every other centre by more
     than ``margin`` in float64 squared distance, proven with ``neighbour_table``'s tables:
     every listed neighbour is checked, and the unlisted ones are bounded by the triangle
-    inequality, |x - c_k| >= beyond[best] - |x - c_best|. True only where it holds; exact and
-    near ties, and pixels the bound cannot settle, give False. x: (n, 3) float32/float64."""
+    inequality, |x - c_k| >= beyond[best] - |x - c_best|, which clears the margin when
+    beyond^2 > 4 (|x - c_best|^2 + margin). True only where it holds; exact and near ties,
+    and pixels the bound cannot settle, give False. x: (n, 3) float32/float64."""
     x = x.double()
     d_best = (x - centres[best]).square().sum(1)
-    r = d_best.sqrt()
     gaps = (x[:, None, :] - centres[near[best].long()]).square().sum(2) - d_best[:, None]
-    lower = beyond[best] - r
-    bound = torch.where(lower > 0, lower.square() - d_best, -math.inf)
-    return (gaps > margin).all(1) & (bound > margin)
+    bound = beyond[best].square() > 4 * (d_best + margin)
+    return (gaps > margin).all(1) & bound

@@ -333,12 +333,12 @@ def block_forward(
 
 # ----------------------------------------------------------------------------- processor
 
-_NEIGHBOURS = 16  # clusters in each cluster's neighbour table (photos: nearly always enough)
-_CHUNK = 1 << 16  # rows per float64 check off the CPU (a (chunk, 16, 3) temporary: 25 MiB)
+_NEIGHBOURS = 32  # clusters in each cluster's neighbour table (photos: nearly always enough)
+_CHUNK = 1 << 15  # rows per float64 check off the CPU (a (chunk, 32, 3) temporary: 25 MiB)
 _NEIGHBOUR_CACHE: dict = {}  # the last clusters' neighbour_table
 
 
-def _error_margin(x, c) -> float:
+def _error_margin(c, x_max: float, cuda: bool) -> float:
     """Twice the most transformers' float a^2 - 2ab + b^2 can move one squared distance,
     doubled again (two distances are compared), plus float64's error in our own check.
 
@@ -351,10 +351,10 @@ def _error_margin(x, c) -> float:
     cluster's distance of a pixel, which leaves its argmin alone; torch's matmul needs both
     in float64. Otherwise float32's, or TF32's on a CUDA GEMM that allows it.
     """
-    span = float(x.abs().max()) + float(c.abs().max())
+    span = x_max + float(c.abs().max())
     if c.dtype == torch.float64:
         unit = 2.0**-53
-    elif x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+    elif cuda and torch.backends.cuda.matmul.allow_tf32:
         unit = 2.0**-11  # TF32 GEMMs keep 10 mantissa bits
     else:
         unit = 2.0**-24
@@ -368,8 +368,8 @@ def _fast_path_problem(x, c, as_numpy: bool) -> str | None:
         return f"pixels of {x.dtype} with clusters of {c.dtype}"  # transformers' matmul refuses
     if c.dim() != 2 or c.shape[1] != 3 or not 1 <= c.shape[0] <= 65536:
         return f"clusters of shape {tuple(c.shape)}"
-    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(c).all())):
-        return "non-finite values"
+    if not bool(torch.isfinite(c).all()):
+        return "non-finite clusters"
     return None
 
 
@@ -431,6 +431,10 @@ def quantize_clusters(x, clusters, original):
     ct = clusters if torch.is_tensor(clusters) else torch.from_numpy(np.asarray(clusters))
     xt = xt.reshape(-1, 3)
     why = _fast_path_problem(xt, ct, as_numpy)
+    # the largest |x| (for the margin) is NaN or inf exactly when some pixel is
+    x_max = float(xt.abs().amax()) if why is None and len(xt) else 0.0
+    if why is None and not math.isfinite(x_max):
+        why = "non-finite pixels"
     if why is not None or len(xt) == 0:
         log.debug("ImageGPT processor: transformers' own quantization for %s", why)
         return original(x, clusters)
@@ -440,7 +444,7 @@ def quantize_clusters(x, clusters, original):
     best = igpt_kernels.quantize(pixels, ((c64 + 1) * 127.5).float())
     if c64.shape[0] == 1:
         return best.numpy() if as_numpy else best
-    close = ~_clear_winner(xt, c64, best, _error_margin(xt, ct))
+    close = ~_clear_winner(xt, c64, best, _error_margin(ct, x_max, xt.is_cuda))
     if bool(close.any()):
         rows = xt[close]
         picked = original(rows.numpy() if as_numpy else rows, clusters)
