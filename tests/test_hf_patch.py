@@ -17,6 +17,7 @@ from igpt import hf_patch
 from igpt.hf_patch import (
     apply_igpt_kernels_to_imagegpt,
     igpt_kernels_for_imagegpt,
+    mlp_fallback_reason,
     quantize_clusters,
     revert_igpt_kernels_to_imagegpt,
 )
@@ -222,6 +223,54 @@ def test_config_fallbacks_train_as_transformers_does(settings, kernel_calls, cal
     close(got.logits, ref.logits)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads(model)[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+class ScaledAdapter(torch.nn.Module):
+    """A stand-in for an adapter (PEFT's LoRA) or a quantized layer in place of a Conv1D:
+    it keeps the layer's ``weight`` and ``bias`` but computes something else."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.weight, self.bias = base, base.weight, base.bias
+
+    def forward(self, x):
+        return 1.5 * self.base(x)
+
+
+@pytest.mark.parametrize("where", ["adapter", "subclass", "hook", "pre-hook", "global hook"])
+def test_mlp_modules_that_do_more_keep_transformers_code(where, calls):
+    """The fused norm-MLP reads the weights; a module in their place that computes anything
+    else, or a hook that watches one, must not be bypassed."""
+    model = make().eval()
+    x = tokens()
+    mlp = model.transformer.h[1].mlp
+    handle = None
+    if where == "adapter":
+        mlp.c_proj = ScaledAdapter(mlp.c_proj)
+    elif where == "subclass":
+        mlp.c_fc.__class__ = type("Quantized", (type(mlp.c_fc),), {})
+    elif where == "hook":
+        handle = mlp.c_fc.register_forward_hook(lambda m, i, o: o * 2)
+    elif where == "pre-hook":
+        handle = model.transformer.h[1].ln_2.register_forward_pre_hook(lambda m, i: (i[0] * 3,))
+    else:
+        seen = []
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: seen.append(type(m).__name__)
+        )
+    ref = model(x).logits
+    apply_igpt_kernels_to_imagegpt(model)
+    try:
+        close(model(x).logits, ref)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if where == "global hook":
+        assert calls["ln_mlp"] == 0 and "Conv1D" in seen
+    else:
+        assert calls["ln_mlp"] == 1  # the untouched block still fuses
+    assert calls["attention"] == 2
+    assert mlp_fallback_reason(model.transformer.h[0]) is None
 
 
 def test_unsupported_activation_and_cross_attention_fall_back(calls):

@@ -276,6 +276,38 @@ def _activation_name(act) -> str | None:
     return None
 
 
+def mlp_fallback_reason(block) -> str | None:
+    """Why ``block``'s ln_2 -> MLP runs transformers' own code, or None when one
+    ``ln_mlp`` call on its parameters computes exactly what those modules would.
+
+    The fused call reads the weights, so it is right only while each module is the plain
+    transformers one that nobody watches: an adapter or a quantized layer in place of
+    ``c_fc``/``c_proj`` (PEFT's LoRA, bitsandbytes), a subclass, or a forward hook on any of
+    them would be bypassed, so each of those keeps transformers' modules."""
+    mod = sys.modules[_MODELING]
+    conv1d = importlib.import_module("transformers.pytorch_utils").Conv1D
+    expect = {
+        "ln_2": (block.ln_2, mod.ImageGPTLayerNorm),
+        "mlp": (block.mlp, mod.ImageGPTMLP),
+        "mlp.c_fc": (block.mlp.c_fc, conv1d),
+        "mlp.c_proj": (block.mlp.c_proj, conv1d),
+    }
+    for name, (module, cls) in expect.items():
+        if type(module) is not cls:
+            return f"{name} is a {type(module).__name__}, not transformers' {cls.__name__}"
+    for name, module in [*((n, m) for n, (m, _) in expect.items()), ("mlp.act", block.mlp.act)]:
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"forward hooks on {name}"
+    if _global_hooks():
+        return "global module forward hooks"
+    return None
+
+
+def _global_hooks() -> bool:
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+
+
 @_ours
 def block_forward(
     self,
@@ -291,7 +323,10 @@ def block_forward(
     """``ImageGPTBlock.forward`` with ln_2 -> MLP -> residual as one ``igpt_kernels.ln_mlp``
     call; transformers' own block with cross-attention or an activation ln_mlp lacks."""
     activation = _activation_name(self.mlp.act)
-    if encoder_hidden_states is not None or activation is None:
+    why = mlp_fallback_reason(self)
+    if why is not None:
+        log.debug("ImageGPTBlock: transformers' own norm + MLP for %s", why)
+    if encoder_hidden_states is not None or activation is None or why is not None:
         return _ORIGINAL[("ImageGPTBlock", "forward")](
             self,
             hidden_states,
