@@ -453,7 +453,12 @@ def test_cli_finetune_without_head_bias_exports_to_hf_classifier(tmp_path, digit
     assert ckpt["finetune"]["head_bias"] is False and ckpt["finetune"]["n_classes"] == 10
     assert torch.count_nonzero(clf.head.bias) == 0 and not clf.head.bias.requires_grad
     assert torch.count_nonzero(clf.head.weight) > 0  # the head did train
-    main(["export-hf", str(ft / "best.pt"), str(tmp_path / "hf")])
+    reads = []
+    real_load = torch.load
+    with pytest.MonkeyPatch.context() as mp:  # a large checkpoint is read once, not thrice
+        mp.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+        main(["export-hf", str(ft / "best.pt"), str(tmp_path / "hf")])
+    assert len(reads) == 1
     hf = transformers.ImageGPTForImageClassification.from_pretrained(tmp_path / "hf").eval()
     x = torch.randint(0, 16, (3, 16))
     with torch.no_grad():

@@ -306,6 +306,12 @@ def load_model(path_or_dir, device=None):
     """
     path = resolve_checkpoint(path_or_dir)
     ckpt = read_checkpoint(path)
+    return (*model_from_checkpoint(ckpt, path, device), ckpt)
+
+
+def model_from_checkpoint(ckpt: dict, path, device=None):
+    """``(model, palette_or_None)`` of a checkpoint already read from ``path`` (named in
+    errors): what ``load_model`` builds, for a caller that needs the dict as well."""
     model = load_weights(IGPT(model_config(ckpt, path)), ckpt, path)
     if device is not None:
         model.to(device)
@@ -315,7 +321,7 @@ def load_model(path_or_dir, device=None):
             f"{path}: its palette has {len(palette)} colours but its model has "
             f"n_colors={model.config.n_colors}; the two must match (tokens are palette ids)"
         )
-    return model, palette, ckpt
+    return model, palette
 
 
 def load_any(path):

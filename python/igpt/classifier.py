@@ -153,11 +153,21 @@ def load_classifier(path_or_dir, device=None):
     Pass ``best.pt`` of a fine-tuning run for its best hold-out weights, or the run
     directory for its latest checkpoint.
     """
-    from igpt.checkpoint import load_model
+    from igpt.checkpoint import read_checkpoint, resolve_checkpoint
 
-    model, palette, ckpt = load_model(path_or_dir)
+    path = resolve_checkpoint(path_or_dir)
+    ckpt = read_checkpoint(path)
+    return (*classifier_from_checkpoint(ckpt, path, device), ckpt)
+
+
+def classifier_from_checkpoint(ckpt: dict, path, device=None):
+    """``(classifier, palette_or_None)`` of a fine-tuning checkpoint already read from
+    ``path`` (named in errors): what ``load_classifier`` builds."""
+    from igpt.checkpoint import model_from_checkpoint
+
     if "head" not in ckpt or "finetune" not in ckpt:
-        raise ValueError(f"{path_or_dir} is not a fine-tuning checkpoint (it has no class head)")
+        raise ValueError(f"{path} is not a fine-tuning checkpoint (it has no class head)")
+    model, palette = model_from_checkpoint(ckpt, path)
     info = ckpt["finetune"]
     clf = IGPTClassifier(model, int(info["n_classes"]), layer=int(info["layer"]))
     clf.head.load_state_dict(ckpt["head"])
@@ -165,4 +175,4 @@ def load_classifier(path_or_dir, device=None):
         clf.head.bias.requires_grad_(False)  # fine-tuned without a bias: it stays zero
     if device is not None:
         clf.to(device)
-    return clf, palette, ckpt
+    return clf, palette

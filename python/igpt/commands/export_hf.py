@@ -61,13 +61,22 @@ def export_checkpoint(checkpoint, directory, *, head: bool = True) -> Path:
     """An igpt checkpoint (file or run directory) to a transformers directory, with its
     palette. A fine-tuning checkpoint becomes ``ImageGPTForImageClassification``
     (``head=False``: its ``IGPT`` only, causal). Returns the directory."""
-    from igpt.checkpoint import load_checkpoint, load_model
-    from igpt.hf import load_classifier, save_pretrained
+    from igpt.checkpoint import read_checkpoint, resolve_checkpoint
 
-    if head and "head" in load_checkpoint(checkpoint):
-        model, palette = load_classifier(checkpoint)
+    path = resolve_checkpoint(checkpoint)
+    return export_read(read_checkpoint(path), path, directory, head=head)
+
+
+def export_read(ckpt: dict, path, directory, *, head: bool = True) -> Path:
+    """``export_checkpoint`` of a checkpoint already read from ``path``: it is read once."""
+    from igpt.checkpoint import model_from_checkpoint
+    from igpt.classifier import classifier_from_checkpoint
+    from igpt.hf import save_pretrained
+
+    if head and "head" in ckpt:
+        model, palette = classifier_from_checkpoint(ckpt, path)
     else:
-        model, palette, _ = load_model(checkpoint)
+        model, palette = model_from_checkpoint(ckpt, path)
     return save_pretrained(model, directory, palette=palette)
 
 
@@ -80,6 +89,7 @@ def run(args) -> None:
     _check_out(out)
     if out.resolve() == path.resolve():
         raise UsageError(f"OUT {out} is the directory being exported; pick another one")
-    _check_head(path, read_checkpoint(path), head=not args.no_head)
-    written = export_checkpoint(path, out, head=not args.no_head)
+    ckpt = read_checkpoint(path)
+    _check_head(path, ckpt, head=not args.no_head)
+    written = export_read(ckpt, path, out, head=not args.no_head)
     print(f"wrote {written} (from {path})")
