@@ -84,6 +84,25 @@ def time_ms(fn, *, warmup: int = 3, rep: int = 10) -> float:
     return times[len(times) // 2]
 
 
+def interleaved_ms(runs: dict, *, warmup: int = 1, rep: int = 5) -> dict:
+    """Median wall ms of each ``runs[name] = (setup, fn)``, measured in turns: ``setup()``
+    then ``fn()`` for each name, ``rep`` rounds, so that the machine drifting (other
+    people's jobs, clocks) weighs on every side alike instead of on whichever ran last."""
+    times = {name: [] for name in runs}
+    for i in range(warmup + rep):
+        for name, (setup, fn) in runs.items():
+            setup()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def peak_gib(fn) -> float | None:
     """Peak GPU memory allocated while ``fn()`` runs, in GiB (None without a GPU)."""
     if not torch.cuda.is_available():
