@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import env, parser, table, time_ms, write
+from common import env, parser, table, time_ms, wall_ms, write
 
 from igpt.palette import fit_palette
 from igpt_kernels import palette as kp
@@ -153,15 +153,9 @@ def kernel_rows(quick: bool) -> list[dict]:
 
 def measure_ms(fn, slow_s: float = 2.0) -> float:
     """Median time of fn in ms; a single run when one run already takes over slow_s."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    once = time.perf_counter() - t0
-    if once > slow_s:
-        return once * 1e3
+    once = wall_ms(fn)
+    if once > slow_s * 1e3:
+        return once
     return time_ms(fn, warmup=1, rep=5)
 
 

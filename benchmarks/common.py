@@ -92,15 +92,21 @@ def interleaved_ms(runs: dict, *, warmup: int = 1, rep: int = 5) -> dict:
     for i in range(warmup + rep):
         for name, (setup, fn) in runs.items():
             setup()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            ms = wall_ms(fn)
             if i >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                times[name].append(ms)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def wall_ms(fn) -> float:
+    """Wall ms of one ``fn()``, the GPU's queue drained before and after."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def peak_gib(fn) -> float | None:
