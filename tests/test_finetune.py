@@ -188,6 +188,8 @@ def test_finetune_rejects_bad_arguments(tmp_path):
         finetune(tiny(), x, y[:5])
     with pytest.raises(ValueError, match=r"n_classes=3\), got labels in \[0, 3\]"):
         finetune(tiny(), x, y, n_classes=3)  # synthetic labels go up to 3
+    with pytest.raises(ValueError, match="hold-out set is empty"):  # not NaN accuracies
+        finetune(tiny(), x, y, val_tokens=x[:0], val_labels=y[:0])
 
 
 def test_igpt_finetune_command_runs_and_resumes(tmp_path, capsys):

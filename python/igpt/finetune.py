@@ -252,6 +252,13 @@ def split_examples(cfg: FinetuneConfig, tokens, labels, val_tokens, val_labels, 
             f"train_labels and val_labels must lie in [0, n_classes={n_classes}), got "
             f"labels in [{seen.min()}, {seen.max()}]"
         )
+    if n_classes < 2:  # what IGPTClassifier refuses, said before the hold-out's size
+        raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
+    if len(val_y) < 1:  # early stopping would compare NaN accuracies
+        raise ValueError(
+            f"the hold-out set is empty ({len(tokens)} training examples, val_frac "
+            f"{cfg.val_frac}); pass val_tokens and val_labels, or more examples"
+        )
     return tokens, labels, train_idx, val_tokens, val_y, n_classes
 
 
