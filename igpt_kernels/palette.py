@@ -157,11 +157,10 @@ def _use_lut(palette: torch.Tensor, n: int, lut_arg) -> bool:
     return entry["seen"] >= threshold
 
 
-@torch.library.custom_op("igpt::quantize", mutates_args=())
-def quantize_op(pixels: Tensor, palette: Tensor, lut: bool | None) -> Tensor:
+def quantize_compiled(pixels: Tensor, palette: Tensor, lut: bool | None) -> Tensor:
     """Nearest-colour tokens (...) int64 of uint8 pixels (..., 3) by the compiled kernel of
-    their device (C++ or CUDA), as one node for torch.compile and torch.export; ``lut`` as in
-    ``quantize`` (the lookup table and its cache live inside the op). Not differentiable."""
+    their device (C++ or CUDA); ``lut`` as in ``quantize`` (the lookup table and its cache
+    live here). Not differentiable. ``quantize_op`` is this as one custom op."""
     ext = _load_ext()
     if ext is None:
         raise ValueError(f"igpt::quantize needs the compiled kernels: {_ext_error}")
@@ -174,6 +173,19 @@ def quantize_op(pixels: Tensor, palette: Tensor, lut: bool | None) -> Tensor:
     else:
         tokens = ext.quantize(flat, palette)
     return tokens.reshape(pixels.shape[:-1])
+
+
+# one node for torch.compile and torch.export
+quantize_op = torch.library.custom_op("igpt::quantize", mutates_args=())(quantize_compiled)
+
+
+def _run_compiled(pixels: Tensor, palette: Tensor, lut) -> Tensor:
+    """The compiled kernel: called directly on plain tensors in eager mode (the op's first
+    call in a process imports torch._dynamo, about 1.5 s, which a fresh worker or a
+    processor's first call would otherwise pay), through ``quantize_op`` while tracing."""
+    if torch.compiler.is_compiling() or type(pixels) is not Tensor or type(palette) is not Tensor:
+        return quantize_op(pixels, palette, lut)
+    return quantize_compiled(pixels, palette, lut)
 
 
 @quantize_op.register_fake
@@ -219,7 +231,7 @@ def quantize(pixels, palette, *, backend="auto", lut=None):
             )
         return reference.quantize(pixels, palette, backend="torch")
     if backend != "auto" or gpu_name(pixels.device) is None:
-        return quantize_op(pixels, palette, lut)  # the compiled kernels, as one custom op
+        return _run_compiled(pixels, palette, lut)
     return _checked(pixels, palette, lut)
 
 
@@ -238,11 +250,11 @@ def _checked(pixels, palette, lut):
     global _warned_wrong
     if torch.compiler.is_compiling():
         if str(pixels.device) in _verified_devices:
-            return quantize_op(pixels, palette, lut)
+            return _run_compiled(pixels, palette, lut)
         return reference.quantize(pixels, palette, backend="torch")
     if _verdicts.get(_palette_key(palette)) is False:
         return reference.quantize(pixels, palette, backend="torch")
-    tokens = quantize_op(pixels, palette, lut)
+    tokens = _run_compiled(pixels, palette, lut)
     key = _palette_key(palette)  # after the call: it may have built the lookup table
     if key in _verdicts:
         return tokens

@@ -347,10 +347,10 @@ def _chunk_results(images, palette, n_px, chunk, first, n_chunks, workers):
     # thread each
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    if ctx.get_start_method() == "fork":  # load the quantizer once, not in every worker
-        from igpt_kernels.palette import extension_status
-
-        extension_status()
+    if ctx.get_start_method() == "fork":
+        # quantize one pixel here, so that the workers inherit what a first call sets up
+        # (the compiled module) instead of each loading it
+        palette.quantize(np.zeros((1, 3), np.uint8))
     with ctx.Pool(workers, initializer=_worker_init, initargs=(images, palette, n_px)) as pool:
 
         def ordered():
