@@ -230,7 +230,8 @@ def main(argv=None) -> None:
         for i, mode in enumerate(modes):
             r = measure(mode, spec, n_px, str(palette_path))
             name = "in-memory" if mode == "old" else f"stream {mode}"
-            row = {"set": kind, "N": n, "n_px": n_px, "path": name, "run": i // 2, **r}
+            run = i // 2 if mode != "old" else 0
+            row = {"set": kind, "N": n, "n_px": n_px, "path": name, "run": run, **r}
             row["images_per_s"] = r["images"] / r["seconds"]
             rows.append(row)
             print(table([row], COLUMNS), flush=True)

@@ -185,6 +185,26 @@ def test_folder_lazy_reader_lists_without_decoding(tmp_path, monkeypatch, caplog
     assert s.shape == (16, 16)  # mixed sizes: the smallest short side, from the headers
 
 
+@pytest.mark.parametrize("progress, disable", [(None, None), (True, False), (False, True)])
+def test_the_header_scan_bar_follows_progress(tmp_path, monkeypatch, progress, disable):
+    """The scan of a folder's headers (minutes for ImageNet) gets a bar after 2 s: on a
+    terminal by default, never with progress=False (``igpt prepare --no-progress``)."""
+    import igpt.imagesets
+
+    bars = []
+
+    def bar(items, **kw):
+        bars.append(kw)
+        return items
+
+    monkeypatch.setattr(igpt.imagesets, "tqdm", bar)
+    assert (
+        len(load_images(f"folder:{_folder(tmp_path / 'f')}", "all", lazy=True, progress=progress))
+        == 15
+    )
+    assert bars and all(kw["disable"] is disable and kw["delay"] == 2 for kw in bars)
+
+
 # ----------------------------------------------------------------------------- imagenet
 
 

@@ -108,7 +108,12 @@ log = logging.getLogger(__name__)
 
 
 def load_images(
-    spec: str, split: str = "train", *, size: int | None = None, lazy: bool = False
+    spec: str,
+    split: str = "train",
+    *,
+    size: int | None = None,
+    lazy: bool = False,
+    progress: bool | None = None,
 ) -> ImageData | ImageSet:
     """Read a data set by spec (see the module docstring) and split.
 
@@ -121,6 +126,8 @@ def load_images(
             one, and otherwise go to the smallest short side among them (at most 256).
         lazy: return an ``ImageSet`` that lists the split and reads it by slices
             (``igpt.imagesets``) instead of the whole split in memory.
+        progress: with ``lazy``, a bar over a folder's header scan once it takes over 2 s
+            (None: where stderr is a terminal).
 
     Returns:
         ImageData with uint8 (N, H, W, 3) images, int64 labels or None, class names or None;
@@ -130,7 +137,7 @@ def load_images(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     kind, arg = parse_spec(spec)
     if lazy:
-        return open_images(spec, split, size=size)
+        return open_images(spec, split, size=size, progress=progress)
     if kind == "digits":
         return split_fixed(load_digits(), split, permute=False)
     if kind in ("cifar10", "cifar100"):
@@ -201,7 +208,7 @@ def prepare_tokens(
         if data is not None:
             images = ImageSet(ArraySource(data.images), data.labels, data.classes, name=spec)
         else:
-            images = load_images(spec, split, lazy=True)
+            images = load_images(spec, split, lazy=True, progress=progress)
         built = build_entry(
             images, palette, n_px, folder, key=record, workers=workers, progress=progress
         )

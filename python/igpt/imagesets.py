@@ -38,6 +38,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from igpt.readers import (
     ImageData,
@@ -329,12 +330,15 @@ class FolderSource:
 # ----------------------------------------------------------------------------- opening
 
 
-def open_images(spec: str, split: str = "train", *, size: int | None = None) -> ImageSet:
+def open_images(
+    spec: str, split: str = "train", *, size: int | None = None, progress: bool | None = None
+) -> ImageSet:
     """An ``ImageSet`` of a data spec's split: listed, not loaded (see the module docstring).
 
     Rows, labels, splits and (folder) sizes are those of ``igpt.data.load_images``, so
     ``open_images(spec, split).load()`` equals ``load_images(spec, split)`` wherever every
-    file can be read.
+    file can be read. ``progress``: a bar over a folder's header scan once it takes over
+    2 s (None: where stderr is a terminal).
     """
     kind, arg = parse_spec(spec)
     if kind == "digits":
@@ -347,7 +351,7 @@ def open_images(spec: str, split: str = "train", *, size: int | None = None) -> 
         source = BatchFiles(paths, [len(y) for y in labels], _CifarRead(kind))
         return ImageSet(source, np.concatenate(labels), classes, shape=(32, 32), name=spec)
     if kind == "folder":
-        return _open_folder(arg, split, size, spec)
+        return _open_folder(arg, split, size, spec, progress)
     if kind == "npz":
         return _open_npz(Path(arg), split, spec)
     return _open_imagenet(Path(arg), int(kind[len("imagenet") :]), split, spec)
@@ -389,13 +393,16 @@ def _image_shape(path: Path):
         return None
 
 
-def _open_folder(root: str, split: str, size: int | None, spec: str) -> ImageSet:
+def _open_folder(root: str, split: str, size: int | None, spec: str, progress=None) -> ImageSet:
     """List a folder split; read only headers to find each part's size (``common_size``)."""
     parts, has_splits = folder_parts(root, split)
     paths, labels, sides, skipped, classes, shapes_seen = [], [], [], 0, None, set()
     for sub, part_classes in parts:
         files, classes = class_files(sub, part_classes)
-        shapes = [_image_shape(p) for _, p in files]
+        # a bar on a terminal once the scan takes over 2 s (ImageNet: 1.28M headers)
+        off = None if progress is None else not progress
+        scan = tqdm(files, desc=f"reading headers in {sub}", unit="file", disable=off, delay=2)
+        shapes = [_image_shape(p) for _, p in scan]
         good = [(f, s) for f, s in zip(files, shapes, strict=True) if s is not None]
         skipped += len(files) - len(good)
         if not good:
