@@ -193,16 +193,48 @@ def test_the_header_scan_bar_follows_progress(tmp_path, monkeypatch, progress, d
 
     bars = []
 
-    def bar(items, **kw):
-        bars.append(kw)
-        return items
+    class Bar:
+        def __init__(self, **kw):
+            bars.append(kw)
+            self.n = 0
 
-    monkeypatch.setattr(igpt.imagesets, "tqdm", bar)
-    assert (
-        len(load_images(f"folder:{_folder(tmp_path / 'f')}", "all", lazy=True, progress=progress))
-        == 15
-    )
+        def update(self, k):
+            self.n += k
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            bars[-1]["counted"] = self.n
+
+    monkeypatch.setattr(igpt.imagesets, "tqdm", Bar)
+    spec = f"folder:{_folder(tmp_path / 'f')}"
+    assert len(load_images(spec, "all", lazy=True, progress=progress)) == 15
     assert bars and all(kw["disable"] is disable and kw["delay"] == 2 for kw in bars)
+    assert sum(kw["counted"] for kw in bars) == sum(kw["total"] for kw in bars) == 15
+
+
+def test_the_parallel_header_scan_gives_the_serial_shapes_in_order(tmp_path, monkeypatch):
+    import igpt.imagesets
+
+    root = _folder(tmp_path / "f", n_per_class=7)
+    (root / "dog" / "broken.png").write_bytes(b"not a png")
+    paths = sorted(root.rglob("*.png"))
+    serial = igpt.imagesets.image_shapes(paths)
+    assert None in serial and len({s for s in serial if s}) == 3  # the three sizes, one broken
+    parent, real = os.getpid(), igpt.imagesets._chunk_shapes
+
+    def in_a_child(chunk):
+        assert os.getpid() != parent, "the parallel scan read headers in the parent"
+        return real(chunk)
+
+    # pickled by name, as the pool sends it: the forked children find this one there
+    in_a_child.__module__, in_a_child.__qualname__ = "igpt.imagesets", "_chunk_shapes"
+    monkeypatch.setattr(igpt.imagesets, "_chunk_shapes", in_a_child)
+    monkeypatch.setattr(igpt.imagesets, "SCAN_PARALLEL", 1)
+    monkeypatch.setattr(igpt.imagesets, "SCAN_CHUNK", 4)
+    monkeypatch.setattr(igpt.imagesets, "available_cores", lambda: 2)
+    assert igpt.imagesets.image_shapes(paths) == serial
 
 
 # ----------------------------------------------------------------------------- imagenet

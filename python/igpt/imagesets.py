@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import re
 import zipfile
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from igpt.readers import (
     ImageData,
     as_rgb_uint8,
+    available_cores,
     check_labels,
     check_npz_parts,
     cifar_files,
@@ -393,6 +395,40 @@ def _image_shape(path: Path):
         return None
 
 
+SCAN_CHUNK = 512  # headers a scanning process reads per task
+SCAN_PARALLEL = 4096  # from this many files, the scan runs in processes (one per core)
+
+
+def image_shapes(paths, desc: str = "reading headers", progress: bool | None = None) -> list:
+    """(H, W) of each file from its header, None where unreadable, in order. From
+    ``SCAN_PARALLEL`` files on (ImageNet: 1.28M) the headers are read by forked processes,
+    one per available core, ``SCAN_CHUNK`` at a time; a bar shows once the scan takes over
+    2 s (``progress``; None: where stderr is a terminal)."""
+    bar = tqdm(total=len(paths), desc=desc, unit="file", delay=2,
+               disable=None if progress is None else not progress)  # fmt: skip
+    chunks = [paths[i : i + SCAN_CHUNK] for i in range(0, len(paths), SCAN_CHUNK)]
+    cores = min(available_cores(), len(chunks))
+    with bar, contextlib.ExitStack() as stack:
+        if (
+            len(paths) >= SCAN_PARALLEL
+            and cores > 1
+            and "fork" in multiprocessing.get_all_start_methods()
+        ):
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(cores))
+            results = pool.imap(_chunk_shapes, chunks)
+        else:
+            results = map(_chunk_shapes, chunks)
+        shapes = []
+        for part in results:
+            shapes += part
+            bar.update(len(part))
+    return shapes
+
+
+def _chunk_shapes(paths) -> list:
+    return [_image_shape(p) for p in paths]
+
+
 def _open_folder(root: str, split: str, size: int | None, spec: str, progress=None) -> ImageSet:
     """List a folder split; read only headers to find each part's size (``common_size``)."""
     parts, has_splits = folder_parts(root, split)
@@ -400,9 +436,7 @@ def _open_folder(root: str, split: str, size: int | None, spec: str, progress=No
     for sub, part_classes in parts:
         files, classes = class_files(sub, part_classes)
         # a bar on a terminal once the scan takes over 2 s (ImageNet: 1.28M headers)
-        off = None if progress is None else not progress
-        scan = tqdm(files, desc=f"reading headers in {sub}", unit="file", disable=off, delay=2)
-        shapes = [_image_shape(p) for _, p in scan]
+        shapes = image_shapes([p for _, p in files], f"reading headers in {sub}", progress)
         good = [(f, s) for f, s in zip(files, shapes, strict=True) if s is not None]
         skipped += len(files) - len(good)
         if not good:

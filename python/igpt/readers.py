@@ -103,6 +103,14 @@ def check_labels(labels, name: str = "labels") -> np.ndarray:
 # ----------------------------------------------------------------------------- specs, splits
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (the default number of workers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def parse_spec(spec: str) -> tuple[str, str | None]:
     """``"cifar10:DIR"`` -> ``("cifar10", "DIR")``; ``"digits"`` -> ``("digits", None)``."""
     if not isinstance(spec, str) or not spec:

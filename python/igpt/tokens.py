@@ -38,21 +38,13 @@ import numpy as np
 import torch
 
 from igpt._io import atomic_write_bytes
-from igpt.readers import find_cifar_dir, parse_spec
+from igpt.readers import available_cores, find_cifar_dir, parse_spec
 from igpt.transforms import resize
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # images per chunk: resumable at this grain, a few of them in memory
 PARTS = ("tokens.u16.part", "labels.part", "progress.json")
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on (the default number of workers)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------- key
