@@ -281,6 +281,9 @@ def _checked(pixels, palette, lut):
 _compiled_unavailable = compiled_unavailable  # the name tests/ and benchmarks/ still use
 
 
+CLEAR_CHUNK = 1 << 15  # rows per reference call: a (rows, 32, 3) float64 temporary is 25 MiB
+
+
 def clear_nearest(x, centres, best, near, near_dist, beyond, margin: float):
     """(n,) bool: whether ``centres[best]`` beats every other centre by more than ``margin``
     (float64 squared distances), proven with ``reference.neighbour_table``'s tables; the
@@ -288,10 +291,18 @@ def clear_nearest(x, centres, best, near, near_dist, beyond, margin: float):
     each centre's neighbours nearest first and stops as soon as the triangle inequality
     clears the rest (csrc/nearest_check.cpp): the same verdicts, as a neighbour the bound
     clears also clears the margin itself. Elsewhere, or without the compiled module, the
-    reference runs."""
+    reference runs, ``CLEAR_CHUNK`` rows at a time (its (rows, m, 3) float64 temporary)."""
     ext = _load_ext()
     if ext is None or x.is_cuda:
-        return reference.clear_nearest(x, centres, best, near, near_dist, beyond, margin)
+        table = near, near_dist, beyond
+        return torch.cat(
+            [
+                reference.clear_nearest(x[s : s + CLEAR_CHUNK], centres,
+                                        best[s : s + CLEAR_CHUNK], *table, margin)
+                for s in range(0, len(best), CLEAR_CHUNK)
+            ]
+            or [torch.zeros(0, dtype=torch.bool, device=x.device)]
+        )  # fmt: skip
     return ext.clear_nearest(
         x.contiguous(), centres.contiguous(), best.contiguous(), near, near_dist, beyond,
         float(margin),

@@ -540,6 +540,17 @@ def test_clear_nearest_is_sound_and_matches_reference(dtype, m):
     assert not (wide & ~got).any() and wide.sum() < got.sum()
 
 
+def test_clear_nearest_without_the_module_runs_the_reference_in_chunks(monkeypatch):
+    x, centres, best = _hard_case(torch.float32)
+    table = reference.neighbour_table(centres, 16)
+    ref = reference.clear_nearest(x, centres, best, *table, 1e-9)
+    monkeypatch.setattr(kp, "_load_ext", lambda: None)
+    monkeypatch.setattr(kp, "CLEAR_CHUNK", 1000)  # 3,300 rows: four chunks
+    assert torch.equal(kp.clear_nearest(x, centres, best, *table, 1e-9), ref)
+    empty = kp.clear_nearest(x[:0], centres, best[:0], *table, 1e-9)
+    assert empty.shape == (0,) and empty.dtype == torch.bool
+
+
 @pytest.mark.parametrize(
     "change,words",
     [

@@ -369,7 +369,6 @@ def block_forward(
 # ----------------------------------------------------------------------------- processor
 
 _NEIGHBOURS = 32  # clusters in each cluster's neighbour table (photos: nearly always enough)
-_CHUNK = 1 << 15  # rows per float64 check off the CPU (a (chunk, 32, 3) temporary: 25 MiB)
 _NEIGHBOUR_CACHE: dict = {}  # the last clusters' neighbour_table
 
 
@@ -422,16 +421,7 @@ def _clear_winner(x, c, best, margin: float):
     """Whether every other cluster is farther from x than c[best] by more than ``margin``
     (float64 squared distances): first ``igpt_kernels.palette.clear_nearest`` with the
     clusters' neighbour table, then the pixels it leaves open against all clusters."""
-    table = _neighbours(c)
-    if x.is_cuda:
-        clear = torch.cat(
-            [
-                clear_nearest(x[s : s + _CHUNK], c, best[s : s + _CHUNK], *table, margin)
-                for s in range(0, len(best), _CHUNK)
-            ]
-        )
-    else:
-        clear = clear_nearest(x, c, best, *table, margin)
+    clear = clear_nearest(x, c, best, *_neighbours(c), margin)
     open_ = (~clear).nonzero().squeeze(1)
     norms = c.square().sum(1)
     step = max(1, (1 << 20) // c.shape[0])
