@@ -12,15 +12,10 @@ from __future__ import annotations
 
 from igpt.commands._common import add_common_arguments, count, read_palette
 
-DATA_HELP = (
-    "digits (bundled), cifar10:DIR, cifar100:DIR, folder:DIR, npz:FILE, imagenet32:DIR or "
-    "imagenet64:DIR (default %(default)s)"
-)
-
 
 def add_arguments(parser) -> None:
     """Arguments of ``igpt prepare``."""
-    add_common_arguments(parser, "data", helps={"data": DATA_HELP})
+    add_common_arguments(parser, "data")
     parser.add_argument(
         "--n-px", type=count(1), required=True, help="image side the tokens are made at"
     )
