@@ -134,6 +134,28 @@ def test_a_second_start_stats_no_image_file(tmp_path, monkeypatch):
     assert not checked.built and len([p for p in seen if p.endswith(".png")]) >= len(images)
 
 
+def test_prepare_verify_finds_an_image_rewritten_in_place(tmp_path, monkeypatch, capsys):
+    from igpt.cli import main
+
+    monkeypatch.setattr(igpt.data.cache, "WATCH_FILES", 2)
+    monkeypatch.setenv("IGPT_CACHE", str(tmp_path / "c"))
+    _class_folders(tmp_path / "f")
+    _age(tmp_path / "f")
+    _palette().save(tmp_path / "p.npy")
+    argv = ["prepare", "--data", f"folder:{tmp_path / 'f'}", "--n-px", "8", "--workers", "0"]
+    argv += ["--palette", str(tmp_path / "p.npy"), "--split", "all"]
+    main(argv)
+    assert "tokenised now" in capsys.readouterr().out
+    path = tmp_path / "f" / "b" / "1.png"
+    Image.fromarray(_rand_images(1, 8, 8, seed=11)[0]).save(path)  # same name: same listing
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    main(argv)  # the folders' stamps alone: the documented blind spot
+    assert "already prepared" in capsys.readouterr().out
+    main([*argv, "--verify"])
+    assert "tokenised now" in capsys.readouterr().out
+
+
 def test_a_file_added_or_removed_is_seen_on_a_second_start(tmp_path, monkeypatch):
     monkeypatch.setattr(igpt.data.cache, "WATCH_FILES", 2)
     _class_folders(tmp_path / "f", n=3)
