@@ -82,9 +82,10 @@ def stamp(path) -> list:
 def files_digest(root: Path, files) -> str:
     """A digest of (path under ``root``, size, mtime_ns) of every file of ``files``."""
     h = hashlib.sha256()
+    in_root = Path(root).is_dir()
     for p in files:
         _, size, mtime = stamp(p)
-        rel = os.path.relpath(p, root) if Path(root).is_dir() else Path(p).name
+        rel = os.path.relpath(p, root) if in_root else Path(p).name
         h.update(f"{rel}|{size}|{mtime}\n".encode())
     return h.hexdigest()[:16]
 
