@@ -290,3 +290,19 @@ def test_sources_table_names_every_kind():
     assert {"digits", "cifar10", "cifar100", "folder", "npz", "imagenet32", "imagenet64"} <= set(
         SOURCES
     )
+
+
+def test_the_names_of_the_old_modules_stay_importable():
+    import igpt.evaluation
+    import igpt.imagesets
+    import igpt.readers
+    import igpt.tokens
+
+    for module in (igpt.readers, igpt.imagesets, igpt.tokens):
+        assert all(hasattr(module, name) for name in module.__all__)
+    assert igpt.readers.KINDS == tuple(k for k in SOURCES if k != "digits")
+    assert igpt.imagesets.FORMAT_SIDES == {
+        "digits": 8, "cifar10": 32, "cifar100": 32, "imagenet32": 32, "imagenet64": 64
+    }  # fmt: skip
+    assert igpt.evaluation.TokenSplit is igpt.data.TokenSplit
+    assert igpt.tokens.spec_key("digits") == "digits"

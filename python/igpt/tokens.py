@@ -13,6 +13,8 @@ from igpt.data.cache import (
     palette_hash,
     read_chunk,
     read_entry,
+    source_fingerprint,
+    spec_key,
 )
 
 __all__ = [
@@ -27,4 +29,6 @@ __all__ = [
     "palette_hash",
     "read_chunk",
     "read_entry",
+    "source_fingerprint",
+    "spec_key",
 ]

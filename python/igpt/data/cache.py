@@ -138,13 +138,27 @@ def fingerprint(source, arg, split: str) -> tuple[str, list]:
     return digest, watch
 
 
-def cache_key(spec: str, split: str, palette, n_px: int) -> tuple[str, dict]:
-    """(entry name, the record it digests) of ``spec``'s split as its files are now."""
+def spec_key(spec: str) -> str:
+    """The spec with its path made absolute."""
     from igpt.data.sources import source_of
 
     source, arg = source_of(spec)
-    record = base_record(source.spec_key(arg), split, palette, n_px)
-    record["files"], _ = fingerprint(source, arg, split)
+    return source.spec_key(arg)
+
+
+def source_fingerprint(spec: str, split: str = "all") -> str:
+    """A digest of (path, size, mtime_ns) of every file the reader of ``spec`` reads for
+    ``split``, so that a data set edited or replaced in place gets a new cache entry."""
+    from igpt.data.sources import source_of
+
+    source, arg = source_of(spec)
+    return fingerprint(source, arg, split)[0]
+
+
+def cache_key(spec: str, split: str, palette, n_px: int) -> tuple[str, dict]:
+    """(entry name, the record it digests) of ``spec``'s split as its files are now."""
+    record = base_record(spec_key(spec), split, palette, n_px)
+    record["files"] = source_fingerprint(spec, split)
     return entry_name(record), record
 
 
