@@ -7,6 +7,7 @@ killed build that resumes, labelled or not, is in test_prepare.py.)"""
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,20 @@ def test_a_second_start_stats_no_image_file(tmp_path, monkeypatch):
     seen.clear()
     checked = prepare_tokens(spec, "all", pal, 8, cache_dir=cache, workers=0, verify=True)
     assert not checked.built and len([p for p in seen if p.endswith(".png")]) >= len(images)
+
+
+def test_a_small_set_has_every_file_checked_on_a_second_start(tmp_path):
+    path, pal, cache = tmp_path / "d.npz", _palette(), tmp_path / "c"
+    np.savez(path, images=_rand_images(6, 4, 4))
+    _age(tmp_path)
+    os.utime(path, ns=(time.time_ns() - 60 * 10**9,) * 2)
+    assert prepare_tokens(f"npz:{path}", "all", pal, 4, cache_dir=cache, workers=0).built
+    assert len(list((cache / "index").iterdir())) == 1  # the watch list holds the file
+    new = _rand_images(6, 4, 4, seed=3)
+    np.savez(path, images=new)  # rewritten in place: the same name, size and folder
+    info = prepare_tokens(f"npz:{path}", "all", pal, 4, cache_dir=cache, workers=0)
+    tokens, _ = cached_tokens(f"npz:{path}", "all", pal, 4, cache_dir=cache, workers=0)
+    assert info.built and np.array_equal(tokens.astype(np.int64), tokenize(new, pal, 4).numpy())
 
 
 def test_prepare_verify_finds_an_image_rewritten_in_place(tmp_path, monkeypatch, capsys):

@@ -133,7 +133,7 @@ def fingerprint(source, arg, split: str) -> tuple[str, list]:
     root, files, dirs = source.files(arg, split)
     watch = [stamp(d) for d in dirs]  # before the files: a change meanwhile shows next time
     digest = files_digest(root, files)
-    if len(files) <= WATCH_FILES:
+    if len(files) <= WATCH_FILES or not dirs:  # no folder listing to stand for them
         watch += [stamp(f) for f in files]
     return digest, watch
 
