@@ -14,7 +14,8 @@ reads, listed as the reader lists them (symlinked folders followed). Tokens of i
 **A cheap second start.** Computing ``files`` stats every file (ImageNet: 1.28M). So beside
 the entries, ``index/<digest of the record without files>.json`` holds the entry last built
 for the spec and a *watch list*: [path, size, mtime_ns] of every folder the reader listed,
-and of every file where a set has at most ``WATCH_FILES`` of them (cifar, npz, imagenet).
+and of every file where a set has at most ``WATCH_FILES`` of them (cifar, npz, imagenet) or
+its kind lists no folders.
 A start whose watch list is unchanged uses that entry after a few thousand ``stat`` calls
 (one per folder), none per image; any difference sends it to the full fingerprint. So a
 start detects, without ``verify``: a file added, removed or renamed in any listed folder (the
