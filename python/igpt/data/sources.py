@@ -34,8 +34,10 @@ def specs_text() -> str:
 
 
 def data_help() -> str:
-    """The ``--data`` help of every command (argparse text, with its default)."""
-    return f"{specs_text()} (default %(default)s)"
+    """The ``--data`` help of every command: each kind and its one line (argparse text,
+    with its default)."""
+    kinds = "; ".join(f"{s.usage()}: {s.help}" for s in SOURCES.values())
+    return f"the data set: {kinds} (default %(default)s)"
 
 
 def source_of(spec: str) -> tuple[Source, str | None]:
