@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 
 from igpt.config import SIZES
+from igpt.data.base import Source
+from igpt.data.sources import SOURCES, data_defaults, specs_text
 from igpt.memory import parse_size
 from igpt.objectives import MASK_PROB, OBJECTIVES
 from igpt.training import PRECISIONS
@@ -33,8 +35,9 @@ __all__ = [
 
 AUGMENTS = ("none", "crop", "cifar")
 # n_px and the palette size when a config leaves them None (the grey digits need 16 colours)
-DATA_DEFAULTS = {"digits": {"n_px": 16, "n_colors": 16}}
-OTHER_DATA_DEFAULTS = {"n_px": 32, "n_colors": 512}
+# each data kind's own (its Source's ``defaults``, igpt.data.sources), and the general ones
+DATA_DEFAULTS = {kind: dict(source.defaults) for kind, source in SOURCES.items()}
+OTHER_DATA_DEFAULTS = dict(Source.defaults)
 # What a resumed run must share with the run of its checkpoint: the architecture, the data
 # and its train/hold-out split, the objective, the global batch and the seed that draws the
 # batch of every step. Any other setting may change on resume (steps: see the module doc).
@@ -92,9 +95,7 @@ class TrainConfig:
         "image side in pixels",
         default_text="16 for digits, else 32; with --checkpoint, its own",
     )
-    data: str = setting(
-        "digits", "digits (bundled), cifar10:DIR, cifar100:DIR, folder:DIR or npz:FILE"
-    )
+    data: str = setting("digits", specs_text())
     objective: str = setting("ar", "generative objective", choices=OBJECTIVES)
     steps: int = setting(
         1000,
@@ -216,7 +217,7 @@ class TrainConfig:
 
     def data_defaults(self) -> dict:
         """``n_px`` and ``n_colors`` for ``data`` when the config leaves them None."""
-        return DATA_DEFAULTS.get(self.data, OTHER_DATA_DEFAULTS)
+        return data_defaults(self.data)
 
     def to_dict(self) -> dict:
         """The fields as JSON-ready values (what config.json and checkpoints hold)."""
