@@ -99,14 +99,14 @@ MLP_CALLS = {
 def _visible(q, k, pad, causal, fault):
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
-    i = torch.arange(Nq)[:, None]
-    j = torch.arange(Nk)[None, :]
+    i = torch.arange(Nq, device=q.device)[:, None]
+    j = torch.arange(Nk, device=q.device)[None, :]
     shift = Nk - Nq
     if fault == "causal_top_left":
         shift = 0
     if fault == "causal_sees_next":
         shift += 1
-    mask = (j <= i + shift) if causal else torch.ones(Nq, Nk, dtype=torch.bool)
+    mask = (j <= i + shift) if causal else torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
     mask = mask[None, None].expand(B, H, Nq, Nk).clone()
     if pad is not None and fault != "padding_leaks":
         mask &= pad.bool()[:, None, None, :]
@@ -163,7 +163,8 @@ def flash_backward(do, q, k, v, o, lse, pad, causal, scale, fault=None):
     ds_q = ds
     if fault == "dq_diagonal_dropped":
         Nq, Nk = q.shape[2], k.shape[2]
-        diag = torch.arange(Nk)[None, :] == torch.arange(Nq)[:, None] + (Nk - Nq)
+        at = torch.arange(Nk, device=q.device)
+        diag = at[None, :] == at[:Nq, None] + (Nk - Nq)
         ds_q = ds.masked_fill(diag, 0.0)
     dq = ds_q @ k.float() * scale
     dk = ds.transpose(-1, -2) @ q.float() * scale
@@ -183,7 +184,7 @@ def flash_decode(q, k, v, pad, causal, scale, num_splits, fault=None):
     chunk = -(-Nk // num_splits)
     parts = []
     for start in range(0, Nk, chunk):
-        keep = torch.zeros(q.shape[0], Nk, dtype=torch.bool)
+        keep = torch.zeros(q.shape[0], Nk, dtype=torch.bool, device=q.device)
         keep[:, start : start + chunk] = True
         if pad is not None:
             keep &= pad.bool()
@@ -220,7 +221,7 @@ def _act_grad(z, activation):
 
 def _stats(x, norm, eps, fault):
     xf = x.float()
-    mean = xf.mean(-1) if norm == "layer" else torch.zeros(x.shape[0])
+    mean = xf.mean(-1) if norm == "layer" else xf.new_zeros(x.shape[0])
     var = ((xf - mean[:, None]) ** 2).mean(-1)
     rstd = torch.rsqrt(var + (0.0 if fault == "norm_eps_ignored" else eps))
     if fault == "rows_from_4096" and x.shape[0] > 4096:
@@ -260,7 +261,7 @@ def mlp_backward(dy, x2, mean, rstd, z, nw, nb, w1, w2, norm, activation, residu
                  has_b1, has_b2, need, fault=None):  # fmt: skip
     """The seven gradients of ``igpt::ln_mlp_backward`` (empty where not needed)."""
     dtype = w1.dtype
-    mean = mean if norm == "layer" else torch.zeros(x2.shape[0])
+    mean = mean if norm == "layer" else x2.new_zeros(x2.shape[0], dtype=torch.float32)
     dyf = _round(dy.float(), dtype)
     zf = z.float()
     a = _round(_act(zf, activation), dtype)
@@ -333,38 +334,146 @@ def installed(fault: str | None = None, device: str = "cpu"):
 # --------------------------------------------------------------------------------------
 
 
-def attention_call(spec, dtype, grad, seed=0, packed=False):
+def attention_call(spec, dtype, grad, seed=0, packed=False, device="cpu"):
     """(q, k, v, pad, causal, scale) of one call spec; with ``packed`` (Nq == Nk) q, k, v
     are strided views of one (B, N, 3, H, D) tensor, the model's layout."""
     B, H, Nq, Nk, D, causal, padding = spec
     gen = torch.Generator().manual_seed(seed)
     if packed:
-        qkv = torch.randn(B, Nk, 3, H, D, generator=gen).to(dtype)
+        qkv = torch.randn(B, Nk, 3, H, D, generator=gen).to(device, dtype)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, D) views
     else:
-        q = torch.randn(B, H, Nq, D, generator=gen).to(dtype)
-        k, v = (torch.randn(B, H, Nk, D, generator=gen).to(dtype) for _ in range(2))
+        q = torch.randn(B, H, Nq, D, generator=gen).to(device, dtype)
+        k, v = (torch.randn(B, H, Nk, D, generator=gen).to(device, dtype) for _ in range(2))
     pad = None
     if padding == "some":
         pad = torch.rand(B, Nk, generator=gen) > 0.4
         pad[:, -1] = True
         pad[-1, : Nk // 2] = False  # the last batch: many padded keys
+        pad = pad.to(device)
     return (*(t.requires_grad_(grad) for t in (q, k, v)), pad, causal, D**-0.5)
 
 
-def mlp_call(spec, dtype, grad, seed=0):
+def mlp_call(spec, dtype, grad, seed=0, device="cpu"):
     """(x, params, norm, activation, residual) of one ln_mlp call spec: rows of x at
     magnitudes from 1e-3 to 10 (so that the norm's eps matters to some of them)."""
     T, d, h, norm, activation, biases, residual = spec
     gen = torch.Generator().manual_seed(seed)
     scales = 10.0 ** (torch.rand(T, 1, generator=gen) * 4.0 - 3.0)
-    x = (torch.randn(T, d, generator=gen) * scales).to(dtype).requires_grad_(grad)
+    x = (torch.randn(T, d, generator=gen) * scales).to(device, dtype).requires_grad_(grad)
 
     def w(*shape, s=1.0):
-        return (torch.randn(*shape, generator=gen) * s).to(dtype).requires_grad_(grad)
+        return (torch.randn(*shape, generator=gen) * s).to(device, dtype).requires_grad_(grad)
 
-    nw = (torch.randn(d, generator=gen) * 0.2 + 1.0).to(dtype).requires_grad_(grad)
+    nw = (torch.randn(d, generator=gen) * 0.2 + 1.0).to(device, dtype).requires_grad_(grad)
     nb = w(d, s=0.1) if biases and norm == "layer" else None
     params = (nw, nb, w(h, d, s=d**-0.5), w(h, s=0.1) if biases else None,
               w(d, h, s=h**-0.5), w(d, s=0.1) if biases else None)  # fmt: skip
     return x, params, norm, activation, residual
+
+
+# --------------------------------------------------------------------------------------
+# faults around the real kernels (GPU): the compiled kernels' own rounding, one thing wrong
+# --------------------------------------------------------------------------------------
+
+
+def _pad_without_last(q, k, pad):
+    keep = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool, device=q.device)
+    keep[:, -1] = False
+    return keep if pad is None else pad.bool() & keep
+
+
+def _attention_around(real, fault):
+    def run(q, k, v, pad, causal, scale):
+        if fault == "drop_last_key":
+            pad = _pad_without_last(q, k, pad)
+        if fault == "heads_from_4_scaled":
+            q = torch.cat([q[:, :4], q[:, 4:] * 1.02], dim=1)
+        o, lse = real(q, k, v, pad, causal, scale)
+        if fault == "batch_reads_batch_0":
+            o = torch.cat([o[:1]] * o.shape[0])
+        return o, lse + 0.05 if fault == "lse_off" else lse
+
+    return run
+
+
+def _attention_backward_around(real, fault):
+    def run(*args):
+        dq, dk, dv = real(*args)
+        if fault == "dk_last_row_zero":
+            dk = dk.clone()
+            dk[:, :, -1] = 0
+        if fault == "dv_last_block_scaled":
+            dv = dv.clone()
+            dv[:, :, (dv.shape[2] - 1) // BLOCK * BLOCK :] *= 1.01
+        return dq, dk, dv
+
+    return run
+
+
+def _decode_around(real, fault):
+    def run(q, k, v, pad, causal, scale, num_splits):
+        if fault == "decode_single_launch" and num_splits == 1:
+            pad = _pad_without_last(q, k, pad)
+        return real(q, k, v, pad, causal, scale, num_splits)
+
+    return run
+
+
+def _mlp_around(real, fault):
+    def run(x2, *args):
+        y, mean, rstd, z = real(x2, *args)
+        if fault == "residual_dropped" and args[9]:
+            y = y - x2.to(y.dtype)
+        if fault == "rows_from_4096" and y.shape[0] > 4096:
+            y = torch.cat([y[:4096], y[4096:] * 1.01])
+        return y, mean, rstd, z
+
+    return run
+
+
+def _mlp_backward_around(real, fault):
+    def run(*args):
+        grads = list(real(*args))
+        if fault == "dnorm_w_scaled" and grads[1].numel():
+            grads[1] = grads[1] * 1.01
+        if fault == "dx_last_row_zero":
+            grads[0] = torch.cat([grads[0][:-1], torch.zeros_like(grads[0][-1:])])
+        return tuple(grads)
+
+    return run
+
+
+AROUND_REAL = {  # fault -> the op it is put around
+    "drop_last_key": "igpt::attention",
+    "heads_from_4_scaled": "igpt::attention",
+    "batch_reads_batch_0": "igpt::attention",
+    "lse_off": "igpt::attention",
+    "dk_last_row_zero": "igpt::attention_backward",
+    "dv_last_block_scaled": "igpt::attention_backward",
+    "decode_single_launch": "igpt::attention_decode",
+    "residual_dropped": "igpt::ln_mlp",
+    "rows_from_4096": "igpt::ln_mlp",
+    "dnorm_w_scaled": "igpt::ln_mlp_backward",
+    "dx_last_row_zero": "igpt::ln_mlp_backward",
+}
+_AROUND = {
+    "igpt::attention": _attention_around,
+    "igpt::attention_backward": _attention_backward_around,
+    "igpt::attention_decode": _decode_around,
+    "igpt::ln_mlp": _mlp_around,
+    "igpt::ln_mlp_backward": _mlp_backward_around,
+}
+
+
+@contextlib.contextmanager
+def around_real(fault: str, device: str = "cuda"):
+    """The real (compiled) implementation of the op ``fault`` breaks, with that one thing
+    wrong around it, on ``device`` inside the block (``AROUND_REAL`` lists the faults)."""
+    name = AROUND_REAL[fault]
+    opdef = _opdefs()[name]
+    torch.library.register_kernel(name, device, _AROUND[name](opdef._init_fn, fault))
+    try:
+        yield
+    finally:
+        torch.library.register_kernel(name, device, opdef._init_fn)

@@ -3,6 +3,7 @@ the mutation corpus (tests/judge_corpus.py): every fault fails it in bf16, fp16 
 forward and backward; correct kernels on random calls pass; ``auto`` never returns a
 faulty kernel."""
 
+import contextlib
 import importlib
 import math
 import random
@@ -21,33 +22,37 @@ ln_mlp_module = importlib.import_module("igpt_kernels.ln_mlp")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def judge_attention(spec, fault, dtype, grad, *, seed=0, packed=False):
+def judge_attention(spec, fault, dtype, grad, *, seed=0, packed=False, install=None,
+                    device="cpu"):  # fmt: skip
     """The verdict on "triton" of ``auto``'s own judge for one attention call, with the
-    corpus's kernel (``fault`` None: correct) installed as our custom ops."""
-    q, k, v, pad, causal, scale = corpus.attention_call(spec, dtype, grad, seed, packed)
-
-    with corpus.installed(fault):
+    corpus's kernel (``fault`` None: correct) installed as our custom ops (``install``: a
+    context of one's own, e.g. ``corpus.around_real``)."""
+    q, k, v, pad, causal, scale = corpus.attention_call(spec, dtype, grad, seed, packed, device)
+    with corpus.installed(fault) if install is None else install:
         return attention_module.call_judge(q, k, v, causal, pad, scale)(["triton"])["triton"]
 
 
-def judge_mlp(spec, fault, dtype, grad, *, seed=0):
+def judge_mlp(spec, fault, dtype, grad, *, seed=0, install=None, device="cpu"):
     """The same for one ln_mlp call (``auto``'s row sample)."""
-    x, params, norm, activation, residual = corpus.mlp_call(spec, dtype, grad, seed)
+    x, params, norm, activation, residual = corpus.mlp_call(spec, dtype, grad, seed, device)
 
     def fn(name, x, *params):
         return ln_mlp_module._ln_mlp_on(name, x, params, norm, 1e-5, activation, residual)
 
-    with corpus.installed(fault):
+    with corpus.installed(fault) if install is None else install:
         judge = ln_gemm.call_judge(x, params, fn, ln_mlp_module.ARG_NAMES)
         return judge(["triton"])["triton"]
 
 
-def judge_fault(fault, dtype, grad):
+def judge_fault(fault, dtype, grad, install=None, device="cpu"):
     f = corpus.BY_NAME[fault]
     if f.op == "attention":
         spec = corpus.ATTENTION_CALLS[f.call]
-        return judge_attention(spec, fault, dtype, grad, packed=f.call == "packed")
-    return judge_mlp(corpus.MLP_CALLS[f.call], fault, dtype, grad)
+        if f.call == "decode_wide" and device == "cuda":  # B * H >= a GPU's SMs: one launch
+            spec = (48, 4, *spec[2:])
+        return judge_attention(spec, fault, dtype, grad, packed=f.call == "packed",
+                               install=install, device=device)  # fmt: skip
+    return judge_mlp(corpus.MLP_CALLS[f.call], fault, dtype, grad, install=install, device=device)
 
 
 # --------------------------------------------------------------------------------------
@@ -101,29 +106,64 @@ def _random_attention_spec(rng: random.Random):
     return (B, H, Nq, Nk, D, causal, padding)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dname", DTYPES)
-def test_no_correct_kernel_is_rejected_on_random_calls(dname):
-    """50 random attention calls and 10 random ln_mlp calls per dtype (ragged lengths, head
-    dims 32-128, padding, Nq < Nk, decoding, packed layouts): the correct kernel passes."""
+def rejected_random_calls(dname, install=None, device="cpu", calls=50):
+    """The random calls (``calls`` attention calls, a fifth as many ln_mlp calls: ragged
+    lengths, head dims 32-128, padding, Nq < Nk, decoding, packed layouts) on which the
+    installed kernel (default: the corpus's correct one) fails the judge."""
     rng = random.Random(f"judge-{dname}")
     rejected = []
-    for seed in range(50):
+    for seed in range(calls):
         spec = _random_attention_spec(rng)
         grad = spec[2] > 16 or rng.random() < 0.5
         packed = spec[2] == spec[3] and rng.random() < 0.5
-        v = judge_attention(spec, None, DTYPES[dname], grad, seed=seed, packed=packed)
+        v = judge_attention(spec, None, DTYPES[dname], grad, seed=seed, packed=packed,
+                            install=install, device=device)  # fmt: skip
         if not v["ok"]:
             rejected.append((spec, grad, trust.describe(v)))
-    for seed in range(10):
+    for seed in range(calls // 5):
         T, d, h = rng.randint(1, 700), rng.choice([16, 48, 64]), rng.choice([32, 96, 128])
         norm = rng.choice(["rms", "layer"])
         spec = (T, d, h, norm, rng.choice(["quick_gelu", "gelu"]), norm == "layer",
                 rng.random() < 0.5)  # fmt: skip
-        v = judge_mlp(spec, None, DTYPES[dname], True, seed=seed)
+        v = judge_mlp(spec, None, DTYPES[dname], True, seed=seed, install=install,
+                      device=device)  # fmt: skip
         if not v["ok"]:
             rejected.append((spec, trust.describe(v)))
-    assert not rejected
+    return rejected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dname", DTYPES)
+def test_no_correct_kernel_is_rejected_on_random_calls(dname):
+    assert not rejected_random_calls(dname)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dname", DTYPES)
+def test_real_kernels_pass_the_judge_on_random_calls(dname):
+    """On a GPU, our compiled kernels themselves, on the same random calls."""
+    assert not rejected_random_calls(dname, contextlib.nullcontext(), "cuda")
+
+
+def _around_cases():
+    for fault in corpus.AROUND_REAL:
+        f = corpus.BY_NAME[fault]
+        for dname in DTYPES:
+            grads = (False,) if f.call.startswith("decode") else (True,)
+            if f.where == "fwd" and not f.call.startswith("decode"):
+                grads = (False, True)
+            for grad in grads:
+                yield pytest.param(fault, dname, grad, id=f"{fault}-{dname}-{grad}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fault,dname,grad", list(_around_cases()))
+def test_faults_around_the_real_kernels_fail_the_judge(fault, dname, grad):
+    """On a GPU: the compiled kernels with one thing wrong around them (their real
+    rounding, not the corpus's)."""
+    verdict = judge_fault(fault, DTYPES[dname], grad, corpus.around_real(fault), "cuda")
+    assert verdict["error"] is None, verdict["error"]
+    assert not verdict["ok"], f"{fault} passed: {verdict['tensors']}"
 
 
 @pytest.mark.parametrize("grad", [False, True])
