@@ -377,3 +377,37 @@ def test_an_oracle_that_cannot_be_built_is_no_verdict():
     x = torch.randn(3, 4)
     with pytest.raises(JudgeUnavailable, match="could not run"):
         judge_call(fn, (x,), ("x",), False)(["triton"])
+
+
+def test_quantizer_check_reaches_past_the_first_pixels():
+    """A wrong token in the last pixel of a large call, or deep inside it, is caught (a
+    check of the first MAX_PIXELS pixels only would miss both)."""
+    gen = torch.Generator().manual_seed(0)
+    palette = torch.rand(16, 3, generator=gen) * 255
+    pixels = torch.randint(0, 256, (trust.MAX_PIXELS * 3, 3), generator=gen, dtype=torch.uint8)
+    tokens = trust.exact_tokens(pixels, palette)
+    assert trust.check_tokens(pixels, palette, tokens)["ok"]
+    inside = int(trust.sample_index(pixels.shape[0])[trust.MAX_PIXELS * 3 // 4])
+    for where in (pixels.shape[0] - 1, inside):
+        wrong = tokens.clone()
+        wrong[where] = (wrong[where] + 1) % 16
+        result = trust.check_tokens(pixels, palette, wrong)
+        assert not result["ok"] and result["wrong"] == 1, where
+        assert f"pixel {where} " in result["first"]
+    assert inside > trust.MAX_PIXELS
+
+
+def test_verdict_measures_the_candidate_against_the_oracle():
+    """PyTorch's own result is off by +d: a candidate off by -1.9 d is within 2x PyTorch's
+    error of the oracle (but 2.9 d from PyTorch's result); one off by +2.5 d is not."""
+    d = 1e-2
+
+    def fn(name, x):
+        exact = x.double().sin()
+        if name == "torch":  # PyTorch in float32 is off by d; the float64 oracle is exact
+            return (exact + (d if x.dtype == torch.float32 else 0.0)).to(x.dtype)
+        return (exact + {"below": -1.9 * d, "above": 2.5 * d}[name]).to(x.dtype)
+
+    judge = trust.Judge(fn, (torch.randn(64, 8),), ("x",), grad=False)
+    assert judge.verdict("below")["ok"]
+    assert not judge.verdict("above")["ok"]
