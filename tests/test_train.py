@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -490,6 +491,27 @@ def test_resume_passes_over_a_damaged_checkpoint_and_stale_temp_files(
     assert not list(Path(damaged.out).glob(".*tmp"))
 
 
+def test_sharded_checkpoints_resume_bit_for_bit_past_a_damaged_one(tmp_path, palette_file, caplog):
+    """--checkpoint-format sharded on one process: ckpt_N.dcp directories, a resume from the
+    newest intact one that matches the run that was never stopped, bit for bit."""
+    kw = dict(palette=palette_file, steps=4, ckpt_every=2, val_size=4)
+    full = _cfg(tmp_path, "full", **kw)
+    pretrain(full)
+    sharded = _cfg(tmp_path, "sharded", checkpoint_format="sharded", **kw)
+    pretrain(sharded)
+    assert _losses(sharded.out) == _losses(full.out)
+    newest = Path(sharded.out) / "ckpt_00000004.dcp"
+    assert latest_checkpoint(sharded.out) == newest and not list(Path(sharded.out).glob("*.pt"))
+    shard = newest / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])  # a copy cut short
+    with caplog.at_level(logging.WARNING):
+        summary = pretrain(sharded, resume=True)
+    assert "ckpt_00000004.dcp is damaged" in caplog.text and summary["step"] == 4
+    assert _losses(sharded.out) == _losses(full.out)
+    a, b = load_checkpoint(full.out)["model"], load_checkpoint(sharded.out)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_crash_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, palette_file):
     cfg = _cfg(tmp_path, palette=palette_file, steps=4, ckpt_every=2)
     real_save = torch.save
@@ -732,9 +754,11 @@ def test_two_gloo_processes_match_one(tmp_path, palette_file):
 
 
 @pytest.mark.slow  # two processes: 10-60 s on 2 cores
-def test_fsdp2_two_processes_match_one_and_resume(tmp_path, palette_file):
+@pytest.mark.parametrize("checkpoint_format", ["auto", "full"])
+def test_fsdp2_two_processes_match_one_and_resume(tmp_path, palette_file, checkpoint_format):
     """fully_shard over gloo, with activation checkpointing: same losses as one process; its
-    (full, gathered) checkpoints load as plain models and resume under FSDP bit-for-bit."""
+    checkpoints (auto: sharded, each rank its own shard file; full: gathered on rank 0) load
+    as plain models and resume under FSDP bit-for-bit; a sharded one also on one process."""
     pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
     from torch.distributed import fsdp
 
@@ -744,16 +768,56 @@ def test_fsdp2_two_processes_match_one_and_resume(tmp_path, palette_file):
     kw = dict(palette=palette_file, steps=4, ckpt_every=2, device="cpu", keep_checkpoints=0)
     one = _cfg(tmp_path, "one", **kw)
     pretrain(one)
+    kw.update(checkpoint_format=checkpoint_format)
     two = _cfg(tmp_path, "two", fsdp=True, checkpointing=1, **kw)
     _spawn_two(two)
     full = _losses(two.out)
     np.testing.assert_allclose(_losses(one.out), full, rtol=1e-5)
-    model, _, _ = load_model(two.out)  # a full state dict: evaluation loads it as usual
+    model, _, _ = load_model(two.out)  # evaluation loads either as a plain model
     assert model.config.n_layer == TINY["n_layer"]
-    (Path(two.out) / "ckpt_00000004.pt").unlink()
+    newest = latest_checkpoint(two.out)
+    if checkpoint_format == "auto":
+        assert newest.name == "ckpt_00000004.dcp"
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {p.name for p in newest.iterdir()}
+        shutil.copytree(two.out, tmp_path / "alone")
+        shutil.rmtree(newest)
+    else:
+        assert newest.name == "ckpt_00000004.pt"
+        newest.unlink()
     resumed = dataclasses.replace(two, resume=True)
     _spawn_two(resumed)
     assert _losses(two.out) == full
+    if checkpoint_format == "auto":  # DCP reshards: the two ranks' step 4 on one process
+        alone = dataclasses.replace(two, out=str(tmp_path / "alone"), fsdp=False, steps=6)
+        pretrain(alone, resume=True)
+        pretrain(dataclasses.replace(one, steps=6, resume=True))
+        assert _losses(alone.out)[:4] == full
+        np.testing.assert_allclose(_losses(alone.out), _losses(one.out), rtol=1e-5)
+
+
+@pytest.mark.slow  # three interpreters started twice: 20-60 s on 2 cores
+def test_torchrun_fsdp_writes_sharded_checkpoints_and_resumes_bit_for_bit(tmp_path, palette_file):
+    """The command a user types: ``torchrun --nproc-per-node 2 -m igpt pretrain --fsdp`` on
+    the CPU writes DCP directories (a shard file per rank) and resumes from one exactly."""
+    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launch += ["--nproc-per-node", "2", "-m", "igpt", "pretrain", "--fsdp", "--device", "cpu"]
+    args = ["--n-px", "8", "--steps", "4", "--ckpt-every", "2", "--batch-size", "8"]
+    args += ["--palette", palette_file, "--val-size", "4", "--log-every", "1", "--no-progress"]
+    args += ["--keep-checkpoints", "0", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run(launch + args, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    full = _losses(out)
+    newest = out / "ckpt_00000004.dcp"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "state.pt"} <= {
+        p.name for p in newest.iterdir()
+    }
+    shutil.rmtree(newest)
+    res = subprocess.run(launch + args + ["--resume"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _losses(out) == full and len(full) == 4 and newest.is_dir()
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, palette_file):

@@ -6,10 +6,12 @@
     run.truncate_metrics(step)              # drop rows a killed run logged past it
     run.append_metrics([{"step": 1, "loss": 2.3}])
     run.save_checkpoint(state, step, keep=3)
+    run.save_sharded_checkpoint(tensors, state, step, keep=3, barrier=d.barrier)  # all ranks
     run.plot("loss_curve.png", [("loss (nats / token)", [("loss", "train")])])
 
 It holds ``config.json``, ``metrics.jsonl`` (one JSON object per logged step, with at least
-``step``), ``ckpt_XXXXXXXX.pt`` and the PNG curves. JSON and checkpoints are written
+``step``), ``ckpt_XXXXXXXX.pt`` files or ``ckpt_XXXXXXXX.dcp`` directories (sharded,
+``igpt.sharded``) and the PNG curves. JSON and checkpoints are written
 atomically (``igpt._io``): a crash leaves the old file or the new one, and the temporary
 files of writes a kill interrupted are removed when the run directory is opened again. Only
 the main process writes; the others may read.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from igpt._io import atomic_write_text, remove_stale_temp_files
@@ -28,7 +31,9 @@ from igpt.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     latest_intact_checkpoint,
+    run_checkpoints,
 )
+from igpt.sharded import save_sharded
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +82,12 @@ class RunDir:
 
     def resume_checkpoint(self, resume: bool, map_location="cpu") -> tuple[Path, dict] | None:
         """``check_fresh``, then ``(path, checkpoint)`` of the newest checkpoint that reads
-        back (a damaged newer one is passed over with a warning naming both), or None."""
+        back (a damaged newer one is passed over with a warning naming both), or None. A
+        sharded one comes without its tensors (``sharded``: its path), which the trainer
+        loads shard by shard."""
         if self.check_fresh(resume) is None:
             return None
-        return latest_intact_checkpoint(self.path, map_location=map_location)
+        return latest_intact_checkpoint(self.path, map_location=map_location, tensors=False)
 
     def write_json(self, name: str, obj) -> Path:
         """``obj`` as indented JSON in ``name``, atomically (main process only)."""
@@ -124,10 +131,33 @@ class RunDir:
         path = checkpoint_path(self.path, step)
         if self.is_main:
             atomic_torch_save(state, path)
-            if keep > 0:
-                for old in sorted(self.path.glob("ckpt_*.pt"))[:-keep]:
-                    old.unlink(missing_ok=True)
+            self._prune(keep)
         return path
+
+    def save_sharded_checkpoint(
+        self, tensors: dict, state: dict, step: int, *, keep: int = 0, barrier=lambda: None
+    ) -> Path:
+        """Write ``ckpt_<step>.dcp`` (``igpt.sharded.save_sharded``: ``tensors`` sharded, one
+        file per rank; ``state`` rank 0's) atomically and keep the newest ``keep``
+        checkpoints. A collective: every rank calls it; returns the path."""
+        path = save_sharded(
+            checkpoint_path(self.path, step, sharded=True),
+            tensors,
+            state,
+            is_main=self.is_main,
+            barrier=barrier,
+        )
+        if self.is_main:
+            self._prune(keep)
+        return path
+
+    def _prune(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` checkpoints, files or directories (0: none)."""
+        for old in run_checkpoints(self.path)[:-keep] if keep > 0 else []:
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
 
     def plot(self, name: str, panels, *, title: str | None = None) -> Path | None:
         """A PNG of metrics against step, one panel per ``(ylabel, [(key, label), ...])``.

@@ -303,27 +303,12 @@ class Trainer:
             self.palette.save(self.run.path / "palette.npy")
 
     def save(self) -> Path | None:
-        """Write ``ckpt_<step>.pt`` atomically (rank 0) and prune old ones."""
-        d = self.dist
-        model_sd, optim_sd = d.state_dicts(self.model, self.raw_model, self.optimizer)
-        state = checkpoint_state(
-            self.raw_model,
-            step=self.step,
-            palette=self.palette,
-            state_dict=model_sd,
-            optimizer=optim_sd,
-            scheduler=self.scheduler.state_dict(),
-            rng=rng_state(),
-            train_config=self.cfg.to_dict(),
-            objective=self.cfg.objective,
-            skipped=self.guard.skipped,
-            warmup=self.warmup,
-            optimizer_format=d.optimizer_format,
-        )
-        path = self.run.save_checkpoint(state, self.step, keep=self.cfg.keep_checkpoints)
+        """Write ``ckpt_<step>.pt`` (rank 0) or the sharded ``ckpt_<step>.dcp`` (every rank
+        its shards; ``checkpoint_format``) atomically, and prune old ones."""
+        path = _write_checkpoint(self)
         self.plot()
-        d.barrier()
-        return path if d.is_main else None
+        self.dist.barrier()
+        return path if self.dist.is_main else None
 
     def _restore(self, ckpt: dict) -> None:
         self.dist.load_state_dicts(self.model, self.raw_model, self.optimizer, ckpt)
@@ -344,6 +329,38 @@ class Trainer:
     def close(self) -> None:
         """Destroy the process group if this trainer created it."""
         self.dist.close()
+
+
+def _write_checkpoint(trainer: Trainer) -> Path:
+    """``Trainer.save``'s checkpoint: sharded (``checkpoint_format`` "sharded", or "auto"
+    under FSDP: each rank writes its shards) or one full file gathered on rank 0."""
+    t, d, keep = trainer, trainer.dist, trainer.cfg.keep_checkpoints
+    extra = dict(
+        scheduler=t.scheduler.state_dict(),
+        rng=rng_state(),
+        train_config=t.cfg.to_dict(),
+        objective=t.cfg.objective,
+        skipped=t.guard.skipped,
+        warmup=t.warmup,
+    )
+    fmt = t.cfg.checkpoint_format
+    if fmt == "sharded" or (fmt == "auto" and d.sharded):
+        tensors = d.sharded_state(t.model, t.raw_model, t.optimizer)
+        state = checkpoint_state(t.raw_model, step=t.step, palette=t.palette, state_dict={})
+        del state["model"]  # in the shards
+        state.update(extra)
+        return t.run.save_sharded_checkpoint(tensors, state, t.step, keep=keep, barrier=d.barrier)
+    model_sd, optim_sd = d.state_dicts(t.model, t.raw_model, t.optimizer)
+    state = checkpoint_state(
+        t.raw_model,
+        step=t.step,
+        palette=t.palette,
+        state_dict=model_sd,
+        optimizer=optim_sd,
+        optimizer_format=d.optimizer_format,
+        **extra,
+    )
+    return t.run.save_checkpoint(state, t.step, keep=keep)
 
 
 def _metrics_row(trainer: Trainer, stats: dict, window: list, seconds: float) -> dict:

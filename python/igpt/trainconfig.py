@@ -24,6 +24,7 @@ __all__ = [
     "TrainConfig",
     "RESUME_FIXED",
     "AUGMENTS",
+    "CHECKPOINT_FORMATS",
     "PRECISIONS",
     "DATA_DEFAULTS",
     "OTHER_DATA_DEFAULTS",
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 AUGMENTS = ("none", "crop", "cifar")
+# how checkpoints are written: "full" one gathered file (rank 0), "sharded" a
+# torch.distributed.checkpoint directory (each rank its shards), "auto" sharded under FSDP
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 # n_px and the palette size when a config leaves them None (the grey digits need 16 colours)
 DATA_DEFAULTS = {"digits": {"n_px": 16, "n_colors": 16}}
 OTHER_DATA_DEFAULTS = {"n_px": 32, "n_colors": 512}
@@ -141,6 +145,13 @@ class TrainConfig:
     log_every: int = setting(10, "a metrics.jsonl row every N steps")
     ckpt_every: int = setting(500, "checkpoint every N steps")
     keep_checkpoints: int = setting(3, "checkpoints kept (0 keeps all)")
+    checkpoint_format: str = setting(
+        "auto",
+        "full: one ckpt_N.pt gathered on rank 0; sharded: a ckpt_N.dcp directory in which each "
+        "rank writes and reads only its shards (torch.distributed.checkpoint); auto: sharded "
+        "under --fsdp",
+        choices=CHECKPOINT_FORMATS,
+    )
     seed: int = setting(0, "random seed")
     device: str | None = setting(None, "cpu, cuda, cuda:1 ...", default_text="cuda when available")
     out: str = setting("runs/pretrain", "output directory")
@@ -171,6 +182,7 @@ class TrainConfig:
             ("objective", OBJECTIVES),
             ("precision", PRECISIONS),
             ("augment", AUGMENTS),
+            ("checkpoint_format", CHECKPOINT_FORMATS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
