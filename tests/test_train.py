@@ -512,6 +512,65 @@ def test_sharded_checkpoints_resume_bit_for_bit_past_a_damaged_one(tmp_path, pal
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fp16_trains_with_a_gradient_scaler_and_resumes_bit_for_bit(
+    tmp_path, monkeypatch, palette_file
+):
+    """--precision fp16 on the CPU's float16 autocast: it trains, the scaler's scale is
+    logged and saved, and a killed run resumes with it bit for bit."""
+    kw = dict(palette=palette_file, steps=4, ckpt_every=2, val_size=4)
+    cfg = _cfg(tmp_path, "fp16", precision="fp16", **kw)
+    summary = pretrain(cfg)
+    fp16 = _losses(cfg.out)
+    assert all(map(math.isfinite, fp16)) and fp16[-1] < fp16[0] and summary["skipped"] == 0
+    rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    scales = [r["loss_scale"] for r in rows]
+    assert all(0 < x <= 2.0**16 and math.log2(x).is_integer() for x in scales)
+    assert load_checkpoint(cfg.out)["scaler"]["scale"] == scales[-1]
+
+    killed = _cfg(tmp_path, "killed", precision="fp16", **kw)
+    real_step = Trainer.train_step
+
+    def dies_in_step_4(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(killed)
+    monkeypatch.undo()
+    pretrain(killed, resume=True)
+    assert _losses(killed.out) == fp16
+    with pytest.raises(ValueError, match="fp16.*--fsdp"):
+        _cfg(tmp_path, precision="fp16", fsdp=True)
+
+
+def test_fp16_overflow_is_the_scalers_to_skip_not_the_guards(tmp_path, monkeypatch, palette_file):
+    """Scaled gradients that overflow: the scaler skips the step and halves its scale; the
+    non-finite guard does not count it (ten in a row would stop the run)."""
+    cfg = _cfg(tmp_path, palette=palette_file, steps=3, ckpt_every=3, precision="fp16")
+    real = Trainer.loss_sum
+
+    def overflowing(self, tokens, mask):
+        s = real(self, tokens, mask)
+        return s * 1e30 if self.step == 1 else s  # finite loss, infinite scaled gradients
+
+    monkeypatch.setattr(Trainer, "loss_sum", overflowing)
+    trainer = Trainer(cfg)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)  # no overflow of its own
+    seen = []
+    for step in range(3):
+        before = [p.detach().clone() for p in trainer.raw_model.parameters()]
+        trainer.step = step
+        trainer.train_step(step)
+        after = list(trainer.raw_model.parameters())
+        moved = any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        seen.append((moved, trainer.scaler.get_scale()))
+    trainer.close()
+    assert seen == [(True, 8.0), (False, 4.0), (True, 4.0)]
+    assert trainer.guard.skipped == 0
+
+
 def test_crash_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, palette_file):
     cfg = _cfg(tmp_path, palette=palette_file, steps=4, ckpt_every=2)
     real_save = torch.save

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -68,11 +67,11 @@ from igpt.trainconfig import progress_enabled, setting
 from igpt.training import (
     PRECISIONS,
     NonFiniteGuard,
-    autocast,
+    guarded_step,
+    mixed_precision,
     open_resume,
     refuse_resume,
     restore_optimizer_settings,
-    uses_bf16,
 )
 
 __all__ = [
@@ -147,7 +146,10 @@ class FinetuneConfig:
     resume: bool = setting(False, "continue from the latest checkpoint in the run directory")
     seed: int = setting(0, "batches, masks, augmentations and the hold-out split")
     precision: str = setting(
-        "auto", "auto: bf16 autocast on CUDA, fp32 on the CPU", choices=PRECISIONS
+        "auto",
+        "auto: bf16 autocast on CUDA, fp32 on the CPU; fp16: float16 autocast with a gradient "
+        "scaler (GPUs without bf16)",
+        choices=PRECISIONS,
     )
     device: str | None = setting(None, "cpu, cuda ...", default_text="the model's")
     progress: bool | None = setting(
@@ -308,6 +310,7 @@ def finetune_checkpoint(ft: Finetuner, *, with_optimizer: bool) -> dict:
     extra = dict(head=ft.clf.head.state_dict(), state=ft.state, finetune=info)
     if with_optimizer:
         extra["optimizer"] = ft.opt.state_dict()
+        extra.update({"scaler": ft.scaler.state_dict()} if ft.scaler.is_enabled() else {})
     step, objective = ft.state["step"], ft.cfg.objective
     return checkpoint_state(ft.model, step=step, palette=ft.palette, objective=objective, **extra)
 
@@ -391,7 +394,7 @@ class Finetuner:
         )
         self.model, self.palette = model, palette
         self.device = resolve_model_device(cfg.device, model)
-        self.autocast = autocast(self.device, uses_bf16(cfg.precision, self.device))
+        self.autocast, self.scaler = mixed_precision(cfg.precision, self.device)
         self.clf = IGPTClassifier(model, self.n_classes, layer=cfg.layer).to(self.device)
         if not cfg.head_bias:
             self.clf.head.bias.requires_grad_(False)  # zero from IGPTClassifier, kept there
@@ -418,6 +421,7 @@ class Finetuner:
             self.model.load_state_dict(ckpt["model"])
             self.clf.head.load_state_dict(ckpt["head"])
             self.opt.load_state_dict(regroup(ckpt["optimizer"], self.opt))
+            self.scaler.load_state_dict(ckpt.get("scaler", self.scaler.state_dict()))
             cfg = self.cfg  # this run's settings, not the ones the optimizer state brought back
             restore_optimizer_settings(
                 self.opt, lr=cfg.rates, betas=cfg.betas, weight_decay=cfg.weight_decay
@@ -449,11 +453,9 @@ class Finetuner:
         l_gen = generative_loss(gen_logits, x, mask) if cfg.joint else None
         loss = l_clf + l_gen if cfg.joint else l_clf
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = cfg.grad_clip if cfg.grad_clip else float("inf")
-        grad_norm = float(nn.utils.clip_grad_norm_(self.clf.parameters(), clip))
-        if self.guard.check(step, loss.item(), grad_norm, cfg.lr):
-            self.opt.step()
+        self.scaler.scale(loss).backward()
+        parts = (self.opt, self.scaler, self.guard, self.clf.parameters())
+        guarded_step(*parts, step=step, loss=loss.item(), clip=cfg.grad_clip)
         self.opt.zero_grad(set_to_none=True)
         self.state["skipped"] = self.guard.skipped
         row = {"step": step + 1, "loss": loss.item(), "clf_loss": l_clf.item()}

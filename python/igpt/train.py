@@ -5,11 +5,12 @@
                                    out="runs/digits"))
 
 Adam(0.9, 0.95), no weight decay, linear warm-up then cosine decay to 0, bf16 autocast on
-the GPU over fp32 master weights, gradient accumulation, activation checkpointing (every
-k-th block, ``apply_checkpointing``), a guard that skips non-finite steps (the loss spikes
-of appendix A), validation loss in nats per token, bits per token and bits per dimension
-(per sub-pixel, the literature's bits/dim) on a 10% hold-out, the learning-rate search of
-sec. 3.4, and torchrun (DDP, or FSDP2 ``fully_shard``).
+the GPU over fp32 master weights (or fp16 with a gradient scaler: ``precision="fp16"``),
+gradient accumulation, activation checkpointing (every k-th block, ``apply_checkpointing``),
+a guard that skips non-finite steps (the loss spikes of appendix A), validation loss in nats
+per token, bits per token and bits per dimension (per sub-pixel, the literature's bits/dim)
+on a 10% hold-out, the learning-rate search of sec. 3.4, and torchrun (DDP, or FSDP2
+``fully_shard``).
 
 Resume and extension: ``resume=True`` continues the run in ``out`` from its newest checkpoint
 that reads back (a damaged newer one is passed over with a warning). The settings that
@@ -67,7 +68,14 @@ from igpt.pretrain_setup import (
 )
 from igpt.rundir import RunDir
 from igpt.trainconfig import RESUME_FIXED, TrainConfig, progress_enabled, setting
-from igpt.training import NonFiniteGuard, autocast, open_resume, resolve_device, uses_bf16
+from igpt.training import (
+    NonFiniteGuard,
+    guarded_step,
+    mixed_precision,
+    open_resume,
+    resolve_device,
+    uses_bf16,
+)
 
 __all__ = [
     "Trainer",
@@ -123,7 +131,7 @@ class Trainer:
         micro_batch(cfg, d.world)  # refused before any file is written
         self.device = resolve_device(cfg.device, local_rank=d.local_rank if d.world > 1 else None)
         self.amp = uses_bf16(cfg.precision, self.device)
-        self.autocast = autocast(self.device, self.amp)
+        self.autocast, self.scaler = mixed_precision(cfg.precision, self.device)  # fp16: scaler
         self.run = RunDir(cfg.out, is_main=d.is_main)
         d.barrier()
         found = open_resume(self.run, cfg.resume, functools.partial(check_resumable, cfg))
@@ -185,17 +193,16 @@ class Trainer:
                 s = self.loss_sum(tokens, mb_mask)
                 # DDP/FSDP average gradients over ranks; scaling by world makes the result
                 # the gradient of (global summed loss / global count).
-                (s * (d.world / denom)).backward()
+                self.scaler.scale(s * (d.world / denom)).backward()
             total += s.detach().double()
         loss = d.all_reduce(total).item() / denom
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        )
-        grad_norm = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
         lr = self.optimizer.param_groups[0]["lr"]
-        finite = self.guard.check(step, loss, grad_norm, lr)
-        if finite:
-            self.optimizer.step()
+        finite, grad_norm = guarded_step(
+            *(self.optimizer, self.scaler, self.guard, self.model.parameters()),
+            step=step,
+            loss=loss,
+            clip=cfg.grad_clip,
+        )
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped_step": not finite}
@@ -317,6 +324,8 @@ class Trainer:
         self.guard = NonFiniteGuard(int(ckpt.get("skipped", 0)))
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
+        if "scaler" in ckpt and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
         apply_resumed_settings(self.cfg, self.optimizer, self.scheduler, self.step)
 
     def plot(self) -> Path | None:
@@ -342,6 +351,7 @@ def _write_checkpoint(trainer: Trainer) -> Path:
         objective=t.cfg.objective,
         skipped=t.guard.skipped,
         warmup=t.warmup,
+        **({"scaler": t.scaler.state_dict()} if t.scaler.is_enabled() else {}),
     )
     fmt = t.cfg.checkpoint_format
     if fmt == "sharded" or (fmt == "auto" and d.sharded):
@@ -373,6 +383,7 @@ def _metrics_row(trainer: Trainer, stats: dict, window: list, seconds: float) ->
         "grad_norm": stats["grad_norm"],
         "skipped": trainer.guard.skipped,
         "tokens_per_s": tokens / max(seconds, 1e-9),
+        **({"loss_scale": trainer.scaler.get_scale()} if trainer.scaler.is_enabled() else {}),
     }
 
 

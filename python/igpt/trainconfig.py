@@ -118,7 +118,10 @@ class TrainConfig:
     mask_prob: float = setting(MASK_PROB, "BERT masking probability")
     checkpointing: int = setting(0, "activation checkpointing: 0 off, 1 every block, k every k-th")
     precision: str = setting(
-        "auto", "auto: bf16 autocast on CUDA, fp32 on the CPU", choices=PRECISIONS
+        "auto",
+        "auto: bf16 autocast on CUDA, fp32 on the CPU; fp16: float16 autocast with a gradient "
+        "scaler, for GPUs without bf16 (V100, T4)",
+        choices=PRECISIONS,
     )
     fsdp: bool = setting(False, "shard with FSDP2 fully_shard (under torchrun)")
     max_memory: str | None = setting(
@@ -214,6 +217,11 @@ class TrainConfig:
         for name in ("fsdp", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.precision == "fp16" and self.fsdp:
+            raise ValueError(
+                "precision 'fp16' (--precision) does not run under --fsdp (its gradient scaler "
+                "is not sharded); use --precision bf16 or fp32 with --fsdp, or DDP with fp16"
+            )
         if self.progress is not None and not isinstance(self.progress, bool):
             raise ValueError(f"progress must be True, False or None (auto), got {self.progress!r}")
         if not isinstance(self.model_overrides, dict):
