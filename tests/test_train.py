@@ -512,6 +512,21 @@ def test_sharded_checkpoints_resume_bit_for_bit_past_a_damaged_one(tmp_path, pal
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _killed_at(cfg: TrainConfig, step: int, monkeypatch) -> None:
+    """Run ``cfg`` until the process dies at the start of step ``step`` (0-based)."""
+    real_step = Trainer.train_step
+
+    def dies(self, s):
+        if s == step:
+            raise KeyboardInterrupt
+        return real_step(self, s)
+
+    monkeypatch.setattr(Trainer, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    monkeypatch.undo()
+
+
 def test_fp16_trains_with_a_gradient_scaler_and_resumes_bit_for_bit(
     tmp_path, monkeypatch, palette_file
 ):
@@ -528,17 +543,7 @@ def test_fp16_trains_with_a_gradient_scaler_and_resumes_bit_for_bit(
     assert load_checkpoint(cfg.out)["scaler"]["scale"] == scales[-1]
 
     killed = _cfg(tmp_path, "killed", precision="fp16", **kw)
-    real_step = Trainer.train_step
-
-    def dies_in_step_4(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(killed)
-    monkeypatch.undo()
+    _killed_at(killed, 3, monkeypatch)
     pretrain(killed, resume=True)
     assert _losses(killed.out) == fp16
     with pytest.raises(ValueError, match="fp16.*--fsdp"):
