@@ -320,6 +320,27 @@ def test_finetune_reads_its_mixed_precision_from_the_config():
         FinetuneConfig(precision="fp8")
 
 
+def test_finetune_compile_trains_through_torch_compile(monkeypatch):
+    """--compile: every training forward goes through what torch.compile returned."""
+    from igpt.finetune import FinetuneConfig, Finetuner
+
+    calls = []
+
+    def spy(module, **kw):
+        def call(*a, **k):
+            calls.append(type(module).__name__)
+            return module(*a, **k)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", spy)
+    x, y = synthetic(16)
+    Finetuner(tiny(), FinetuneConfig(compile=True, steps=2, batch_size=8), x, y).fit()
+    assert calls == ["IGPTClassifier"] * 2
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        FinetuneConfig(compile="yes")
+
+
 def test_finetune_fp16_steps_through_a_gradient_scaler(tmp_path):
     """--precision fp16: float16 autocast, a scaler whose scale a resume brings back."""
     from igpt.finetune import FinetuneConfig, Finetuner

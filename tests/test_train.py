@@ -576,6 +576,40 @@ def test_fp16_overflow_is_the_scalers_to_skip_not_the_guards(tmp_path, monkeypat
     assert trainer.guard.skipped == 0
 
 
+@pytest.mark.slow  # inductor compiles a forward and a backward: 20-90 s on 2 busy cores
+def test_compile_trains_as_eager_does(tmp_path, palette_file):
+    """--compile: the first steps' losses are eager's to float tolerance, through inductor."""
+    kw = dict(palette=palette_file, steps=3, ckpt_every=3, val_size=4, device="cpu")
+    losses = {}
+    for compile_ in (False, True):  # the steps alone: validation would compile a second graph
+        trainer = Trainer(_cfg(tmp_path, f"compile_{compile_}", compile=compile_, **kw))
+        trainer.model.train()
+        losses[compile_] = [trainer.train_step(s)["loss"] for s in range(3)]
+        trainer.close()
+    assert trainer.forward.compiled is not None and trainer.forward.compile_seconds > 0
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+def test_compile_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, palette_file, caplog):
+    """Where compile cannot run (here: its first call fails as without a C++ compiler), a
+    warning says so and the run trains eagerly: the losses of a run without --compile."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def cannot(module, **kw):
+        def call(*a, **k):
+            raise BackendCompilerFailed("inductor", RuntimeError("no working C++ compiler"), None)
+
+        return call
+
+    kw = dict(palette=palette_file, steps=2, ckpt_every=2, val_size=4)
+    eager = _losses(pretrain(_cfg(tmp_path, "eager", **kw))["out"])
+    monkeypatch.setattr(torch, "compile", cannot)
+    with caplog.at_level(logging.WARNING):
+        out = pretrain(_cfg(tmp_path, "fallback", compile=True, **kw))["out"]
+    assert "--compile: torch.compile cannot run here (BackendCompilerFailed" in caplog.text
+    assert "training without it" in caplog.text and _losses(out) == eager
+
+
 def test_crash_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, palette_file):
     cfg = _cfg(tmp_path, palette=palette_file, steps=4, ckpt_every=2)
     real_save = torch.save

@@ -66,6 +66,7 @@ from igpt.rundir import RunDir
 from igpt.trainconfig import progress_enabled, setting
 from igpt.training import (
     PRECISIONS,
+    Compiled,
     NonFiniteGuard,
     guarded_step,
     mixed_precision,
@@ -152,6 +153,9 @@ class FinetuneConfig:
         choices=PRECISIONS,
     )
     device: str | None = setting(None, "cpu, cuda ...", default_text="the model's")
+    compile: bool = setting(
+        False, "train through torch.compile; eagerly, with a warning, where it cannot run"
+    )
     progress: bool | None = setting(
         None, "tqdm progress bars", default_text="when stderr is a terminal"
     )
@@ -163,6 +167,8 @@ class FinetuneConfig:
         check_objective(self.objective)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         for name in ("steps", "batch_size", "eval_every", "n_masks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -399,6 +405,7 @@ class Finetuner:
         if not cfg.head_bias:
             self.clf.head.bias.requires_grad_(False)  # zero from IGPTClassifier, kept there
         self.opt = finetune_optimizer(cfg, self.clf)
+        self.forward = Compiled(self.clf, cfg.compile)  # self.clf itself without --compile
         self.settings = cfg.settings(self.n_classes, self.clf.layer)
         self.batches = example_batches(
             cfg, tokens, rows, train_images, palette, augment, model.config.n_px, token_augment
@@ -448,7 +455,7 @@ class Finetuner:
         if cfg.objective == "bert":
             mask = self.batches.mask(step, x.shape[1], cfg.mask_prob).to(self.device)
         with self.autocast:
-            gen_logits, logits = self.clf(x, mask, generative=cfg.joint)
+            gen_logits, logits = self.forward(x, mask, generative=cfg.joint)
         l_clf = F.cross_entropy(logits, y)
         l_gen = generative_loss(gen_logits, x, mask) if cfg.joint else None
         loss = l_clf + l_gen if cfg.joint else l_clf

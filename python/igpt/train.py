@@ -69,6 +69,7 @@ from igpt.pretrain_setup import (
 from igpt.rundir import RunDir
 from igpt.trainconfig import RESUME_FIXED, TrainConfig, progress_enabled, setting
 from igpt.training import (
+    Compiled,
     NonFiniteGuard,
     guarded_step,
     mixed_precision,
@@ -146,6 +147,7 @@ class Trainer:
         )
         self.apply_memory(self.memory.settings)
         self.model = d.wrap(self.raw_model, self.device, bf16=self.amp)
+        self.forward = Compiled(self.model, cfg.compile)  # self.model itself without --compile
         n_train = len(self.batches.train_idx)  # the warm-up's epoch
         self.optimizer, self.scheduler, self.warmup = run_optimizer(
             cfg, self.model, self.device, ckpt, n_train
@@ -175,7 +177,7 @@ class Trainer:
     def loss_sum(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (mask None: AR, else BERT)."""
         with self.autocast, activation_offload(self.cfg.offload_activations):
-            logits = self.model(tokens, bert_mask=mask)
+            logits = self.forward(tokens, bert_mask=mask)
             return generative_loss(logits, tokens, mask, reduction="sum")
 
     def train_step(self, step: int) -> dict:

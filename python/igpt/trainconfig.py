@@ -133,6 +133,11 @@ class TrainConfig:
     offload_activations: bool = setting(
         False, "keep saved activations in pinned CPU memory until the backward"
     )
+    compile: bool = setting(
+        False,
+        "train through torch.compile (our kernels stay custom ops in the graph); where it "
+        "cannot run, a warning says why and training goes on eagerly",
+    )
     augment: str = setting(
         "none",
         "train-time augmentation: crop (random resized crop) or cifar (pad-crop-flip)",
@@ -214,7 +219,7 @@ class TrainConfig:
             and all(_is_real(x) and math.isfinite(x) and 0 <= x < 1 for x in b)
         ):
             raise ValueError(f"betas must be two numbers in [0, 1), got {b!r}{_flag('betas')}")
-        for name in ("fsdp", "resume"):
+        for name in ("fsdp", "resume", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.precision == "fp16" and self.fsdp:

@@ -5,6 +5,7 @@
     dtype = amp_dtype(cfg.precision, device)        # bf16, fp16 or None (fp32)
     with autocast(device, dtype is not None, dtype): loss = ...
     scaler = grad_scaler(dtype, device)               # fp16's loss scaling (else a no-op)
+    forward = Compiled(model, cfg.compile)             # torch.compile, eager where it fails
     guard = NonFiniteGuard()                          # skip and count a non-finite step
     if guard.check(step, loss, grad_norm, lr): optimizer.step()
     finite, grad_norm = guarded_step(optimizer, scaler, guard, params, step=s, loss=l, clip=c)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ __all__ = [
     "grad_scaler",
     "guarded_step",
     "mixed_precision",
+    "Compiled",
     "open_resume",
     "refuse_resume",
     "restore_optimizer_settings",
@@ -142,6 +145,56 @@ def mixed_precision(precision: str, device: torch.device):
     the scaler is enabled for fp16 only, a no-op otherwise."""
     dtype = amp_dtype(precision, device)
     return autocast(device, dtype is not None, dtype), grad_scaler(dtype, device)
+
+
+def _compile_failures() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot compile here (no C++ compiler, a backend
+    that fails), as opposed to an error of the model's own."""
+    from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
+    from torch._inductor.exc import InductorError
+
+    return BackendCompilerFailed, InternalTorchDynamoError, InductorError
+
+
+class Compiled:
+    """``module`` called through ``torch.compile`` (``enabled``), or as it is.
+
+    Our kernels are ``torch.library`` custom ops, so they stay in the graph as one node per
+    call. Where compile cannot run (``torch.compile`` refuses this Python or platform, or
+    its first call fails to compile: no C++ compiler, a backend error), a warning says why
+    and every call runs eagerly from then on. ``compile_seconds``: the first call's time.
+    """
+
+    def __init__(self, module, enabled: bool):
+        self.eager, self.compiled, self.compile_seconds = module, None, None
+        if enabled:
+            try:
+                self.compiled = torch.compile(module)
+            except RuntimeError as e:  # e.g. a Python that Dynamo does not support yet
+                self._fall_back(e)
+
+    def _fall_back(self, e: BaseException) -> None:
+        lines = str(e).strip().splitlines()
+        log.warning(
+            "--compile: torch.compile cannot run here (%s: %s); training without it",
+            *(type(e).__name__, lines[0] if lines else "no message"),
+        )
+        self.compiled = None
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.eager(*args, **kwargs)
+        if self.compile_seconds is not None:
+            return self.compiled(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            out = self.compiled(*args, **kwargs)
+        except _compile_failures() as e:
+            self._fall_back(e)
+            return self.eager(*args, **kwargs)
+        self.compile_seconds = time.perf_counter() - start
+        log.info("--compile: the first call compiled in %.1f s", self.compile_seconds)
+        return out
 
 
 def guarded_step(optimizer, scaler, guard, parameters, *, step: int, loss: float, clip: float):
