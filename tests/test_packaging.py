@@ -207,6 +207,15 @@ def test_triton_and_transformers_are_extras():
     assert any(r.startswith("triton==") for r in meta["optional-dependencies"]["test"])
 
 
+def test_experiment_trackers_are_extras():
+    """--report-to's trackers: ``pip install "igpt[tensorboard]"`` / ``"igpt[wandb]"``."""
+    meta = _project()
+    base = " ".join(meta["dependencies"])
+    assert "tensorboard" not in base and "wandb" not in base
+    extras = meta["optional-dependencies"]
+    assert extras["tensorboard"] == ["tensorboard"] and extras["wandb"] == ["wandb"]
+
+
 # --------------------------------------------------------------------------------------
 # the wheel and the sdist, installed as a user would
 # --------------------------------------------------------------------------------------

@@ -610,6 +610,43 @@ def test_compile_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, palet
     assert "training without it" in caplog.text and _losses(out) == eager
 
 
+def _tensorboard_scalars(run_dir) -> dict:
+    """``{tag: [(step, value), ...]}`` read back from a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def test_report_to_tensorboard_logs_the_metrics_rows_and_purges_redone_steps(
+    tmp_path, monkeypatch, palette_file
+):
+    """--report-to tensorboard: every number of every metrics.jsonl row, at its step, read
+    back from the event files; a resumed run's redone steps replace the killed run's."""
+    pytest.importorskip("tensorboard")
+    kw = dict(palette=palette_file, steps=4, ckpt_every=2, val_size=4, report_to="tensorboard")
+    cfg = _cfg(tmp_path, **kw)
+    _killed_at(cfg, 3, monkeypatch)  # logged step 3, past the checkpoint at 2
+    pretrain(cfg, resume=True)
+    rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    scalars = _tensorboard_scalars(cfg.out)
+    assert {"loss", "lr", "grad_norm", "val_loss", "tokens_per_s"} <= set(scalars)
+    for key in ("loss", "lr", "val_loss"):
+        want = [(r["step"], r[key]) for r in rows if key in r]
+        np.testing.assert_allclose(scalars[key], want, rtol=1e-6)  # float32 events
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]  # step 3 once: the redone one
+
+
+def test_report_to_wandb_without_wandb_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as where it is not installed
+    with pytest.raises(ImportError, match=r'pip install "igpt\[wandb\]"'):
+        Trainer(_cfg(tmp_path, report_to="wandb"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    with pytest.raises(ValueError, match="report_to must be one of"):
+        _cfg(tmp_path, report_to="mlflow")
+
+
 def test_crash_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, palette_file):
     cfg = _cfg(tmp_path, palette=palette_file, steps=4, ckpt_every=2)
     real_save = torch.save

@@ -63,6 +63,7 @@ from igpt.model import IGPT
 from igpt.objectives import MASK_PROB, OBJECTIVES, check_objective, generative_loss, objective_of
 from igpt.probe import as_labels
 from igpt.rundir import RunDir
+from igpt.trackers import REPORT_TO
 from igpt.trainconfig import progress_enabled, setting
 from igpt.training import (
     PRECISIONS,
@@ -156,6 +157,11 @@ class FinetuneConfig:
     compile: bool = setting(
         False, "train through torch.compile; eagerly, with a warning, where it cannot run"
     )
+    report_to: str = setting(
+        "none",
+        "also send the metrics rows to tensorboard (<out>/tensorboard) or wandb",
+        choices=REPORT_TO,
+    )
     progress: bool | None = setting(
         None, "tqdm progress bars", default_text="when stderr is a terminal"
     )
@@ -167,6 +173,8 @@ class FinetuneConfig:
         check_objective(self.objective)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False, got {self.compile!r}")
         for name in ("steps", "batch_size", "eval_every", "n_masks"):
@@ -414,7 +422,7 @@ class Finetuner:
         self.state["skipped"] = 0
         self.guard = NonFiniteGuard()
         self.best_weights = None  # without a run directory, the best state lives in memory
-        self.run = RunDir(cfg.out_dir) if cfg.out_dir is not None else None
+        self.run = RunDir(cfg.out_dir, report_to=cfg.report_to) if cfg.out_dir else None
         if self.run is not None:
             self._open_run()
 

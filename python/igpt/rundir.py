@@ -1,6 +1,7 @@
 """A run directory, as pre-training and fine-tuning both keep one.
 
     run = RunDir("runs/x")                  # is_main=False on the other torchrun ranks
+    run = RunDir("runs/x", report_to="tensorboard")   # metrics rows to a tracker as well
     latest = run.check_fresh(resume)        # the latest checkpoint's name, or None
     found = run.resume_checkpoint(resume)   # (path, checkpoint) of the newest intact one, or None
     run.truncate_metrics(step)              # drop rows a killed run logged past it
@@ -34,6 +35,7 @@ from igpt.checkpoint import (
     run_checkpoints,
 )
 from igpt.sharded import save_sharded
+from igpt.trackers import open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +57,20 @@ def _current_names(row):
 
 class RunDir:
     """The files of one run under ``path`` (created by the main process, which also removes
-    the temporary files a killed run left there)."""
+    the temporary files a killed run left there). ``report_to`` (``igpt.trackers``: "none",
+    "tensorboard", "wandb") sends every metrics row to that tracker too (main process)."""
 
-    def __init__(self, path, *, is_main: bool = True):
+    def __init__(self, path, *, is_main: bool = True, report_to: str = "none"):
         self.path, self.is_main = Path(path), is_main
         if is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(self.path)
         self.metrics_path = self.path / "metrics.jsonl"
+        self.trackers = open_trackers(report_to, self.path, is_main=is_main)
+
+    def close(self) -> None:
+        """Flush and close the trackers (``report_to``)."""
+        self.trackers.close()
 
     def check_fresh(self, resume: bool) -> Path | None:
         """The latest checkpoint to resume from (None: start at step 0).
@@ -101,6 +109,7 @@ class RunDir:
         if self.is_main and rows:
             with open(self.metrics_path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
+            self.trackers.log(rows)
 
     def read_metrics(self) -> list[dict]:
         """The logged rows; a line half-written when a process died is skipped. Rows of

@@ -133,7 +133,7 @@ class Trainer:
         self.device = resolve_device(cfg.device, local_rank=d.local_rank if d.world > 1 else None)
         self.amp = uses_bf16(cfg.precision, self.device)
         self.autocast, self.scaler = mixed_precision(cfg.precision, self.device)  # fp16: scaler
-        self.run = RunDir(cfg.out, is_main=d.is_main)
+        self.run = RunDir(cfg.out, is_main=d.is_main, report_to=cfg.report_to)
         d.barrier()
         found = open_resume(self.run, cfg.resume, functools.partial(check_resumable, cfg))
         resume_from, ckpt = found if found is not None else (None, None)
@@ -338,7 +338,8 @@ class Trainer:
         return self.run.plot("loss_curve.png", [("loss (nats / token)", series)], title=title)
 
     def close(self) -> None:
-        """Destroy the process group if this trainer created it."""
+        """Close the trackers; destroy the process group if this trainer created it."""
+        self.run.close()
         self.dist.close()
 
 

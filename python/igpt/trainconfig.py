@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from igpt.config import SIZES
 from igpt.memory import parse_size
 from igpt.objectives import MASK_PROB, OBJECTIVES
+from igpt.trackers import REPORT_TO
 from igpt.training import PRECISIONS
 
 __all__ = [
@@ -133,6 +134,12 @@ class TrainConfig:
     offload_activations: bool = setting(
         False, "keep saved activations in pinned CPU memory until the backward"
     )
+    report_to: str = setting(
+        "none",
+        "also send the metrics.jsonl rows to tensorboard (<out>/tensorboard) or wandb "
+        '(main process; pip install "igpt[tensorboard]" / "igpt[wandb]")',
+        choices=REPORT_TO,
+    )
     compile: bool = setting(
         False,
         "train through torch.compile (our kernels stay custom ops in the graph); where it "
@@ -191,6 +198,7 @@ class TrainConfig:
             ("precision", PRECISIONS),
             ("augment", AUGMENTS),
             ("checkpoint_format", CHECKPOINT_FORMATS),
+            ("report_to", REPORT_TO),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
