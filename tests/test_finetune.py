@@ -341,6 +341,23 @@ def test_finetune_compile_trains_through_torch_compile(monkeypatch):
         FinetuneConfig(compile="yes")
 
 
+def test_finetune_report_to_tensorboard_logs_its_metrics_rows(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from igpt.finetune import FinetuneConfig, Finetuner
+
+    x, y = synthetic(16)
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(steps=2, batch_size=8, out_dir=str(out), report_to="tensorboard")
+    Finetuner(tiny(), cfg, x, y).fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("loss")]
+    np.testing.assert_allclose(got, [(r["step"], r["loss"]) for r in rows if "loss" in r], 1e-6)
+
+
 def test_finetune_fp16_steps_through_a_gradient_scaler(tmp_path):
     """--precision fp16: float16 autocast, a scaler whose scale a resume brings back."""
     from igpt.finetune import FinetuneConfig, Finetuner
