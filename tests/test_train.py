@@ -814,6 +814,52 @@ def test_augmented_training_and_checkpointing_policy(tmp_path, palette_file, mon
     np.testing.assert_allclose(_losses(recomputed["out"]), _losses(stored["out"]), rtol=1e-6)
 
 
+def test_dataloader_workers_give_the_inline_batches_bit_for_bit(tmp_path, palette_file):
+    """--dataloader-num-workers 2: the batches made ahead in worker processes are the ones
+    made inline (augmented images here), so the run is the same bit for bit; a step asked
+    for out of order (a step redone) is made inline."""
+    kw = dict(palette=palette_file, augment="crop", steps=3, ckpt_every=3, val_size=4)
+    inline = pretrain(_cfg(tmp_path, "inline", **kw))
+    trainer = Trainer(_cfg(tmp_path, "workers", dataloader_num_workers=2, **kw))
+    try:
+        assert trainer.loader._it is not None
+        summary = trainer.fit()
+        assert trainer.loader.next == 3
+        assert torch.equal(trainer.loader.get(1), trainer.batches.tokens(1, slice(0, 8)))
+    finally:
+        trainer.close()
+    assert _losses(summary["out"]) == _losses(inline["out"])
+    a, b = load_checkpoint(inline["out"])["model"], load_checkpoint(summary["out"])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="dataloader_num_workers must be an int >= 0"):
+        _cfg(tmp_path, dataloader_num_workers=-1)
+
+
+def test_augmentation_reads_images_lazily_a_batch_at_a_time(tmp_path, palette_file, monkeypatch):
+    """--augment: the split is opened lazily and read a batch's rows at a time (and the
+    capped hold-out once), never whole."""
+    import igpt.data
+    from igpt.imagesets import ImageSet
+
+    opened, reads = [], []
+    real_load, real_take = igpt.data.load_images, ImageSet.take
+
+    def load_images(spec, *a, **k):
+        opened.append(k.get("lazy"))
+        return real_load(spec, *a, **k)
+
+    def take(self, idx):
+        reads.append(len(np.unique(idx)))
+        return real_take(self, idx)
+
+    monkeypatch.setattr(igpt.data, "load_images", load_images)
+    monkeypatch.setattr(ImageSet, "take", take)
+    kw = dict(palette=palette_file, augment="crop", steps=3, ckpt_every=3, val_size=16)
+    pretrain(_cfg(tmp_path, **kw))
+    assert opened == [True]
+    assert sorted(reads) == [8, 8, 8, 16]  # three batches of 8, the hold-out; of 1797 images
+
+
 def test_lr_search_stops_when_validation_rises(tmp_path, monkeypatch):
     vals = {0.01: 3.0, 0.003: 2.0, 0.001: 2.5, 0.0003: 1.0}
     tried = []

@@ -62,6 +62,7 @@ from igpt.pretrain_setup import (
     micro_batch,
     run_config,
     run_data,
+    run_loader,
     run_model,
     run_optimizer,
     run_palette,
@@ -158,6 +159,7 @@ class Trainer:
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.run.truncate_metrics(self.step)
         self._write_config()
+        self.loader = run_loader(cfg, d, self.batches, self.step, self.device)
 
     def apply_memory(self, settings: dict) -> None:
         """Run with ``settings`` (``TrainMemory.settings``: grad_accum, checkpointing,
@@ -186,10 +188,11 @@ class Trainer:
         mask = self.batches.mask(step, n, cfg.mask_prob) if cfg.objective == "bert" else None
         denom = max(float(mask.sum()) if mask is not None else float(cfg.batch_size * n), 1.0)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        local = self.loader.get(step)  # this rank's rows of the global batch
         for m in range(cfg.grad_accum):
-            lo = d.rank * (cfg.batch_size // d.world) + m * self.micro
-            rows = slice(lo, lo + self.micro)
-            tokens = self.batches.tokens(step, rows).to(self.device, non_blocking=True)
+            lo = m * self.micro
+            tokens = local[lo : lo + self.micro].to(self.device, non_blocking=True)
+            rows = slice(self.loader.rows.start + lo, self.loader.rows.start + lo + self.micro)
             mb_mask = None if mask is None else mask[rows].to(self.device, non_blocking=True)
             with d.sync(self.model, m == cfg.grad_accum - 1):
                 s = self.loss_sum(tokens, mb_mask)
@@ -340,6 +343,7 @@ class Trainer:
     def close(self) -> None:
         """Close the trackers; destroy the process group if this trainer created it."""
         self.run.close()
+        getattr(self, "loader", None) and self.loader.close()
         self.dist.close()
 
 

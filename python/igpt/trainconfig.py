@@ -134,6 +134,15 @@ class TrainConfig:
     offload_activations: bool = setting(
         False, "keep saved activations in pinned CPU memory until the backward"
     )
+    dataloader_num_workers: int = setting(
+        0,
+        "processes that make each step's batch ahead of it (torch DataLoader; 0: inline); the "
+        "batches are the same, bit for bit",
+    )
+    dataloader_pin_memory: bool = setting(True, "pin the batches for the copy to the GPU")
+    dataloader_prefetch_factor: int | None = setting(
+        None, "batches each worker makes ahead", default_text="2 with workers"
+    )
     report_to: str = setting(
         "none",
         "also send the metrics.jsonl rows to tensorboard (<out>/tensorboard) or wandb "
@@ -208,7 +217,11 @@ class TrainConfig:
             _check_int(self, name, 1)
         for name in ("checkpointing", "val_every", "keep_checkpoints", "seed"):
             _check_int(self, name, 0)
+        for name in ("dataloader_num_workers",):
+            _check_int(self, name, 0)
         for name, lo in (("warmup_steps", 0), ("val_size", 1), ("n_px", 1), ("n_colors", 1)):
+            _check_int(self, name, lo, optional=True)
+        for name, lo in (("dataloader_prefetch_factor", 1),):
             _check_int(self, name, lo, optional=True)
         if self.warmup_steps is not None and self.warmup_steps > self.steps:
             raise ValueError(
@@ -227,7 +240,7 @@ class TrainConfig:
             and all(_is_real(x) and math.isfinite(x) and 0 <= x < 1 for x in b)
         ):
             raise ValueError(f"betas must be two numbers in [0, 1), got {b!r}{_flag('betas')}")
-        for name in ("fsdp", "resume", "compile"):
+        for name in ("fsdp", "resume", "compile", "dataloader_pin_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.precision == "fp16" and self.fsdp:
