@@ -8,7 +8,7 @@
     lazy = load_images("imagenet64:~/data/imagenet64", lazy=True)   # lists, reads by slices
     tokens, labels = cached_tokens("folder:~/imagenet", "train", palette, 64)  # uint16 memmap
 
-Dataset specs (DESIGN.md):
+Dataset specs (README.md, "Pretraining on your data"):
 
 - ``digits``: scikit-learn's bundled handwritten digits (1797 real 8x8 scans, 0..16 grey
   levels scaled to 0..255 and repeated to RGB, labels 0-9). Needs no download.

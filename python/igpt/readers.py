@@ -1,7 +1,7 @@
 """Whole splits in memory: ``ImageData``, the spec parser and the readers behind
 ``igpt.data.load_images`` (the lazy readers that list, not load, are ``igpt.imagesets``).
 
-Dataset specs (DESIGN.md): ``digits``, ``cifar10:DIR``, ``cifar100:DIR``, ``folder:DIR``,
+Dataset specs: ``digits``, ``cifar10:DIR``, ``cifar100:DIR``, ``folder:DIR``,
 ``npz:FILE``, ``imagenet32:DIR`` and ``imagenet64:DIR``; see ``igpt.data`` for what each
 holds and how the splits are made.
 """
