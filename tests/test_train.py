@@ -860,6 +860,36 @@ def test_augmentation_reads_images_lazily_a_batch_at_a_time(tmp_path, palette_fi
     assert sorted(reads) == [8, 8, 8, 16]  # three batches of 8, the hold-out; of 1797 images
 
 
+def test_figures_leave_the_matplotlib_backend_and_pyplot_alone(tmp_path):
+    """The PNGs igpt draws (loss curves, the probe's depth figure, the palette preview) are
+    Figure objects of their own: a notebook's backend is not switched, no figure is left
+    open in pyplot."""
+    script = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+import numpy as np, torch
+from pathlib import Path
+from igpt.palette import Palette, save_preview
+from igpt.reporting import plot_accuracy_vs_depth
+from igpt.rundir import RunDir
+out = Path({str(tmp_path)!r})
+run = RunDir(out / "run")
+run.append_metrics([{{"step": 1, "loss": 2.0}}, {{"step": 2, "loss": 1.5, "val_loss": 1.7}}])
+assert run.plot("curve.png", [("loss", [("loss", "train"), ("val_loss", "val")])]).is_file()
+rows = [{{"layer": i, "test_acc": 0.1 * i}} for i in range(3)]
+plot_accuracy_vs_depth({{"probe": rows}}, out / "depth.png")
+images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+save_preview(Palette(torch.rand(4, 3) * 255), images, out / "palette.png")
+print(matplotlib.get_backend(), plt.get_fignums())
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["svg", "[]"]
+    assert all((tmp_path / n).stat().st_size > 1000 for n in ("depth.png", "palette.png"))
+
+
 def test_lr_search_stops_when_validation_rises(tmp_path, monkeypatch):
     vals = {0.01: 3.0, 0.003: 2.0, 0.001: 2.5, 0.0003: 1.0}
     tried = []

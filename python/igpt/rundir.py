@@ -177,14 +177,12 @@ class RunDir:
         if not self.is_main:
             return None
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure
         except ImportError:
             return None
         rows = self.read_metrics()
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.5, 4), dpi=100)
+        fig = Figure(figsize=(4.5 * len(panels) + 1.5, 4), dpi=100)  # outside pyplot's state
+        axes = fig.subplots(1, len(panels))
         for ax, (ylabel, series) in zip(list(getattr(axes, "flat", [axes])), panels, strict=True):
             for key, label in series:
                 pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -201,5 +199,4 @@ class RunDir:
         fig.tight_layout()
         path = self.path / name
         fig.savefig(path)
-        plt.close(fig)
         return path
