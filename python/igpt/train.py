@@ -343,7 +343,8 @@ class Trainer:
     def close(self) -> None:
         """Close the trackers; destroy the process group if this trainer created it."""
         self.run.close()
-        getattr(self, "loader", None) and self.loader.close()
+        if getattr(self, "loader", None) is not None:  # absent when __init__ failed
+            self.loader.close()
         self.dist.close()
 
 
