@@ -510,6 +510,11 @@ def test_sharded_checkpoints_resume_bit_for_bit_past_a_damaged_one(tmp_path, pal
     assert _losses(sharded.out) == _losses(full.out)
     a, b = load_checkpoint(full.out)["model"], load_checkpoint(sharded.out)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # --checkpoint takes a sharded directory as it takes a file: its weights, gathered
+    start = Trainer(_cfg(tmp_path, "from", init_from=str(newest), **kw))
+    start.close()
+    got = start.raw_model.state_dict()
+    assert start.step == 0 and all(torch.equal(b[k], got[k]) for k in b)
 
 
 def _killed_at(cfg: TrainConfig, step: int, monkeypatch) -> None:

@@ -65,9 +65,10 @@ log = logging.getLogger(__name__)
 
 
 def init_config(init_from) -> IGPTConfig:
-    """The model config of the checkpoint a run starts from (read without its tensors)."""
+    """The model config of the checkpoint a run starts from (read without its tensors: a
+    file memory-mapped, a sharded directory's state.pt alone)."""
     path = resolve_checkpoint(init_from)
-    return model_config(read_checkpoint(path, mmap=True), path)
+    return model_config(read_checkpoint(path, mmap=True, tensors=False), path)
 
 
 def init_checkpoint(cfg, palette) -> dict:
