@@ -954,13 +954,16 @@ def _spawn_two(cfg: TrainConfig) -> None:
 @pytest.mark.slow  # two processes: 10-60 s on 2 cores
 def test_two_gloo_processes_match_one(tmp_path, palette_file):
     """BERT, the harder case: the loss is normalised by the masked count of the *global*
-    batch, which neither process sees alone."""
+    batch, which neither process sees alone. Each DDP process's rows come from a DataLoader
+    worker, and its checkpoint is written sharded (DCP dedups the replicated tensors)."""
 
     kw = dict(objective="bert", palette=palette_file, steps=3, ckpt_every=3, device="cpu")
     one = _cfg(tmp_path, "one", grad_accum=2, **kw)  # same global batch, 2 micro-steps
     pretrain(one)
-    two = _cfg(tmp_path, "two", checkpointing=1, **kw)  # and recomputation under DDP
+    ddp = dict(checkpointing=1, dataloader_num_workers=1, checkpoint_format="sharded")
+    two = _cfg(tmp_path, "two", **ddp, **kw)  # and recomputation under DDP
     _spawn_two(two)
+    assert latest_checkpoint(two.out).name == "ckpt_00000003.dcp"
     a, b = _losses(one.out), _losses(two.out)
     assert len(a) == len(b) == 3
     np.testing.assert_allclose(a, b, rtol=1e-5)
