@@ -380,9 +380,7 @@ def _kmeans_torch(
 
 def save_preview(palette: Palette, images: np.ndarray, path, *, n_images: int = 6) -> None:
     """Write a PNG: the palette's swatches (index order) over a few images before/after."""
-    from igpt.reporting import pyplot
-
-    plt = pyplot()
+    from igpt.reporting import figure
 
     k = len(palette)
     cols = int(np.ceil(np.sqrt(k)))
@@ -392,7 +390,7 @@ def save_preview(palette: Palette, images: np.ndarray, path, *, n_images: int = 
     shown = images[: min(n_images, len(images))]
     after = palette.dequantize(palette.quantize(shown)).numpy()
     n = max(len(shown), 1)
-    fig = plt.figure(figsize=(max(6.0, 1.6 * n), 9.0))
+    fig = figure(figsize=(max(6.0, 1.6 * n), 9.0))
     grid = fig.add_gridspec(3, n, height_ratios=[2, 1, 1])
     ax = fig.add_subplot(grid[0, :])
     ax.imshow(swatch, interpolation="nearest")
@@ -406,7 +404,6 @@ def save_preview(palette: Palette, images: np.ndarray, path, *, n_images: int = 
             if i == 0:
                 a.set_ylabel(label)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def save_palette(palette: Palette, directory, *, n_px: int | None = None) -> Path:

@@ -380,7 +380,7 @@ def _data_help() -> str:
 def add_common_arguments(
     parser: argparse.ArgumentParser, *names: str, helps: dict | None = None
 ) -> None:
-    """Add the flags shared across commands (DESIGN.md), by name, with one meaning each.
+    """Add the flags shared across commands (the table below), by name, with one meaning each.
 
     ``helps`` replaces the help text of some of them (name -> text) where a command gives
     the flag a more specific role."""
