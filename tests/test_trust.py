@@ -411,3 +411,11 @@ def test_verdict_measures_the_candidate_against_the_oracle():
     judge = trust.Judge(fn, (torch.randn(64, 8),), ("x",), grad=False)
     assert judge.verdict("below")["ok"]
     assert not judge.verdict("above")["ok"]
+
+
+def test_an_empty_call_is_judged_without_error():
+    q = torch.randn(2, 3, 0, 32)
+    verdict = attention_module.call_judge(q, q, q, True, None, 32**-0.5)(["sdpa"])["sdpa"]
+    assert verdict["ok"] and verdict["error"] is None
+    x = torch.randn(0, 8, requires_grad=True)
+    assert trust.Judge(lambda name, x: x * 2, (x,), ("x",), grad=True).verdict("torch")["ok"]
