@@ -20,6 +20,7 @@ from igpt_kernels._dispatch import (
     triton_interpreting,
     triton_unavailable,
 )
+from igpt_kernels._settings import matmul_allows_tf32
 from igpt_kernels._triton import triton
 from igpt_kernels.ln_mlp_kernels import (
     ln_fc_kernel,
@@ -114,10 +115,11 @@ def _tuned(name, dtype):
 
 
 def _precision(dtype) -> str | None:
-    """Exact fp32 dots unless torch itself allows TF32 for matmuls (None: 16-bit inputs)."""
+    """Exact fp32 dots unless torch itself allows TF32 for matmuls (None: 16-bit inputs),
+    through whichever of torch's TF32 APIs the user set (``_settings``)."""
     if dtype != torch.float32:
         return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if matmul_allows_tf32() else "ieee"
 
 
 def _bucket(T: int) -> int:

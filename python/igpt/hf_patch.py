@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 import igpt_kernels
+from igpt_kernels._settings import matmul_allows_tf32
 from igpt_kernels.palette import clear_nearest
 from igpt_kernels.reference import neighbour_table
 
@@ -388,7 +389,7 @@ def _error_margin(c, x_max: float, cuda: bool) -> float:
     span = x_max + float(c.abs().max())
     if c.dtype == torch.float64:
         unit = 2.0**-53
-    elif cuda and torch.backends.cuda.matmul.allow_tf32:
+    elif cuda and matmul_allows_tf32():
         unit = 2.0**-11  # TF32 GEMMs keep 10 mantissa bits
     else:
         unit = 2.0**-24
