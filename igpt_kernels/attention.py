@@ -73,10 +73,11 @@ from igpt_kernels._dispatch import (
     grad_run,
     judge_call,
     needs_grad,
+    settled,
     triton_interpreting,
     triton_unavailable,
 )
-from igpt_kernels._triton import HAS_TRITON, triton
+from igpt_kernels._triton import HAS_TRITON, autotuning, triton
 from igpt_kernels.attention_kernels import (
     attn_bwd_dkdv_kernel,
     attn_bwd_dq_kernel,
@@ -524,11 +525,32 @@ def call_kind(q, k, v, causal, key_padding_mask):
         "square": Nq == Nk,
         "BH": bucket(B * H),
         "grad": needs_grad(q, k, v),
+        # settings that change the Triton code that runs: a verdict judged one of them
+        "autotune": autotuning(),
     }
+    if D == 96:
+        fields["hd96"] = "split" if HD96_SPLIT else "pad"
     return names, fields
 
 
+def _signature(q, k, v, causal, key_padding_mask):
+    """Everything ``call_kind`` and ``triton_reason`` read, as a tuple: calls with one
+    signature have one key, one set of candidates and one static choice, so a settled
+    choice (``_dispatch.settled``) serves them all without building the key."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    return (
+        q.device, q.dtype, D, bucket(Nq), bucket(Nk), Nq == Nk, Nk == 1, bucket(B * H),
+        B * H > MAX_BATCH_HEADS, causal, key_padding_mask is None, needs_grad(q, k, v),
+        HD96_SPLIT, autotuning(),
+    )  # fmt: skip
+
+
 def _choose(q, k, v, causal, key_padding_mask, scale, backend):
+    sig = _signature(q, k, v, causal, key_padding_mask) if backend == "auto" else None
+    name = None if sig is None else settled("attention", sig)
+    if name is not None:
+        return name
     reasons = {"triton": triton_reason(q), "sdpa": None}
 
     def describe():
@@ -540,7 +562,9 @@ def _choose(q, k, v, causal, key_padding_mask, scale, backend):
     run = grad_run(fn, (q, k, v, key_padding_mask))
     sliced = functools.partial(slice_heads, q, k, v, key_padding_mask)
     judge = judge_call(fn, sliced, ARG_NAMES, needs_grad(q, k, v))
-    return choose("attention", q.device, backend, reasons, AUTO_ORDER, describe, run, judge, SAFE)
+    return choose(
+        "attention", q.device, backend, reasons, AUTO_ORDER, describe, run, judge, SAFE, sig
+    )
 
 
 def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, backend="auto"):

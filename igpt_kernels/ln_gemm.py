@@ -17,11 +17,12 @@ from igpt_kernels._dispatch import (
     grad_run,
     judge_call,
     needs_grad,
+    settled,
     triton_interpreting,
     triton_unavailable,
 )
 from igpt_kernels._settings import matmul_allows_tf32
-from igpt_kernels._triton import triton
+from igpt_kernels._triton import autotuning, triton
 from igpt_kernels.ln_mlp_kernels import (
     ln_fc_kernel,
     mm_kernel,
@@ -387,7 +388,26 @@ def call_kind(x, reasons, fields):
         "autocast": str(cast)[6:] if cast is not None else "off",
         "T": bucket(x.numel() // x.shape[-1]),
         **fields,
+        # settings that change the code that runs: a verdict judged one of them
+        "tf32": _tf32(x, reasons),
+        "autotune": autotuning(),
     }
+
+
+def _tf32(x, reasons) -> bool:
+    """Whether float32 GEMMs of ours (Triton's dots, "cublas"'s torch GEMMs) may use TF32
+    on this call: only read where one of them can run (the read costs microseconds)."""
+    ours = any(why is None for why in reasons.values())
+    return ours and x.dtype == torch.float32 and matmul_allows_tf32()
+
+
+def _signature(x, reasons, fields):
+    """Everything ``call_kind`` reads, as a tuple (see ``attention._signature``)."""
+    return (
+        x.device, x.dtype, autocast_dtype(x), bucket(x.numel() // x.shape[-1]),
+        _tf32(x, reasons), autotuning(),
+        *reasons.values(), *fields.values(),
+    )  # fmt: skip
 
 
 def choose_norm_backend(op, x, backend, reasons, fields, fn, params, arg_names):
@@ -396,6 +416,10 @@ def choose_norm_backend(op, x, backend, reasons, fields, fn, params, arg_names):
     fastest of the runnable ones and the reference that passes PyTorch's check.
 
     fn(name, x, *params): the op on one backend; arg_names: x's and the params' names."""
+    sig = _signature(x, reasons, fields) if backend == "auto" else None
+    name = None if sig is None else settled(op, sig)
+    if name is not None:
+        return name
 
     def describe():
         return call_kind(x, reasons, fields)
@@ -406,4 +430,4 @@ def choose_norm_backend(op, x, backend, reasons, fields, fn, params, arg_names):
         return (slice_rows(x), *params)
 
     judge = judge_call(fn, judged, arg_names, needs_grad(x, *params))
-    return choose(op, x.device, backend, reasons, ("triton",), describe, run, judge, "torch")
+    return choose(op, x.device, backend, reasons, ("triton",), describe, run, judge, "torch", sig)

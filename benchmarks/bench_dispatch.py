@@ -1,0 +1,172 @@
+"""What ``backend="auto"`` costs per call once its choice is made (issue 31, item 6).
+
+On a GPU, ``"auto"`` judges and times the candidates on the first call of a kind of call and
+remembers the winner; every later call of that kind only looks the choice up. This measures
+that look-up on the CPU through the dispatcher's test seams (``DISPATCH.device_name`` names
+a fake GPU, ``DISPATCH.clock`` the CPU's clock, ``DISPATCH.cache_dir=False``: no file), so
+the first call judges and chooses with the real CPU backends and the later ones take the
+path a GPU takes (``WallClock`` times the first call's candidates):
+
+    auto      the public op with ``backend="auto"`` (validation, the look-up, the backend)
+    direct    the chosen backend's own call (``attention_module.run_backend(chosen, ...)``,
+              ``ln_mlp``'s ``_ln_mlp_on(chosen, ...)``): the backend without the public
+              op's validation or any dispatch
+    overhead  auto - direct, in microseconds per call (validation included)
+
+The difference of two noisy times of a few hundred microseconds is itself noisy on a shared
+machine, so each case runs a second time with the backend replaced by a stub that returns
+its first input (``stubbed``: the module's ``run_backend`` / ``_ln_mlp_on`` swapped after the
+choice is made): ``auto`` then costs only the Python around the backend, and ``direct`` the
+stub itself.
+
+Each case times blocks of ``--calls`` calls of each side in turns (``common.interleaved_ms``)
+and reports medians; tiny tensors keep the backends' own time, and so the noise, small.
+
+    python benchmarks/bench_dispatch.py [--calls 500] [--rounds 15]
+
+Writes OUT/dispatch.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+
+import torch
+from common import interleaved_ms, parser, table, write
+
+from igpt_kernels import _dispatch, attention, ln_mlp
+
+attention_module = importlib.import_module("igpt_kernels.attention")
+ln_mlp_module = importlib.import_module("igpt_kernels.ln_mlp")
+
+
+class WallClock:
+    """The CPU's own clock for ``DISPATCH.clock`` (CUDA events need a GPU): the first call
+    of a kind times the CPU backends for real, and the fastest wins, as on a GPU."""
+
+    mark = staticmethod(time.perf_counter)
+
+    def sync(self):
+        """Nothing is queued on a CPU."""
+
+    def elapsed_ms(self, a, b):
+        return (b - a) * 1e3
+
+
+def fake_gpu():
+    """The dispatcher's seams set so the CPU is a GPU named "Fake GPU" (no cache file)."""
+    d = _dispatch.Dispatcher(
+        clock=WallClock(), device_name=lambda device: "Fake GPU", cache_dir=False, mode="measure"
+    )
+    _dispatch.DISPATCH = d
+    return d
+
+
+def attention_case(B, H, Nq, Nk, D, causal):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, Nq, D, generator=g)
+    k, v = (torch.randn(B, H, Nk, D, generator=g) for _ in range(2))
+    scale = 1.0 / math.sqrt(D)
+    chosen = attention_module.choose_backend(q, k, v, causal=causal)  # judged, timed, kept
+
+    def auto():
+        return attention(q, k, v, causal=causal)
+
+    def direct():
+        return attention_module.run_backend(chosen, q, k, v, causal, None, scale)
+
+    return chosen, auto, direct
+
+
+def ln_mlp_case(T, d):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, d, generator=g)
+    params = (torch.ones(d), None, torch.randn(4 * d, d, generator=g) / d**0.5, None)
+    params += (torch.randn(d, 4 * d, generator=g) / (2 * d**0.5), None)
+    opts = ("rms", 1e-5, "quick_gelu", True)
+    ln_mlp(x, *params)  # judged, timed, kept (on the CPU only "torch" can run it)
+    rows = [r for r in _dispatch.dispatch_table() if r["key"].startswith("ln_mlp")]
+    chosen = rows[0]["backend"] if rows else "torch"
+
+    def auto():
+        return ln_mlp(x, *params)
+
+    def direct():
+        return ln_mlp_module._ln_mlp_on(chosen, x, params, *opts)
+
+    return chosen, auto, direct
+
+
+CASES = {
+    "attention decode (B8 H8 Nq1 Nk256 D64)": lambda: attention_case(8, 8, 1, 256, 64, True),
+    "attention causal (B1 H2 N16 D32)": lambda: attention_case(1, 2, 16, 16, 32, True),
+    "ln_mlp (T8 d64, only torch eligible)": lambda: ln_mlp_case(8, 64),
+}
+
+
+def stubbed(name):
+    """The case's module with its backend call replaced by ``lambda name, x, *rest: x``."""
+    module, attr = (
+        (attention_module, "run_backend") if name.startswith("attention") else
+        (ln_mlp_module, "_ln_mlp_on")
+    )  # fmt: skip
+    real = getattr(module, attr)
+
+    def stub(chosen, x, *rest):
+        return x
+
+    setattr(module, attr, stub)
+    return lambda: setattr(module, attr, real)
+
+
+def measure(name, chosen, auto, direct, args):
+    """One row: median microseconds per call of each side, interleaved."""
+    runs = {
+        "auto": (lambda: None, per_call_us(auto, args.calls)),
+        "direct": (lambda: None, per_call_us(direct, args.calls)),
+    }
+    ms = interleaved_ms(runs, warmup=2, rep=args.rounds)
+    us = {side: 1e3 * t / args.calls for side, t in ms.items()}
+    return {
+        "case": name,
+        "chosen": chosen,
+        "auto_us": round(us["auto"], 1),
+        "direct_us": round(us["direct"], 1),
+        "overhead_us": round(us["auto"] - us["direct"], 1),
+    }
+
+
+def per_call_us(fn, calls):
+    def block():
+        for _ in range(calls):
+            fn()
+
+    return block
+
+
+def main(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--calls", type=int, default=500, help="calls per timed block")
+    p.add_argument("--rounds", type=int, default=15, help="blocks per side (medians)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.calls, args.rounds = min(args.calls, 100), min(args.rounds, 5)
+    torch.set_num_threads(1)
+    fake_gpu()
+    rows = []
+    for name, make in CASES.items():
+        chosen, auto, direct = make()
+        rows.append(measure(name, chosen, auto, direct, args))
+        restore = stubbed(name)
+        try:
+            rows.append(measure(name + ", stubbed", chosen, auto, direct, args))
+        finally:
+            restore()
+    print(table(rows, ["case", "chosen", "auto_us", "direct_us", "overhead_us"]))
+    write("dispatch", rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
