@@ -22,7 +22,11 @@ stub itself.
 Each case times blocks of ``--calls`` calls of each side in turns (``common.interleaved_ms``)
 and reports medians; tiny tensors keep the backends' own time, and so the noise, small.
 
-    python benchmarks/bench_dispatch.py [--calls 500] [--rounds 15]
+On a GPU (``--device cuda``, the default where one is visible) the dispatcher is the real
+one (CUDA events, the GPU's name, a temporary cache folder) and the tensors are on the GPU;
+each timed block ends with a synchronize.
+
+    python benchmarks/bench_dispatch.py [--calls 500] [--rounds 15] [--device cpu|cuda]
 
 Writes OUT/dispatch.json and prints a Markdown table.
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import tempfile
 import time
 
 import torch
@@ -55,19 +60,31 @@ class WallClock:
         return (b - a) * 1e3
 
 
-def fake_gpu():
-    """The dispatcher's seams set so the CPU is a GPU named "Fake GPU" (no cache file)."""
-    d = _dispatch.Dispatcher(
-        clock=WallClock(), device_name=lambda device: "Fake GPU", cache_dir=False, mode="measure"
-    )
+def use_dispatcher(device: str, cache_dir):
+    """A fresh ``DISPATCH``: on the CPU its seams set so the CPU is a GPU named "Fake GPU"
+    (the CPU's clock, no cache file); on a GPU the real one, caching under ``cache_dir``."""
+    if device == "cpu":
+        d = _dispatch.Dispatcher(
+            clock=WallClock(), device_name=lambda dev: "Fake GPU", cache_dir=False, mode="measure"
+        )
+    else:
+        d = _dispatch.Dispatcher(cache_dir=cache_dir, mode="measure")
     _dispatch.DISPATCH = d
     return d
 
 
+DEVICE = "cpu"  # set by main
+
+
+def _randn(*shape, g):
+    return torch.randn(*shape, generator=g).to(DEVICE)
+
+
 def attention_case(B, H, Nq, Nk, D, causal):
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, H, Nq, D, generator=g)
-    k, v = (torch.randn(B, H, Nk, D, generator=g) for _ in range(2))
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    q = _randn(B, H, Nq, D, g=g).to(dtype)
+    k, v = (_randn(B, H, Nk, D, g=g).to(dtype) for _ in range(2))
     scale = 1.0 / math.sqrt(D)
     chosen = attention_module.choose_backend(q, k, v, causal=causal)  # judged, timed, kept
 
@@ -82,11 +99,11 @@ def attention_case(B, H, Nq, Nk, D, causal):
 
 def ln_mlp_case(T, d):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(T, d, generator=g)
-    params = (torch.ones(d), None, torch.randn(4 * d, d, generator=g) / d**0.5, None)
-    params += (torch.randn(d, 4 * d, generator=g) / (2 * d**0.5), None)
+    x = _randn(T, d, g=g)
+    params = (torch.ones(d, device=DEVICE), None, _randn(4 * d, d, g=g) / d**0.5, None)
+    params += (_randn(d, 4 * d, g=g) / (2 * d**0.5), None)
     opts = ("rms", 1e-5, "quick_gelu", True)
-    ln_mlp(x, *params)  # judged, timed, kept (on the CPU only "torch" can run it)
+    ln_mlp(x, *params)  # judged, timed, kept (on the CPU without Triton: only "torch")
     rows = [r for r in _dispatch.dispatch_table() if r["key"].startswith("ln_mlp")]
     chosen = rows[0]["backend"] if rows else "torch"
 
@@ -102,7 +119,7 @@ def ln_mlp_case(T, d):
 CASES = {
     "attention decode (B8 H8 Nq1 Nk256 D64)": lambda: attention_case(8, 8, 1, 256, 64, True),
     "attention causal (B1 H2 N16 D32)": lambda: attention_case(1, 2, 16, 16, 32, True),
-    "ln_mlp (T8 d64, only torch eligible)": lambda: ln_mlp_case(8, 64),
+    "ln_mlp (T8 d64)": lambda: ln_mlp_case(8, 64),
 }
 
 
@@ -146,24 +163,37 @@ def per_call_us(fn, calls):
     return block
 
 
+def case_rows(name, make, args):
+    """The case with its backend, then with the backend stubbed."""
+    chosen, auto, direct = make()
+    rows = [measure(name, chosen, auto, direct, args)]
+    restore = stubbed(name)
+    try:
+        rows.append(measure(name + ", stubbed", chosen, auto, direct, args))
+    finally:
+        restore()
+    return rows
+
+
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--calls", type=int, default=500, help="calls per timed block")
     p.add_argument("--rounds", type=int, default=15, help="blocks per side (medians)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if any")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         args.calls, args.rounds = min(args.calls, 100), min(args.rounds, 5)
     torch.set_num_threads(1)
-    fake_gpu()
     rows = []
-    for name, make in CASES.items():
-        chosen, auto, direct = make()
-        rows.append(measure(name, chosen, auto, direct, args))
-        restore = stubbed(name)
-        try:
-            rows.append(measure(name + ", stubbed", chosen, auto, direct, args))
-        finally:
-            restore()
+    with tempfile.TemporaryDirectory() as cache_dir:
+        use_dispatcher(DEVICE, cache_dir)
+        for name, make in CASES.items():
+            rows += case_rows(name, make, args)
+    for row in rows:
+        row["device"] = DEVICE
+
     print(table(rows, ["case", "chosen", "auto_us", "direct_us", "overhead_us"]))
     write("dispatch", rows, args.out)
 
