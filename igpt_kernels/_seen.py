@@ -6,18 +6,23 @@ after call (a palette, the attention mask transformers hands every layer of one 
 what was read from it is kept here, keyed by the tensor's identity and checked against its
 version counter (bumped by every in-place change) and data pointer, so later calls read
 nothing. A tensor that tracks no version (made under ``torch.inference_mode``) is never
-remembered: its values are read each time.
+remembered: its values are read each time; nor is a fake or meta tensor (no values).
 """
 
 from __future__ import annotations
 
 import weakref
 
+from torch._subclasses.fake_tensor import is_fake
+
 MISSING = object()
 
 
 def _state(t):
-    """(version, data pointer) of ``t``, or None where ``t`` has no version counter."""
+    """(version, data pointer) of ``t``, or None where ``t`` has no version counter or no
+    values (a fake or meta tensor: shape propagation)."""
+    if t.device.type == "meta" or is_fake(t):
+        return None
     try:
         return t._version, t.data_ptr()
     except RuntimeError:  # inference tensors track no version

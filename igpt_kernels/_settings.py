@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 
 
+# torch.compile cannot trace the fp32_precision getters (C++ bindings): it runs this at trace
+# time and takes the answer as a constant of the graph (the launch reads it again at run time).
+@torch.compiler.assume_constant_result
 def matmul_allows_tf32() -> bool:
     """Whether torch lets float32 CUDA matmuls use TF32: the matmul backend's
     ``fp32_precision`` if not "none", else the global ``torch.backends.fp32_precision`` if
