@@ -294,8 +294,12 @@ class Dispatcher:
     Every collaborator can be replaced, so the logic runs on a CPU in tests:
     ``clock`` (``EventClock()``), ``device_name`` (device -> GPU name, or None where auto is
     static: by default the CUDA device's name, None for any other device), ``capturing``
-    (whether a CUDA graph is being captured), ``versions`` (the cache file's header),
-    ``cache_dir`` (default ``$XDG_CACHE_HOME/igpt`` or ``~/.cache/igpt``; False: no file).
+    (whether a CUDA graph is being captured), ``versions`` (the cache file's header;
+    default ``_dispatch_cache.environment()``), ``cache_dir`` (default
+    ``$XDG_CACHE_HOME/igpt`` or ``~/.cache/igpt``; False: no file). ``device_name``,
+    ``clock`` and ``cache_dir`` are the documented test seams: set them on ``DISPATCH`` (or
+    pass them here) to fake a GPU on a CPU; setting any attribute forgets the settled
+    choices (``settle``), which were made under the old one.
     """
 
     def __init__(

@@ -585,8 +585,9 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
             runs the fastest of them; one that fails is dropped with a warning. While
             compiling, capturing a CUDA graph or under ``IGPT_DISPATCH=fixed`` nothing is
             judged: Triton runs only where this GPU's dispatch table records it as verified
-            for the kind of call (``igpt selftest`` records verdicts), else "sdpa". A named
-            backend runs as named, unjudged.
+            for the kind of call (``igpt selftest`` records verdicts), else "sdpa" (SDPA's
+            math kernel alone once one of SDPA's kernels failed the check on that kind of
+            call). A named backend runs as named, unjudged.
 
     Returns:
         o: (B, H, Nq, D) in q's dtype (contiguous from "triton"; SDPA's layout from "sdpa").

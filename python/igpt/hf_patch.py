@@ -24,7 +24,8 @@ patched model saves, loads and trains as before. A call the kernels cannot expre
 transformers' original code for that call: ``output_attentions``, a ``head_mask``,
 ``reorder_and_upcast_attn``, cross-attention, attention dropout while training
 (``fallback_reason``), a mask that is not a padding mask or leaves a query with no key to
-see (``_padding_from_mask``), an activation other than quick_gelu / gelu. On the CPU,
+see (``_padding_from_mask``: read once per forward, never while compiling or capturing),
+an activation other than quick_gelu / gelu. On the CPU,
 ``"auto"`` picks the kernels' PyTorch references (SDPA's fused CPU attention without
 padding); on a GPU the fastest verified kernel.
 
