@@ -19,8 +19,10 @@ its first input (``stubbed``: the module's ``run_backend`` / ``_ln_mlp_on`` swap
 choice is made): ``auto`` then costs only the Python around the backend, and ``direct`` the
 stub itself.
 
-Each case times blocks of ``--calls`` calls of each side in turns (``common.interleaved_ms``)
-and reports medians; tiny tensors keep the backends' own time, and so the noise, small.
+Each case times blocks of ``--calls`` calls of each side in turns and reports the medians of
+the blocks, and the overhead between the two sides' fastest blocks (``overhead_min_us``: on
+a loaded machine the least disturbed figure); tiny tensors keep the backends' own time, and
+so the noise, small.
 
 On a GPU (``--device cuda``, the default where one is visible) the dispatcher is the real
 one (CUDA events, the GPU's name, a temporary cache folder) and the tensors are on the GPU;
@@ -35,11 +37,12 @@ from __future__ import annotations
 
 import importlib
 import math
+import statistics
 import tempfile
 import time
 
 import torch
-from common import interleaved_ms, parser, table, write
+from common import parser, table, wall_ms, write
 
 from igpt_kernels import _dispatch, attention, ln_mlp
 
@@ -139,19 +142,24 @@ def stubbed(name):
 
 
 def measure(name, chosen, auto, direct, args):
-    """One row: median microseconds per call of each side, interleaved."""
-    runs = {
-        "auto": (lambda: None, per_call_us(auto, args.calls)),
-        "direct": (lambda: None, per_call_us(direct, args.calls)),
-    }
-    ms = interleaved_ms(runs, warmup=2, rep=args.rounds)
-    us = {side: 1e3 * t / args.calls for side, t in ms.items()}
+    """One row: microseconds per call of each side, blocks timed in turns; the median of the
+    blocks and their minimum (on a loaded machine the minimum is the least disturbed)."""
+    blocks = {"auto": per_call_us(auto, args.calls), "direct": per_call_us(direct, args.calls)}
+    us = {side: [] for side in blocks}
+    for i in range(2 + args.rounds):  # two warm-up rounds
+        for side, block in blocks.items():
+            t = wall_ms(block) * 1e3 / args.calls
+            if i >= 2:
+                us[side].append(t)
+    med = {side: statistics.median(t) for side, t in us.items()}
+    low = {side: min(t) for side, t in us.items()}
     return {
         "case": name,
         "chosen": chosen,
-        "auto_us": round(us["auto"], 1),
-        "direct_us": round(us["direct"], 1),
-        "overhead_us": round(us["auto"] - us["direct"], 1),
+        "auto_us": round(med["auto"], 1),
+        "direct_us": round(med["direct"], 1),
+        "overhead_us": round(med["auto"] - med["direct"], 1),
+        "overhead_min_us": round(low["auto"] - low["direct"], 1),
     }
 
 
@@ -194,7 +202,7 @@ def main(argv=None):
     for row in rows:
         row["device"] = DEVICE
 
-    print(table(rows, ["case", "chosen", "auto_us", "direct_us", "overhead_us"]))
+    print(table(rows, ["case", "chosen", "auto_us", "direct_us", "overhead_us", "overhead_min_us"]))
     write("dispatch", rows, args.out)
 
 
