@@ -25,7 +25,12 @@ run each), which the patch leaves as they are: their ratio, 1 / the unpatched sh
 the most any change outside those GEMMs can gain.
 
     python benchmarks/bench_hf_patch.py [--quick] [--n-px 32] [--batch 8] [--layers 2]
+    python benchmarks/bench_hf_patch.py --generate-only --new-tokens 1023   # a whole 32^2 image
     igpt bench hf_patch
+
+``--generate-only``: only the generate row, ``--reps`` generates per side in turns
+(medians), from SOS to ``--new-tokens`` new tokens (default 64; 1023 completes a 32² image,
+where the attention over up to 1023 cached keys is a real share of each step).
 
 ``--quick``: n_px 16, batch 2, fewer tokens and images (a smoke test, not a measurement).
 Writes OUT/hf_patch.json and prints a Markdown table.
@@ -137,6 +142,41 @@ def timed_rows(model, x, sos, new_tokens: int, reps: int) -> dict:
     train = interleaved_ms({k: (f, step) for k, f in sides.items()}, rep=reps)
     return {k: {"train_ms": train[k], "tokens_s": sos.numel() * new_tokens / (gen[k] / 1e3)}
             for k in sides}  # fmt: skip
+
+
+def generate_rows(args) -> list[dict]:
+    """The generate row alone: ``args.reps`` greedy generates per side, in turns, medians;
+    whether the two sides' tokens are identical."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = make_model(args.n_px, args.layers).to(device).eval()
+    sos = torch.full((args.gen_batch, 1), model.config.vocab_size - 1, device=device)
+    tokens = {}
+
+    def side(name, patch):
+        def setup():
+            if patch:
+                apply_igpt_kernels_to_imagegpt(model, processor=False)
+            else:
+                revert_igpt_kernels_to_imagegpt(model, processor=False)
+
+        def run():
+            with torch.no_grad():
+                tokens[name] = model.generate(
+                    sos, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                )  # fmt: skip
+
+        return setup, run
+
+    ms = interleaved_ms({"hf": side("hf", False), "patched": side("patched", True)}, rep=args.reps)
+    revert_igpt_kernels_to_imagegpt(model, processor=False)
+    rate = {k: sos.numel() * args.new_tokens / (t / 1e3) for k, t in ms.items()}
+    return [
+        {"metric": f"generate {args.new_tokens} tokens (tokens/s)", "hf": rate["hf"],
+         "patched": rate["patched"], "ratio": rate["patched"] / rate["hf"], "goal": ">= 1.2",
+         "identical": bool(torch.equal(tokens["hf"], tokens["patched"])),
+         "n_px": args.n_px, "batch": args.gen_batch, "layers": args.layers, "d": 512}
+    ]  # fmt: skip
 
 
 def x_device(model):
@@ -253,9 +293,17 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--images", type=int, default=32, help="photos for the processor")
     p.add_argument("--side", type=int, default=64, help="the processor's output side")
+    p.add_argument("--generate-only", action="store_true", help="only the generate row")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens each generate adds")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per side")
     args = p.parse_args(argv)
-    args.reps = 2 if args.quick else 3
-    args.gen_batch, args.new_tokens = (2, 8) if args.quick else (args.batch, 64)
+    args.reps = args.reps or (2 if args.quick else 3)
+    args.gen_batch, args.new_tokens = (2, 8) if args.quick else (args.batch, args.new_tokens)
+    if args.generate_only:
+        rows = generate_rows(args)
+        write("hf_patch_generate", rows, args.out)
+        print(table(rows, ["metric", "hf", "patched", "ratio", "goal", "identical"]))
+        return
     if args.quick:
         args.n_px, args.batch, args.images = 16, 2, 4
     shape = {"n_px": args.n_px, "batch": args.batch, "layers": args.layers, "d": 512, "heads": 8}

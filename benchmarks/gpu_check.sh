@@ -76,7 +76,7 @@ rm -f "$OUT/cuda-pytest.txt"
 
 echo "== benchmarks"
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(attention judge ln_mlp palette train hf_patch probe sample data)
+[ ${#names[@]} -eq 0 ] && names=(attention judge ln_mlp palette dispatch train hf_patch probe sample data)
 quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
 export TRITON_PRINT_AUTOTUNING=1 IGPT_AUTOTUNE_LOG="$OUT/autotune.jsonl"
 for name in "${names[@]}"; do

@@ -60,12 +60,26 @@ COMPILER_FIX = (
 )
 
 
-def source_dir() -> Path | None:
+def source_dir(package: Path = PACKAGE) -> Path | None:
     """The directory holding binding.cpp: in the installed package, else the checkout's csrc/."""
-    for d in (PACKAGE / "csrc", PACKAGE.parent / "csrc"):
+    for d in (package / "csrc", package.parent / "csrc"):
         if (d / "binding.cpp").is_file():
             return d
     return None
+
+
+def kernel_sources_digest(package: Path = PACKAGE) -> str:
+    """A digest of every source that decides what our kernels compute: the package's Python
+    modules (the Triton kernels, their launchers and configs) and the C++/CUDA sources
+    (``sources_digest``, which the prebuilt module records). The dispatch cache keys its
+    verdicts by it, so an edit or a ``git pull`` of an editable install makes old verdicts
+    unused. About a millisecond (a few hundred KiB read once); callers cache it."""
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(package.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    src = source_dir(package)
+    h.update(b"csrc\0" + (sources_digest(src) if src is not None else "none").encode())
+    return h.hexdigest()
 
 
 def cache_root() -> Path:

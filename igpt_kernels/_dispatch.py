@@ -23,13 +23,21 @@ that pass and keeps the fastest.
             does. Forward only, or forward + backward when the call needs gradients.
 
 Choices and verdicts live in memory and in ``$XDG_CACHE_HOME/igpt/dispatch-<hash>.json``
-(default ``~/.cache/igpt``), one file per GPU name and torch/triton/igpt_kernels versions,
-written atomically (temporary file + ``os.replace``) and merged with what other processes
-wrote; a file whose header names other versions (or format 1, whose choices were never
-judged) is ignored. Format::
+(default ``~/.cache/igpt``), one file per header: the GPU name and ``versions``, which name
+everything that decides what a verdict judged (``_dispatch_cache.environment``: torch,
+triton, igpt_kernels, a digest of the kernel sources, the CUDA runtime and driver), so an
+edit of a kernel, a ``git pull`` of an editable install or a driver update makes the old
+verdicts unused; the settings that change the code that runs (attention's head-dim-96 mode,
+TF32 for float32 GEMMs, autotuning on or off) are fields of the key. A file whose header
+differs (or format 1, whose choices were never judged) is ignored. Written atomically
+(temporary file + ``os.replace``) under a lock on the folder, merged with what other
+processes wrote, per key and per verdict: a FAIL is never overwritten by a later pass for
+the same key and backend (in ``record``, in a measured entry, in the file's merge), and a
+choice that failed is replaced by the fastest one that has not. Format::
 
     {"format": 2, "gpu": "NVIDIA H200",
-     "versions": {"torch": "2.13.0", "triton": "3.9.0", "igpt_kernels": "0.1.0"},
+     "versions": {"torch": "2.13.0", "triton": "3.9.0", "igpt_kernels": "0.1.0",
+                  "sources": "3f9c...", "cuda": "12.8", "driver": 12080},
      "entries": {"<key>": {"backend": "sdpa-cudnn",
                            "ms": {"triton": 0.41, "sdpa-cudnn": 0.33},
                            "dropped": {"sdpa-flash": "RuntimeError: ..."},
@@ -39,6 +47,13 @@ judged) is ignored. Format::
 
 ``igpt selftest`` records verdicts without a choice (an entry with only "verdicts").
 
+A transient failure is no verdict: when PyTorch's check cannot run (``judge`` raises
+``JudgeUnavailable``, e.g. no memory for the oracle) or a candidate runs out of memory, the
+call runs the PyTorch backend, nothing is kept and the next call of its kind is judged again.
+The PyTorch backend is pinned where it could pick a failed kernel: once an SDPA kernel
+("sdpa-<kernel>") failed the check on a kind of call, that kind's fallback is "sdpa-math"
+(PyTorch's math kernel) rather than "sdpa" (``safe_backend``).
+
 Unverified means unused: a static choice never times or judges. While ``torch.compile``
 traces or a CUDA graph is captured, ``"auto"`` takes a remembered choice, else the static
 kernel only where this GPU's table records a passing verdict for the kind of call, else the
@@ -46,6 +61,14 @@ PyTorch backend; under ``IGPT_DISPATCH=fixed`` (``set_dispatch("fixed")``) it ta
 static kernel where verified, else the PyTorch backend. An explicit
 backend name runs what it names, unjudged. On the CPU ``"auto"`` is the static choice (the
 reference; the quantizer's C++ kernel).
+
+Once a call's choice is settled (taken from the table, or static), later calls with the same
+signature (the tuple of values its key, candidates and static choice are made of) get it from
+one dictionary look-up (``settled``), a few microseconds, until the table, the mode or a
+collaborator changes.
+
+The collaborators ``DISPATCH.device_name``, ``.clock`` and ``.cache_dir`` are the test seams:
+tests and outside checks fake a GPU by setting them (see ``Dispatcher``).
 """
 
 from __future__ import annotations
@@ -55,28 +78,77 @@ import json
 import logging
 import os
 import statistics
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from igpt_kernels import trust
+from igpt_kernels._dispatch_cache import (
+    environment,
+    failed,
+    merge_entry,
+    merge_tables,
+    read_entries,
+    save_merged,
+)
 from igpt_kernels._triton import HAS_TRITON
-from igpt_kernels._version import VERSION
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "sdpa", "cublas", "cuda", "cpu", "torch")
 MODES = ("measure", "fixed")
 OURS = ("triton", "cublas", "cuda", "cpu")  # this package's kernels: a failure of theirs warns
+# A PyTorch backend that lets PyTorch pick among sub-kernels, and what it is pinned to once
+# one of those ("<prefix><kernel>") failed PyTorch's check on a kind of call: "sdpa" would
+# let PyTorch pick the failed flash/efficient/cuDNN kernel again; its math kernel would not.
+PINNED = {"sdpa": ("sdpa-", "sdpa-math")}
+# Exceptions that say "not now" rather than "wrong": a verdict of theirs is not kept.
+TRANSIENT = ("OutOfMemoryError",)
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 FORMAT = 2  # 2: entries carry PyTorch's verdicts (format-1 files hold unjudged choices)
 UNNAMED = "(a GPU not yet named: first seen while compiling)"
+SETTLED_MOST = 4096  # signatures remembered at most (then forgotten all at once)
 
 
 def triton_interpreting() -> bool:
     """True when Triton kernels run in its numpy interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class JudgeUnavailable(RuntimeError):
+    """PyTorch's check could not run on this call (building the oracle failed, e.g. out of
+    memory): a passing state, not a verdict on any kernel. ``judge(names)`` raises it;
+    ``Dispatcher.choose`` then keeps no verdict and runs the PyTorch backend for the call."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Unjudged(Exception):
+    """Inside ``Dispatcher.choose``: the measurement stopped on a transient failure."""
+
+
+def transient(verdict: dict) -> bool:
+    """Whether a verdict records a transient failure (``"transient": True``, or a candidate
+    that ran out of memory), which says nothing about the kernel and is never kept."""
+    error = verdict.get("error") or ""
+    return verdict.get("transient") is True or error.startswith(TRANSIENT)
+
+
+def safe_backend(entry: dict | None, safe: str) -> str:
+    """The PyTorch backend for the kind of call of ``entry``: ``safe``, or its pinned form
+    (``PINNED``) once one of its sub-kernels failed PyTorch's check there (wrong numbers;
+    a sub-kernel that only refused the shape leaves PyTorch's pick alone)."""
+    pin = PINNED.get(safe)
+    if pin is None or not entry:
+        return safe
+    prefix, pinned = pin
+    for name, verdict in (entry.get("verdicts") or {}).items():
+        if name.startswith(prefix) and failed(verdict) and not verdict.get("error"):
+            return pinned
+    return safe
 
 
 def triton_unavailable(t: torch.Tensor, name: str) -> str | None:
@@ -211,16 +283,6 @@ def _default_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _versions() -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "igpt_kernels": VERSION}
-
-
 # --------------------------------------------------------------------------------------
 # the dispatcher
 # --------------------------------------------------------------------------------------
@@ -232,8 +294,12 @@ class Dispatcher:
     Every collaborator can be replaced, so the logic runs on a CPU in tests:
     ``clock`` (``EventClock()``), ``device_name`` (device -> GPU name, or None where auto is
     static: by default the CUDA device's name, None for any other device), ``capturing``
-    (whether a CUDA graph is being captured), ``versions`` (the cache file's header),
-    ``cache_dir`` (default ``$XDG_CACHE_HOME/igpt`` or ``~/.cache/igpt``; False: no file).
+    (whether a CUDA graph is being captured), ``versions`` (the cache file's header;
+    default ``_dispatch_cache.environment()``), ``cache_dir`` (default
+    ``$XDG_CACHE_HOME/igpt`` or ``~/.cache/igpt``; False: no file). ``device_name``,
+    ``clock`` and ``cache_dir`` are the documented test seams: set them on ``DISPATCH`` (or
+    pass them here) to fake a GPU on a CPU; setting any attribute forgets the settled
+    choices (``settle``), which were made under the old one.
     """
 
     def __init__(
@@ -261,6 +327,25 @@ class Dispatcher:
         self._loaded: set[str] = set()
         self._names: dict = {}
         self._warned_write = False
+        # (op, signature) -> the backend a call of that signature got from a settled
+        # choice: later calls skip the key, the candidates and the table (``settled``).
+        # Emptied whenever the table, the mode or a collaborator changes.
+        self._settled: dict = {}
+
+    def __setattr__(self, name, value):
+        """Setting a collaborator (``device_name``, ``cache_dir``, ...) or the mode forgets
+        the settled choices, which were made under the old one."""
+        super().__setattr__(name, value)
+        if name != "_settled" and "_settled" in self.__dict__:
+            self._settled.clear()
+
+    def settle(self, op: str, sig, backend: str) -> None:
+        """Remember that calls of ``op`` with signature ``sig`` run ``backend`` until the
+        table or a setting changes. ``sig`` must determine the call's key, its candidates
+        and its static choice (each op builds it from the same values)."""
+        if len(self._settled) >= SETTLED_MOST:
+            self._settled.clear()
+        self._settled[(op, sig)] = backend
 
     # -- settings ------------------------------------------------------------------------
 
@@ -302,60 +387,91 @@ class Dispatcher:
         parts = [op, *(f"{k}={v}" for k, v in fields.items()), "of=" + ",".join(names)]
         return "|".join(parts)
 
-    def choose(self, op, fields, names, static, device, run, *, judge, safe) -> str:
+    def choose(self, op, fields, names, static, device, run, *, judge, safe, sig=None) -> str:
         """The backend ``"auto"`` runs for one call.
 
         names: the eligible candidates; static: the fixed choice (``resolve``'s); safe: the
-        PyTorch backend, trusted without a check; run(name): runs the call once on that
-        backend (forward, or forward + backward) for timing; judge(names): a verdict per
-        name (``trust.Judge.verdict``). A candidate runs only once a verdict of this GPU's
-        table (this process or the cache file) says it passed for this kind of call.
+        PyTorch backend, trusted without a check (pinned by ``safe_backend`` once one of its
+        sub-kernels failed); run(name): runs the call once on that backend (forward, or
+        forward + backward) for timing; judge(names): a verdict per name
+        (``trust.Judge.verdict``), or ``JudgeUnavailable``. A candidate runs only once a
+        verdict of this GPU's table (this process or the cache file) says it passed for
+        this kind of call and none says it failed. With ``sig``, a choice taken from the
+        table (not one just measured, nor one made while compiling or capturing) is
+        settled for that signature (``settle``).
         """
         gpu = self.gpu(device)
         if gpu is None:
             return static
-        if set(names) <= {safe}:
-            return safe  # nothing of ours can run it: nothing to judge or time
+        if set(names) <= {safe}:  # nothing of ours can run it: nothing to judge or time
+            if sig is not None:
+                self.settle(op, sig, safe)
+            return safe
         key = self.key(op, fields, names)
         busy = torch.compiler.is_compiling() or self.capturing()
         entries = self._table(gpu, load=not busy)
         hit = entries.get(key)
-        if self.mode == "fixed":  # no measured choice: the static one, where verified
-            return static if self.trusted(hit, static, safe) else safe
-        chosen = (hit or {}).get("backend")
-        if chosen in (*names, safe) and self.trusted(hit, chosen, safe):
+        fallback = safe_backend(hit, safe)
+        fixed = self.mode == "fixed"
+        chosen = None if fixed else (hit or {}).get("backend")
+        if chosen in (safe, fallback):
+            chosen = fallback
+        elif chosen not in names or not self.trusted(hit, chosen, safe):
+            chosen = None
+        if chosen is None and (fixed or busy or gpu == UNNAMED):  # static, where verified
+            verified = static != safe and self.trusted(hit, static, safe)
+            chosen = static if verified else fallback
+            if busy or gpu == UNNAMED:
+                return chosen  # the table may hold more once read: nothing settled
+        if chosen is not None:
+            if sig is not None:
+                self.settle(op, sig, chosen)
             return chosen
-        if busy or gpu == UNNAMED:
-            return static if self.trusted(hit, static, safe) else safe
         try:
-            entry = self._measure(op, key, names, safe, run, judge)
-        except JudgeUnavailable as e:  # transient: no verdict, judged again on a later call
+            entry = self._measure(op, key, names, safe, run, judge, hit)
+        except _Unjudged as e:
             warnings.warn(
-                f"igpt_kernels: {e}; backend='auto' runs PyTorch's backend for this call",
+                f"igpt_kernels: PyTorch's check of {op} could not run on this call ({e}); "
+                f"it runs PyTorch's backend, and the next call of this kind is judged again",
                 RuntimeWarning,
                 stacklevel=4,
             )
-            return safe
-        entries[key] = {**(hit or {}), **entry}
+            return fallback
+        entries[key] = merge_entry(hit, entry)
+        self._settled.clear()
         log.info("igpt_kernels %s on %s: %s (ms %s)", key, gpu, entry["backend"], entry["ms"])
-        self._save(gpu)
-        return entry["backend"]
+        self._save(gpu)  # which may merge in another process's verdicts
+        chosen = entries[key].get("backend")
+        return safe_backend(entries[key], safe) if chosen in (None, safe) else chosen
 
     @staticmethod
     def trusted(entry: dict | None, name: str, safe: str) -> bool:
         """Whether ``name`` may run for the kind of call of ``entry``: the PyTorch backend
-        always, one of ours only with a passing verdict recorded there."""
-        if name == safe:
+        (and its pinned form) always, one of ours only with a passing verdict recorded
+        there (a FAIL is never overwritten by a pass: ``_dispatch_cache.merge_verdicts``)."""
+        if name == safe or name == PINNED.get(safe, (None, None))[1]:
             return True
         verdict = ((entry or {}).get("verdicts") or {}).get(name)
         return isinstance(verdict, dict) and verdict.get("ok") is True
 
-    def _measure(self, op, key, names, safe, run, judge) -> dict:
-        verdicts = judge([n for n in names if n != safe])
+    def _measure(self, op, key, names, safe, run, judge, hit) -> dict:
+        """Judge and time the candidates of one kind of call: the new entry. Raises
+        ``_Unjudged`` on a transient failure (no verdict of it is kept)."""
+        known = (hit or {}).get("verdicts") or {}
+        stuck = {n: known[n] for n in names if n != safe and failed(known.get(n))}
+        try:
+            verdicts = judge([n for n in names if n != safe and n not in stuck])
+        except JudgeUnavailable as e:
+            raise _Unjudged(e.reason) from e
+        for name, verdict in verdicts.items():
+            if transient(verdict):
+                raise _Unjudged(f"{name}: {trust.describe(verdict)}")
         clock = self.clock if self.clock is not None else EventClock()
-        ms, dropped = {}, {}
+        ms, dropped = {}, {n: "failed PyTorch's check earlier" for n in stuck}
         for name in names:
-            verdict = verdicts.get(name, {"ok": True})
+            verdict = verdicts.get(name, stuck.get(name, {"ok": True}))
+            if name in stuck:
+                continue
             if not verdict["ok"]:
                 dropped[name] = "failed PyTorch's check: " + trust.describe(verdict)
                 if verdict.get("error") is None or name in OURS:
@@ -368,35 +484,39 @@ class Dispatcher:
                 ms[name] = median_ms(
                     lambda n=name: run(n), clock, warmup=self.warmup, reps=self.reps
                 )
+            except OUT_OF_MEMORY as e:
+                raise _Unjudged(f"{name} ran out of memory while timed") from e
             except Exception as e:  # noqa: BLE001 - a backend refusing this GPU or shape
                 dropped[name] = f"{type(e).__name__}: {trust.first_line(e)}"
                 log.debug("igpt_kernels: %s failed while timing: %s", name, dropped[name])
+        compact = {n: trust.compact(v) for n, v in verdicts.items()}
+        everything = {**stuck, **compact}
         return {
-            "backend": min(ms, key=ms.get) if ms else safe,
+            "backend": min(ms, key=ms.get) if ms else safe_backend({"verdicts": everything}, safe),
             "ms": {n: round(t, 6) for n, t in ms.items()},
             "dropped": dropped,
-            "verdicts": {n: trust.compact(v) for n, v in verdicts.items()},
+            "verdicts": compact,
         }
 
     def record(self, gpu: str, key: str, verdicts: dict) -> None:
         """Store verdicts (``trust.compact`` form) for one kind of call of ``gpu`` without a
-        timed choice (``selftest``): a later call of that kind times only what passed, and
-        a static choice (compile, capture, ``IGPT_DISPATCH=fixed``) may take a kernel that
-        passed."""
+        timed choice (``selftest``), merged with those recorded before (a FAIL stays): a
+        later call of that kind times only what passed, and a static choice (compile,
+        capture, ``IGPT_DISPATCH=fixed``) may take a kernel that passed."""
         entries = self._table(gpu, load=True)
-        entry = entries.setdefault(key, {})
-        entry["verdicts"] = {**entry.get("verdicts", {}), **verdicts}
+        entries[key] = merge_entry(entries.get(key), {"verdicts": dict(verdicts)})
+        self._settled.clear()
         self._save(gpu)
 
     # -- the table and its file ------------------------------------------------------------
 
     def _table(self, gpu: str, *, load: bool) -> dict:
-        """The in-memory entries of ``gpu``, read from its file on first use."""
+        """The in-memory entries of ``gpu``, merged with its file on first use."""
         entries = self._entries.setdefault(gpu, {})
         if load and gpu not in self._loaded:
             self._loaded.add(gpu)
-            for key, entry in self._read(gpu).items():
-                entries.setdefault(key, entry)
+            entries.update(merge_tables(self._read(gpu), entries))
+            self._settled.clear()
         return entries
 
     def table(self) -> list[dict]:
@@ -413,8 +533,9 @@ class Dispatcher:
         ]
 
     def header(self, gpu: str) -> dict:
-        """What a cache file must match to be read: format, GPU name and versions."""
-        versions = self.versions if self.versions is not None else _versions()
+        """What a cache file must match to be read: format, GPU name and versions (by
+        default ``_dispatch_cache.environment()``: versions, kernel sources, CUDA, driver)."""
+        versions = self.versions if self.versions is not None else environment()
         return {"format": FORMAT, "gpu": gpu, "versions": versions}
 
     def cache_path(self, gpu: str) -> Path | None:
@@ -429,45 +550,18 @@ class Dispatcher:
         return base / f"dispatch-{hashlib.sha256(header.encode()).hexdigest()[:16]}.json"
 
     def _read(self, gpu: str) -> dict:
-        path = self.cache_path(gpu)
-        if path is None or not path.is_file():
-            return {}
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            log.warning("igpt_kernels: ignoring unreadable dispatch cache %s (%s)", path, e)
-            return {}
-        header = self.header(gpu)
-        if not isinstance(data, dict) or any(data.get(k) != v for k, v in header.items()):
-            log.info("igpt_kernels: ignoring dispatch cache %s: written for other versions", path)
-            return {}
-        entries = data.get("entries")
-        if not isinstance(entries, dict):
-            return {}
-        return {
-            k: e
-            for k, e in entries.items()
-            if isinstance(e, dict)
-            and (isinstance(e.get("backend"), str) or isinstance(e.get("verdicts"), dict))
-        }
+        return read_entries(self.cache_path(gpu), self.header(gpu))
 
     def _save(self, gpu: str) -> None:
+        """Write ``gpu``'s table, merged with what the file holds now (other processes'
+        entries kept, per key and per verdict, a FAIL sticky), and take the merge in."""
         path = self.cache_path(gpu)
         if path is None:
             return
-        entries = {**self._read(gpu), **self._entries.get(gpu, {})}
-        data = {**self.header(gpu), "entries": entries}
+        mine = self._entries.setdefault(gpu, {})
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dispatch-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(data, f, indent=1, sort_keys=True)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            mine.update(save_merged(path, self.header(gpu), mine))
+            self._settled.clear()
         except OSError as e:
             if not self._warned_write:
                 self._warned_write = True
@@ -477,31 +571,41 @@ class Dispatcher:
 DISPATCH = Dispatcher()
 
 
-def choose(op, device, backend, reasons, auto_order, describe, run, judge, safe) -> str:
+def choose(op, device, backend, reasons, auto_order, describe, run, judge, safe, sig=None):
     """The backend of one call of ``op``: ``resolve`` for a named backend or where ``"auto"``
     is static (the CPU), else on a GPU the measured choice among the candidates that pass
     PyTorch's check (``Dispatcher.choose``).
 
     describe(): (candidate names, key fields) of this call; run(name): see ``grad_run``;
-    judge(names): see ``judge_call``; safe: the PyTorch backend.
+    judge(names): see ``judge_call``; safe: the PyTorch backend; sig: the call's signature
+    for ``settled`` (None: nothing settled), built from everything that decides
+    ``reasons``, ``describe()`` and the device.
     """
-    on_gpu = DISPATCH.gpu(device) is not None
+    d = DISPATCH
+    on_gpu = d.gpu(device) is not None
     static = resolve(op, backend, reasons, auto_order if on_gpu else ())
     if backend != "auto" or not on_gpu:
+        if sig is not None and backend == "auto":
+            d.settle(op, sig, static)
         return static
     names, fields = describe()
-    return DISPATCH.choose(op, fields, names, static, device, run, judge=judge, safe=safe)
+    return d.choose(op, fields, names, static, device, run, judge=judge, safe=safe, sig=sig)
+
+
+def settled(op: str, sig):
+    """The backend ``"auto"`` gave the last call of ``op`` with signature ``sig`` while the
+    table and the settings stayed as they are, else None: a few dictionary look-ups instead
+    of the key, the candidates and the verdict checks (``Dispatcher.settle``). Never while
+    ``torch.compile`` traces, which must see the whole choice."""
+    if torch.compiler.is_compiling():
+        return None
+    return DISPATCH._settled.get((op, sig))
 
 
 def gpu_name(device) -> str | None:
     """The GPU name the dispatcher works under for ``device`` (None: "auto" is static there,
     as on the CPU)."""
     return DISPATCH.gpu(device)
-
-
-class JudgeUnavailable(RuntimeError):
-    """PyTorch's check could not run for a call (no memory for the oracle, say): it says
-    nothing about the kernels, so no verdict is kept and that call runs PyTorch's backend."""
 
 
 def judge_call(fn, tensors, arg_names, grad, sample=None, yardstick="torch"):

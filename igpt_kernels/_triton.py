@@ -36,7 +36,17 @@ except ImportError:  # CPU-only installs (macOS, Windows) have no Triton
     )
     tl = SimpleNamespace(constexpr=int)
 
-__all__ = ["AUTOTUNE", "HAS_TRITON", "Tuned", "configs", "device_arch", "sm_count", "tl", "triton"]
+__all__ = [
+    "AUTOTUNE",
+    "HAS_TRITON",
+    "Tuned",
+    "autotuning",
+    "configs",
+    "device_arch",
+    "sm_count",
+    "tl",
+    "triton",
+]
 
 
 # --------------------------------------------------------------------------------------
@@ -62,6 +72,12 @@ def _autotune_from_env() -> bool:
 # dtypes, flags). False (IGPT_AUTOTUNE=0) launches the first config of each list instead:
 # quick compiles for the GPU tests, possibly slower kernels.
 AUTOTUNE = _autotune_from_env()
+
+
+def autotuning() -> bool:
+    """``AUTOTUNE`` as it is now (tests and users may set it after import): a verdict judged
+    the autotuned launch or the default config, so it is part of the dispatch keys."""
+    return AUTOTUNE
 
 
 # IGPT_AUTOTUNE_LOG=FILE appends one JSON line per autotuning (kernel, key, every config's

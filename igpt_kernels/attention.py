@@ -72,10 +72,11 @@ from igpt_kernels._dispatch import (
     grad_run,
     judge_call,
     needs_grad,
+    settled,
     triton_interpreting,
     triton_unavailable,
 )
-from igpt_kernels._triton import HAS_TRITON, triton
+from igpt_kernels._triton import HAS_TRITON, autotuning, triton
 from igpt_kernels.attention_kernels import (
     attn_bwd_dkdv_kernel,
     attn_bwd_dq_kernel,
@@ -523,7 +524,11 @@ def call_kind(q, k, v, causal, key_padding_mask):
         "square": Nq == Nk,
         "BH": bucket(B * H),
         "grad": needs_grad(q, k, v),
+        # settings that change the Triton code that runs: a verdict judged one of them
+        "autotune": autotuning(),
     }
+    if D == 96:
+        fields["hd96"] = "split" if HD96_SPLIT else "pad"
     return names, fields
 
 
@@ -540,7 +545,24 @@ def call_judge(q, k, v, causal, key_padding_mask, scale):
     return judge_call(fn, inputs, ARG_NAMES, needs_grad(q, k, v), head_sample, "eager")
 
 
+def _signature(q, k, v, causal, key_padding_mask):
+    """Everything ``call_kind`` and ``triton_reason`` read, as a tuple: calls with one
+    signature have one key, one set of candidates and one static choice, so a settled
+    choice (``_dispatch.settled``) serves them all without building the key."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    return (
+        q.device, q.dtype, D, bucket(Nq), bucket(Nk), Nq == Nk, Nk == 1, bucket(B * H),
+        B * H > MAX_BATCH_HEADS, causal, key_padding_mask is None, needs_grad(q, k, v),
+        HD96_SPLIT, autotuning(),
+    )  # fmt: skip
+
+
 def _choose(q, k, v, causal, key_padding_mask, scale, backend):
+    sig = _signature(q, k, v, causal, key_padding_mask) if backend == "auto" else None
+    name = None if sig is None else settled("attention", sig)
+    if name is not None:
+        return name
     reasons = {"triton": triton_reason(q), "sdpa": None}
 
     def describe():
@@ -551,7 +573,9 @@ def _choose(q, k, v, causal, key_padding_mask, scale, backend):
 
     run = grad_run(fn, (q, k, v, key_padding_mask))
     judge = call_judge(q, k, v, causal, key_padding_mask, scale)
-    return choose("attention", q.device, backend, reasons, AUTO_ORDER, describe, run, judge, SAFE)
+    return choose(
+        "attention", q.device, backend, reasons, AUTO_ORDER, describe, run, judge, SAFE, sig
+    )
 
 
 def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, backend="auto"):
@@ -572,8 +596,9 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, sm_scale=None, bac
             runs the fastest of them; one that fails is dropped with a warning. While
             compiling, capturing a CUDA graph or under ``IGPT_DISPATCH=fixed`` nothing is
             judged: Triton runs only where this GPU's dispatch table records it as verified
-            for the kind of call (``igpt selftest`` records verdicts), else "sdpa". A named
-            backend runs as named, unjudged.
+            for the kind of call (``igpt selftest`` records verdicts), else "sdpa" (SDPA's
+            math kernel alone once one of SDPA's kernels failed the check on that kind of
+            call). A named backend runs as named, unjudged.
 
     Returns:
         o: (B, H, Nq, D) in q's dtype (contiguous from "triton"; SDPA's layout from "sdpa").

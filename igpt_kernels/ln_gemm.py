@@ -17,10 +17,12 @@ from igpt_kernels._dispatch import (
     grad_run,
     judge_call,
     needs_grad,
+    settled,
     triton_interpreting,
     triton_unavailable,
 )
-from igpt_kernels._triton import triton
+from igpt_kernels._settings import matmul_allows_tf32
+from igpt_kernels._triton import autotuning, triton
 from igpt_kernels.ln_mlp_kernels import (
     ln_fc_kernel,
     mm_kernel,
@@ -114,10 +116,11 @@ def _tuned(name, dtype):
 
 
 def _precision(dtype) -> str | None:
-    """Exact fp32 dots unless torch itself allows TF32 for matmuls (None: 16-bit inputs)."""
+    """Exact fp32 dots unless torch itself allows TF32 for matmuls (None: 16-bit inputs),
+    through whichever of torch's TF32 APIs the user set (``_settings``)."""
     if dtype != torch.float32:
         return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if matmul_allows_tf32() else "ieee"
 
 
 def _bucket(T: int) -> int:
@@ -385,6 +388,9 @@ def call_kind(x, reasons, fields):
         "autocast": str(cast)[6:] if cast is not None else "off",
         "T": bucket(x.numel() // x.shape[-1]),
         **fields,
+        # settings that change the code that runs: a verdict judged one of them
+        "tf32": _tf32(x, reasons),
+        "autotune": autotuning(),
     }
 
 
@@ -395,16 +401,36 @@ def call_judge(x, params, fn, arg_names):
     return judge_call(fn, (x, *params), arg_names, needs_grad(x, *params), row_sample)
 
 
+def _tf32(x, reasons) -> bool:
+    """Whether float32 GEMMs of ours (Triton's dots, "cublas"'s torch GEMMs) may use TF32
+    on this call: only read where one of them can run (the read costs microseconds)."""
+    ours = any(why is None for why in reasons.values())
+    return ours and x.dtype == torch.float32 and matmul_allows_tf32()
+
+
+def _signature(x, reasons, fields):
+    """Everything ``call_kind`` reads, as a tuple (see ``attention._signature``)."""
+    return (
+        x.device, x.dtype, autocast_dtype(x), bucket(x.numel() // x.shape[-1]),
+        _tf32(x, reasons), autotuning(),
+        *reasons.values(), *fields.values(),
+    )  # fmt: skip
+
+
 def choose_norm_backend(op, x, backend, reasons, fields, fn, params, arg_names):
     """The backend of one call of ``op`` ("ln_mlp" or "ln_linear"): ``resolve`` for a named
     one or the static "auto" (Triton on a GPU once verified there), then on a GPU the
     fastest of the runnable ones and the reference that passes PyTorch's check.
 
     fn(name, x, *params): the op on one backend; arg_names: x's and the params' names."""
+    sig = _signature(x, reasons, fields) if backend == "auto" else None
+    name = None if sig is None else settled(op, sig)
+    if name is not None:
+        return name
 
     def describe():
         return call_kind(x, reasons, fields)
 
     run = grad_run(fn, (x, *params))
     judge = call_judge(x, params, fn, arg_names)
-    return choose(op, x.device, backend, reasons, ("triton",), describe, run, judge, "torch")
+    return choose(op, x.device, backend, reasons, ("triton",), describe, run, judge, "torch", sig)

@@ -39,7 +39,8 @@ itself). The weights are saved by reference, as eager does.
 Shapes and dtypes: x (..., d) with any leading dims, any T, any d <= 8192 and any h;
 float32, float16, bfloat16 on CUDA (float32/float16 under ``TRITON_INTERPRET=1``, where
 Triton cannot compute in bfloat16). GEMMs accumulate in fp32; float32 inputs use exact
-fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch does. Every
+fp32 dots unless torch allows TF32 for float32 matmuls (``allow_tf32`` or either
+``fp32_precision``: ``_settings.matmul_allows_tf32``), as torch does. Every
 bias may be None; norm_bias must be None for "rms". Under CUDA autocast with float32 inputs
 (the training loop's bf16 autocast over fp32 weights) the fc/proj weights are cast to the
 autocast dtype, the norm reads float32 x and rounds its output to that dtype on the A-tile

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from igpt_kernels import _build, reference, trust
 from igpt_kernels._dispatch import gpu_name, resolve
+from igpt_kernels._seen import MISSING, SeenTensors
 
 LUT_CACHE_SIZE = 4
 # Pixel x colour work after which building the table has paid for itself (see above).
@@ -60,6 +61,9 @@ _luts: OrderedDict = OrderedDict()  # (device, K, digest) -> {"seen": int, "lut"
 _verdicts: dict = {}  # _palette_key -> whether the kernel's tokens were exact there
 _verified_devices: set = set()  # devices where a check passed (compile may use the kernel)
 _warned_wrong = False
+# What was read from a palette tensor (its content digest, that it is finite), kept while the
+# same tensor is unchanged: a GPU palette is copied to the host once, not on every call.
+_palettes = SeenTensors(most=4 * LUT_CACHE_SIZE)
 
 
 def _load_ext():
@@ -115,9 +119,25 @@ def compiled_unavailable(kind: str, pixels) -> str | None:
     return None
 
 
+def _digest(palette: torch.Tensor) -> bytes:
+    """The palette's content digest: a host copy on first sight of this tensor (and after
+    each in-place change), a look-up later (``_seen``)."""
+    digest = _palettes.get(palette)
+    if digest is MISSING:
+        digest = hashlib.blake2b(palette.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+        _palettes.put(palette, digest)
+    return digest
+
+
+def _check_values_once(palette: torch.Tensor) -> bool:
+    """Whether the palette's values still need the finiteness check (first sight of this
+    tensor, or changed since); a caller that checked them records it with
+    ``_palettes.put(palette, True, "finite")``, so the GPU's values are read once."""
+    return _palettes.get(palette, "finite") is MISSING
+
+
 def _lut_entry(palette: torch.Tensor) -> dict:
-    digest = hashlib.blake2b(palette.detach().cpu().numpy().tobytes(), digest_size=16).digest()
-    key = (str(palette.device), palette.shape[0], digest)
+    key = (str(palette.device), palette.shape[0], _digest(palette))
     entry = _luts.get(key)
     if entry is None:
         entry = _luts[key] = {"seen": 0, "lut": None}
@@ -133,7 +153,10 @@ def get_lut(palette: torch.Tensor) -> torch.Tensor:
     ``get_lut(palette)[(r << 16) | (g << 8) | b]`` is the token of colour (r, g, b); int16 when
     K <= 32768, else int32. Needs the compiled module.
     """
-    reference.check_palette(palette)
+    first = _check_values_once(palette)
+    reference.check_palette(palette, values=first)
+    if first:
+        _palettes.put(palette, True, "finite")
     ext = _load_ext()
     if ext is None:
         raise ValueError(f"the lookup table needs the compiled kernels: {_ext_error}")
@@ -165,13 +188,13 @@ def quantize_compiled(pixels: Tensor, palette: Tensor, lut: bool | None) -> Tens
     if ext is None:
         raise ValueError(f"igpt::quantize needs the compiled kernels: {_ext_error}")
     flat = pixels.reshape(-1, 3).contiguous()
-    palette = palette.contiguous()
     if flat.shape[0] == 0:
         return torch.empty(pixels.shape[:-1], dtype=torch.int64, device=pixels.device)
+    # the caller's tensor, not a contiguous copy, is what _seen knows from earlier calls
     if _use_lut(palette, flat.shape[0], lut):
         tokens = ext.lut_gather(flat, get_lut(palette))
     else:
-        tokens = ext.quantize(flat, palette)
+        tokens = ext.quantize(flat, palette.contiguous())
     return tokens.reshape(pixels.shape[:-1])
 
 
@@ -214,7 +237,10 @@ def quantize(pixels, palette, *, backend="auto", lut=None):
         int64 tensor (...) of palette indices, on pixels' device.
     """
     global _warned
-    reference.check_quantize(pixels, palette)
+    first = not torch.compiler.is_compiling() and _check_values_once(palette)
+    reference.check_quantize(pixels, palette, values=first)
+    if first:
+        _palettes.put(palette, True, "finite")
     reasons = {
         "cuda": compiled_unavailable("cuda", pixels),
         "cpu": compiled_unavailable("cpu", pixels),
@@ -237,7 +263,7 @@ def quantize(pixels, palette, *, backend="auto", lut=None):
 
 def _palette_key(palette):
     """(device, K, content digest, whether its lookup table is built): what a check covers."""
-    digest = hashlib.blake2b(palette.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+    digest = _digest(palette)
     entry = _luts.get((str(palette.device), palette.shape[0], digest))
     return str(palette.device), palette.shape[0], digest, bool(entry and entry["lut"] is not None)
 

@@ -306,25 +306,26 @@ def ln_mlp(
 # --------------------------------------------------------------------------------------
 
 
-def check_palette(palette) -> None:
+def check_palette(palette, *, values: bool = True) -> None:
     """Validate a (K, 3) float32 palette of finite RGB values, 1 <= K <= MAX_COLORS.
 
-    The finiteness check reads the values, so ``torch.compile`` tracing skips it."""
+    The finiteness check reads the values, so ``torch.compile`` tracing skips it, as does
+    ``values=False`` (a caller that checked this very tensor, unchanged, before)."""
     check_tensor("palette", palette, dims=2, dtypes=(torch.float32,))
     if palette.shape[1] != 3 or not 1 <= palette.shape[0] <= MAX_COLORS:
         raise ValueError(
             f"palette must be (K, 3) with 1 <= K <= {MAX_COLORS}, got {tuple(palette.shape)}"
         )
-    if readable(palette) and not torch.isfinite(palette).all():
+    if values and readable(palette) and not torch.isfinite(palette).all():
         raise ValueError("palette contains NaN or infinite values")
 
 
-def check_quantize(pixels, palette) -> None:
-    """Validate the arguments of ``quantize``."""
+def check_quantize(pixels, palette, *, values: bool = True) -> None:
+    """Validate the arguments of ``quantize`` (``values``: as in ``check_palette``)."""
     check_tensor("pixels", pixels, dtypes=(torch.uint8,))
     if pixels.dim() < 1 or pixels.shape[-1] != 3:
         raise ValueError(f"pixels must be uint8 (..., 3) RGB, got shape {tuple(pixels.shape)}")
-    check_palette(palette)
+    check_palette(palette, values=values)
     if palette.device != pixels.device:
         raise ValueError(f"palette is on {palette.device} but pixels are on {pixels.device}")
 

@@ -365,11 +365,26 @@ def test_info_shows_the_verdicts(monkeypatch, tmp_path, capsys):
     d = _fake_gpu(monkeypatch, tmp_path)
     bad = {"ok": False, "tensor": "dq", "err": 0.5, "torch_err": 0.001, "ratio": 500}
     good = {"ok": True, "tensor": "out", "err": 0.001, "torch_err": 0.001, "ratio": 1}
-    d.record(
-        GPU, "attention|dtype=bfloat16|of=triton,sdpa-flash", {"triton": bad, "sdpa-flash": good}
-    )
+    key = "attention|dtype=bfloat16|of=triton,sdpa-flash"
+    d.record(GPU, key, {"triton": bad, "sdpa-flash": good})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     main(["info"])
     out = capsys.readouterr().out
     assert "triton FAILED x500 of PyTorch's error in dq" in out
     assert "sdpa-flash verified" in out and "failed PyTorch's check: 1" in out
+    # what the table says is what auto does: the failed kernel stays off for that kind of
+    # call, in fixed mode and measured, even after a later pass (a selftest's) is recorded
+    d.record(GPU, key, {"triton": good})
+    names, cpu = ["triton", "sdpa-flash"], torch.device("cpu")
+    judged = []
+
+    def judge(names):
+        judged.extend(names)
+        return {n: {"ok": True, "tensors": [], "error": None} for n in names}
+
+    args = ("attention", {"dtype": "bfloat16"}, names, "triton", cpu, lambda name: None)
+    d.set_mode("fixed")
+    assert d.choose(*args, judge=judge, safe="sdpa") == "sdpa"
+    d.set_mode("measure")
+    assert d.choose(*args, judge=judge, safe="sdpa") == "sdpa-flash"
+    assert judged == ["sdpa-flash"]

@@ -24,7 +24,8 @@ patched model saves, loads and trains as before. A call the kernels cannot expre
 transformers' original code for that call: ``output_attentions``, a ``head_mask``,
 ``reorder_and_upcast_attn``, cross-attention, attention dropout while training
 (``fallback_reason``), a mask that is not a padding mask or leaves a query with no key to
-see (``_padding_from_mask``), an activation other than quick_gelu / gelu. On the CPU,
+see (``_padding_from_mask``: read once per forward, never while compiling or capturing),
+an activation other than quick_gelu / gelu. On the CPU,
 ``"auto"`` picks the kernels' PyTorch references (SDPA's fused CPU attention without
 padding); on a GPU the fastest verified kernel.
 
@@ -48,8 +49,10 @@ import numpy as np
 import torch
 
 import igpt_kernels
+from igpt_kernels._seen import MISSING, SeenTensors
+from igpt_kernels._settings import matmul_allows_tf32
 from igpt_kernels.palette import clear_nearest
-from igpt_kernels.reference import neighbour_table
+from igpt_kernels.reference import neighbour_table, readable
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,7 @@ _ATTENTION_ARGS = (
     "output_attentions",
 )
 _ORIGINAL: dict = {}  # (class name, attribute) -> transformers' function, filled by _check
+_MASKS = SeenTensors(most=4)  # the last masks' _padding_from_mask answers (one per forward)
 
 
 def _version() -> str:
@@ -157,24 +161,50 @@ def _padding_from_mask(mask, n_query: int):
     or None. It is a key-padding mask when every query row is the same; a query that then
     sees no key at all (left padding before the first real token) gets a uniform average
     from HF's softmax of equal minimum scores, which no kernel reproduces: fallback.
+
+    HF passes one mask object to every layer of a forward, so its values are read once
+    per forward (one host sync, at the first layer: ``_mask_facts``) and the answer kept
+    while that tensor is unchanged (``igpt_kernels._seen``). Where its values cannot be read
+    without breaking something (``torch.compile`` tracing, a fake tensor, a CUDA graph being
+    captured) and no answer is kept, transformers' own attention takes the call.
     """
     if mask is None:
         return None, None
     if mask.dim() != 4 or mask.shape[1] != 1:
         return None, f"an attention mask of shape {tuple(mask.shape)}"
+    if torch.compiler.is_compiling() or not readable(mask):
+        return None, "an attention mask while torch.compile traces (its values are not read)"
+    facts = _MASKS.get(mask, n_query)
+    if facts is MISSING:
+        if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None, "an attention mask first seen while a CUDA graph is captured"
+        facts = _mask_facts(mask, n_query)
+        _MASKS.put(mask, facts, n_query)
+    return facts
+
+
+def _mask_facts(mask, n_query: int):
+    """``_padding_from_mask``'s answer for a readable mask: its four properties computed on
+    the mask's device and read in one ``tolist()`` (one host sync)."""
     if mask.dtype == torch.bool:
         keep = mask
+        values_ok = torch.ones((), dtype=torch.bool, device=mask.device)
     else:
         keep = mask == 0
-        if not bool((keep | (mask == torch.finfo(mask.dtype).min)).all()):
-            return None, "an attention mask with values other than 0 and the dtype's minimum"
-    if not bool((keep == keep[:, :, :1, :]).all()):
-        return None, "an attention mask that differs between queries"
+        values_ok = (keep | (mask == torch.finfo(mask.dtype).min)).all()
     kpm = keep[:, 0, 0, :]  # (B, Nk)
-    if bool(kpm.all()):
-        return None, None
     offset = kpm.shape[1] - n_query  # bottom-right causal: query 0 sees keys 0..offset
-    if not bool(kpm[:, : offset + 1].any(1).all()):
+    flags = torch.stack(
+        [values_ok, (keep == keep[:, :, :1, :]).all(), kpm.all(), kpm[:, : offset + 1].any(1).all()]
+    )
+    values_ok, same_rows, every_key, first_sees = flags.tolist()
+    if not values_ok:
+        return None, "an attention mask with values other than 0 and the dtype's minimum"
+    if not same_rows:
+        return None, "an attention mask that differs between queries"
+    if every_key:
+        return None, None
+    if not first_sees:
         return None, "an attention mask that leaves a query with no key to attend"
     return kpm, None
 
@@ -388,7 +418,7 @@ def _error_margin(c, x_max: float, cuda: bool) -> float:
     span = x_max + float(c.abs().max())
     if c.dtype == torch.float64:
         unit = 2.0**-53
-    elif cuda and torch.backends.cuda.matmul.allow_tf32:
+    elif cuda and matmul_allows_tf32():
         unit = 2.0**-11  # TF32 GEMMs keep 10 mantissa bits
     else:
         unit = 2.0**-24
