@@ -141,7 +141,7 @@ def test_igpt_probe_attentive_and_knn_from_a_checkpoint_or_hf_directory(
     out = tmp_path / "out"
     main(
         ["probe", "--checkpoint", str(path), "--data", "digits", "--limit", "120",
-         "--probe", "attentive,knn", "--token-grid", "4", "--out", str(out)]
+         "--probe", "attentive,knn", "--token-grid", "4", "--layers", "all", "--out", str(out)]
     )  # fmt: skip
     report = json.loads((out / "probe.json").read_text())
     assert report["probes"] == ["attentive", "knn"] and "layers" not in report

@@ -55,10 +55,20 @@ def test_probe_kind_layers_and_data_are_the_flags(tmp_path):
     assert [(r["step"], r["layer"], r["probe"]) for r in probes] == [
         (1, 0, "knn"), (1, 4, "knn"), (2, 0, "knn"), (2, 4, "knn")
     ]  # fmt: skip
+    with pytest.raises(ValueError, match="probe_layers .*layer 5 is out of range"):
+        pretrain(_cfg(tmp_path, out=str(tmp_path / "bad"), probe_layers=(5,)))
     with pytest.raises(ValueError, match="probe_kind must be one of"):
         _cfg(tmp_path, probe_kind="svm")
     with pytest.raises(ValueError, match="probe_every"):
         _cfg(tmp_path, probe_every=-1)
+
+
+def test_the_attentive_probe_runs_while_pretraining(tmp_path):
+    pretrain(_cfg(tmp_path, steps=2, probe_kind="attentive", probe_size=40))
+    probes = [r for r in _rows(tmp_path) if "probe_acc" in r]
+    assert [(r["step"], r["layer"], r["probe"]) for r in probes] == [
+        (2, 1, "attentive"), (2, 2, "attentive")
+    ]  # fmt: skip
 
 
 def test_default_layers_are_a_few_spread_over_depth():

@@ -7,7 +7,8 @@ features of a few layers (default L/4, L/2, 3L/4 and L) of a fixed labelled samp
 token cache (``probe_size`` images of ``probe_data``'s training split, half as many of its
 test split, or of the rest of the training split when it has no test split) are extracted
 with the model in eval mode, and a probe (``linear``: ``igpt.probe.linear_probe`` with C from
-``PROBE_CS``; ``knn``; ``attentive``) is fitted on the first and scored on the second. One
+``PROBE_CS``; ``knn``; ``attentive``, on 4 x 4 patch means of the tokens) is fitted on the
+first and scored on the second. One
 row per layer goes to ``metrics.jsonl``: ``step``, ``val_loss``, ``layer``, ``probe`` (its
 kind), ``probe_acc`` (test accuracy, 0..1), ``probe_s`` (its wall time) and ``probe_share``
 (that time over the wall time since the previous probe ended, the probe included). The run
@@ -45,6 +46,7 @@ PROBE_CS = (0.01, 0.1, 1.0)  # the L2 strengths the in-training linear probe cho
 TARGET_SHARE = 0.10
 WARN_SHARE = 0.25
 PLOT = "probe_vs_loss.png"
+ATTENTIVE_GRID = 4  # the in-training attentive probe's tokens: 4 x 4 patch means an image
 
 
 def default_probe_layers(n_layer: int) -> list[int]:
@@ -99,11 +101,14 @@ class TrainingProbe:
             log.warning("--probe-every is off under FSDP: the probe needs the whole model")
         self.cfg, self.dist, self.postfix = cfg, dist, {}
         self.kind, self.last_end, self.warned = cfg.probe_kind, time.perf_counter(), False
-        self.layers = (
-            resolve_layers(list(cfg.probe_layers), n_layer)
-            if cfg.probe_layers
-            else default_probe_layers(n_layer)
-        )
+        try:
+            self.layers = (
+                resolve_layers(list(cfg.probe_layers), n_layer)
+                if cfg.probe_layers
+                else default_probe_layers(n_layer)
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"probe_layers (--probe-layers): {e}") from None
         self.data = _probe_splits(cfg, palette) if self.every and dist.is_main else None
 
     def due(self, step: int) -> bool:
@@ -136,7 +141,7 @@ class TrainingProbe:
         (x, y), (xt, yt) = self.data
         kw = dict(layers=self.layers, device=device, progress=False)
         if self.kind == "attentive":
-            f, ft = (token_features(model, t, grid=4, **kw) for t in (x, xt))
+            f, ft = (token_features(model, t, grid=ATTENTIVE_GRID, **kw) for t in (x, xt))
             fit = attentive_probe
         else:
             f, ft = (extract_features(model, t, **kw) for t in (x, xt))

@@ -43,9 +43,9 @@ def add_arguments(parser) -> None:
     a(
         "--layers",
         nargs="+",
-        type=int_items("--layers"),
+        type=int_items("--layers", none="all"),
         default=None,
-        help="layers to probe, e.g. 0,8,16,24 (default: all)",
+        help="layers to probe, e.g. 0,8,16,24, or all (default: all)",
     )
     a(
         "--per-class",
@@ -148,7 +148,7 @@ def run(args) -> None:
 
     device = pick_device(args.device)
     path, model, palette, ckpt, objective = open_checkpoint(args, device=device)
-    layers, per_class = flat(args.layers), flat(args.per_class)
+    layers, per_class = flat(args.layers) or None, flat(args.per_class)  # [] from "all"
     n_px, cache = model.config.n_px, args.cache_dir
     train, test = token_splits(
         args.data, palette, n_px, args.limit, cache_dir=cache, progress=args.progress
