@@ -161,3 +161,15 @@ def test_igpt_probe_refuses_an_unknown_probe(capsys):
     with pytest.raises(SystemExit):
         main(["probe", "--checkpoint", "x", "--data", "digits", "--probe", "linear,svm"])
     assert "probes must be some of" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_token_features_and_probes_on_cuda_match_cpu():
+    model = tiny()
+    tokens = torch.randint(0, 16, (6, 16))
+    cpu = attentive.token_features(model, tokens, grid=2, progress=False).float()
+    gpu = attentive.token_features(model, tokens, grid=2, device="cuda", progress=False).float()
+    torch.testing.assert_close(gpu, cpu, rtol=0.05, atol=0.05)  # bf16 autocast on the GPU
+    x, y = planted(240)
+    xt, yt = planted(200, seed=1)
+    assert probe.attentive_probe(x, y, xt, yt, device="cuda")["test_acc"] == 1.0

@@ -51,8 +51,10 @@ PRETRAIN_KEYS = (
 )
 
 DEFAULTS = {"steps": 600, "batch_size": 32, "lr": 3e-3}
-PROBES_WHILE_TRAINING = 6  # probes during pretraining (and so points per line of figure 3)
-PROBE_SIZE = 256  # labelled images each of them fits on (128 more score it)
+# probes during pretraining (points per line of figure 3), at the validation steps (every
+# steps // 5), so that they add no validation of their own
+PROBES_WHILE_TRAINING = 5
+PROBE_SIZE = 192  # labelled images each of them fits on (96 more score it)
 ATTENTIVE = {"grid": 4}  # the attentive probe sees 4 x 4 patch means of each digit's tokens
 
 
