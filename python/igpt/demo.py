@@ -372,13 +372,25 @@ def _three_probes_text(m: dict) -> list[str]:
     for name, res in names.items():
         row = next(r for r in res["layers"] if r["layer"] == res["best_layer"])
         best[name] = (res["best_layer"], row["test_acc"])
-    said = "; ".join(f"{n} {pct(a)} at layer {lay}" for n, (lay, a) in best.items())
-    top = max(best, key=lambda n: best[n][1])
+    shown = {"linear": "linear", "attentive": "attentive", "knn": "k-NN"}
+    said = "; ".join(f"{shown[n]} {pct(a)} at layer {lay}" for n, (lay, a) in best.items())
+    top = shown[max(best, key=lambda n: best[n][1])]
+    compare = ""
+    if "attentive" in best:
+        lin = {r["layer"]: r["test_acc"] for r in m["probe"]["pretrained"]["layers"]}
+        att = {r["layer"]: r["test_acc"] for r in m["probes"]["attentive"]["layers"]}
+        wins = sum(att[k] > lin[k] for k in att if k in lin)
+        gap = 100 * (best["attentive"][1] - best["linear"][1])
+        compare = (
+            f" At their best layers the attentive probe is {gap:+.1f} points from the linear "
+            f"one, and above it at {wins} of {len(att)} layers."
+        )
     return [
         "## Three probes at every layer",
         "",
         f"Each probe's best layer (chosen on the hold-out) and its test accuracy: {said}. "
-        f"The {top} probe reads the most out of these features. The attentive probe sees the "
+        f"The {top} probe reads the most out of these features.{compare} The attentive "
+        "probe sees the "
         "tokens rather than their mean, so where it beats the linear probe, the class "
         "information sits in some places of the image more than in the average; the k-NN "
         "probe trains nothing, so it says how far images of a class cluster together "
