@@ -55,9 +55,17 @@ IGPT_AUTOTUNE=0 timeout "$(cap 150)" $PY -m igpt selftest --json "$OUT/selftest.
 echo "selftest rc=$?"
 $PY -m igpt info >> "$OUT/info.txt" 2>&1; tail -n 12 "$OUT/info.txt"
 
+collect=(); [ "$DRY_RUN" = 1 ] && collect=(--collect-only -q)
+echo "== the judge on the real kernels"
+# Next: the judge against our compiled kernels with one fault put around them, and the real
+# kernels on random calls (tests/test_trust.py's cuda tests): a judge that passes a wrong
+# kernel, or rejects a right one, on real rounding is worth knowing before any figure.
+timeout "$(cap 150)" $PY -m pytest -q -m cuda tests/test_trust.py -p no:cacheprovider -rf \
+  --tb=short "${collect[@]}" 2>&1 | tail -n 40
+echo "judge tests rc=${PIPESTATUS[0]}"
+
 echo "== cuda tests"
 # Default kernel configs only: autotuning every config would spend the budget compiling.
-collect=(); [ "$DRY_RUN" = 1 ] && collect=(--collect-only -q)
 IGPT_AUTOTUNE=0 timeout "$(cap 240)" $PY -m pytest -q -m cuda tests -p no:cacheprovider \
   --junitxml="$OUT/cuda-tests.xml" -rf --tb=long "${collect[@]}" > "$OUT/cuda-pytest.txt" 2>&1
 echo "cuda tests rc=$?"
@@ -68,7 +76,7 @@ rm -f "$OUT/cuda-pytest.txt"
 
 echo "== benchmarks"
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(attention ln_mlp palette train hf_patch probe sample data)
+[ ${#names[@]} -eq 0 ] && names=(attention judge ln_mlp palette train hf_patch probe sample data)
 quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
 export TRITON_PRINT_AUTOTUNING=1 IGPT_AUTOTUNE_LOG="$OUT/autotune.jsonl"
 for name in "${names[@]}"; do

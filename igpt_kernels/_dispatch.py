@@ -327,7 +327,15 @@ class Dispatcher:
             return chosen
         if busy or gpu == UNNAMED:
             return static if self.trusted(hit, static, safe) else safe
-        entry = self._measure(op, key, names, safe, run, judge)
+        try:
+            entry = self._measure(op, key, names, safe, run, judge)
+        except JudgeUnavailable as e:  # transient: no verdict, judged again on a later call
+            warnings.warn(
+                f"igpt_kernels: {e}; backend='auto' runs PyTorch's backend for this call",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return safe
         entries[key] = {**(hit or {}), **entry}
         log.info("igpt_kernels %s on %s: %s (ms %s)", key, gpu, entry["backend"], entry["ms"])
         self._save(gpu)
@@ -491,26 +499,28 @@ def gpu_name(device) -> str | None:
     return DISPATCH.gpu(device)
 
 
-def judge_call(fn, tensors, arg_names, grad):
-    """judge(names) for ``choose``: a verdict for each backend name, against the oracle of
-    this call (``trust.Judge``, built once, only when something is judged). ``tensors()``
-    gives the inputs judged, so a call that judges nothing (the CPU, a settled kind of call)
-    never slices them."""
+class JudgeUnavailable(RuntimeError):
+    """PyTorch's check could not run for a call (no memory for the oracle, say): it says
+    nothing about the kernels, so no verdict is kept and that call runs PyTorch's backend."""
+
+
+def judge_call(fn, tensors, arg_names, grad, sample=None, yardstick="torch"):
+    """judge(names) for ``choose``: a verdict for each backend name, each candidate run on
+    the call itself (``tensors``) and compared with the oracle on ``sample(tensors)``
+    (``trust.head_sample``, ``trust.row_sample``; None: the whole call), built once, only
+    when something is judged; ``yardstick``: the backend that is PyTorch's own computation
+    in the call's dtype. Raises ``JudgeUnavailable`` when the check cannot run."""
 
     def judge(names):
         if not names:
             return {}
         try:
-            j = trust.Judge(fn, tensors(), arg_names, grad)
-        except Exception as e:  # noqa: BLE001 - e.g. no memory for the oracle: trust nothing
+            part = None if sample is None else sample(tensors)
+            j = trust.Judge(fn, tensors, arg_names, grad, part, yardstick=yardstick)
+            return {name: j.verdict(name) for name in names}
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: judge nothing now
             why = f"PyTorch's check could not run ({type(e).__name__}: {trust.first_line(e)})"
-            warnings.warn(
-                f"igpt_kernels: {why}; backend='auto' uses PyTorch's backend",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return {name: {"ok": False, "tensors": [], "error": why} for name in names}
-        return {name: j.verdict(name) for name in names}
+            raise JudgeUnavailable(why) from e
 
     return judge
 

@@ -59,7 +59,6 @@ those that pass and keeps the fastest (``igpt_kernels._dispatch``); Triton is ne
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -85,7 +84,7 @@ from igpt_kernels.attention_kernels import (
     attn_fwd_kernel,
 )
 from igpt_kernels.attention_sdpa import SDPA_KERNELS, run_sdpa, sdpa_kernel_reason
-from igpt_kernels.trust import slice_heads
+from igpt_kernels.trust import head_sample
 
 LOG2E = 1.4426950408889634
 # (batch, head) pairs index the grid's first axis (CUDA allows 2^31 - 1 programs there),
@@ -486,13 +485,13 @@ def _triton(q, k, v, causal, key_padding_mask, scale):
 
 def run_backend(name, q, k, v, causal, key_padding_mask, scale):
     """Attention on one concrete backend: "triton", "sdpa" (SDPA restricted to the kernels
-    that can express the mask, and its math kernel), "sdpa-<kernel>" or "torch"."""
+    that can express the mask, and its math kernel), "sdpa-<kernel>" or "torch"; and
+    "eager" (``reference.attention_eager``), the judge's yardstick."""
     if name == "triton":
         return _triton(q, k, v, causal, key_padding_mask, scale)
-    if name == "torch":
-        return reference.attention(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, sm_scale=scale
-        )
+    if name in ("torch", "eager"):
+        fn = reference.attention if name == "torch" else reference.attention_eager
+        return fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, sm_scale=scale)
     return run_sdpa(name, q, k, v, causal, key_padding_mask, scale)
 
 
@@ -528,6 +527,19 @@ def call_kind(q, k, v, causal, key_padding_mask):
     return names, fields
 
 
+def call_judge(q, k, v, causal, key_padding_mask, scale):
+    """judge(names) of ``"auto"`` for one call (``_dispatch.judge_call``): each candidate
+    runs the call itself and is compared with the oracle on a sample of whole (batch,
+    head) pairs (``trust.head_sample``); PyTorch's own 16-bit error is the eager attention's
+    (``reference.attention_eager``), since the reference computes in float32."""
+
+    def fn(name, q, k, v, pad):
+        return run_backend(name, q, k, v, causal, pad, scale)
+
+    inputs = (q, k, v, key_padding_mask)
+    return judge_call(fn, inputs, ARG_NAMES, needs_grad(q, k, v), head_sample, "eager")
+
+
 def _choose(q, k, v, causal, key_padding_mask, scale, backend):
     reasons = {"triton": triton_reason(q), "sdpa": None}
 
@@ -538,8 +550,7 @@ def _choose(q, k, v, causal, key_padding_mask, scale, backend):
         return run_backend(name, q, k, v, causal, pad, scale)
 
     run = grad_run(fn, (q, k, v, key_padding_mask))
-    sliced = functools.partial(slice_heads, q, k, v, key_padding_mask)
-    judge = judge_call(fn, sliced, ARG_NAMES, needs_grad(q, k, v))
+    judge = call_judge(q, k, v, causal, key_padding_mask, scale)
     return choose("attention", q.device, backend, reasons, AUTO_ORDER, describe, run, judge, SAFE)
 
 

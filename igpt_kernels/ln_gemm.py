@@ -28,7 +28,7 @@ from igpt_kernels.ln_mlp_kernels import (
     norm_stats_kernel,
     wgrad_kernel,
 )
-from igpt_kernels.trust import slice_rows
+from igpt_kernels.trust import row_sample
 
 MAX_D = 8192  # the norm backward holds one row of x in registers
 ACT_ID = {None: 0, "quick_gelu": 1, "gelu": 2}
@@ -388,6 +388,13 @@ def call_kind(x, reasons, fields):
     }
 
 
+def call_judge(x, params, fn, arg_names):
+    """judge(names) of ``"auto"`` for one call of ln_mlp or ln_linear
+    (``_dispatch.judge_call``): each candidate runs the call itself and is compared with the
+    oracle on a sample of rows (``trust.row_sample``; the cotangent is zero elsewhere)."""
+    return judge_call(fn, (x, *params), arg_names, needs_grad(x, *params), row_sample)
+
+
 def choose_norm_backend(op, x, backend, reasons, fields, fn, params, arg_names):
     """The backend of one call of ``op`` ("ln_mlp" or "ln_linear"): ``resolve`` for a named
     one or the static "auto" (Triton on a GPU once verified there), then on a GPU the
@@ -399,9 +406,5 @@ def choose_norm_backend(op, x, backend, reasons, fields, fn, params, arg_names):
         return call_kind(x, reasons, fields)
 
     run = grad_run(fn, (x, *params))
-
-    def judged():
-        return (slice_rows(x), *params)
-
-    judge = judge_call(fn, judged, arg_names, needs_grad(x, *params))
+    judge = call_judge(x, params, fn, arg_names)
     return choose(op, x.device, backend, reasons, ("triton",), describe, run, judge, "torch")

@@ -100,10 +100,11 @@ def _record(op, device, names, fields, verdicts) -> None:
         DISPATCH.record(gpu, key, {n: trust.compact(v) for n, v in verdicts.items()})
 
 
-def _judge_all(op, fn, tensors, arg_names, grad, backends, case) -> tuple[list, dict]:
-    """Rows for each backend, and the verdicts, of one case (the oracle computed once)."""
+def _judge_all(op, fn, tensors, arg_names, grad, backends, case, yardstick="torch"):
+    """Rows for each backend, and the verdicts, of one case (the oracle computed once, on
+    the whole case; ``yardstick`` as ``trust.Judge``'s)."""
     start = time.perf_counter()
-    judge = trust.Judge(fn, tensors, arg_names, grad)
+    judge = trust.Judge(fn, tensors, arg_names, grad, yardstick=yardstick)
     rows, verdicts = [], {}
     for name in backends:
         t0 = time.perf_counter()
@@ -158,7 +159,7 @@ def _attention_case(spec, device, on_gpu) -> list[dict]:
         return run_backend(name, q, k, v, causal, pad, scale)
 
     rows, verdicts = _judge_all(
-        "attention", fn, (q, k, v, pad), ATTENTION_ARGS, grad, backends, case
+        "attention", fn, (q, k, v, pad), ATTENTION_ARGS, grad, backends, case, "eager"
     )
     with torch.set_grad_enabled(grad):
         names, fields = call_kind(q, k, v, causal, pad)

@@ -105,9 +105,10 @@ def no_images(monkeypatch):
     sets, ``tokenize``, building a token cache entry): what a command that starts from a
     prepared token cache must never call."""
     import igpt.data
-    import igpt.imagesets
-    import igpt.readers
-    import igpt.tokens
+    import igpt.data.cache
+    import igpt.data.digits
+    import igpt.data.folder
+    import igpt.data.npz
     import igpt.transforms
 
     def refuse(*args, **kwargs):
@@ -117,9 +118,10 @@ def no_images(monkeypatch):
         for module, names in (
             (igpt.data, ("load_images", "open_images", "tokenize", "build_entry")),
             (igpt.data, ("load_digits", "load_cifar", "load_folder", "load_npz")),
-            (igpt.imagesets, ("open_images", "load_digits", "load_npz", "read_image")),
-            (igpt.readers, ("load_digits", "load_cifar", "load_folder", "load_npz")),
-            (igpt.tokens, ("read_chunk",)),
+            (igpt.data.digits, ("load_digits",)),
+            (igpt.data.folder, ("read_image",)),
+            (igpt.data.npz, ("load_npz",)),
+            (igpt.data.cache, ("read_chunk", "build_entry")),
             (igpt.transforms, ("tokenize", "read_image")),
         ):
             for name in names:

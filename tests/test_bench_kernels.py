@@ -128,3 +128,12 @@ def test_igpt_bench_passes_dry_run_and_says_what_was_skipped(monkeypatch, capsys
     assert "attention: skipped: needs a CUDA GPU" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--dry-run: \\['palette'\\] have none"):
         main(["bench", "palette", "--dry-run"])
+
+
+def test_judge_dry_run_times_the_call_and_its_judging(tmp_path):
+    bench = _load("judge")
+    bench.main(["--dry-run", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "judge.json").read_text())["rows"]
+    assert row["candidate"] == "sdpa" and row["ok"] is True
+    assert row["call_s"] > 0 and row["judge_s"] > 0
+    assert row["judge_over_call"] == pytest.approx(row["judge_s"] / row["call_s"])

@@ -14,12 +14,15 @@ from igpt.checkpoint import (
     CheckpointError,
     atomic_torch_save,
     checkpoint_path,
+    checkpoint_state,
     latest_checkpoint,
     latest_intact_checkpoint,
     load_checkpoint,
     load_model,
+    run_checkpoints,
     save_checkpoint,
 )
+from igpt.rundir import RunDir
 
 
 def _model():
@@ -182,3 +185,96 @@ def test_stale_temp_files_are_removed_and_only_igpts(tmp_path):
     assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
     assert all(p.exists() for p in others) and not any(p.exists() for p in stale)
     assert (tmp_path / "sub" / ".ckpt_1.pt.abcd1234.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- sharded (DCP)
+
+
+def _save_sharded(run: RunDir, model, step: int):
+    """A sharded checkpoint of ``model`` at ``step`` as the trainer writes one (one process)."""
+    state = checkpoint_state(model, step=step, state_dict={}, palette=torch.rand(8, 3) * 255)
+    del state["model"]
+    return run.save_sharded_checkpoint({"model": model.state_dict()}, state, step, keep=2)
+
+
+def test_sharded_checkpoint_round_trip_latest_and_prune(tmp_path):
+    """A ``.dcp`` directory is a checkpoint like a ``.pt`` file: the newest step of a run,
+    its weights gathered by every reader, its state alone with ``tensors=False``; ``keep``
+    prunes directories and files alike."""
+    run, model = RunDir(tmp_path), _model()
+    torch.nn.init.normal_(model.lm_head.weight)
+    save_checkpoint(checkpoint_path(tmp_path, 1), model, step=1)
+    for step in (2, 3):
+        path = _save_sharded(run, model, step)
+    assert path.name == "ckpt_00000003.dcp" and {".metadata", "state.pt"} <= set(
+        p.name for p in path.iterdir()
+    )
+    assert [p.name for p in run_checkpoints(tmp_path)] == ["ckpt_00000002.dcp", path.name]
+    assert latest_checkpoint(tmp_path) == path
+    back, palette, ckpt = load_model(tmp_path)
+    assert ckpt["step"] == 3 and ckpt["sharded"] == str(path) and len(palette) == 8
+    for a, b in zip(model.state_dict().values(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    found, state = latest_intact_checkpoint(tmp_path, tensors=False)
+    assert found == path and "model" not in state and state["step"] == 3
+
+
+@pytest.mark.parametrize("damage", ["cut_shard", "no_metadata", "no_state"])
+def test_damaged_sharded_checkpoint_is_passed_over(tmp_path, caplog, damage):
+    run, model = RunDir(tmp_path), _model()
+    _save_sharded(run, model, 2)
+    newest = _save_sharded(run, model, 4)
+    if damage == "cut_shard":
+        shard = newest / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        (newest / (".metadata" if damage == "no_metadata" else "state.pt")).unlink()
+    with caplog.at_level(logging.WARNING):
+        path, ckpt = latest_intact_checkpoint(tmp_path, tensors=False)
+    assert path.name == "ckpt_00000002.dcp" and ckpt["step"] == 2
+    assert "ckpt_00000004.dcp is damaged" in caplog.text
+    with pytest.raises(CheckpointError, match="ckpt_00000004.dcp is damaged"):
+        load_checkpoint(newest)
+
+
+def test_a_sharded_save_killed_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    """The ranks write into a temporary directory that only a finished save renames; the
+    next run removes it."""
+    import torch.distributed.checkpoint as dcp
+
+    run, model = RunDir(tmp_path), _model()
+    _save_sharded(run, model, 2)
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dcp, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        _save_sharded(run, model, 4)
+    monkeypatch.undo()
+    assert [p.name for p in run_checkpoints(tmp_path)] == ["ckpt_00000002.dcp"]
+    assert [p.name for p in tmp_path.glob(".*.tmp")] == [".ckpt_00000004.dcp.partial_.tmp"]
+    RunDir(tmp_path)  # a run opening the directory removes what the killed save left
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_consolidate_and_export_hf_gather_a_sharded_checkpoint(tmp_path, capsys):
+    """``igpt consolidate`` writes one file of the whole model; ``igpt export-hf`` takes the
+    sharded directory as it takes a file."""
+    from igpt.cli import main
+
+    run, model = RunDir(tmp_path / "run"), _model()
+    torch.nn.init.normal_(model.lm_head.weight)
+    path = _save_sharded(run, model, 3)
+    main(["consolidate", str(run.path), str(tmp_path / "one.pt")])
+    assert "wrote" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "one.pt", weights_only=True)
+    assert ckpt["step"] == 3 and "sharded" not in ckpt and "palette" in ckpt
+    back, _, _ = load_model(tmp_path / "one.pt")
+    for a, b in zip(model.state_dict().values(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    pytest.importorskip("transformers")
+    main(["export-hf", str(path), str(tmp_path / "hf")])
+    back = IGPT.from_pretrained(tmp_path / "hf")
+    for a, b in zip(model.state_dict().values(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

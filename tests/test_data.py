@@ -212,7 +212,7 @@ def test_token_cache_equality_and_reuse(tmp_path, monkeypatch):
     def no_images(*a, **k):
         raise AssertionError("a cached epoch must not read images")
 
-    monkeypatch.setattr("igpt.data.load_images", no_images)
+    monkeypatch.setattr("igpt.data.open_images", no_images)
     again, labels2 = cached_tokens("digits", "train", pal, 8, cache_dir=tmp_path)
     assert np.array_equal(again, tokens) and np.array_equal(labels, labels2)
     with pytest.raises(AssertionError):  # another palette is another cache entry

@@ -1,5 +1,6 @@
 """igpt.finetune: the classifier, the joint loss, learning on digits, resume, BERT predictions."""
 
+import dataclasses
 import json
 import re
 
@@ -317,6 +318,59 @@ def test_finetune_reads_its_mixed_precision_from_the_config():
     assert not Finetuner(tiny(), FinetuneConfig(steps=1), x, y).autocast._enabled  # auto, CPU
     with pytest.raises(ValueError, match="precision"):
         FinetuneConfig(precision="fp8")
+
+
+def test_finetune_compile_trains_through_torch_compile(monkeypatch):
+    """--compile: every training forward goes through what torch.compile returned."""
+    from igpt.finetune import FinetuneConfig, Finetuner
+
+    calls = []
+
+    def spy(module, **kw):
+        def call(*a, **k):
+            calls.append(type(module).__name__)
+            return module(*a, **k)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", spy)
+    x, y = synthetic(16)
+    Finetuner(tiny(), FinetuneConfig(compile=True, steps=2, batch_size=8), x, y).fit()
+    assert calls == ["IGPTClassifier"] * 2
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        FinetuneConfig(compile="yes")
+
+
+def test_finetune_report_to_tensorboard_logs_its_metrics_rows(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from igpt.finetune import FinetuneConfig, Finetuner
+
+    x, y = synthetic(16)
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(steps=2, batch_size=8, out_dir=str(out), report_to="tensorboard")
+    Finetuner(tiny(), cfg, x, y).fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("loss")]
+    np.testing.assert_allclose(got, [(r["step"], r["loss"]) for r in rows if "loss" in r], 1e-6)
+
+
+def test_finetune_fp16_steps_through_a_gradient_scaler(tmp_path):
+    """--precision fp16: float16 autocast, a scaler whose scale a resume brings back."""
+    from igpt.finetune import FinetuneConfig, Finetuner
+
+    x, y = synthetic(16)
+    cfg = FinetuneConfig(precision="fp16", steps=2, batch_size=8, out_dir=str(tmp_path / "ft"))
+    ft = Finetuner(tiny(), cfg, x, y)
+    assert ft.autocast.fast_dtype == torch.float16 and ft.scaler.is_enabled()
+    ft.fit()
+    scale = ft.scaler.get_scale()
+    assert 0 < scale <= 2.0**16 and ft.guard.skipped == 0
+    again = Finetuner(tiny(), dataclasses.replace(cfg, steps=3, resume=True), x, y)
+    assert again.scaler.get_scale() == scale and again.state["step"] == 2
 
 
 def test_head_lr_gives_the_head_its_own_rate_and_resume_restores_both(tmp_path):

@@ -27,13 +27,18 @@ from igpt_kernels import palette as kp
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _project() -> dict:
-    """pyproject.toml's [project] table."""
+def _pyproject() -> dict:
+    """pyproject.toml, read."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _project() -> dict:
+    """pyproject.toml's [project] table."""
+    return _pyproject()["project"]
 
 
 # --------------------------------------------------------------------------------------
@@ -190,8 +195,16 @@ def test_quantize_warns_once_with_the_fix(monkeypatch):
 
 
 def test_versions_agree(capsys):
+    """One version source: igpt_kernels/_version.py, which the build and both packages read."""
+    from igpt_kernels._version import VERSION
+
     meta = _project()
-    assert meta["version"] == igpt.__version__ == igpt_kernels.__version__
+    assert "version" in meta["dynamic"] and "version" not in meta
+    dynamic = _pyproject()["tool"]["setuptools"]
+    assert dynamic["dynamic"]["version"] == {"attr": "igpt_kernels._version.VERSION"}
+    assert igpt.__version__ == igpt_kernels.__version__ == VERSION
+    written = [p for p in (ROOT / "python" / "igpt").rglob("*.py") if VERSION in p.read_text()]
+    assert written == [] and VERSION not in (ROOT / "setup.py").read_text()
     from igpt.cli import main
 
     with pytest.raises(SystemExit) as e:
@@ -205,6 +218,28 @@ def test_triton_and_transformers_are_extras():
     assert "triton" not in base and "transformers" not in base
     assert "threadpoolctl" in base and "ninja" in base
     assert any(r.startswith("triton==") for r in meta["optional-dependencies"]["test"])
+
+
+def test_the_mit_licence_the_metadata_names_is_in_the_checkout_and_the_sdist():
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License") and "WITHOUT WARRANTY OF ANY KIND" in text
+    assert "LICENSE" in (ROOT / "MANIFEST.in").read_text().split()
+    assert '"license_expression": "MIT"' in (ROOT / "setup.py").read_text()
+
+
+def test_docstrings_point_only_to_files_users_have():
+    """The design notes are not in the repository: no module may send a reader to them."""
+    sources = [*(ROOT / "python").rglob("*.py"), *(ROOT / "igpt_kernels").rglob("*.py")]
+    assert [str(p.relative_to(ROOT)) for p in sources if "DESIGN.md" in p.read_text()] == []
+
+
+def test_experiment_trackers_are_extras():
+    """--report-to's trackers: ``pip install "igpt[tensorboard]"`` / ``"igpt[wandb]"``."""
+    meta = _project()
+    base = " ".join(meta["dependencies"])
+    assert "tensorboard" not in base and "wandb" not in base
+    extras = meta["optional-dependencies"]
+    assert extras["tensorboard"] == ["tensorboard"] and extras["wandb"] == ["wandb"]
 
 
 # --------------------------------------------------------------------------------------

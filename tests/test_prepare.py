@@ -3,7 +3,6 @@ Downsampled ImageNet, the palette from a sample. Every result is checked against
 in-memory path (``load_images`` + ``tokenize``, the code the cache ran before it streamed)
 and the reference quantizer."""
 
-import hashlib
 import json
 import os
 import pickle
@@ -11,16 +10,23 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import igpt.tokens
-from igpt.data import cached_tokens, load_images, prepare_tokens, resize, tokenize
-from igpt.imagesets import ImageSet, open_images
+import igpt.data.cache
+import igpt.data.folder
+from igpt.data import (
+    ImageSet,
+    cached_tokens,
+    load_images,
+    open_images,
+    prepare_tokens,
+    resize,
+    tokenize,
+)
 from igpt.palette import Palette, fit_palette, fit_palette_on
 from igpt_kernels import reference
 
@@ -34,39 +40,10 @@ def _rand_images(n, h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
 
-def _old_key(spec, split, palette, n_px):
-    """The cache key as the in-memory cached_tokens computed it (copied from it, with its
-    fingerprint of the files: relative path, size and mtime of each)."""
-    kind, _, arg = spec.partition(":")
-    root = Path(os.path.expanduser(arg)) if arg else None
-    if kind == "cifar10" and not (root / "data_batch_1").is_file():
-        root = root / "cifar-10-batches-py"
-    if root is None:
-        source = kind
-    else:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        h = hashlib.sha256()
-        for p in files:
-            st = p.stat()
-            h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        source = h.hexdigest()[:16]
-    c = palette.centroids.to(torch.float32).contiguous().numpy()
-    key_src = json.dumps(
-        {
-            "spec": kind if arg == "" else f"{kind}:{Path(os.path.expanduser(arg)).resolve()}",
-            "source": source,
-            "split": split,
-            "n_px": n_px,
-            "palette": hashlib.sha256(c.tobytes()).hexdigest()[:16],
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(key_src.encode()).hexdigest()[:20]
-
-
-def _old_tokens(spec, split, palette, n_px):
-    """The tokens the in-memory cached_tokens wrote: the whole split, then tokenize."""
-    data = load_images(spec, split)
+def _old_tokens(spec, split, palette, n_px, size=None):
+    """The tokens the in-memory cached_tokens wrote: the whole split, then tokenize (a folder
+    of mixed sizes: each image brought to n_px at once, ``size=n_px``)."""
+    data = load_images(spec, split, size=size)
     return tokenize(data.images, palette, n_px).numpy().astype(np.uint16), data.labels
 
 
@@ -177,9 +154,7 @@ def test_lazy_npz_reads_rows_from_the_file_without_loading_it(tmp_path, monkeypa
 def test_folder_lazy_reader_lists_without_decoding(tmp_path, monkeypatch, caplog):
     root = _folder(tmp_path / "f")
     (root / "dog" / "broken.png").write_bytes(b"not a png")
-    import igpt.imagesets
-
-    monkeypatch.setattr(igpt.imagesets, "read_image", lambda p: pytest.fail("decoded " + str(p)))
+    monkeypatch.setattr(igpt.data.folder, "read_image", lambda p: pytest.fail("decoded " + str(p)))
     s = open_images(f"folder:{root}", "all")
     assert len(s) == 15 and s.skipped == 1 and "skipped 1 unreadable" in caplog.text
     assert s.shape == (16, 16)  # mixed sizes: the smallest short side, from the headers
@@ -189,8 +164,6 @@ def test_folder_lazy_reader_lists_without_decoding(tmp_path, monkeypatch, caplog
 def test_the_header_scan_bar_follows_progress(tmp_path, monkeypatch, progress, disable):
     """The scan of a folder's headers (minutes for ImageNet) gets a bar after 2 s: on a
     terminal by default, never with progress=False (``igpt prepare --no-progress``)."""
-    import igpt.imagesets
-
     bars = []
 
     class Bar:
@@ -207,7 +180,7 @@ def test_the_header_scan_bar_follows_progress(tmp_path, monkeypatch, progress, d
         def __exit__(self, *exc):
             bars[-1]["counted"] = self.n
 
-    monkeypatch.setattr(igpt.imagesets, "tqdm", Bar)
+    monkeypatch.setattr(igpt.data.folder, "tqdm", Bar)
     spec = f"folder:{_folder(tmp_path / 'f')}"
     assert len(load_images(spec, "all", lazy=True, progress=progress)) == 15
     assert bars and all(kw["disable"] is disable and kw["delay"] == 2 for kw in bars)
@@ -215,26 +188,24 @@ def test_the_header_scan_bar_follows_progress(tmp_path, monkeypatch, progress, d
 
 
 def test_the_parallel_header_scan_gives_the_serial_shapes_in_order(tmp_path, monkeypatch):
-    import igpt.imagesets
-
     root = _folder(tmp_path / "f", n_per_class=7)
     (root / "dog" / "broken.png").write_bytes(b"not a png")
     paths = sorted(root.rglob("*.png"))
-    serial = igpt.imagesets.image_shapes(paths)
+    serial = igpt.data.folder.image_shapes(paths)
     assert None in serial and len({s for s in serial if s}) == 3  # the three sizes, one broken
-    parent, real = os.getpid(), igpt.imagesets._chunk_shapes
+    parent, real = os.getpid(), igpt.data.folder._chunk_shapes
 
     def in_a_child(chunk):
         assert os.getpid() != parent, "the parallel scan read headers in the parent"
         return real(chunk)
 
     # pickled by name, as the pool sends it: the forked children find this one there
-    in_a_child.__module__, in_a_child.__qualname__ = "igpt.imagesets", "_chunk_shapes"
-    monkeypatch.setattr(igpt.imagesets, "_chunk_shapes", in_a_child)
-    monkeypatch.setattr(igpt.imagesets, "SCAN_PARALLEL", 1)
-    monkeypatch.setattr(igpt.imagesets, "SCAN_CHUNK", 4)
-    monkeypatch.setattr(igpt.imagesets, "available_cores", lambda: 2)
-    assert igpt.imagesets.image_shapes(paths) == serial
+    in_a_child.__module__, in_a_child.__qualname__ = "igpt.data.folder", "_chunk_shapes"
+    monkeypatch.setattr(igpt.data.folder, "_chunk_shapes", in_a_child)
+    monkeypatch.setattr(igpt.data.folder, "SCAN_PARALLEL", 1)
+    monkeypatch.setattr(igpt.data.folder, "SCAN_CHUNK", 4)
+    monkeypatch.setattr(igpt.data.folder, "available_cores", lambda: 2)
+    assert igpt.data.folder.image_shapes(paths) == serial
 
 
 # ----------------------------------------------------------------------------- imagenet
@@ -281,14 +252,18 @@ def test_downsampled_imagenet_refuses_other_files(tmp_path):
 
 
 @pytest.mark.parametrize("kind", SPECS)
-def test_streamed_cache_has_the_old_key_and_tokens(tmp_path, kind, monkeypatch):
-    monkeypatch.setattr(igpt.tokens, "CHUNK", 4)  # several chunks even for tiny sets
+def test_streamed_cache_has_the_in_memory_tokens_and_a_full_key(tmp_path, kind, monkeypatch):
+    monkeypatch.setattr(igpt.data.cache, "CHUNK", 4)  # several chunks even for tiny sets
     spec, pal = _spec(kind, tmp_path), _palette()
+    size = 4 if kind == "folder" else None  # the one folder of mixed sizes
     for split in ("train", "all"):
-        old, old_labels = _old_tokens(spec, split, pal, 4)
+        old, old_labels = _old_tokens(spec, split, pal, 4, size)
         tokens, labels = cached_tokens(spec, split, pal, 4, cache_dir=tmp_path / "c", workers=0)
         assert tokens.dtype == np.uint16 and np.array_equal(tokens, old)
-        assert (tmp_path / "c" / "tokens" / _old_key(spec, split, pal, 4)).is_dir()
+        name, record = igpt.data.cache.cache_key(spec, split, pal, 4)
+        meta = json.loads((tmp_path / "c" / "tokens" / name / "meta.json").read_text())
+        assert meta["key"] == record and record["split"] == split and record["n_px"] == 4
+        assert {"spec", "palette", "resize", "code", "files"} <= set(record)
         assert (labels is None) == (old_labels is None)
         if labels is not None:
             assert np.array_equal(labels, old_labels)
@@ -297,7 +272,7 @@ def test_streamed_cache_has_the_old_key_and_tokens(tmp_path, kind, monkeypatch):
 def test_streamed_tokens_equal_the_reference_quantizer(tmp_path):
     spec, pal = _spec("folder", tmp_path), _palette(64)
     tokens, _ = cached_tokens(spec, "all", pal, 8, cache_dir=tmp_path / "c", workers=0)
-    images = resize(load_images(spec, "all").images, 8)
+    images = load_images(spec, "all", size=8).images  # mixed sizes: each one resized once
     ref = reference.quantize(torch.from_numpy(images), pal.centroids).reshape(len(images), -1)
     assert np.array_equal(tokens.astype(np.int64), ref.numpy())
 
@@ -310,13 +285,13 @@ def test_the_lookup_table_path_gives_the_reference_tokens(tmp_path, monkeypatch)
     monkeypatch.setitem(kernels_palette.LUT_WORK, "cpu", 1)
     spec, pal = _spec("folder", tmp_path), _palette(16, seed=7)
     tokens, _ = cached_tokens(spec, "all", pal, 8, cache_dir=tmp_path / "c", workers=2)
-    images = resize(load_images(spec, "all").images, 8)
+    images = load_images(spec, "all", size=8).images
     ref = reference.quantize(torch.from_numpy(images), pal.centroids).reshape(len(images), -1)
     assert np.array_equal(tokens.astype(np.int64), ref.numpy())
 
 
 def test_worker_processes_give_the_same_bytes(tmp_path, monkeypatch):
-    monkeypatch.setattr(igpt.tokens, "CHUNK", 3)
+    monkeypatch.setattr(igpt.data.cache, "CHUNK", 3)
     spec, pal = _spec("folder", tmp_path), _palette()
     one, _ = cached_tokens(spec, "all", pal, 8, cache_dir=tmp_path / "a", workers=0)
     two, _ = cached_tokens(spec, "all", pal, 8, cache_dir=tmp_path / "b", workers=2)
@@ -347,13 +322,13 @@ def _entry(cache):
 
 @pytest.mark.parametrize("moment", ["first_chunk", "after_3_chunks", "between_writes", "finish"])
 def test_an_interrupted_build_resumes_to_the_same_bytes(tmp_path, monkeypatch, moment):
-    monkeypatch.setattr(igpt.tokens, "CHUNK", 2)
+    monkeypatch.setattr(igpt.data.cache, "CHUNK", 2)
     np.savez(tmp_path / "d.npz", images=_rand_images(15, 6, 6), labels=np.arange(15) % 3)
     spec, pal = f"npz:{tmp_path / 'd.npz'}", _palette()
     clean, clean_labels = cached_tokens(spec, "all", pal, 4, cache_dir=tmp_path / "ref", workers=0)
     cache = tmp_path / "c"
     failing = _Failing(pal, fail_at={"first_chunk": 1, "after_3_chunks": 4}.get(moment))
-    real_write = igpt.tokens.atomic_write_bytes
+    real_write = igpt.data.cache.atomic_write_bytes
     writes = {"n": 0}
 
     def write_then_fail(path, payload):
@@ -365,14 +340,14 @@ def test_an_interrupted_build_resumes_to_the_same_bytes(tmp_path, monkeypatch, m
         return real_write(path, payload)
 
     if moment in ("between_writes", "finish"):
-        monkeypatch.setattr(igpt.tokens, "atomic_write_bytes", write_then_fail)
+        monkeypatch.setattr(igpt.data.cache, "atomic_write_bytes", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
         cached_tokens(spec, "all", failing, 4, cache_dir=cache, workers=0)
     entry = _entry(cache)
     assert not (entry / "meta.json").exists()  # nothing half-written is an entry
     with pytest.raises(OSError):
-        igpt.tokens.read_entry(entry)
-    monkeypatch.setattr(igpt.tokens, "atomic_write_bytes", real_write)
+        igpt.data.cache.read_entry(entry)
+    monkeypatch.setattr(igpt.data.cache, "atomic_write_bytes", real_write)
     progress = entry / "progress.json"
     done_before = json.loads(progress.read_text())["chunks"] if progress.exists() else 0
     resumed = _Failing(pal)
@@ -392,7 +367,7 @@ def test_an_interrupted_build_resumes_to_the_same_bytes(tmp_path, monkeypatch, m
 
 KILLED_BUILD = """
 import sys, time
-import igpt.tokens
+import igpt.data.cache
 from igpt.data import cached_tokens
 from igpt.palette import Palette
 import numpy as np
@@ -402,16 +377,30 @@ class Slow(Palette):
         time.sleep(0.3)  # time for the parent to kill it mid-build
         return super().quantize(images, **kw)
 
-igpt.tokens.CHUNK = 2
+igpt.data.cache.CHUNK = 2
 pal = Slow(np.load(sys.argv[2]))
 cached_tokens(sys.argv[1], "all", pal, 4, cache_dir=sys.argv[3], workers=int(sys.argv[4]))
 """
 
 
+class _Counting(Palette):
+    """Counts ``quantize`` calls: one per chunk a build with ``workers=0`` makes."""
+
+    calls = 0
+
+    def quantize(self, images, **kw):
+        type(self).calls += 1
+        return super().quantize(images, **kw)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_build_killed_with_sigkill_resumes_to_the_same_bytes(tmp_path, workers):
-    np.savez(tmp_path / "d.npz", images=_rand_images(40, 6, 6))
+@pytest.mark.parametrize("workers, labelled", [(0, False), (2, False), (0, True)])
+def test_a_build_killed_with_sigkill_resumes_skipping_its_finished_chunks(
+    tmp_path, monkeypatch, workers, labelled
+):
+    # labelled or not (an unlabelled set once restarted from chunk 0: issue 33)
+    labels = {"labels": np.arange(40) % 3} if labelled else {}
+    np.savez(tmp_path / "d.npz", images=_rand_images(40, 6, 6), **labels)
     spec, pal = f"npz:{tmp_path / 'd.npz'}", _palette()
     pal.save(tmp_path / "p.npy")
     pal = Palette.load(tmp_path / "p.npy")
@@ -422,7 +411,6 @@ def test_a_build_killed_with_sigkill_resumes_to_the_same_bytes(tmp_path, workers
     proc = subprocess.Popen([*args, str(workers)], env=env)
     try:
         deadline = time.monotonic() + 120
-        progress = None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 progress = json.loads(next(cache.glob("tokens/*/progress.json")).read_text())
@@ -449,13 +437,21 @@ def test_a_build_killed_with_sigkill_resumes_to_the_same_bytes(tmp_path, workers
         else:
             pytest.fail("the killed build's lock is still held")
         fcntl.flock(f, fcntl.LOCK_UN)
-    assert not (entry / "meta.json").exists() and progress["chunks"] < 20
-    tokens, _ = cached_tokens(spec, "all", pal, 4, cache_dir=cache, workers=0)
+    done = json.loads((entry / "progress.json").read_text())["chunks"]
+    assert not (entry / "meta.json").exists() and 3 <= done < 20
+    monkeypatch.setattr(igpt.data.cache, "CHUNK", 2)
+    monkeypatch.setattr(_Counting, "calls", 0)
+    counting = _Counting(np.load(tmp_path / "p.npy"))
+    tokens, got = cached_tokens(spec, "all", counting, 4, cache_dir=cache, workers=0)
+    assert _Counting.calls == 20 - done  # the finished chunks were not read again
     clean, _ = cached_tokens(spec, "all", pal, 4, cache_dir=tmp_path / "ref", workers=0)
     assert (entry / "tokens.u16").read_bytes() == (
         _entry(tmp_path / "ref") / "tokens.u16"
     ).read_bytes()
     assert np.array_equal(tokens, clean)
+    assert (got is None) != labelled
+    if labelled:
+        assert got.tolist() == (np.arange(40) % 3).tolist()
 
 
 def test_another_process_waits_for_the_builder(tmp_path):
@@ -463,10 +459,10 @@ def test_another_process_waits_for_the_builder(tmp_path):
 
     np.savez(tmp_path / "d.npz", images=_rand_images(6, 4, 4))
     spec, pal = f"npz:{tmp_path / 'd.npz'}", _palette()
-    name, _ = igpt.tokens.cache_key(spec, "all", pal, 4)
+    name, _ = igpt.data.cache.cache_key(spec, "all", pal, 4)
     folder = tmp_path / "c" / "tokens" / name
     got = {}
-    with igpt.tokens.entry_lock(folder):  # a builder at work
+    with igpt.data.cache.entry_lock(folder):  # a builder at work
         t = threading.Thread(
             target=lambda: got.update(
                 info=prepare_tokens(spec, "all", pal, 4, cache_dir=tmp_path / "c")
@@ -522,7 +518,7 @@ def test_prepare_command_then_training_reads_no_images(tmp_path, monkeypatch, ca
     assert str(entry) in out and "24 images" in out and "train" in out
     assert "tokenised now" in out and "on disk" in out
     with monkeypatch.context() as m:
-        m.setattr("igpt.data.load_images", lambda *a, **k: pytest.fail("read images"))
+        m.setattr("igpt.data.open_images", lambda *a, **k: pytest.fail("read images"))
         tokens, labels = cached_tokens(spec, "train", Palette.load(tmp_path / "p.npy"), 4)
     assert tokens.shape == (24, 16) and len(labels) == 24
     main([*argv, "--split", "all"])

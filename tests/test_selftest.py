@@ -175,15 +175,6 @@ def test_nan_and_shape_errors_are_infinite():
     assert trust._max_err(torch.ones(2), torch.ones(3)) == math.inf
 
 
-def test_large_calls_are_judged_on_a_slice():
-    q = torch.randn(3, 5, 7, 8)
-    pad = torch.ones(3, 7, dtype=torch.bool)
-    sq, sk, sv, spad = trust.slice_heads(q, q, q, pad)
-    assert sq.shape[0] * sq.shape[1] <= trust.MAX_HEADS and spad.shape[0] == sq.shape[0]
-    assert sq.data_ptr() == q.data_ptr()  # a view: the same code path, no copy
-    assert trust.slice_rows(torch.randn(2, 5000, 4)).shape == (trust.MAX_ROWS, 4)
-
-
 # --------------------------------------------------------------------------------------
 # auto on a (fake) GPU: a wrong static kernel is dropped
 # --------------------------------------------------------------------------------------

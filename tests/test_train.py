@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -490,6 +491,167 @@ def test_resume_passes_over_a_damaged_checkpoint_and_stale_temp_files(
     assert not list(Path(damaged.out).glob(".*tmp"))
 
 
+def test_sharded_checkpoints_resume_bit_for_bit_past_a_damaged_one(tmp_path, palette_file, caplog):
+    """--checkpoint-format sharded on one process: ckpt_N.dcp directories, a resume from the
+    newest intact one that matches the run that was never stopped, bit for bit."""
+    kw = dict(palette=palette_file, steps=4, ckpt_every=2, val_size=4)
+    full = _cfg(tmp_path, "full", **kw)
+    pretrain(full)
+    sharded = _cfg(tmp_path, "sharded", checkpoint_format="sharded", **kw)
+    pretrain(sharded)
+    assert _losses(sharded.out) == _losses(full.out)
+    newest = Path(sharded.out) / "ckpt_00000004.dcp"
+    assert latest_checkpoint(sharded.out) == newest and not list(Path(sharded.out).glob("*.pt"))
+    shard = newest / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])  # a copy cut short
+    with caplog.at_level(logging.WARNING):
+        summary = pretrain(sharded, resume=True)
+    assert "ckpt_00000004.dcp is damaged" in caplog.text and summary["step"] == 4
+    assert _losses(sharded.out) == _losses(full.out)
+    a, b = load_checkpoint(full.out)["model"], load_checkpoint(sharded.out)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # --checkpoint takes a sharded directory as it takes a file: its weights, gathered
+    start = Trainer(_cfg(tmp_path, "from", init_from=str(newest), **kw))
+    start.close()
+    got = start.raw_model.state_dict()
+    assert start.step == 0 and all(torch.equal(b[k], got[k]) for k in b)
+
+
+def _killed_at(cfg: TrainConfig, step: int, monkeypatch) -> None:
+    """Run ``cfg`` until the process dies at the start of step ``step`` (0-based)."""
+    real_step = Trainer.train_step
+
+    def dies(self, s):
+        if s == step:
+            raise KeyboardInterrupt
+        return real_step(self, s)
+
+    monkeypatch.setattr(Trainer, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    monkeypatch.undo()
+
+
+def test_fp16_trains_with_a_gradient_scaler_and_resumes_bit_for_bit(
+    tmp_path, monkeypatch, palette_file
+):
+    """--precision fp16 on the CPU's float16 autocast: it trains, the scaler's scale is
+    logged and saved, and a killed run resumes with it bit for bit."""
+    kw = dict(palette=palette_file, steps=4, ckpt_every=2, val_size=4)
+    cfg = _cfg(tmp_path, "fp16", precision="fp16", **kw)
+    summary = pretrain(cfg)
+    fp16 = _losses(cfg.out)
+    assert all(map(math.isfinite, fp16)) and fp16[-1] < fp16[0] and summary["skipped"] == 0
+    rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    scales = [r["loss_scale"] for r in rows]
+    assert all(0 < x <= 2.0**16 and math.log2(x).is_integer() for x in scales)
+    assert load_checkpoint(cfg.out)["scaler"]["scale"] == scales[-1]
+
+    killed = _cfg(tmp_path, "killed", precision="fp16", **kw)
+    _killed_at(killed, 3, monkeypatch)
+    pretrain(killed, resume=True)
+    assert _losses(killed.out) == fp16
+    with pytest.raises(ValueError, match="fp16.*--fsdp"):
+        _cfg(tmp_path, precision="fp16", fsdp=True)
+
+
+def test_fp16_overflow_is_the_scalers_to_skip_not_the_guards(tmp_path, monkeypatch, palette_file):
+    """Scaled gradients that overflow: the scaler skips the step and halves its scale; the
+    non-finite guard does not count it (ten in a row would stop the run)."""
+    cfg = _cfg(tmp_path, palette=palette_file, steps=3, ckpt_every=3, precision="fp16")
+    real = Trainer.loss_sum
+
+    def overflowing(self, tokens, mask):
+        s = real(self, tokens, mask)
+        return s * 1e30 if self.step == 1 else s  # finite loss, infinite scaled gradients
+
+    monkeypatch.setattr(Trainer, "loss_sum", overflowing)
+    trainer = Trainer(cfg)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)  # no overflow of its own
+    seen = []
+    for step in range(3):
+        before = [p.detach().clone() for p in trainer.raw_model.parameters()]
+        trainer.step = step
+        trainer.train_step(step)
+        after = list(trainer.raw_model.parameters())
+        moved = any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        seen.append((moved, trainer.scaler.get_scale()))
+    trainer.close()
+    assert seen == [(True, 8.0), (False, 4.0), (True, 4.0)]
+    assert trainer.guard.skipped == 0
+
+
+@pytest.mark.slow  # inductor compiles a forward and a backward: 20-90 s on 2 busy cores
+def test_compile_trains_as_eager_does(tmp_path, palette_file):
+    """--compile: the first steps' losses are eager's to float tolerance, through inductor."""
+    kw = dict(palette=palette_file, steps=3, ckpt_every=3, val_size=4, device="cpu")
+    losses = {}
+    for compile_ in (False, True):  # the steps alone: validation would compile a second graph
+        trainer = Trainer(_cfg(tmp_path, f"compile_{compile_}", compile=compile_, **kw))
+        trainer.model.train()
+        losses[compile_] = [trainer.train_step(s)["loss"] for s in range(3)]
+        trainer.close()
+    assert trainer.forward.compiled is not None and trainer.forward.compile_seconds > 0
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+def test_compile_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, palette_file, caplog):
+    """Where compile cannot run (here: its first call fails as without a C++ compiler), a
+    warning says so and the run trains eagerly: the losses of a run without --compile."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def cannot(module, **kw):
+        def call(*a, **k):
+            raise BackendCompilerFailed("inductor", RuntimeError("no working C++ compiler"), None)
+
+        return call
+
+    kw = dict(palette=palette_file, steps=2, ckpt_every=2, val_size=4)
+    eager = _losses(pretrain(_cfg(tmp_path, "eager", **kw))["out"])
+    monkeypatch.setattr(torch, "compile", cannot)
+    with caplog.at_level(logging.WARNING):
+        out = pretrain(_cfg(tmp_path, "fallback", compile=True, **kw))["out"]
+    assert "--compile: torch.compile cannot run here (BackendCompilerFailed" in caplog.text
+    assert "training without it" in caplog.text and _losses(out) == eager
+
+
+def _tensorboard_scalars(run_dir) -> dict:
+    """``{tag: [(step, value), ...]}`` read back from a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def test_report_to_tensorboard_logs_the_metrics_rows_and_purges_redone_steps(
+    tmp_path, monkeypatch, palette_file
+):
+    """--report-to tensorboard: every number of every metrics.jsonl row, at its step, read
+    back from the event files; a resumed run's redone steps replace the killed run's."""
+    pytest.importorskip("tensorboard")
+    kw = dict(palette=palette_file, steps=4, ckpt_every=2, val_size=4, report_to="tensorboard")
+    cfg = _cfg(tmp_path, **kw)
+    _killed_at(cfg, 3, monkeypatch)  # logged step 3, past the checkpoint at 2
+    pretrain(cfg, resume=True)
+    rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    scalars = _tensorboard_scalars(cfg.out)
+    assert {"loss", "lr", "grad_norm", "val_loss", "tokens_per_s"} <= set(scalars)
+    for key in ("loss", "lr", "val_loss"):
+        want = [(r["step"], r[key]) for r in rows if key in r]
+        np.testing.assert_allclose(scalars[key], want, rtol=1e-6)  # float32 events
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]  # step 3 once: the redone one
+
+
+def test_report_to_wandb_without_wandb_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as where it is not installed
+    with pytest.raises(ImportError, match=r'pip install "igpt\[wandb\]"'):
+        Trainer(_cfg(tmp_path, report_to="wandb"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    with pytest.raises(ValueError, match="report_to must be one of"):
+        _cfg(tmp_path, report_to="mlflow")
+
+
 def test_crash_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, palette_file):
     cfg = _cfg(tmp_path, palette=palette_file, steps=4, ckpt_every=2)
     real_save = torch.save
@@ -657,6 +819,82 @@ def test_augmented_training_and_checkpointing_policy(tmp_path, palette_file, mon
     np.testing.assert_allclose(_losses(recomputed["out"]), _losses(stored["out"]), rtol=1e-6)
 
 
+def test_dataloader_workers_give_the_inline_batches_bit_for_bit(tmp_path, palette_file):
+    """--dataloader-num-workers 2: the batches made ahead in worker processes are the ones
+    made inline (augmented images here), so the run is the same bit for bit; a step asked
+    for out of order (a step redone) is made inline."""
+    kw = dict(palette=palette_file, augment="crop", steps=3, ckpt_every=3, val_size=4)
+    inline = pretrain(_cfg(tmp_path, "inline", **kw))
+    trainer = Trainer(_cfg(tmp_path, "workers", dataloader_num_workers=2, **kw))
+    try:
+        assert trainer.loader._it is not None
+        summary = trainer.fit()
+        assert trainer.loader.next == 3
+        assert torch.equal(trainer.loader.get(1), trainer.batches.tokens(1, slice(0, 8)))
+    finally:
+        trainer.close()
+    assert _losses(summary["out"]) == _losses(inline["out"])
+    a, b = load_checkpoint(inline["out"])["model"], load_checkpoint(summary["out"])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="dataloader_num_workers must be an int >= 0"):
+        _cfg(tmp_path, dataloader_num_workers=-1)
+
+
+def test_augmentation_reads_images_lazily_a_batch_at_a_time(tmp_path, palette_file, monkeypatch):
+    """--augment: the split is opened lazily and read a batch's rows at a time (and the
+    capped hold-out once), never whole."""
+    import igpt.data
+    from igpt.imagesets import ImageSet
+
+    opened, reads = [], []
+    real_load, real_take = igpt.data.load_images, ImageSet.take
+
+    def load_images(spec, *a, **k):
+        opened.append(k.get("lazy"))
+        return real_load(spec, *a, **k)
+
+    def take(self, idx):
+        reads.append(len(np.unique(idx)))
+        return real_take(self, idx)
+
+    monkeypatch.setattr(igpt.data, "load_images", load_images)
+    monkeypatch.setattr(ImageSet, "take", take)
+    kw = dict(palette=palette_file, augment="crop", steps=3, ckpt_every=3, val_size=16)
+    pretrain(_cfg(tmp_path, **kw))
+    assert opened == [True]
+    assert sorted(reads) == [8, 8, 8, 16]  # three batches of 8, the hold-out; of 1797 images
+
+
+def test_figures_leave_the_matplotlib_backend_and_pyplot_alone(tmp_path):
+    """The PNGs igpt draws (loss curves, the probe's depth figure, the palette preview) are
+    Figure objects of their own: a notebook's backend is not switched, no figure is left
+    open in pyplot."""
+    script = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+import numpy as np, torch
+from pathlib import Path
+from igpt.palette import Palette, save_preview
+from igpt.reporting import plot_accuracy_vs_depth
+from igpt.rundir import RunDir
+out = Path({str(tmp_path)!r})
+run = RunDir(out / "run")
+run.append_metrics([{{"step": 1, "loss": 2.0}}, {{"step": 2, "loss": 1.5, "val_loss": 1.7}}])
+assert run.plot("curve.png", [("loss", [("loss", "train"), ("val_loss", "val")])]).is_file()
+rows = [{{"layer": i, "test_acc": 0.1 * i}} for i in range(3)]
+plot_accuracy_vs_depth({{"probe": rows}}, out / "depth.png")
+images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+save_preview(Palette(torch.rand(4, 3) * 255), images, out / "palette.png")
+print(matplotlib.get_backend(), plt.get_fignums())
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["svg", "[]"]
+    assert all((tmp_path / n).stat().st_size > 1000 for n in ("depth.png", "palette.png"))
+
+
 def test_lr_search_stops_when_validation_rises(tmp_path, monkeypatch):
     vals = {0.01: 3.0, 0.003: 2.0, 0.001: 2.5, 0.0003: 1.0}
     tried = []
@@ -716,13 +954,16 @@ def _spawn_two(cfg: TrainConfig) -> None:
 @pytest.mark.slow  # two processes: 10-60 s on 2 cores
 def test_two_gloo_processes_match_one(tmp_path, palette_file):
     """BERT, the harder case: the loss is normalised by the masked count of the *global*
-    batch, which neither process sees alone."""
+    batch, which neither process sees alone. Each DDP process's rows come from a DataLoader
+    worker, and its checkpoint is written sharded (DCP dedups the replicated tensors)."""
 
     kw = dict(objective="bert", palette=palette_file, steps=3, ckpt_every=3, device="cpu")
     one = _cfg(tmp_path, "one", grad_accum=2, **kw)  # same global batch, 2 micro-steps
     pretrain(one)
-    two = _cfg(tmp_path, "two", checkpointing=1, **kw)  # and recomputation under DDP
+    ddp = dict(checkpointing=1, dataloader_num_workers=1, checkpoint_format="sharded")
+    two = _cfg(tmp_path, "two", **ddp, **kw)  # and recomputation under DDP
     _spawn_two(two)
+    assert latest_checkpoint(two.out).name == "ckpt_00000003.dcp"
     a, b = _losses(one.out), _losses(two.out)
     assert len(a) == len(b) == 3
     np.testing.assert_allclose(a, b, rtol=1e-5)
@@ -732,9 +973,11 @@ def test_two_gloo_processes_match_one(tmp_path, palette_file):
 
 
 @pytest.mark.slow  # two processes: 10-60 s on 2 cores
-def test_fsdp2_two_processes_match_one_and_resume(tmp_path, palette_file):
+@pytest.mark.parametrize("checkpoint_format", ["auto", "full"])
+def test_fsdp2_two_processes_match_one_and_resume(tmp_path, palette_file, checkpoint_format):
     """fully_shard over gloo, with activation checkpointing: same losses as one process; its
-    (full, gathered) checkpoints load as plain models and resume under FSDP bit-for-bit."""
+    checkpoints (auto: sharded, each rank its own shard file; full: gathered on rank 0) load
+    as plain models and resume under FSDP bit-for-bit; a sharded one also on one process."""
     pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
     from torch.distributed import fsdp
 
@@ -744,16 +987,56 @@ def test_fsdp2_two_processes_match_one_and_resume(tmp_path, palette_file):
     kw = dict(palette=palette_file, steps=4, ckpt_every=2, device="cpu", keep_checkpoints=0)
     one = _cfg(tmp_path, "one", **kw)
     pretrain(one)
+    kw.update(checkpoint_format=checkpoint_format)
     two = _cfg(tmp_path, "two", fsdp=True, checkpointing=1, **kw)
     _spawn_two(two)
     full = _losses(two.out)
     np.testing.assert_allclose(_losses(one.out), full, rtol=1e-5)
-    model, _, _ = load_model(two.out)  # a full state dict: evaluation loads it as usual
+    model, _, _ = load_model(two.out)  # evaluation loads either as a plain model
     assert model.config.n_layer == TINY["n_layer"]
-    (Path(two.out) / "ckpt_00000004.pt").unlink()
+    newest = latest_checkpoint(two.out)
+    if checkpoint_format == "auto":
+        assert newest.name == "ckpt_00000004.dcp"
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {p.name for p in newest.iterdir()}
+        shutil.copytree(two.out, tmp_path / "alone")
+        shutil.rmtree(newest)
+    else:
+        assert newest.name == "ckpt_00000004.pt"
+        newest.unlink()
     resumed = dataclasses.replace(two, resume=True)
     _spawn_two(resumed)
     assert _losses(two.out) == full
+    if checkpoint_format == "auto":  # DCP reshards: the two ranks' step 4 on one process
+        alone = dataclasses.replace(two, out=str(tmp_path / "alone"), fsdp=False, steps=6)
+        pretrain(alone, resume=True)
+        pretrain(dataclasses.replace(one, steps=6, resume=True))
+        assert _losses(alone.out)[:4] == full
+        np.testing.assert_allclose(_losses(alone.out), _losses(one.out), rtol=1e-5)
+
+
+@pytest.mark.slow  # three interpreters started twice: 20-60 s on 2 cores
+def test_torchrun_fsdp_writes_sharded_checkpoints_and_resumes_bit_for_bit(tmp_path, palette_file):
+    """The command a user types: ``torchrun --nproc-per-node 2 -m igpt pretrain --fsdp`` on
+    the CPU writes DCP directories (a shard file per rank) and resumes from one exactly."""
+    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launch += ["--nproc-per-node", "2", "-m", "igpt", "pretrain", "--fsdp", "--device", "cpu"]
+    args = ["--n-px", "8", "--steps", "4", "--ckpt-every", "2", "--batch-size", "8"]
+    args += ["--palette", palette_file, "--val-size", "4", "--log-every", "1", "--no-progress"]
+    args += ["--keep-checkpoints", "0", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run(launch + args, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    full = _losses(out)
+    newest = out / "ckpt_00000004.dcp"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "state.pt"} <= {
+        p.name for p in newest.iterdir()
+    }
+    shutil.rmtree(newest)
+    res = subprocess.run(launch + args + ["--resume"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _losses(out) == full and len(full) == 4 and newest.is_dir()
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, palette_file):

@@ -8,6 +8,6 @@ feats = model.features(tokens)    # (B, L + 1, d) pooled features of every layer
 
 from igpt.config import IGPTConfig
 from igpt.model import IGPT
+from igpt_kernels import __version__ as __version__  # written in igpt_kernels/_version.py
 
 __all__ = ["IGPT", "IGPTConfig"]
-__version__ = "0.1.0"

@@ -5,7 +5,8 @@ folder, is flushed to disk, and is then renamed over the target (a rename within
 system is atomic). The temporary file is created with mode 0666 less the umask, as
 ``open()`` creates files, so the result has the mode of every other file of the folder.
 A process killed mid-write leaves its temporary file behind; ``remove_stale_temp_files``
-removes such leftovers of one folder (the run directory does on start) and nothing else.
+removes such leftovers of one folder (the run directory does on start) and nothing else,
+among them the temporary directories of sharded checkpoints (``igpt.sharded``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,9 @@ def atomic_write_text(path, text: str) -> Path:
 
 
 def remove_stale_temp_files(folder) -> list[Path]:
-    """Delete the temporary files that killed atomic writes left in ``folder`` (not its
-    sub-folders); only names of this module's pattern. Returns the paths removed.
+    """Delete the temporary files (and sharded checkpoints' temporary directories) that
+    killed atomic writes left in ``folder`` (not inside its sub-folders); only names of this
+    module's pattern. Returns the paths removed.
 
     Call it only where no other process is writing into ``folder`` at the same time.
     """
@@ -72,8 +75,13 @@ def remove_stale_temp_files(folder) -> list[Path]:
         return []
     removed = []
     for p in folder.iterdir():
-        if TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink():
+        if not TEMP_NAME.match(p.name) or p.is_symlink():
+            continue
+        if p.is_file():
             p.unlink(missing_ok=True)
+            removed.append(p)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     if removed:
         log.info(

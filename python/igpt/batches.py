@@ -60,7 +60,8 @@ class ImageSource:
     """Images tokenised per batch after a random augmentation.
 
     Args:
-        images: uint8 (N, H, W, 3).
+        images: uint8 (N, H, W, 3), or a lazy ``igpt.imagesets.ImageSet`` (``images[idx]``
+            reads only rows ``idx``: a batch at a time, never the whole split).
         palette: an ``igpt.palette.Palette``; n_px: the side the tokens are made at.
         augment: ``augment(images, *, rng) -> images`` (``igpt.data.pad_crop_flip``,
             a ``random_resized_crop`` partial ...).
@@ -86,14 +87,15 @@ class ImageSource:
         """int64 tokens of rows ``idx`` augmented with generators seeded by ``key``."""
         from igpt.data import tokenize
 
+        batch = self.images[np.asarray(idx)]  # the batch's rows only, read once
         if self.per_row:
             parts = [
-                self.augment(self.images[i : i + 1], rng=augment_rng(key, first_row + j))
-                for j, i in enumerate(idx)
+                self.augment(batch[j : j + 1], rng=augment_rng(key, first_row + j))
+                for j in range(len(batch))
             ]
             images = np.concatenate(parts)
         else:
-            images = self.augment(self.images[idx], rng=augment_rng(key, first_row))
+            images = self.augment(batch, rng=augment_rng(key, first_row))
         return tokenize(images, self.palette, self.n_px)
 
 
@@ -138,3 +140,64 @@ class GlobalBatches:
     def mask(self, step: int, n: int, mask_prob: float) -> torch.Tensor:
         """The BERT mask bool (batch_size, n) of the global batch of ``step``."""
         return bert_mask((self.batch_size, n), mask_prob, seed=(self.seed, step, 2))
+
+
+class _StepRows(torch.utils.data.Dataset):
+    """Item ``s``: rows ``rows`` of the global batch of step ``s`` (what a worker makes)."""
+
+    def __init__(self, batches: GlobalBatches, rows: slice):
+        self.batches, self.rows = batches, rows
+
+    def __len__(self) -> int:
+        return 2**62  # any step; the sampler says which, in order
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        return self.batches.tokens(int(step), self.rows)
+
+
+class StepLoader:
+    """One process's rows of every step's global batch, made ahead by a ``DataLoader``.
+
+    ``get(step)`` gives ``batches.tokens(step, rows)``: the same tensor, bit for bit, made
+    by ``workers`` processes ahead of the step (``prefetch`` steps each), pinned for a fast
+    copy to the GPU when ``pin_memory``; the steps ``start``, ``start + 1`` ... are made in
+    order, one pass whose workers live for the whole run. A step asked for out of that
+    order (a step redone after running out of memory, a test's own) is made inline. With
+    no workers and no pinning, every step is made inline, as without a loader.
+    """
+
+    def __init__(
+        self,
+        batches: GlobalBatches,
+        rows: slice,
+        *,
+        start: int,
+        stop: int,
+        workers: int = 0,
+        pin_memory: bool = False,
+        prefetch: int | None = None,
+    ):
+        self.batches, self.rows, self.next = batches, rows, start
+        self._it = None
+        if (workers > 0 or pin_memory) and stop > start:
+            loader = torch.utils.data.DataLoader(
+                _StepRows(batches, rows),
+                batch_size=None,  # an item is already a batch
+                sampler=range(start, stop),
+                num_workers=workers,
+                pin_memory=pin_memory,
+                prefetch_factor=prefetch if workers > 0 else None,
+                persistent_workers=False,  # one pass over every step: they live for the run
+            )
+            self._it = iter(loader)
+
+    def get(self, step: int) -> torch.Tensor:
+        """int64 tokens (rows, n): this process's rows of the global batch of ``step``."""
+        if self._it is not None and step == self.next:
+            self.next += 1
+            return next(self._it)
+        return self.batches.tokens(step, self.rows)
+
+    def close(self) -> None:
+        """Stop the workers (they also stop with the process)."""
+        self._it = None

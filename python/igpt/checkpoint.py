@@ -8,8 +8,12 @@ previous checkpoint intact and never a half-written one under the final name.
 Layout of the dict: ``model`` (state dict), ``config`` (IGPTConfig fields), ``step``,
 ``palette`` (float32 (K, 3) or absent), and whatever the caller adds (``optimizer``,
 ``scheduler``, ``rng`` ...); the model's generative objective goes under ``objective``
-(``objective_of`` reads it). A run directory holds ``ckpt_XXXXXXXX.pt`` files;
-``latest_checkpoint(run_dir)`` picks the one with the highest step.
+(``objective_of`` reads it). A run directory holds ``ckpt_XXXXXXXX.pt`` files, or sharded
+checkpoints, ``ckpt_XXXXXXXX.dcp`` directories (``igpt.sharded``: one shard per rank, written
+by ``torch.distributed.checkpoint``); ``latest_checkpoint(run_dir)`` picks the one with the
+highest step. Every reader takes a sharded one as well: ``read_checkpoint`` gathers its
+weights into one state dict on the CPU (without the optimizer state), and ``tensors=False``
+reads only its small ``state.pt``, for a resume that loads the shards itself.
 
 A directory in transformers' ImageGPT layout (``igpt.hf.is_pretrained_dir``: a
 ``config.json`` with ``model_type`` "imagegpt") is read as the step-0 checkpoint of its
@@ -39,10 +43,11 @@ from igpt.config import IGPTConfig
 from igpt.model import IGPT
 from igpt.objectives import objective_of  # noqa: F401  (public name of igpt.checkpoint)
 from igpt.palette import Palette
+from igpt.sharded import SUFFIX, load_sharded, read_sharded_state, sharded_damage
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+_NAME = re.compile(r"^ckpt_(\d+)\.(?:pt|dcp)$")
 # what every igpt checkpoint holds (checkpoint_state writes both)
 REQUIRED_KEYS = ("model", "config")
 
@@ -51,13 +56,20 @@ class CheckpointError(ValueError):
     """A file that cannot be read as an igpt checkpoint; the message names it and says why."""
 
 
-def checkpoint_path(run_dir, step: int) -> Path:
-    """Where step ``step`` of a run is saved."""
-    return Path(run_dir) / f"ckpt_{step:08d}.pt"
+def checkpoint_path(run_dir, step: int, *, sharded: bool = False) -> Path:
+    """Where step ``step`` of a run is saved (``sharded``: the ``.dcp`` directory)."""
+    return Path(run_dir) / f"ckpt_{step:08d}{SUFFIX if sharded else '.pt'}"
+
+
+def is_sharded(path) -> bool:
+    """Whether ``path`` names a sharded checkpoint (a ``.dcp`` directory, intact or not)."""
+    p = Path(path)
+    return p.suffix == SUFFIX and (p.is_dir() or not p.exists())
 
 
 def run_checkpoints(run_dir) -> list[Path]:
-    """The ``ckpt_XXXXXXXX.pt`` files of ``run_dir``, oldest step first (none: ``[]``)."""
+    """The ``ckpt_XXXXXXXX.pt`` files and ``.dcp`` directories of ``run_dir``, oldest step
+    first (none: ``[]``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
@@ -73,8 +85,11 @@ def latest_checkpoint(run_dir) -> Path | None:
     return found[-1] if found else None
 
 
-def latest_intact_checkpoint(run_dir, map_location="cpu") -> tuple[Path, dict] | None:
-    """``(path, checkpoint)`` of the newest checkpoint of ``run_dir`` that reads back.
+def latest_intact_checkpoint(
+    run_dir, map_location="cpu", *, tensors: bool = True
+) -> tuple[Path, dict] | None:
+    """``(path, checkpoint)`` of the newest checkpoint of ``run_dir`` that reads back
+    (``tensors=False``: a sharded one without its tensors, see ``read_checkpoint``).
 
     A damaged newer one (a truncated copy, a disk that filled up) is passed over with a
     warning naming it and the one used instead. None without checkpoints; CheckpointError
@@ -84,7 +99,7 @@ def latest_intact_checkpoint(run_dir, map_location="cpu") -> tuple[Path, dict] |
     damaged = []
     for path in reversed(found):
         try:
-            ckpt = load_checkpoint(path, map_location=map_location)
+            ckpt = read_checkpoint(path, map_location=map_location, tensors=tensors)
         except CheckpointError as e:
             log.warning("%s", e)
             damaged.append(path)
@@ -189,6 +204,8 @@ def resolve_checkpoint(path_or_dir) -> Path:
     a directory that is both (an ImageGPT ``config.json`` beside ``ckpt_*.pt`` files).
     """
     p = Path(path_or_dir)
+    if p.is_dir() and is_sharded(p):
+        return p
     if p.is_dir():
         latest = latest_checkpoint(p)
         pretrained = hf_format.is_pretrained_dir(p)
@@ -228,15 +245,19 @@ def _read_pretrained(path: Path, map_location) -> dict:
     return checkpoint_state(model, step=0, palette=palette, objective="ar")
 
 
-def read_checkpoint(path, map_location="cpu", *, mmap: bool = False) -> dict:
+def read_checkpoint(path, map_location="cpu", *, mmap: bool = False, tensors: bool = True) -> dict:
     """``torch.load(path, weights_only=True)`` of one file, with every way it can fail turned
     into a CheckpointError naming ``path``; the result is a dict with ``model`` and ``config``.
 
     A pickle of anything but tensors, numbers, strings and containers stays refused. A
     transformers ImageGPT directory gives the step-0 checkpoint of its weights (``mmap`` does
-    not apply: safetensors are read as they are).
+    not apply: safetensors are read as they are). A sharded checkpoint (``.dcp``) gives its
+    ``state.pt`` with ``sharded`` (its path) and, unless ``tensors=False``, ``model``: its
+    weights gathered into one state dict (the optimizer's shards stay on disk).
     """
     path = Path(path)
+    if is_sharded(path):
+        return _read_sharded(path, map_location, tensors)
     if path.is_dir():
         if hf_format.is_pretrained_dir(path):
             return _read_pretrained(path, map_location)
@@ -263,6 +284,29 @@ def read_checkpoint(path, map_location="cpu", *, mmap: bool = False) -> dict:
             "igpt.checkpoint.save_checkpoint"
         )
     return ckpt
+
+
+def _read_sharded(path: Path, map_location, tensors: bool) -> dict:
+    """``read_checkpoint`` of a sharded checkpoint directory."""
+    why = sharded_damage(path)
+    if why is None:
+        try:
+            state = read_sharded_state(path)
+        except Exception as e:  # noqa: BLE001  (bytes that are not a checkpoint fail in any way)
+            why = f"its state.pt cannot be read: {type(e).__name__}"
+    if why is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged ({why}); delete it or use an older checkpoint of the run"
+        )
+    if not isinstance(state, dict) or "config" not in state:
+        raise CheckpointError(f"{path}: its state.pt is not an igpt checkpoint's (no config)")
+    state["sharded"] = str(path)
+    if tensors:
+        weights = IGPT(model_config(state, path)).state_dict()
+        state["model"] = load_sharded(path, {"model": weights}, local=True)["model"]
+        if map_location is not None and str(map_location) != "cpu":
+            state["model"] = {k: v.to(map_location) for k, v in state["model"].items()}
+    return state
 
 
 def _why_unreadable(path: Path, e: BaseException) -> str:

@@ -60,6 +60,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "igpt.commands.import_hf",
         "read a transformers ImageGPT directory into an igpt checkpoint file",
     ),
+    "consolidate": (
+        "igpt.commands.consolidate",
+        "gather a sharded checkpoint (.dcp, from --fsdp) into one checkpoint file",
+    ),
     "demo": ("igpt.commands.demo", "pretrain -> probe -> sample end to end on bundled digits"),
     "plan": ("igpt.commands.plan", "the fastest training plan that fits a GPU's memory"),
     "selftest": (

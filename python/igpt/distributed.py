@@ -5,10 +5,13 @@
     with d.sync(model, last_micro_step): loss.backward()
     d.all_reduce(total); d.barrier()
     model_sd, optim_sd = d.state_dicts(model, raw_model, optimizer)   # full, on rank 0's CPU
+    tensors = d.sharded_state(model, raw_model, optimizer)    # each rank's own shards (DCP)
 
 Without torchrun (WORLD_SIZE unset or 1) it is one process: rank 0, every call a no-op.
-``sharded`` is True when parameters are split across processes (FSDP2 under torchrun);
-its checkpoints still hold full state dicts, so evaluation loads them as plain models.
+``sharded`` is True when parameters are split across processes (FSDP2 under torchrun).
+A checkpoint holds either full state dicts (``state_dicts``: gathered on rank 0, one file)
+or each rank's shards (``sharded_state``, written with ``torch.distributed.checkpoint`` by
+``igpt.sharded``); evaluation reads both as plain models.
 """
 
 from __future__ import annotations
@@ -121,8 +124,45 @@ class Distributed:
         """How ``state_dicts`` lays out the optimizer state: "fsdp_full" or "torch"."""
         return "fsdp_full" if self.sharded else "torch"
 
+    def sharded_state(self, model, raw_model, optimizer) -> dict:
+        """``{"model", "optimizer"}`` state dicts as they lie on this rank, keyed by parameter
+        names (``torch.distributed.checkpoint.state_dict``): under FSDP2 this rank's shards
+        (DTensors), nothing gathered; else the full tensors. What a sharded checkpoint
+        holds; a collective when sharded."""
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        owner = model if self.sharded else raw_model
+        return {
+            "model": get_model_state_dict(owner),
+            "optimizer": get_optimizer_state_dict(owner, optimizer),
+        }
+
+    def load_sharded_state(self, model, raw_model, optimizer, path) -> None:
+        """Restore a sharded checkpoint's model and optimizer: each rank reads the bytes of
+        its own shards from ``path`` (resharded when the run's processes differ from the
+        ones that wrote it). A collective: every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from igpt.sharded import load_sharded
+
+        owner = model if self.sharded else raw_model
+        tensors = load_sharded(path, self.sharded_state(model, raw_model, optimizer))
+        set_model_state_dict(owner, tensors["model"])
+        set_optimizer_state_dict(owner, optimizer, tensors["optimizer"])
+
     def load_state_dicts(self, model, raw_model, optimizer, ckpt: dict) -> None:
-        """Restore what ``state_dicts`` saved into ``ckpt`` (a collective when sharded)."""
+        """Restore what ``state_dicts`` saved into ``ckpt``, or (``ckpt["sharded"]``: a
+        sharded checkpoint's path) what ``sharded_state`` saved (a collective when
+        sharded)."""
+        if "sharded" in ckpt:
+            self.load_sharded_state(model, raw_model, optimizer, ckpt["sharded"])
+            return
         written_sharded = ckpt.get("optimizer_format") == "fsdp_full"
         if self.sharded and not written_sharded:
             raise ValueError("resuming an FSDP run needs a checkpoint written with --fsdp")

@@ -19,12 +19,12 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
-from typing import Any, NamedTuple
 
 import torch
 
 from igpt._checks import long_rows, token_rows
 from igpt.attentive import attentive_layers
+from igpt.data.cache import TokenSplit  # defined with the token cache; imported from here too
 from igpt.features import extract_features, random_init_model, raw_pixel_features, resolve_layers
 from igpt.knn import knn_layers
 from igpt.model import IGPT
@@ -41,17 +41,6 @@ log = logging.getLogger(__name__)
 
 RAW_BATCH = 4096  # tokens turned into palette colours per block for the raw-pixel baseline
 PROBES = ("linear", "attentive", "knn")
-
-
-class TokenSplit(NamedTuple):
-    """A labelled split as tokens: what ``evaluate`` takes in place of ``ImageData``.
-
-    ``tokens``: integer (N, n_px * n_px) numpy array or tensor in raster order (e.g. the
-    uint16 memmap ``igpt.data.cached_tokens`` returns, read a batch at a time);
-    ``labels``: integer (N,) or None. ``TokenSplit(*cached_tokens(...))`` builds one."""
-
-    tokens: Any
-    labels: Any
 
 
 def evaluate(

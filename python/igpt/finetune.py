@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -64,15 +63,17 @@ from igpt.model import IGPT
 from igpt.objectives import MASK_PROB, OBJECTIVES, check_objective, generative_loss, objective_of
 from igpt.probe import as_labels
 from igpt.rundir import RunDir
+from igpt.trackers import REPORT_TO
 from igpt.trainconfig import progress_enabled, setting
 from igpt.training import (
     PRECISIONS,
+    Compiled,
     NonFiniteGuard,
-    autocast,
+    guarded_step,
+    mixed_precision,
     open_resume,
     refuse_resume,
     restore_optimizer_settings,
-    uses_bf16,
 )
 
 __all__ = [
@@ -147,9 +148,20 @@ class FinetuneConfig:
     resume: bool = setting(False, "continue from the latest checkpoint in the run directory")
     seed: int = setting(0, "batches, masks, augmentations and the hold-out split")
     precision: str = setting(
-        "auto", "auto: bf16 autocast on CUDA, fp32 on the CPU", choices=PRECISIONS
+        "auto",
+        "auto: bf16 autocast on CUDA, fp32 on the CPU; fp16: float16 autocast with a gradient "
+        "scaler (GPUs without bf16)",
+        choices=PRECISIONS,
     )
     device: str | None = setting(None, "cpu, cuda ...", default_text="the model's")
+    compile: bool = setting(
+        False, "train through torch.compile; eagerly, with a warning, where it cannot run"
+    )
+    report_to: str = setting(
+        "none",
+        "also send the metrics rows to tensorboard (<out>/tensorboard) or wandb",
+        choices=REPORT_TO,
+    )
     progress: bool | None = setting(
         None, "tqdm progress bars", default_text="when stderr is a terminal"
     )
@@ -161,6 +173,10 @@ class FinetuneConfig:
         check_objective(self.objective)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         for name in ("steps", "batch_size", "eval_every", "n_masks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -308,6 +324,7 @@ def finetune_checkpoint(ft: Finetuner, *, with_optimizer: bool) -> dict:
     extra = dict(head=ft.clf.head.state_dict(), state=ft.state, finetune=info)
     if with_optimizer:
         extra["optimizer"] = ft.opt.state_dict()
+        extra.update({"scaler": ft.scaler.state_dict()} if ft.scaler.is_enabled() else {})
     step, objective = ft.state["step"], ft.cfg.objective
     return checkpoint_state(ft.model, step=step, palette=ft.palette, objective=objective, **extra)
 
@@ -391,11 +408,12 @@ class Finetuner:
         )
         self.model, self.palette = model, palette
         self.device = resolve_model_device(cfg.device, model)
-        self.autocast = autocast(self.device, uses_bf16(cfg.precision, self.device))
+        self.autocast, self.scaler = mixed_precision(cfg.precision, self.device)
         self.clf = IGPTClassifier(model, self.n_classes, layer=cfg.layer).to(self.device)
         if not cfg.head_bias:
             self.clf.head.bias.requires_grad_(False)  # zero from IGPTClassifier, kept there
         self.opt = finetune_optimizer(cfg, self.clf)
+        self.forward = Compiled(self.clf, cfg.compile)  # self.clf itself without --compile
         self.settings = cfg.settings(self.n_classes, self.clf.layer)
         self.batches = example_batches(
             cfg, tokens, rows, train_images, palette, augment, model.config.n_px, token_augment
@@ -404,7 +422,7 @@ class Finetuner:
         self.state["skipped"] = 0
         self.guard = NonFiniteGuard()
         self.best_weights = None  # without a run directory, the best state lives in memory
-        self.run = RunDir(cfg.out_dir) if cfg.out_dir is not None else None
+        self.run = RunDir(cfg.out_dir, report_to=cfg.report_to) if cfg.out_dir else None
         if self.run is not None:
             self._open_run()
 
@@ -418,6 +436,7 @@ class Finetuner:
             self.model.load_state_dict(ckpt["model"])
             self.clf.head.load_state_dict(ckpt["head"])
             self.opt.load_state_dict(regroup(ckpt["optimizer"], self.opt))
+            self.scaler.load_state_dict(ckpt.get("scaler", self.scaler.state_dict()))
             cfg = self.cfg  # this run's settings, not the ones the optimizer state brought back
             restore_optimizer_settings(
                 self.opt, lr=cfg.rates, betas=cfg.betas, weight_decay=cfg.weight_decay
@@ -444,16 +463,14 @@ class Finetuner:
         if cfg.objective == "bert":
             mask = self.batches.mask(step, x.shape[1], cfg.mask_prob).to(self.device)
         with self.autocast:
-            gen_logits, logits = self.clf(x, mask, generative=cfg.joint)
+            gen_logits, logits = self.forward(x, mask, generative=cfg.joint)
         l_clf = F.cross_entropy(logits, y)
         l_gen = generative_loss(gen_logits, x, mask) if cfg.joint else None
         loss = l_clf + l_gen if cfg.joint else l_clf
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = cfg.grad_clip if cfg.grad_clip else float("inf")
-        grad_norm = float(nn.utils.clip_grad_norm_(self.clf.parameters(), clip))
-        if self.guard.check(step, loss.item(), grad_norm, cfg.lr):
-            self.opt.step()
+        self.scaler.scale(loss).backward()
+        parts = (self.opt, self.scaler, self.guard, self.clf.parameters())
+        guarded_step(*parts, step=step, loss=loss.item(), clip=cfg.grad_clip)
         self.opt.zero_grad(set_to_none=True)
         self.state["skipped"] = self.guard.skipped
         row = {"step": step + 1, "loss": loss.item(), "clf_loss": l_clf.item()}

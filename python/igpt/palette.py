@@ -31,6 +31,7 @@ import torch
 
 import igpt_kernels
 from igpt import hf_format
+from igpt.data.base import report_unreadable
 from igpt_kernels.reference import MAX_COLORS
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ def fit_palette_on(
     """``fit_palette`` on images read through a lazy reader, a block of images at a time.
 
     Args:
-        image_set: an ``igpt.imagesets.ImageSet`` (``len``, ``take(rows)``, ``shape``).
+        image_set: an ``igpt.data.ImageSet`` (``len``, ``take_rows(rows)``, ``shape``).
         k, sample, seed, device: as ``fit_palette``.
         n_px: bring the images to n_px x n_px first (as ``igpt.data.resize``); None keeps
             the set's own size (``image_set.shape`` must then be set).
@@ -277,19 +278,23 @@ def fit_palette_on(
     else:
         wanted = np.arange(total)
     pos = wanted // per_image  # position in ``rows`` of each wanted pixel
-    parts = []
+    parts, unreadable, asked = [], [], 0
     for a in range(0, len(rows), block):
         sel = (pos >= a) & (pos < a + block)
         if not sel.any():
             continue
         need = rows[np.unique(pos[sel])]
-        data = image_set.take(need)
-        if data.skipped:
-            raise ValueError(f"{data.skipped} of the images to fit on cannot be read")
+        data, ok = image_set.take_rows(need)
         images = data.images if n_px is None else resize(data.images, n_px)
-        got = np.unique(need)  # take returns rows in ascending order
-        which = np.searchsorted(got, rows[pos[sel]])
-        parts.append(images.reshape(len(images), per_image, 3)[which, wanted[sel] % per_image])
+        got = np.unique(need)[ok]  # take returns the readable rows in ascending order
+        # an unreadable file's pixels are left out, as prepare leaves out its tokens
+        keep = np.isin(rows[pos[sel]], got)
+        which = np.searchsorted(got, rows[pos[sel]][keep])
+        at = (wanted[sel] % per_image)[keep]
+        parts.append(images.reshape(len(images), per_image, 3)[which, at])
+        unreadable += data.unreadable
+        asked += len(ok)
+    report_unreadable(getattr(image_set, "name", "") or "images to fit on", unreadable, asked)
     pixels = np.concatenate(parts)
     return fit_palette(pixels, k, sample=max(sample, len(pixels)), seed=seed, device=device)
 
@@ -375,9 +380,7 @@ def _kmeans_torch(
 
 def save_preview(palette: Palette, images: np.ndarray, path, *, n_images: int = 6) -> None:
     """Write a PNG: the palette's swatches (index order) over a few images before/after."""
-    from igpt.reporting import pyplot
-
-    plt = pyplot()
+    from igpt.reporting import figure
 
     k = len(palette)
     cols = int(np.ceil(np.sqrt(k)))
@@ -387,7 +390,7 @@ def save_preview(palette: Palette, images: np.ndarray, path, *, n_images: int = 
     shown = images[: min(n_images, len(images))]
     after = palette.dequantize(palette.quantize(shown)).numpy()
     n = max(len(shown), 1)
-    fig = plt.figure(figsize=(max(6.0, 1.6 * n), 9.0))
+    fig = figure(figsize=(max(6.0, 1.6 * n), 9.0))
     grid = fig.add_gridspec(3, n, height_ratios=[2, 1, 1])
     ax = fig.add_subplot(grid[0, :])
     ax.imshow(swatch, interpolation="nearest")
@@ -401,7 +404,6 @@ def save_preview(palette: Palette, images: np.ndarray, path, *, n_images: int = 
             if i == 0:
                 a.set_ylabel(label)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def save_palette(palette: Palette, directory, *, n_px: int | None = None) -> Path:

@@ -4,6 +4,7 @@
     check_resumable(cfg, path, ckpt)                   # the resume check (RESUME_FIXED)
     palette = run_palette(cfg, run, dist, palette, ckpt, data)
     batches, val_idx, val_tokens = run_data(cfg, dist, palette, data)
+    loader = run_loader(cfg, dist, batches, start_step, device)   # the rank's rows, ahead
     model = run_model(cfg, len(palette), init_cfg, init, device, resume)
     warmup = run_warmup(cfg, ckpt, n_train)
     schedule = lr_lambda_factory(cfg.steps, warmup)
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igpt.batches import GlobalBatches, ImageSource, TokenSource
+from igpt.batches import GlobalBatches, ImageSource, StepLoader, TokenSource
 from igpt.checkpoint import (
     CheckpointError,
     architecture_differences,
@@ -53,6 +54,7 @@ __all__ = [
     "check_architecture",
     "run_palette",
     "run_data",
+    "run_loader",
     "augmentation",
     "run_model",
     "micro_batch",
@@ -63,9 +65,10 @@ log = logging.getLogger(__name__)
 
 
 def init_config(init_from) -> IGPTConfig:
-    """The model config of the checkpoint a run starts from (read without its tensors)."""
+    """The model config of the checkpoint a run starts from (read without its tensors: a
+    file memory-mapped, a sharded directory's state.pt alone)."""
     path = resolve_checkpoint(init_from)
-    return model_config(read_checkpoint(path, mmap=True), path)
+    return model_config(read_checkpoint(path, mmap=True, tensors=False), path)
 
 
 def init_checkpoint(cfg, palette) -> dict:
@@ -216,12 +219,13 @@ def run_palette(cfg: TrainConfig, run: RunDir, d: Distributed, palette, ckpt, da
 
 
 def run_data(cfg: TrainConfig, d: Distributed, palette, data):
-    """(GlobalBatches, val_idx, val_tokens): a uint16 token memmap (or images to augment),
-    split 90/10 with the hold-out capped at ``val_size``; validation is never augmented."""
+    """(GlobalBatches, val_idx, val_tokens): a uint16 token memmap (or images to augment,
+    read lazily: a batch's rows at a time, never the whole split), split 90/10 with the
+    hold-out capped at ``val_size``; validation is never augmented."""
     from igpt.data import cached_tokens, holdout_split, load_images, tokenize
 
     if cfg.augment != "none":
-        images = (data or load_images(cfg.data)).images
+        images = data.images if data is not None else load_images(cfg.data, lazy=True)
         source = ImageSource(images, palette, cfg.n_px, augmentation(cfg))
     elif data is not None:
         source = TokenSource(tokenize(data.images, palette, cfg.n_px).numpy())
@@ -238,6 +242,22 @@ def run_data(cfg: TrainConfig, d: Distributed, palette, data):
     val_idx = val_idx if cfg.val_size is None else val_idx[: cfg.val_size]
     batches = GlobalBatches(source, train_idx, cfg.batch_size, seed=cfg.seed)
     return batches, val_idx, source.plain(val_idx)
+
+
+def run_loader(cfg: TrainConfig, d: Distributed, batches: GlobalBatches, start: int, device):
+    """This rank's rows of every step's global batch from ``start`` on (``StepLoader``):
+    made ahead by ``cfg.dataloader_num_workers`` processes, pinned on CUDA unless
+    ``dataloader_pin_memory`` is False; the same tensors as made inline, bit for bit."""
+    share = cfg.batch_size // d.world
+    return StepLoader(
+        batches,
+        slice(d.rank * share, (d.rank + 1) * share),
+        start=start,
+        stop=cfg.steps,
+        workers=cfg.dataloader_num_workers,
+        pin_memory=cfg.dataloader_pin_memory and device.type == "cuda",
+        prefetch=cfg.dataloader_prefetch_factor,
+    )
 
 
 def augmentation(cfg: TrainConfig):

@@ -3,9 +3,11 @@
     paths = write_report(results, out_dir)   # probe.json, probe.md, depth.png
     text = summary_text(results)            # the Markdown that probe.md holds
 
-``results`` is what ``igpt.evaluation.evaluate`` returns. ``pyplot()`` is the one matplotlib
-set-up (a file-only backend) for every figure the package draws; ``format_table`` is the one
-Markdown table, used by the reports and the benchmarks.
+``results`` is what ``igpt.evaluation.evaluate`` returns. ``figure()`` makes every figure the
+package draws: a ``matplotlib.figure.Figure`` of its own, saved to a file, never through
+pyplot, so igpt neither switches the backend of a notebook or application that imports it
+nor leaves figures open in pyplot's state; ``format_table`` is the one Markdown table, used
+by the reports and the benchmarks.
 """
 
 from __future__ import annotations
@@ -19,14 +21,35 @@ import numpy as np
 from igpt._io import atomic_write, atomic_write_text
 
 
-def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend (PNG files, no display needed)."""
-    import matplotlib
+def figure(**kwargs):
+    """A new ``matplotlib.figure.Figure(**kwargs)`` (``figsize``, ``dpi`` ...), outside
+    pyplot: ``fig.savefig`` writes it with the backend for the file's format, whatever
+    backend the importing program uses, and nothing is left to close."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return Figure(**kwargs)
 
-    return plt
+
+class _Figures:
+    """pyplot's ``figure``, ``subplots`` and ``close``, on ``figure()``'s Figure objects."""
+
+    figure = staticmethod(figure)
+
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, **kwargs):
+        keys = ("figsize", "dpi", "layout", "facecolor")
+        fig = figure(**{k: kwargs.pop(k) for k in keys if k in kwargs})
+        return fig, fig.subplots(nrows, ncols, **kwargs)
+
+    @staticmethod
+    def close(fig=None) -> None:
+        """Nothing to close: the figure is not in pyplot's state."""
+
+
+def pyplot() -> _Figures:
+    """For drawing code written against pyplot: its ``figure``, ``subplots`` and ``close``
+    on ``figure()``'s Figure objects (no backend switch, no pyplot state)."""
+    return _Figures()
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str], *, float_format=".4f") -> str:
@@ -63,8 +86,8 @@ def plot_accuracy_vs_depth(
         n_layer: L, the model's depth (default: the largest layer in the rows).
         baselines: name -> accuracy, drawn as horizontal dashed lines (e.g. raw pixels).
     """
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     for name, res in curves.items():
         rows = res["rows"] if isinstance(res, dict) else res
         layers = [r["layer"] for r in rows]
@@ -85,7 +108,6 @@ def plot_accuracy_vs_depth(
     ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
     return Path(path)
 
 

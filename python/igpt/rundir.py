@@ -1,15 +1,18 @@
 """A run directory, as pre-training and fine-tuning both keep one.
 
     run = RunDir("runs/x")                  # is_main=False on the other torchrun ranks
+    run = RunDir("runs/x", report_to="tensorboard")   # metrics rows to a tracker as well
     latest = run.check_fresh(resume)        # the latest checkpoint's name, or None
     found = run.resume_checkpoint(resume)   # (path, checkpoint) of the newest intact one, or None
     run.truncate_metrics(step)              # drop rows a killed run logged past it
     run.append_metrics([{"step": 1, "loss": 2.3}])
     run.save_checkpoint(state, step, keep=3)
+    run.save_sharded_checkpoint(tensors, state, step, keep=3, barrier=d.barrier)  # all ranks
     run.plot("loss_curve.png", [("loss (nats / token)", [("loss", "train")])])
 
 It holds ``config.json``, ``metrics.jsonl`` (one JSON object per logged step, with at least
-``step``), ``ckpt_XXXXXXXX.pt`` and the PNG curves. JSON and checkpoints are written
+``step``), ``ckpt_XXXXXXXX.pt`` files or ``ckpt_XXXXXXXX.dcp`` directories (sharded,
+``igpt.sharded``) and the PNG curves. JSON and checkpoints are written
 atomically (``igpt._io``): a crash leaves the old file or the new one, and the temporary
 files of writes a kill interrupted are removed when the run directory is opened again. Only
 the main process writes; the others may read.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from igpt._io import atomic_write_text, remove_stale_temp_files
@@ -28,7 +32,10 @@ from igpt.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     latest_intact_checkpoint,
+    run_checkpoints,
 )
+from igpt.sharded import save_sharded
+from igpt.trackers import open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +57,20 @@ def _current_names(row):
 
 class RunDir:
     """The files of one run under ``path`` (created by the main process, which also removes
-    the temporary files a killed run left there)."""
+    the temporary files a killed run left there). ``report_to`` (``igpt.trackers``: "none",
+    "tensorboard", "wandb") sends every metrics row to that tracker too (main process)."""
 
-    def __init__(self, path, *, is_main: bool = True):
+    def __init__(self, path, *, is_main: bool = True, report_to: str = "none"):
         self.path, self.is_main = Path(path), is_main
         if is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(self.path)
         self.metrics_path = self.path / "metrics.jsonl"
+        self.trackers = open_trackers(report_to, self.path, is_main=is_main)
+
+    def close(self) -> None:
+        """Flush and close the trackers (``report_to``)."""
+        self.trackers.close()
 
     def check_fresh(self, resume: bool) -> Path | None:
         """The latest checkpoint to resume from (None: start at step 0).
@@ -77,10 +90,12 @@ class RunDir:
 
     def resume_checkpoint(self, resume: bool, map_location="cpu") -> tuple[Path, dict] | None:
         """``check_fresh``, then ``(path, checkpoint)`` of the newest checkpoint that reads
-        back (a damaged newer one is passed over with a warning naming both), or None."""
+        back (a damaged newer one is passed over with a warning naming both), or None. A
+        sharded one comes without its tensors (``sharded``: its path), which the trainer
+        loads shard by shard."""
         if self.check_fresh(resume) is None:
             return None
-        return latest_intact_checkpoint(self.path, map_location=map_location)
+        return latest_intact_checkpoint(self.path, map_location=map_location, tensors=False)
 
     def write_json(self, name: str, obj) -> Path:
         """``obj`` as indented JSON in ``name``, atomically (main process only)."""
@@ -94,6 +109,7 @@ class RunDir:
         if self.is_main and rows:
             with open(self.metrics_path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
+            self.trackers.log(rows)
 
     def read_metrics(self) -> list[dict]:
         """The logged rows; a line half-written when a process died is skipped. Rows of
@@ -124,10 +140,33 @@ class RunDir:
         path = checkpoint_path(self.path, step)
         if self.is_main:
             atomic_torch_save(state, path)
-            if keep > 0:
-                for old in sorted(self.path.glob("ckpt_*.pt"))[:-keep]:
-                    old.unlink(missing_ok=True)
+            self._prune(keep)
         return path
+
+    def save_sharded_checkpoint(
+        self, tensors: dict, state: dict, step: int, *, keep: int = 0, barrier=lambda: None
+    ) -> Path:
+        """Write ``ckpt_<step>.dcp`` (``igpt.sharded.save_sharded``: ``tensors`` sharded, one
+        file per rank; ``state`` rank 0's) atomically and keep the newest ``keep``
+        checkpoints. A collective: every rank calls it; returns the path."""
+        path = save_sharded(
+            checkpoint_path(self.path, step, sharded=True),
+            tensors,
+            state,
+            is_main=self.is_main,
+            barrier=barrier,
+        )
+        if self.is_main:
+            self._prune(keep)
+        return path
+
+    def _prune(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` checkpoints, files or directories (0: none)."""
+        for old in run_checkpoints(self.path)[:-keep] if keep > 0 else []:
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
 
     def plot(self, name: str, panels, *, title: str | None = None) -> Path | None:
         """A PNG of metrics against step, one panel per ``(ylabel, [(key, label), ...])``.
@@ -138,14 +177,12 @@ class RunDir:
         if not self.is_main:
             return None
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure
         except ImportError:
             return None
         rows = self.read_metrics()
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.5, 4), dpi=100)
+        fig = Figure(figsize=(4.5 * len(panels) + 1.5, 4), dpi=100)  # outside pyplot's state
+        axes = fig.subplots(1, len(panels))
         for ax, (ylabel, series) in zip(list(getattr(axes, "flat", [axes])), panels, strict=True):
             for key, label in series:
                 pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -162,5 +199,4 @@ class RunDir:
         fig.tight_layout()
         path = self.path / name
         fig.savefig(path)
-        plt.close(fig)
         return path

@@ -5,11 +5,12 @@
                                    out="runs/digits"))
 
 Adam(0.9, 0.95), no weight decay, linear warm-up then cosine decay to 0, bf16 autocast on
-the GPU over fp32 master weights, gradient accumulation, activation checkpointing (every
-k-th block, ``apply_checkpointing``), a guard that skips non-finite steps (the loss spikes
-of appendix A), validation loss in nats per token, bits per token and bits per dimension
-(per sub-pixel, the literature's bits/dim) on a 10% hold-out, the learning-rate search of
-sec. 3.4, and torchrun (DDP, or FSDP2 ``fully_shard``).
+the GPU over fp32 master weights (or fp16 with a gradient scaler: ``precision="fp16"``),
+gradient accumulation, activation checkpointing (every k-th block, ``apply_checkpointing``),
+a guard that skips non-finite steps (the loss spikes of appendix A), validation loss in nats
+per token, bits per token and bits per dimension (per sub-pixel, the literature's bits/dim)
+on a 10% hold-out, the learning-rate search of sec. 3.4, and torchrun (DDP, or FSDP2
+``fully_shard``).
 
 Resume and extension: ``resume=True`` continues the run in ``out`` from its newest checkpoint
 that reads back (a damaged newer one is passed over with a warning). The settings that
@@ -61,6 +62,7 @@ from igpt.pretrain_setup import (
     micro_batch,
     run_config,
     run_data,
+    run_loader,
     run_model,
     run_optimizer,
     run_palette,
@@ -68,7 +70,15 @@ from igpt.pretrain_setup import (
 from igpt.rundir import RunDir
 from igpt.train_probe import TrainingProbe
 from igpt.trainconfig import RESUME_FIXED, TrainConfig, progress_enabled, setting
-from igpt.training import NonFiniteGuard, autocast, open_resume, resolve_device, uses_bf16
+from igpt.training import (
+    Compiled,
+    NonFiniteGuard,
+    guarded_step,
+    mixed_precision,
+    open_resume,
+    resolve_device,
+    uses_bf16,
+)
 
 __all__ = [
     "Trainer",
@@ -124,8 +134,8 @@ class Trainer:
         micro_batch(cfg, d.world)  # refused before any file is written
         self.device = resolve_device(cfg.device, local_rank=d.local_rank if d.world > 1 else None)
         self.amp = uses_bf16(cfg.precision, self.device)
-        self.autocast = autocast(self.device, self.amp)
-        self.run = RunDir(cfg.out, is_main=d.is_main)
+        self.autocast, self.scaler = mixed_precision(cfg.precision, self.device)  # fp16: scaler
+        self.run = RunDir(cfg.out, is_main=d.is_main, report_to=cfg.report_to)
         d.barrier()
         found = open_resume(self.run, cfg.resume, functools.partial(check_resumable, cfg))
         resume_from, ckpt = found if found is not None else (None, None)
@@ -139,6 +149,7 @@ class Trainer:
         )
         self.apply_memory(self.memory.settings)
         self.model = d.wrap(self.raw_model, self.device, bf16=self.amp)
+        self.forward = Compiled(self.model, cfg.compile)  # self.model itself without --compile
         self.probe = TrainingProbe(
             cfg, n_layer=self.raw_model.config.n_layer, palette=self.palette, dist=d
         )
@@ -152,6 +163,7 @@ class Trainer:
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.run.truncate_metrics(self.step)
         self._write_config()
+        self.loader = run_loader(cfg, d, self.batches, self.step, self.device)
 
     def apply_memory(self, settings: dict) -> None:
         """Run with ``settings`` (``TrainMemory.settings``: grad_accum, checkpointing,
@@ -171,7 +183,7 @@ class Trainer:
     def loss_sum(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (mask None: AR, else BERT)."""
         with self.autocast, activation_offload(self.cfg.offload_activations):
-            logits = self.model(tokens, bert_mask=mask)
+            logits = self.forward(tokens, bert_mask=mask)
             return generative_loss(logits, tokens, mask, reduction="sum")
 
     def train_step(self, step: int) -> dict:
@@ -180,26 +192,26 @@ class Trainer:
         mask = self.batches.mask(step, n, cfg.mask_prob) if cfg.objective == "bert" else None
         denom = max(float(mask.sum()) if mask is not None else float(cfg.batch_size * n), 1.0)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        local = self.loader.get(step)  # this rank's rows of the global batch
         for m in range(cfg.grad_accum):
-            lo = d.rank * (cfg.batch_size // d.world) + m * self.micro
-            rows = slice(lo, lo + self.micro)
-            tokens = self.batches.tokens(step, rows).to(self.device, non_blocking=True)
+            lo = m * self.micro
+            tokens = local[lo : lo + self.micro].to(self.device, non_blocking=True)
+            rows = slice(self.loader.rows.start + lo, self.loader.rows.start + lo + self.micro)
             mb_mask = None if mask is None else mask[rows].to(self.device, non_blocking=True)
             with d.sync(self.model, m == cfg.grad_accum - 1):
                 s = self.loss_sum(tokens, mb_mask)
                 # DDP/FSDP average gradients over ranks; scaling by world makes the result
                 # the gradient of (global summed loss / global count).
-                (s * (d.world / denom)).backward()
+                self.scaler.scale(s * (d.world / denom)).backward()
             total += s.detach().double()
         loss = d.all_reduce(total).item() / denom
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        )
-        grad_norm = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
         lr = self.optimizer.param_groups[0]["lr"]
-        finite = self.guard.check(step, loss, grad_norm, lr)
-        if finite:
-            self.optimizer.step()
+        finite, grad_norm = guarded_step(
+            *(self.optimizer, self.scaler, self.guard, self.model.parameters()),
+            step=step,
+            loss=loss,
+            clip=cfg.grad_clip,
+        )
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped_step": not finite}
@@ -309,27 +321,12 @@ class Trainer:
             self.palette.save(self.run.path / "palette.npy")
 
     def save(self) -> Path | None:
-        """Write ``ckpt_<step>.pt`` atomically (rank 0) and prune old ones."""
-        d = self.dist
-        model_sd, optim_sd = d.state_dicts(self.model, self.raw_model, self.optimizer)
-        state = checkpoint_state(
-            self.raw_model,
-            step=self.step,
-            palette=self.palette,
-            state_dict=model_sd,
-            optimizer=optim_sd,
-            scheduler=self.scheduler.state_dict(),
-            rng=rng_state(),
-            train_config=self.cfg.to_dict(),
-            objective=self.cfg.objective,
-            skipped=self.guard.skipped,
-            warmup=self.warmup,
-            optimizer_format=d.optimizer_format,
-        )
-        path = self.run.save_checkpoint(state, self.step, keep=self.cfg.keep_checkpoints)
+        """Write ``ckpt_<step>.pt`` (rank 0) or the sharded ``ckpt_<step>.dcp`` (every rank
+        its shards; ``checkpoint_format``) atomically, and prune old ones."""
+        path = _write_checkpoint(self)
         self.plot()
-        d.barrier()
-        return path if d.is_main else None
+        self.dist.barrier()
+        return path if self.dist.is_main else None
 
     def _restore(self, ckpt: dict) -> None:
         self.dist.load_state_dicts(self.model, self.raw_model, self.optimizer, ckpt)
@@ -338,6 +335,8 @@ class Trainer:
         self.guard = NonFiniteGuard(int(ckpt.get("skipped", 0)))
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
+        if "scaler" in ckpt and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
         apply_resumed_settings(self.cfg, self.optimizer, self.scheduler, self.step)
 
     def plot(self) -> Path | None:
@@ -348,8 +347,44 @@ class Trainer:
         return self.run.plot("loss_curve.png", [("loss (nats / token)", series)], title=title)
 
     def close(self) -> None:
-        """Destroy the process group if this trainer created it."""
+        """Close the trackers; destroy the process group if this trainer created it."""
+        self.run.close()
+        if getattr(self, "loader", None) is not None:  # absent when __init__ failed
+            self.loader.close()
         self.dist.close()
+
+
+def _write_checkpoint(trainer: Trainer) -> Path:
+    """``Trainer.save``'s checkpoint: sharded (``checkpoint_format`` "sharded", or "auto"
+    under FSDP: each rank writes its shards) or one full file gathered on rank 0."""
+    t, d, keep = trainer, trainer.dist, trainer.cfg.keep_checkpoints
+    extra = dict(
+        scheduler=t.scheduler.state_dict(),
+        rng=rng_state(),
+        train_config=t.cfg.to_dict(),
+        objective=t.cfg.objective,
+        skipped=t.guard.skipped,
+        warmup=t.warmup,
+        **({"scaler": t.scaler.state_dict()} if t.scaler.is_enabled() else {}),
+    )
+    fmt = t.cfg.checkpoint_format
+    if fmt == "sharded" or (fmt == "auto" and d.sharded):
+        tensors = d.sharded_state(t.model, t.raw_model, t.optimizer)
+        state = checkpoint_state(t.raw_model, step=t.step, palette=t.palette, state_dict={})
+        del state["model"]  # in the shards
+        state.update(extra)
+        return t.run.save_sharded_checkpoint(tensors, state, t.step, keep=keep, barrier=d.barrier)
+    model_sd, optim_sd = d.state_dicts(t.model, t.raw_model, t.optimizer)
+    state = checkpoint_state(
+        t.raw_model,
+        step=t.step,
+        palette=t.palette,
+        state_dict=model_sd,
+        optimizer=optim_sd,
+        optimizer_format=d.optimizer_format,
+        **extra,
+    )
+    return t.run.save_checkpoint(state, t.step, keep=keep)
 
 
 def _metrics_row(trainer: Trainer, stats: dict, window: list, seconds: float) -> dict:
@@ -362,6 +397,7 @@ def _metrics_row(trainer: Trainer, stats: dict, window: list, seconds: float) ->
         "grad_norm": stats["grad_norm"],
         "skipped": trainer.guard.skipped,
         "tokens_per_s": tokens / max(seconds, 1e-9),
+        **({"loss_scale": trainer.scaler.get_scale()} if trainer.scaler.is_enabled() else {}),
     }
 
 

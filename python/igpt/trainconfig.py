@@ -16,14 +16,18 @@ import math
 from dataclasses import dataclass, field
 
 from igpt.config import SIZES
+from igpt.data.base import Source
+from igpt.data.sources import SOURCES, data_defaults, specs_text
 from igpt.memory import parse_size
 from igpt.objectives import MASK_PROB, OBJECTIVES
+from igpt.trackers import REPORT_TO
 from igpt.training import PRECISIONS
 
 __all__ = [
     "TrainConfig",
     "RESUME_FIXED",
     "AUGMENTS",
+    "CHECKPOINT_FORMATS",
     "PRECISIONS",
     "DATA_DEFAULTS",
     "OTHER_DATA_DEFAULTS",
@@ -32,10 +36,14 @@ __all__ = [
 ]
 
 AUGMENTS = ("none", "crop", "cifar")
+# how checkpoints are written: "full" one gathered file (rank 0), "sharded" a
+# torch.distributed.checkpoint directory (each rank its shards), "auto" sharded under FSDP
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 PROBE_KINDS = ("linear", "knn", "attentive")
 # n_px and the palette size when a config leaves them None (the grey digits need 16 colours)
-DATA_DEFAULTS = {"digits": {"n_px": 16, "n_colors": 16}}
-OTHER_DATA_DEFAULTS = {"n_px": 32, "n_colors": 512}
+# each data kind's own (its Source's ``defaults``, igpt.data.sources), and the general ones
+DATA_DEFAULTS = {kind: dict(source.defaults) for kind, source in SOURCES.items()}
+OTHER_DATA_DEFAULTS = dict(Source.defaults)
 # What a resumed run must share with the run of its checkpoint: the architecture, the data
 # and its train/hold-out split, the objective, the global batch and the seed that draws the
 # batch of every step. Any other setting may change on resume (steps: see the module doc).
@@ -93,9 +101,7 @@ class TrainConfig:
         "image side in pixels",
         default_text="16 for digits, else 32; with --checkpoint, its own",
     )
-    data: str = setting(
-        "digits", "digits (bundled), cifar10:DIR, cifar100:DIR, folder:DIR or npz:FILE"
-    )
+    data: str = setting("digits", specs_text())
     objective: str = setting("ar", "generative objective", choices=OBJECTIVES)
     steps: int = setting(
         1000,
@@ -115,7 +121,10 @@ class TrainConfig:
     mask_prob: float = setting(MASK_PROB, "BERT masking probability")
     checkpointing: int = setting(0, "activation checkpointing: 0 off, 1 every block, k every k-th")
     precision: str = setting(
-        "auto", "auto: bf16 autocast on CUDA, fp32 on the CPU", choices=PRECISIONS
+        "auto",
+        "auto: bf16 autocast on CUDA, fp32 on the CPU; fp16: float16 autocast with a gradient "
+        "scaler, for GPUs without bf16 (V100, T4)",
+        choices=PRECISIONS,
     )
     fsdp: bool = setting(False, "shard with FSDP2 fully_shard (under torchrun)")
     max_memory: str | None = setting(
@@ -126,6 +135,26 @@ class TrainConfig:
     )
     offload_activations: bool = setting(
         False, "keep saved activations in pinned CPU memory until the backward"
+    )
+    dataloader_num_workers: int = setting(
+        0,
+        "processes that make each step's batch ahead of it (torch DataLoader; 0: inline); the "
+        "batches are the same, bit for bit",
+    )
+    dataloader_pin_memory: bool = setting(True, "pin the batches for the copy to the GPU")
+    dataloader_prefetch_factor: int | None = setting(
+        None, "batches each worker makes ahead", default_text="2 with workers"
+    )
+    report_to: str = setting(
+        "none",
+        "also send the metrics.jsonl rows to tensorboard (<out>/tensorboard) or wandb "
+        '(main process; pip install "igpt[tensorboard]" / "igpt[wandb]")',
+        choices=REPORT_TO,
+    )
+    compile: bool = setting(
+        False,
+        "train through torch.compile (our kernels stay custom ops in the graph); where it "
+        "cannot run, a warning says why and training goes on eagerly",
     )
     augment: str = setting(
         "none",
@@ -142,6 +171,13 @@ class TrainConfig:
     log_every: int = setting(10, "a metrics.jsonl row every N steps")
     ckpt_every: int = setting(500, "checkpoint every N steps")
     keep_checkpoints: int = setting(3, "checkpoints kept (0 keeps all)")
+    checkpoint_format: str = setting(
+        "auto",
+        "full: one ckpt_N.pt gathered on rank 0; sharded: a ckpt_N.dcp directory in which each "
+        "rank writes and reads only its shards (torch.distributed.checkpoint); auto: sharded "
+        "under --fsdp",
+        choices=CHECKPOINT_FORMATS,
+    )
     seed: int = setting(0, "random seed")
     device: str | None = setting(None, "cpu, cuda, cuda:1 ...", default_text="cuda when available")
     out: str = setting("runs/pretrain", "output directory")
@@ -186,6 +222,8 @@ class TrainConfig:
             ("objective", OBJECTIVES),
             ("precision", PRECISIONS),
             ("augment", AUGMENTS),
+            ("checkpoint_format", CHECKPOINT_FORMATS),
+            ("report_to", REPORT_TO),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -195,6 +233,8 @@ class TrainConfig:
             _check_int(self, name, 1)
         for name in ("checkpointing", "val_every", "keep_checkpoints", "seed", "probe_every"):
             _check_int(self, name, 0)
+        for name in ("dataloader_num_workers",):
+            _check_int(self, name, 0)
         _check_int(self, "probe_size", 4)
         if self.probe_kind not in PROBE_KINDS:
             raise ValueError(
@@ -203,6 +243,8 @@ class TrainConfig:
         if self.probe_layers is not None:
             self.probe_layers = tuple(self.probe_layers)
         for name, lo in (("warmup_steps", 0), ("val_size", 1), ("n_px", 1), ("n_colors", 1)):
+            _check_int(self, name, lo, optional=True)
+        for name, lo in (("dataloader_prefetch_factor", 1),):
             _check_int(self, name, lo, optional=True)
         if self.warmup_steps is not None and self.warmup_steps > self.steps:
             raise ValueError(
@@ -221,9 +263,14 @@ class TrainConfig:
             and all(_is_real(x) and math.isfinite(x) and 0 <= x < 1 for x in b)
         ):
             raise ValueError(f"betas must be two numbers in [0, 1), got {b!r}{_flag('betas')}")
-        for name in ("fsdp", "resume"):
+        for name in ("fsdp", "resume", "compile", "dataloader_pin_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.precision == "fp16" and self.fsdp:
+            raise ValueError(
+                "precision 'fp16' (--precision) does not run under --fsdp (its gradient scaler "
+                "is not sharded); use --precision bf16 or fp32 with --fsdp, or DDP with fp16"
+            )
         if self.progress is not None and not isinstance(self.progress, bool):
             raise ValueError(f"progress must be True, False or None (auto), got {self.progress!r}")
         if not isinstance(self.model_overrides, dict):
@@ -238,7 +285,7 @@ class TrainConfig:
 
     def data_defaults(self) -> dict:
         """``n_px`` and ``n_colors`` for ``data`` when the config leaves them None."""
-        return DATA_DEFAULTS.get(self.data, OTHER_DATA_DEFAULTS)
+        return data_defaults(self.data)
 
     def to_dict(self) -> dict:
         """The fields as JSON-ready values (what config.json and checkpoints hold)."""

@@ -2,9 +2,13 @@
 
     device = resolve_device(cfg.device, local_rank=d.local_rank if d.world > 1 else None)
     amp = uses_bf16(cfg.precision, device)          # bf16 autocast over fp32 master weights
-    with autocast(device, amp): loss = ...
+    dtype = amp_dtype(cfg.precision, device)        # bf16, fp16 or None (fp32)
+    with autocast(device, dtype is not None, dtype): loss = ...
+    scaler = grad_scaler(dtype, device)               # fp16's loss scaling (else a no-op)
+    forward = Compiled(model, cfg.compile)             # torch.compile, eager where it fails
     guard = NonFiniteGuard()                          # skip and count a non-finite step
     if guard.check(step, loss, grad_norm, lr): optimizer.step()
+    finite, grad_norm = guarded_step(optimizer, scaler, guard, params, step=s, loss=l, clip=c)
     found = open_resume(run, cfg.resume, check)       # the resume check, one message
     restore_optimizer_settings(optimizer, lr=..., betas=..., weight_decay=..., factor=...)
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -31,7 +36,12 @@ __all__ = [
     "NonFiniteGuard",
     "resolve_device",
     "uses_bf16",
+    "amp_dtype",
     "autocast",
+    "grad_scaler",
+    "guarded_step",
+    "mixed_precision",
+    "Compiled",
     "open_resume",
     "refuse_resume",
     "restore_optimizer_settings",
@@ -39,7 +49,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp32")
+# fp16: autocast in float16 with a gradient scaler, for GPUs without bf16 (V100, T4)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # non-finite steps in a row after which a run stops: a few are the loss spikes of appendix A,
 # this many say the learning rate is too high (or the weights are broken)
 NONFINITE_LIMIT = 10
@@ -71,17 +82,35 @@ def resolve_device(want: str | None, *, local_rank: int | None = None) -> torch.
     return device
 
 
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether ``precision`` ("auto": bf16 on CUDA, fp32 on the CPU; "bf16"; "fp32") runs
-    bf16 autocast on ``device``."""
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``precision`` runs on ``device``: "auto" bf16 on CUDA and None
+    (fp32) on the CPU, "bf16" and "fp16" theirs, "fp32" None."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return precision == "bf16" or (precision, device.type) == ("auto", "cuda")
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or (precision, device.type) == ("auto", "cuda"):
+        return torch.bfloat16
+    return None
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on ``device`` over fp32 master weights (a no-op when not ``enabled``)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether ``precision`` ("auto": bf16 on CUDA, fp32 on the CPU; "bf16"; "fp16";
+    "fp32") runs bf16 autocast on ``device``."""
+    return amp_dtype(precision, device) == torch.bfloat16
+
+
+def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = None):
+    """Autocast in ``dtype`` (default bf16) on ``device`` over fp32 master weights (a no-op
+    when not ``enabled``)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=enabled)
+
+
+def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler:
+    """``torch.amp.GradScaler`` for training in ``dtype`` on ``device``: enabled for fp16
+    only (fp16 gradients underflow without loss scaling; bf16 and fp32 need none). A step
+    whose scaled gradients overflow is skipped by the scaler, which halves its scale."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 class NonFiniteGuard:
@@ -109,6 +138,80 @@ class NonFiniteGuard:
                 f"step {step}); lower the learning rate (now {lr:g}) or check the weights"
             )
         return False
+
+
+def mixed_precision(precision: str, device: torch.device):
+    """``(autocast context, GradScaler)`` of ``precision`` on ``device`` (``amp_dtype``):
+    the scaler is enabled for fp16 only, a no-op otherwise."""
+    dtype = amp_dtype(precision, device)
+    return autocast(device, dtype is not None, dtype), grad_scaler(dtype, device)
+
+
+def _compile_failures() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot compile here (no C++ compiler, a backend
+    that fails), as opposed to an error of the model's own."""
+    from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
+    from torch._inductor.exc import InductorError
+
+    return BackendCompilerFailed, InternalTorchDynamoError, InductorError
+
+
+class Compiled:
+    """``module`` called through ``torch.compile`` (``enabled``), or as it is.
+
+    Our kernels are ``torch.library`` custom ops, so they stay in the graph as one node per
+    call. Where compile cannot run (``torch.compile`` refuses this Python or platform, or
+    its first call fails to compile: no C++ compiler, a backend error), a warning says why
+    and every call runs eagerly from then on. ``compile_seconds``: the first call's time.
+    """
+
+    def __init__(self, module, enabled: bool):
+        self.eager, self.compiled, self.compile_seconds = module, None, None
+        if enabled:
+            try:
+                self.compiled = torch.compile(module)
+            except RuntimeError as e:  # e.g. a Python that Dynamo does not support yet
+                self._fall_back(e)
+
+    def _fall_back(self, e: BaseException) -> None:
+        lines = str(e).strip().splitlines()
+        log.warning(
+            "--compile: torch.compile cannot run here (%s: %s); training without it",
+            *(type(e).__name__, lines[0] if lines else "no message"),
+        )
+        self.compiled = None
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.eager(*args, **kwargs)
+        if self.compile_seconds is not None:
+            return self.compiled(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            out = self.compiled(*args, **kwargs)
+        except _compile_failures() as e:
+            self._fall_back(e)
+            return self.eager(*args, **kwargs)
+        self.compile_seconds = time.perf_counter() - start
+        log.info("--compile: the first call compiled in %.1f s", self.compile_seconds)
+        return out
+
+
+def guarded_step(optimizer, scaler, guard, parameters, *, step: int, loss: float, clip: float):
+    """The end of a training step in both trainers, after the (scaled) backward: unscale the
+    gradients, clip their norm to ``clip`` (0 or None: measure only), let ``guard`` judge it,
+    step the optimizer through ``scaler`` and update its scale. Gradients that overflowed
+    under fp16 are the scaler's to skip (it lowers its scale), not a non-finite step of the
+    guard's. Returns ``(taken by the guard, gradient norm)``."""
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip else float("inf"))
+    norm = float(getattr(norm, "full_tensor", lambda: norm)())  # a DTensor under FSDP2
+    overflow = scaler.is_enabled() and not math.isfinite(norm)
+    finite = guard.check(step, loss, 0.0 if overflow else norm, optimizer.param_groups[0]["lr"])
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()
+    return finite, norm
 
 
 def open_resume(run, resume: bool, check) -> tuple[Path, dict] | None:

@@ -371,10 +371,16 @@ def _model_names() -> tuple:
     return tuple(SIZES)
 
 
+def _data_help() -> str:
+    from igpt.data.sources import data_help
+
+    return data_help()  # every kind of igpt.data.SOURCES, as it is when the parser is built
+
+
 def add_common_arguments(
     parser: argparse.ArgumentParser, *names: str, helps: dict | None = None
 ) -> None:
-    """Add the flags shared across commands (DESIGN.md), by name, with one meaning each.
+    """Add the flags shared across commands (the table below), by name, with one meaning each.
 
     ``helps`` replaces the help text of some of them (name -> text) where a command gives
     the flag a more specific role."""
@@ -392,8 +398,7 @@ def add_common_arguments(
             ("--data",),
             dict(
                 default="digits",
-                help="digits (bundled), cifar10:DIR, cifar100:DIR, folder:DIR, npz:FILE, "
-                "imagenet32:DIR or imagenet64:DIR (default %(default)s)",
+                help=_data_help() if "data" in names else "",
             ),
         ),
         "objective": (

@@ -1,7 +1,7 @@
 """``igpt fit-palette``: fit a k-means colour palette on a data set; write the .npy and a PNG.
 
 The pixels come from a seeded sample of the training split's images read through the lazy
-readers (``igpt.imagesets``), never the whole set in memory: with at most ``--images``
+readers (``igpt.data.open_images``), never the whole set in memory: with at most ``--images``
 images (every image of sets that size or smaller) the palette is the one a fit on the whole
 split in memory gives.
 """
@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from igpt.commands._common import UsageError, add_common_arguments, count, pick_device
-from igpt.commands.prepare import DATA_HELP
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
     """Arguments of ``igpt fit-palette``."""
-    add_common_arguments(parser, "data", "n_px", "seed", "device", helps={"data": DATA_HELP})
+    add_common_arguments(parser, "data", "n_px", "seed", "device")
     parser.add_argument("--k", type=count(1), default=512, help="colours (default %(default)s)")
     parser.add_argument(
         "--sample",
@@ -52,10 +51,11 @@ def _output_path(out: str) -> Path:
 
 def run(args) -> None:
     """``igpt fit-palette``: fit on a data set, write the palette .npy and a preview PNG."""
-    from igpt.data import load_images, resize
+    from igpt.data import open_images, resize
     from igpt.palette import fit_palette_on, save_preview
 
-    images = load_images(args.data, split="train", lazy=True)
+    # images of mixed sizes go straight to --n-px, as igpt prepare tokenises them
+    images = open_images(args.data, "train", n_px=args.n_px)
     if len(images) == 0:
         raise UsageError(f"--data {args.data} has no training images to fit a palette on")
     h, w = (args.n_px, args.n_px) if args.n_px is not None else images.shape

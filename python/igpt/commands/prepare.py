@@ -4,23 +4,23 @@
     igpt prepare --data folder:~/imagenet --n-px 64 --palette palette.npy --workers 16
 
 Streams in chunks, in ``--workers`` processes, resumably: run the same command again after
-an interruption and it continues from the last complete chunk (``igpt.tokens``). Under
+an interruption and it continues from the last complete chunk (``igpt.data.cache``). Under
 torchrun every rank may run it: one prepares, the others wait for it, and rank 0 reports.
+
+A second start finds the entry by checking the folders the reader listed (one ``stat``
+each), not every image: a file added, removed or renamed, or a symlink re-pointed, is seen;
+an image rewritten in place under the same name in a large folder needs ``--verify``, which
+stats every file.
 """
 
 from __future__ import annotations
 
 from igpt.commands._common import add_common_arguments, count, read_palette
 
-DATA_HELP = (
-    "digits (bundled), cifar10:DIR, cifar100:DIR, folder:DIR, npz:FILE, imagenet32:DIR or "
-    "imagenet64:DIR (default %(default)s)"
-)
-
 
 def add_arguments(parser) -> None:
     """Arguments of ``igpt prepare``."""
-    add_common_arguments(parser, "data", helps={"data": DATA_HELP})
+    add_common_arguments(parser, "data")
     parser.add_argument(
         "--n-px", type=count(1), required=True, help="image side the tokens are made at"
     )
@@ -42,6 +42,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--cache-dir", default=None, help="token cache root (default: $IGPT_CACHE or ~/.cache/igpt)"
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="stat every file the reader reads (else only the folders it listed) to find "
+        "changes since the tokens were made",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -68,6 +74,7 @@ def run(args) -> None:
         cache_dir=args.cache_dir,
         workers=args.workers,
         progress=False if args.no_progress else None,
+        verify=args.verify,
     )
     if dist_env()[0] != 0:
         return
