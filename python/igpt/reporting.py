@@ -136,7 +136,7 @@ def depth_figure(results: dict, path, *, title: str = "Linear probe accuracy vs 
     if several and title == "Linear probe accuracy vs depth":
         title = "Probe accuracy vs depth"
     if results.get("random_init"):
-        curves["random init"] = results["random_init"]
+        curves["random init, linear" if several else "random init"] = results["random_init"]
     baselines = {}
     if results.get("raw_pixels"):
         baselines["raw pixels"] = results["raw_pixels"]["test_acc"]
