@@ -23,8 +23,10 @@ from collections.abc import Sequence
 import torch
 
 from igpt._checks import long_rows, token_rows
+from igpt.attentive import attentive_layers
 from igpt.data.cache import TokenSplit  # defined with the token cache; imported from here too
 from igpt.features import extract_features, random_init_model, raw_pixel_features, resolve_layers
+from igpt.knn import knn_layers
 from igpt.model import IGPT
 from igpt.probe import (
     as_labels,
@@ -38,6 +40,7 @@ from igpt.probe import (
 log = logging.getLogger(__name__)
 
 RAW_BATCH = 4096  # tokens turned into palette colours per block for the raw-pixel baseline
+PROBES = ("linear", "attentive", "knn")
 
 
 def evaluate(
@@ -47,6 +50,7 @@ def evaluate(
     test,
     *,
     layers: Sequence[int] | None = None,
+    probes: Sequence[str] = ("linear",),
     per_class: Sequence[int] = (4, 25, 400),
     n_subsets: int = 5,
     baselines: bool = True,
@@ -61,23 +65,24 @@ def evaluate(
     device=None,
     cache_dir=None,
     cache_key: str | None = None,
+    attentive: dict | None = None,
     progress: bool = True,
 ) -> dict:
     """The whole linear evaluation of a model on labelled images (``igpt probe``, the demo).
 
-    Probes every layer (``probe_layers``), then k labels per class at the best layer
-    (``low_data_probe``, L-BFGS only), the BERT mask ensemble for a BERT model, and with
-    ``baselines`` the same probes of raw pixels (the images resized to the model's n_px, the
-    input the model sees; for token splits, the tokens' palette colours) and of a randomly
-    initialised model of the same size.
+    Probes every layer (``probe_layers``), k labels per class at the best layer (L-BFGS only),
+    the BERT mask ensemble, and with ``baselines`` the same of raw pixels (the images at the
+    model's n_px; of token splits, the palette colours) and of a random model of that size.
 
     Args:
         model, palette: the model and the palette that tokenises its images.
         train, test: ``igpt.data.ImageData`` with labels, or ``TokenSplit`` (or a
             ``(tokens, labels)`` pair): tokens at the model's n_px, read batch by batch.
         layers: layers to probe (default all); per_class, n_subsets: the low-data probes.
-        low_data_baselines: also run the low-data probes on both baselines (at the random
-            model's best layer), with the same subsets.
+        probes: the probes of every layer, on one split: ``linear`` (and the linear probes
+            above and below), ``attentive`` (``igpt.attentive.attentive_layers`` with the
+            keywords in ``attentive``: grid, max_bytes, epochs ...), ``knn`` (``knn_layers``).
+        low_data_baselines: the low-data probes of both baselines too, on the same subsets.
         concat: layers concatenated around the best one (0 skips it).
         method: "lbfgs" or "sgd"; Cs: the L2 strengths L-BFGS chooses from (default 1e-4..1e2).
         objective: "ar", or "bert" for masked inputs; n_masks: masks in the BERT ensemble.
@@ -88,8 +93,9 @@ def evaluate(
         dict with ``objective``, ``n_train``, ``n_test``, ``n_layer``, ``layers`` and, as they
         ran, ``low_data``, ``bert_ensemble``, ``raw_pixels`` (its ``pixels`` says what it
         saw: ``"images at n_px"`` or ``"palette colours at n_px"``), ``random_init`` and
-        ``low_data_baselines`` (name -> ``low_data_probe`` result).
+        ``low_data_baselines``; ``probes``, and ``attentive``, ``knn`` as ``layers`` is.
     """
+    probes = check_probes(probes)
     train, test = (as_split(s) for s in (train, test))
     _check_labelled(train, test, method, Cs)
     lbfgs_kw = {"seed": seed} if Cs is None else {"seed": seed, "Cs": list(Cs)}
@@ -100,26 +106,64 @@ def evaluate(
     feat_kw = dict(batch_size=batch_size, layers=ids, device=device, progress=progress)
     feat_kw["bert_mask_seed"] = seed if objective == "bert" else None
     features = functools.partial(_split_features, (x, xt), cache_dir, cache_key, feat_kw)
-
     low = _low_data(per_class, n_subsets, method, progress, y, yt, lbfgs_kw)
     results = {"objective": objective, "n_train": len(x), "n_test": len(xt), "n_layer": L}
+    results["probes"], data = probes, ((x, y), (xt, yt))
     common = dict(method=method, progress=progress, kw=kw, low=low)
-    results.update(_model_probes(features(model, "model"), (y, yt), ids, concat, **common))
-    if objective == "bert" and n_masks > 1:
-        results["bert_ensemble"] = bert_ensemble_probe(
-            model, x, y, xt, yt, layer=results["layers"]["best_layer"], n_masks=n_masks,
-            seed=seed, batch_size=batch_size, device=device, cache_dir=cache_dir,
-            cache_key=None if cache_key is None else f"{cache_key}|ensemble",
-            progress=progress, **({} if method == "sgd" or Cs is None else {"Cs": list(Cs)}),
-        )  # fmt: skip
-    if baselines:
-        results.update(
-            _baselines(
-                model, palette, (train, test), ((x, y), (xt, yt)), ids, features,
-                low_data_baselines, **common, seed=seed,
-            )
-        )  # fmt: skip
+    pooled = features(model, "model") if {"linear", "knn"} & set(probes) else None
+    if "linear" in probes:
+        results.update(_model_probes(pooled, (y, yt), ids, concat, **common))
+    results.update(_other_probes(model, probes, pooled, data, feat_kw, seed, attentive))
+    if "linear" in probes and objective == "bert" and n_masks > 1:
+        cache = (cache_dir, None if cache_key is None else f"{cache_key}|ensemble")
+        lbfgs = {} if method == "sgd" or Cs is None else {"Cs": list(Cs)}
+        results["bert_ensemble"] = _bert_ensemble(model, data, results, feat_kw, n_masks,
+                                                  seed, cache, lbfgs)  # fmt: skip
+    if "linear" in probes and baselines:
+        results.update(_baselines(model, palette, (train, test), data, ids, features,
+                                  low_data_baselines, **common, seed=seed))  # fmt: skip
     return results
+
+
+def _bert_ensemble(model, data, results, feat_kw, n_masks, seed, cache, lbfgs) -> dict:
+    """``bert_ensemble_probe`` at the linear probe's best layer, for ``evaluate``."""
+    (x, y), (xt, yt) = data
+    return bert_ensemble_probe(
+        model, x, y, xt, yt, layer=results["layers"]["best_layer"], n_masks=n_masks,
+        seed=seed, batch_size=feat_kw["batch_size"], device=feat_kw["device"],
+        cache_dir=cache[0], cache_key=cache[1], progress=feat_kw["progress"], **lbfgs,
+    )  # fmt: skip
+
+
+def _other_probes(model, probes, pooled, data, feat_kw, seed, attentive) -> dict:
+    """``evaluate``'s k-NN probe (of the pooled features) and attentive probe (of the token
+    features, ``attentive``: keywords of ``attentive_layers``) of every layer, as asked."""
+    (x, y), (xt, yt) = data
+    out, name = {}, "pretrained model"
+    ids, progress, device = feat_kw["layers"], feat_kw["progress"], feat_kw["device"]
+    if "knn" in probes:
+        out["knn"] = knn_layers(
+            pooled[0], y, pooled[1], yt, layer_ids=ids, seed=seed, progress=progress,
+            name=name, device=device,
+        )  # fmt: skip
+    if "attentive" in probes:
+        kw = {k: feat_kw[k] for k in ("layers", "batch_size", "bert_mask_seed", "device")}
+        out["attentive"] = attentive_layers(
+            model, x, y, xt, yt, **kw, progress=progress, name=name, seed=seed,
+            **(attentive or {}),
+        )  # fmt: skip
+    return out
+
+
+def check_probes(probes) -> list[str]:
+    """``probes`` as a list of names from ``PROBES`` (a comma-separated string is split);
+    a ValueError names an unknown one or an empty list."""
+    names = probes.split(",") if isinstance(probes, str) else list(probes)
+    names = [str(p).strip() for p in names if str(p).strip()]
+    bad = [p for p in names if p not in PROBES]
+    if bad or not names:
+        raise ValueError(f"probes must be some of {list(PROBES)}, got {probes!r}")
+    return list(dict.fromkeys(names))
 
 
 def _model_probes(feats, labels, ids, concat, *, method, progress, kw, low) -> dict:

@@ -16,6 +16,12 @@ takes the modal prediction over 5 independent masks, ties broken at random with 
 images resized to the model's n_px) and ``random_init_model``. ``igpt.reporting`` writes the
 table, JSON and the accuracy-vs-depth PNG (``write_report``, re-exported here);
 ``igpt.evaluation.evaluate`` runs them all on a model, as ``igpt probe`` and the demo do.
+
+Beside the linear probe, two others on the same split, re-exported here: the attentive probe
+(``igpt.attentive``: ``attentive_probe`` of one layer's token features, ``attentive_layers``
+of a model's layers, ``token_features``), learned queries cross-attending over the frozen
+tokens as AIM reports it, and the k-NN probe (``igpt.knn``: ``knn_probe``, ``knn_layers``),
+a weighted vote of the most cosine-similar training images.
 """
 
 from __future__ import annotations
@@ -31,15 +37,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from igpt.data import check_labels
+from igpt.attentive import (  # noqa: F401  (public names of igpt.probe)
+    attentive_layers,
+    attentive_probe,
+    token_features,
+)
 from igpt.features import (  # noqa: F401  (raw_pixel_features, random_init_model: public here)
     extract_features,
     random_init_model,
     raw_pixel_features,
     resolve_layers,
 )
+from igpt.knn import knn_layers, knn_probe  # noqa: F401  (public names of igpt.probe)
 from igpt.model import IGPT
 from igpt.objectives import MaskRows, bert_mask  # noqa: F401  (public names of igpt.probe)
+from igpt.probe_inputs import (  # noqa: F401  (as_labels: public here)
+    as_features,
+    as_labels,
+    layer_verdict,
+    scored,
+    stratified_holdout,
+)
 from igpt.reporting import (  # noqa: F401  (public names of igpt.probe)
     format_table,
     plot_accuracy_vs_depth,
@@ -52,57 +70,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 7))
 
 
-# ----------------------------------------------------------------------------- inputs
-
-
-def _as_features(x, name: str, ndim: int = 2) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a float tensor or numpy array, got {type(x).__name__}")
-    if x.ndim != ndim:
-        shape = "(N, D)" if ndim == 2 else "(N, layers, d)"
-        hint = " (pick one layer, e.g. feats[:, l])" if ndim == 2 and x.ndim == 3 else ""
-        raise ValueError(f"{name} must be {shape}, got shape {x.shape}{hint}")
-    if not np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
-    return x
-
-
-def as_labels(y, n: int, name: str) -> np.ndarray:
-    """``y`` as int64 class indices (N,) for ``n`` rows: ``igpt.data.check_labels`` refuses
-    3.7 and negative labels (with their count) instead of truncating them."""
-    if isinstance(y, torch.Tensor):
-        y = y.detach().cpu().numpy()
-    y = np.asarray(y)
-    if y.ndim != 1 or y.dtype == np.bool_ or y.dtype.kind not in "iuf":
-        raise TypeError(f"{name} must be integer labels (N,), got {y.dtype} {y.shape}")
-    if len(y) != n:
-        raise ValueError(f"{name} has {len(y)} labels for {n} feature rows")
-    return check_labels(y, name)
-
-
 # ----------------------------------------------------------------------------- probes
-
-
-def _holdout(labels: np.ndarray, val_frac: float, seed: int):
-    """Stratified (fit, val) index split with at least one of each class in val, if it can."""
-    if not 0.0 < val_frac < 1.0:
-        raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
-    n = len(labels)
-    classes, counts = np.unique(labels, return_counts=True)
-    rng = np.random.default_rng(seed)
-    if counts.min() >= 2:
-        n_val = min(max(len(classes), round(val_frac * n)), n - len(classes))
-        from sklearn.model_selection import train_test_split
-
-        fit, val = train_test_split(
-            np.arange(n), test_size=n_val, stratify=labels, random_state=int(rng.integers(2**31))
-        )
-        return np.sort(fit), np.sort(val)
-    n_val = max(1, round(val_frac * n))
-    perm = rng.permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def _fit_logreg(x, y, C, max_iter, warm=None):
@@ -159,7 +127,7 @@ def linear_probe(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x = _as_features(train_feats, "train_feats")
+    x = as_features(train_feats, "train_feats")
     y = as_labels(train_labels, len(x), "train_labels")
     if len(np.unique(y)) < 2:
         raise ValueError(f"train_labels must hold at least two classes, got {np.unique(y)}")
@@ -175,7 +143,7 @@ def linear_probe(
         warnings.simplefilter("ignore")
         pipe.fit(x, y)
     result = {**best, "val_curve": curve, "n_classes": int(len(np.unique(y))), "classifier": pipe}
-    return _scored(result, pipe.predict, x, y, test_feats, test_labels)
+    return scored(result, pipe.predict, x, y, test_feats, test_labels)
 
 
 def _choose_C(x, y, Cs, val_frac, seed, max_iter) -> tuple[dict, list[dict]]:
@@ -185,7 +153,7 @@ def _choose_C(x, y, Cs, val_frac, seed, max_iter) -> tuple[dict, list[dict]]:
 
     if val_frac == 0:
         return {"C": Cs[0], "val_acc": None}, []
-    fit, val = _holdout(y, val_frac, seed)
+    fit, val = stratified_holdout(y, val_frac, seed)
     scaler = StandardScaler().fit(x[fit])
     xf, xv = scaler.transform(x[fit]), scaler.transform(x[val])
     clf, curve = None, []
@@ -250,8 +218,8 @@ def probe_layers(
             "probe_layers ranks layers by hold-out accuracy: val_frac must be > 0, got "
             f"{probe_kw['val_frac']!r}"
         )
-    x = _as_features(train_feats, "train_feats", ndim=3)
-    xt = _as_features(test_feats, "test_feats", ndim=3)
+    x = as_features(train_feats, "train_feats", ndim=3)
+    xt = as_features(test_feats, "test_feats", ndim=3)
     if x.shape[1:] != xt.shape[1:]:
         raise ValueError(f"train_feats {x.shape} and test_feats {xt.shape} differ in (K, d)")
     K = x.shape[1]
@@ -266,8 +234,8 @@ def probe_layers(
             {"layer": ids[j], "val_acc": r["val_acc"], "test_acc": r["test_acc"], reg: r[reg]}
         )
         _log_row(name, rows[-1], reg)
-    j_best = max(range(K), key=lambda j: (rows[j]["val_acc"] or 0.0, -j))
-    result = {"rows": rows, "best_layer": ids[j_best], "best": rows[j_best], "concat": None}
+    result = {**layer_verdict(rows), "concat": None}
+    j_best = ids.index(result["best_layer"])
     if concat > 1 and K > 1:
         win = _window(j_best, concat, K)
         r = fit(
@@ -330,7 +298,7 @@ def low_data_probe(
         dict with ``rows``: one {per_class, n_train, mean, std, accs} per k (std is the
         sample standard deviation over subsets; 0 for one subset).
     """
-    x = _as_features(train_feats, "train_feats")
+    x = as_features(train_feats, "train_feats")
     y = as_labels(train_labels, len(x), "train_labels")
     smallest = int(np.unique(y, return_counts=True)[1].min())
     rows = []
@@ -384,7 +352,7 @@ def sgd_probe(
         dict with ``weight_decay``, ``val_acc``, ``test_acc``, ``train_acc``, ``val_curve``,
         ``n_train``, ``n_test``, ``n_classes`` and ``classifier`` (a function feats -> labels).
     """
-    x = _as_features(train_feats, "train_feats")
+    x = as_features(train_feats, "train_feats")
     y = as_labels(train_labels, len(x), "train_labels")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n_classes = int(y.max()) + 1
@@ -395,7 +363,7 @@ def sgd_probe(
     hp.update(min_steps=min_steps, seed=seed, n_classes=n_classes)
     curve = []
     if val_frac > 0:
-        fit, val = _holdout(y, val_frac, seed)
+        fit, val = stratified_holdout(y, val_frac, seed)
         for wd in weight_decays:
             acc = float((_sgd_head(xs, ys, fit, wd, **hp)(x[val]) == y[val]).mean())
             curve.append({"weight_decay": float(wd), "val_acc": acc})
@@ -404,7 +372,7 @@ def sgd_probe(
         best = {"weight_decay": float(weight_decays[0]), "val_acc": None}
     predict = _sgd_head(xs, ys, np.arange(len(x)), best["weight_decay"], **hp)
     result = {**best, "val_curve": curve, "n_classes": n_classes, "classifier": predict}
-    return _scored(result, predict, x, y, test_feats, test_labels)
+    return scored(result, predict, x, y, test_feats, test_labels)
 
 
 def _sgd_head(xs, ys, idx, wd, *, lr, momentum, epochs, batch_size, min_steps, seed, n_classes):
@@ -437,7 +405,7 @@ def _sgd_head(xs, ys, idx, wd, *, lr, momentum, epochs, batch_size, min_steps, s
 
     @torch.no_grad()
     def predict(feats):
-        f = torch.as_tensor(_as_features(feats, "feats"), dtype=torch.float32)
+        f = torch.as_tensor(as_features(feats, "feats"), dtype=torch.float32)
         out = [
             head((f[s : s + 65536].to(device) - mean) / std).argmax(1).cpu()
             for s in range(0, len(f), 65536)
@@ -445,20 +413,6 @@ def _sgd_head(xs, ys, idx, wd, *, lr, momentum, epochs, batch_size, min_steps, s
         return torch.cat(out).numpy()
 
     return predict
-
-
-def _scored(result: dict, predict, x, y, test_feats, test_labels) -> dict:
-    """``result`` with the training accuracy and, with a test set, the test accuracy."""
-    result = {**result, "train_acc": float((predict(x) == y).mean()), "test_acc": None}
-    result.update(n_train=len(x), n_test=0)
-    if test_feats is not None:
-        xt = _as_features(test_feats, "test_feats")
-        if xt.shape[1] != x.shape[1]:
-            raise ValueError(f"test_feats has {xt.shape[1]} dims, train_feats {x.shape[1]}")
-        yt = as_labels(test_labels, len(xt), "test_labels")
-        result["test_acc"] = float((predict(xt) == yt).mean())
-        result["n_test"] = len(xt)
-    return result
 
 
 # ----------------------------------------------------------------------------- BERT ensembles

@@ -122,11 +122,21 @@ def jsonable(obj):
     return obj
 
 
+PROBE_NAMES = {"layers": "linear", "attentive": "attentive", "knn": "k-NN"}
+
+
 def depth_figure(results: dict, path, *, title: str = "Linear probe accuracy vs depth") -> Path:
-    """``plot_accuracy_vs_depth`` of a probe run: the model, the random init, raw pixels."""
-    curves = {"pretrained": results["layers"]}
+    """``plot_accuracy_vs_depth`` of a probe run: the model (one line per probe that ran:
+    linear, attentive, k-NN), the random init, raw pixels."""
+    ran = [k for k in PROBE_NAMES if results.get(k)]
+    several = len(ran) > 1 or ran != ["layers"]
+    curves = {
+        (f"pretrained, {PROBE_NAMES[k]}" if several else "pretrained"): results[k] for k in ran
+    }
+    if several and title == "Linear probe accuracy vs depth":
+        title = "Probe accuracy vs depth"
     if results.get("random_init"):
-        curves["random init"] = results["random_init"]
+        curves["random init, linear" if several else "random init"] = results["random_init"]
     baselines = {}
     if results.get("raw_pixels"):
         baselines["raw pixels"] = results["raw_pixels"]["test_acc"]
@@ -169,8 +179,50 @@ def _subset_count(results: dict) -> str:
     return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
+def probes_table(results: dict) -> str:
+    """Markdown: the test accuracy of every probe that ran, one row per layer, and the best
+    layer of each (chosen on its hold-out)."""
+    ran = [k for k in PROBE_NAMES if results.get(k)]
+    by_layer: dict[int, dict] = {}
+    for k in ran:
+        for r in results[k]["rows"]:
+            by_layer.setdefault(r["layer"], {"layer": r["layer"]})[PROBE_NAMES[k]] = r["test_acc"]
+    best = {"layer": "best (hold-out)"}
+    for k in ran:
+        b = results[k]
+        best[PROBE_NAMES[k]] = f"{b['best']['test_acc']:.4f} (layer {b['best_layer']})"
+    rows = [by_layer[layer] for layer in sorted(by_layer)] + [best]
+    return format_table(rows, ["layer", *(PROBE_NAMES[k] for k in ran)])
+
+
+def _other_probes_text(results: dict) -> list[str]:
+    """The attentive and k-NN sections of ``summary_text``, and the three side by side."""
+    parts = []
+    if results.get("attentive"):
+        a = results["attentive"]
+        parts += [
+            "",
+            f"## Attentive probe per layer ({a.get('tokens', '?')} tokens per image)",
+            "",
+            format_table(a["rows"], ["layer", "val_acc", "test_acc", "epoch"]),
+        ]
+    if results.get("knn"):
+        parts += [
+            "",
+            "## k-NN probe per layer",
+            "",
+            format_table(results["knn"]["rows"], ["layer", "val_acc", "test_acc", "k"]),
+        ]
+    if sum(bool(results.get(k)) for k in PROBE_NAMES) > 1:
+        parts += ["", "## Probes side by side (test accuracy)", "", probes_table(results)]
+    return parts
+
+
 def summary_text(results: dict) -> str:
-    """The Markdown summary of a probe run: per-layer table, baselines, low-data, BERT."""
+    """The Markdown summary of a probe run: per-layer table, baselines, low-data, BERT, and
+    the attentive and k-NN probes."""
+    if not results.get("layers"):  # no linear probe: the others alone
+        return "\n".join(_other_probes_text(results)).strip()
     rows = results["layers"]["rows"]
     reg = "C" if rows and "C" in rows[0] else "weight_decay"
     parts = [
@@ -214,4 +266,4 @@ def summary_text(results: dict) -> str:
             "",
             format_table(low_rows, columns),
         ]
-    return "\n".join(parts)
+    return "\n".join(parts + _other_probes_text(results))

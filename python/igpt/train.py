@@ -68,6 +68,7 @@ from igpt.pretrain_setup import (
     run_palette,
 )
 from igpt.rundir import RunDir
+from igpt.train_probe import TrainingProbe
 from igpt.trainconfig import RESUME_FIXED, TrainConfig, progress_enabled, setting
 from igpt.training import (
     Compiled,
@@ -149,6 +150,9 @@ class Trainer:
         self.apply_memory(self.memory.settings)
         self.model = d.wrap(self.raw_model, self.device, bf16=self.amp)
         self.forward = Compiled(self.model, cfg.compile)  # self.model itself without --compile
+        self.probe = TrainingProbe(
+            cfg, n_layer=self.raw_model.config.n_layer, palette=self.palette, dist=d
+        )
         n_train = len(self.batches.train_idx)  # the warm-up's epoch
         self.optimizer, self.scheduler, self.warmup = run_optimizer(
             cfg, self.model, self.device, ckpt, n_train
@@ -267,13 +271,14 @@ class Trainer:
         window, t_last = [], time.perf_counter()
         # the rows logged up to the step we start from: a run resumed when already finished
         # still reports its final loss and validation loss (lr_search compares them)
-        last = {k: v for row in self.run.read_metrics() for k, v in row.items()}
+        last = {k: v for r in self.run.read_metrics() if "probe" not in r for k, v in r.items()}
         while self.step < cfg.steps:
             stats = self._step_or_step_back()
             self.step += 1
             window.append(stats["loss"])
             bar.update(1)
             evaluate = self.step == cfg.steps or (cfg.val_every and self.step % cfg.val_every == 0)
+            evaluate = evaluate or self.probe.due(self.step)  # a probe row has its val loss
             checkpoint = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
             # Validation and checkpoint steps are log steps too: every metrics.jsonl row then
             # carries `loss`, and a run resumed from a checkpoint averages the same windows.
@@ -281,7 +286,7 @@ class Trainer:
                 now = time.perf_counter()
                 row = _metrics_row(self, stats, window, now - t_last)
                 window, t_last = [], now
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", **self.probe.postfix)
                 row.update(self.evaluate() if evaluate else {})
                 row.update(self.memory.metrics())
                 last.update(row)
@@ -306,6 +311,7 @@ class Trainer:
         if "val_loss" in row and self.dist.is_main:
             keys = ("step", "val_loss", "val_bits_per_token", "val_bits_per_dim")
             log.info(VAL_LINE, *map(row.get, keys))
+        self.probe.run(self, row)  # probe rows follow the validation row of their step
 
     def _write_config(self) -> None:
         n = (len(self.batches.train_idx), len(self.val_idx))

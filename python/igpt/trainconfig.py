@@ -39,6 +39,7 @@ AUGMENTS = ("none", "crop", "cifar")
 # how checkpoints are written: "full" one gathered file (rank 0), "sharded" a
 # torch.distributed.checkpoint directory (each rank its shards), "auto" sharded under FSDP
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
+PROBE_KINDS = ("linear", "knn", "attentive")
 # n_px and the palette size when a config leaves them None (the grey digits need 16 colours)
 # each data kind's own (its Source's ``defaults``, igpt.data.sources), and the general ones
 DATA_DEFAULTS = {kind: dict(source.defaults) for kind, source in SOURCES.items()}
@@ -191,6 +192,20 @@ class TrainConfig:
     progress: bool | None = setting(
         None, "tqdm progress bars", default_text="when stderr is a terminal"
     )
+    # probing while pretraining (igpt.train_probe): figure 3 from the run's own metrics
+    probe_every: int = setting(
+        0,
+        "validate and probe every N steps (0: off): probe rows in metrics.jsonl and "
+        "probe_vs_loss.png (figure 3)",
+    )
+    probe_data: str | None = setting(None, "labelled data the probe samples", default_text="--data")
+    probe_layers: tuple[int, ...] | None = setting(
+        None, "layers the probe reads", default_text="L/4 L/2 3L/4 L"
+    )
+    probe_size: int = setting(512, "training images the probe fits on (half as many score it)")
+    probe_kind: str = setting(
+        "linear", "the probe run while pretraining", choices=PROBE_KINDS, flag="--probe"
+    )
     model_overrides: dict = setting({}, "IGPTConfig fields to override on the named size")
     init_from: str | None = setting(
         None,
@@ -216,10 +231,17 @@ class TrainConfig:
         # (`--lr inf` would otherwise train and write NaN checkpoints)
         for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
             _check_int(self, name, 1)
-        for name in ("checkpointing", "val_every", "keep_checkpoints", "seed"):
+        for name in ("checkpointing", "val_every", "keep_checkpoints", "seed", "probe_every"):
             _check_int(self, name, 0)
         for name in ("dataloader_num_workers",):
             _check_int(self, name, 0)
+        _check_int(self, "probe_size", 4)
+        if self.probe_kind not in PROBE_KINDS:
+            raise ValueError(
+                f"probe_kind must be one of {PROBE_KINDS}, got {self.probe_kind!r} (--probe)"
+            )
+        if self.probe_layers is not None:
+            self.probe_layers = tuple(self.probe_layers)
         for name, lo in (("warmup_steps", 0), ("val_size", 1), ("n_px", 1), ("n_colors", 1)):
             _check_int(self, name, lo, optional=True)
         for name, lo in (("dataloader_prefetch_factor", 1),):

@@ -64,9 +64,16 @@ def run(args) -> None:
             f"{pct(pre['concat']['test_acc'])}"
         )
     print(f"  probe, raw pixels    {pct(m['raw_pixels']['test_acc'])}")
+    for name, res in m.get("probes", {}).items():
+        acc = next(r for r in res["layers"] if r["layer"] == res["best_layer"])["test_acc"]
+        print(f"  {name + ' probe':<20} {pct(acc)} test acc (layer {res['best_layer']})")
+    wt = m.get("while_training") or {}
+    if wt.get("points"):
+        print(f"  probes while training {wt['seconds']:.0f} s, {100 * wt['mean_share']:.0f}% of it")
     for name, r in m["low_data"].items():
         print(f"  {r['per_class']}/class, {name:<11} {pct(r['mean'])} ± {100 * r['std']:.1f}")
     out = Path(args.out)
     print(f"\n  report      {out / 'report.md'}")
-    for f in ("probe_by_layer.png", "loss.png", "completions.png", "metrics.json"):
+    for f in ("probe_by_layer.png", "probe_vs_loss.png", "loss.png", "completions.png"):
         print(f"  {f:<11} {out / f}")
+    print(f"  {'metrics.json':<11} {out / 'metrics.json'}")

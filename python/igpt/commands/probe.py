@@ -1,4 +1,5 @@
-"""``igpt probe``: linear probes of every layer of a checkpoint, low-data probes, baselines.
+"""``igpt probe``: linear probes of every layer of a checkpoint, low-data probes, baselines;
+with ``--probe linear,attentive,knn`` also the attentive and k-NN probes of every layer.
 
 Both splits come from the token cache (``igpt.data.cached_tokens``, the entry ``igpt
 prepare`` and ``igpt pretrain`` use): after ``igpt prepare`` of each split the probe never
@@ -12,6 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from igpt.attentive import DEFAULT_GRID
 from igpt.commands._common import (
     add_common_arguments,
     count,
@@ -41,9 +43,9 @@ def add_arguments(parser) -> None:
     a(
         "--layers",
         nargs="+",
-        type=int_items("--layers"),
+        type=int_items("--layers", none="all"),
         default=None,
-        help="layers to probe, e.g. 0,8,16,24 (default: all)",
+        help="layers to probe, e.g. 0,8,16,24, or all (default: all)",
     )
     a(
         "--per-class",
@@ -52,6 +54,28 @@ def add_arguments(parser) -> None:
         default=[[4, 25, 400]],
         help="low-data probes with k labels per class at the best layer (default 4,25,400; "
         "'none' skips them)",
+    )
+    a(
+        "--probe",
+        type=_probe_names,
+        default=["linear"],
+        help="probes of every layer, on one split: linear (L-BFGS, the paper's; with it the "
+        "low-data probes and baselines), attentive (learned queries over the layer's tokens, "
+        "AIM-style), knn (cosine k-NN vote); comma-separated (default linear)",
+    )
+    a(
+        "--token-grid",
+        type=count(1),
+        default=DEFAULT_GRID,
+        help="attentive probe: keep a grid x grid of patch means of each image's tokens "
+        "(default %(default)s)",
+    )
+    a(
+        "--token-memory",
+        type=_size,
+        default="4GiB",
+        help="attentive probe: the most memory the token features take; the layers are "
+        "extracted in as few passes as fit (default %(default)s)",
     )
     a("--subsets", type=count(1), default=5, help="random subsets per k (default 5)")
     a("--concat", type=count(0), default=5, help="layers concatenated around the best (default 5)")
@@ -96,6 +120,26 @@ def _floats(text: str) -> list[float]:
     return values
 
 
+def _probe_names(text: str) -> list[str]:
+    """``--probe``'s type: names of ``igpt.evaluation.PROBES``, comma-separated."""
+    from igpt.evaluation import check_probes
+
+    try:
+        return check_probes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _size(text: str) -> int:
+    """``--token-memory``'s type: a size like 4GiB or 500M, in bytes."""
+    from igpt.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def run(args) -> None:
     """``igpt probe``: probe every layer of a checkpoint on a labelled dataset."""
     from igpt.evaluation import evaluate
@@ -104,7 +148,7 @@ def run(args) -> None:
 
     device = pick_device(args.device)
     path, model, palette, ckpt, objective = open_checkpoint(args, device=device)
-    layers, per_class = flat(args.layers), flat(args.per_class)
+    layers, per_class = flat(args.layers) or None, flat(args.per_class)  # [] from "all"
     n_px, cache = model.config.n_px, args.cache_dir
     train, test = token_splits(
         args.data, palette, n_px, args.limit, cache_dir=cache, progress=args.progress
@@ -120,6 +164,8 @@ def run(args) -> None:
         train,
         test,
         layers=layers,
+        probes=args.probe,
+        attentive={"grid": args.token_grid, "max_bytes": args.token_memory},
         per_class=per_class,
         n_subsets=args.subsets,
         baselines=not args.no_baselines,
