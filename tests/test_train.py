@@ -1231,3 +1231,12 @@ def test_one_device_resolver_and_one_precision_policy_for_both_trainers():
     assert [uses_bf16(p, cuda) for p in ("auto", "bf16", "fp32")] == [True, True, False]
     with pytest.raises(ValueError, match="precision"):
         uses_bf16("fp8", cpu)
+
+
+def test_tracker_scalars_key_probe_rows_by_layer():
+    from igpt.trackers import scalars
+
+    row = {"step": 5, "layer": 2, "probe": "linear", "probe_acc": 0.5, "val_loss": 1.25}
+    assert scalars(row) == {"probe_acc/layer_2": 0.5, "val_loss": 1.25}
+    plain = {"step": 5, "loss": 2.0, "lr": 1e-3, "skipped": True, "nan": float("nan")}
+    assert scalars(plain) == {"loss": 2.0, "lr": 1e-3}

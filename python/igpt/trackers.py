@@ -31,16 +31,18 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 TENSORBOARD_DIR = "tensorboard"
 
 
-def _numbers(row: dict) -> dict:
-    """The entries of ``row`` that a tracker can plot: finite ints and floats, not ``step``."""
-    return {
-        k: v
-        for k, v in row.items()
-        if k != "step"
-        and isinstance(v, (int, float))
-        and not isinstance(v, bool)
-        and math.isfinite(v)
-    }
+def scalars(row: dict) -> dict:
+    """The entries of ``row`` that a tracker can plot: finite ints and floats, not ``step``.
+    A row of one layer (the probes while pretraining: ``layer`` k) gives its ``probe*``
+    numbers as ``probe_acc/layer_k`` and so on, one curve per layer, not one zig-zag."""
+    layer = row.get("layer")
+    out = {}
+    for k, v in row.items():
+        if k in ("step", "layer") or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(v):
+            out[f"{k}/layer_{layer}" if layer is not None and k.startswith("probe") else k] = v
+    return out
 
 
 class _TensorBoard:
@@ -61,7 +63,7 @@ class _TensorBoard:
         if self.writer is None:  # the first row logged: events from its step on are replaced
             self.writer = self._make(log_dir=str(self.log_dir), purge_step=rows[0].get("step"))
         for row in rows:
-            for key, value in _numbers(row).items():
+            for key, value in scalars(row).items():
                 self.writer.add_scalar(key, value, global_step=row.get("step"))
         self.writer.flush()
 
@@ -102,7 +104,7 @@ class _WandB:
     def log(self, rows: list[dict]) -> None:
         self.run = self.run or self._start()
         for row in rows:
-            self.run.log(_numbers(row), step=row.get("step"))
+            self.run.log(scalars(row), step=row.get("step"))
 
     def close(self) -> None:
         if self.run is not None:
