@@ -948,3 +948,52 @@ def test_one_device_resolver_and_one_precision_policy_for_both_trainers():
     assert [uses_bf16(p, cuda) for p in ("auto", "bf16", "fp32")] == [True, True, False]
     with pytest.raises(ValueError, match="precision"):
         uses_bf16("fp8", cpu)
+
+
+# ---------------------------------------------------------------- issue 32 (tests branch): begin
+# the non-finite guard's rule itself, without a run around it
+
+
+def test_the_guard_skips_a_non_finite_gradient_norm_with_a_finite_loss(caplog):
+    from igpt.training import NonFiniteGuard
+
+    guard = NonFiniteGuard()
+    assert guard.check(0, 2.5, 1.0, 1e-3) and guard.skipped == 0
+    for bad in (math.inf, -math.inf, math.nan):
+        assert not guard.check(1, 2.5, bad, 1e-3)  # finite loss, broken gradient
+        assert not guard.check(1, bad, 1.0, 1e-3)  # broken loss, finite gradient norm
+    assert guard.skipped == guard.in_a_row == 6
+    assert "step skipped (6 so far)" in caplog.text
+    assert NonFiniteGuard(4).skipped == 4  # a resumed run keeps counting
+
+
+def test_the_guard_gives_up_after_limit_in_a_row_and_a_finite_step_resets_the_run():
+    from igpt.training import NonFiniteGuard
+
+    guard = NonFiniteGuard(limit=3)
+    for _ in range(5):  # 2 bad, 1 good, again and again: never 3 in a row
+        assert not guard.check(0, math.nan, 1.0, 0.1)
+        assert not guard.check(1, 1.0, math.inf, 0.1)
+        assert guard.in_a_row == 2
+        assert guard.check(2, 1.0, 1.0, 0.1) and guard.in_a_row == 0
+    assert guard.skipped == 10
+    guard.check(3, math.nan, 1.0, 0.1)
+    guard.check(4, math.nan, 1.0, 0.1)
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row \(up to step 5\).*now 0.1"):
+        guard.check(5, math.nan, 1.0, 0.1)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+def test_a_trainer_skips_a_step_whose_loss_is_finite_but_gradient_norm_is_not(
+    tmp_path, palette_file, monkeypatch
+):
+    t = Trainer(_cfg(tmp_path, palette=palette_file))
+    before = [p.detach().clone() for p in t.raw_model.parameters()]
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(math.inf))
+    stats = t.train_step(0)
+    assert math.isfinite(stats["loss"]) and stats["skipped_step"] and t.guard.skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, t.raw_model.parameters(), strict=True))
+    t.close()
+
+
+# ---------------------------------------------------------------- issue 32 (tests branch): end
