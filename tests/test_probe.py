@@ -437,3 +437,50 @@ def test_igpt_probe_after_prepare_reads_no_image(tiny_checkpoint, tmp_path, no_i
     assert report["n_train"] == 70 and report["n_test"] == 70
     assert report["layers"]["rows"] == json.loads(json.dumps(expected["layers"]["rows"]))
     assert sorted((tmp_path / "cache").glob("features_*.pt"))  # features beside the tokens
+
+
+# ---------------------------------------------------------------- issue 32 (tests branch): begin
+# the hold-out choice of C itself: the best accuracy, ties to the strongest regularisation
+
+
+def test_linear_probe_picks_the_best_C_and_ties_go_to_the_strongest_regularisation(monkeypatch):
+    x, y = blobs(120)
+    _, val = probe._holdout(y, 0.25, 3)
+    acc_of_C = {0.01: 0.5, 0.1: 1.0, 1.0: 1.0, 10.0: 0.8}
+    fitted = []
+
+    class Fixed:  # a fit whose hold-out accuracy is acc_of_C[C]
+        def predict(self, xv):
+            assert len(xv) == len(val)
+            wrong = round((1 - acc_of_C[self.C]) * len(val))
+            return np.where(np.arange(len(val)) < wrong, y[val] + 1, y[val])
+
+    def fake_fit(xf, yf, C, max_iter, warm=None):
+        assert len(xf) == len(yf) == len(y) - len(val)
+        fitted.append(C)
+        clf = Fixed()
+        clf.C = C
+        return clf
+
+    monkeypatch.setattr(probe, "_fit_logreg", fake_fit)
+    r = probe.linear_probe(x, y, Cs=[10.0, 0.1, 1.0, 0.01], val_frac=0.25, seed=3)
+    assert fitted == [0.01, 0.1, 1.0, 10.0]  # ascending: warm starts go from strong to weak
+    assert [p["C"] for p in r["val_curve"]] == fitted
+    assert [p["val_acc"] for p in r["val_curve"]] == [0.5, 1.0, 1.0, 0.8]
+    assert r["C"] == 0.1 and r["val_acc"] == 1.0  # 0.1 and 1.0 tie: the smaller C
+    acc_of_C.update({0.01: 1.0})
+    assert probe.linear_probe(x, y, Cs=[10.0, 0.1, 1.0, 0.01], val_frac=0.25, seed=3)["C"] == 0.01
+    acc_of_C.update({0.01: 0.5, 0.1: 0.5, 1.0: 0.5, 10.0: 0.8})
+    assert probe.linear_probe(x, y, Cs=[10.0, 0.1, 1.0, 0.01], val_frac=0.25, seed=3)["C"] == 10.0
+
+
+def test_linear_probe_on_blobs_where_two_Cs_tie_keeps_the_smaller():
+    x, y = blobs(200)
+    r = probe.linear_probe(x, y, Cs=[100.0, 0.01, 1.0], val_frac=0.2)
+    curve = {p["C"]: p["val_acc"] for p in r["val_curve"]}
+    best = max(curve.values())
+    assert sum(a == best for a in curve.values()) >= 2  # C = 1 and 100 both reach 0.975
+    assert r["C"] == min(c for c, a in curve.items() if a == best) and r["val_acc"] == best
+
+
+# ---------------------------------------------------------------- issue 32 (tests branch): end
