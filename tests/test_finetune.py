@@ -474,3 +474,48 @@ def test_igpt_finetune_augments_lazily_read_images_at_another_side(tmp_path, mon
     assert [len(rows) for rows in reads] == [8, 8]  # one read of a batch's rows per step
     rows = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("images", "ft")]
     assert rows[0] == rows[1]
+
+
+# ---------------------------------------------------------------- issue 32 (tests branch): begin
+# early stopping: patience counts evaluations without a better hold-out accuracy (a tie is
+# not better), and the run ends with the weights of the first best evaluation
+
+
+def test_stop_early_after_exactly_patience_evaluations_without_a_better_accuracy():
+    from igpt.finetune import stop_early
+
+    for since in range(6):
+        assert not stop_early({"step": 7, "evals_since_best": since}, None)
+    assert [stop_early({"step": 7, "evals_since_best": n}, 3) for n in range(6)] == [
+        *(False, False, False, True, True, True)
+    ]
+    assert [stop_early({"step": 7, "evals_since_best": n}, 1) for n in range(3)] == [
+        *(False, True, True)
+    ]
+
+
+@pytest.mark.parametrize("patience, steps", [(None, 8), (1, 3), (2, 4), (3, 5), (5, 8)])
+def test_patience_stops_the_run_and_ties_keep_the_earlier_best(monkeypatch, patience, steps):
+    import igpt.finetune
+
+    accs = iter([0.5, 0.6, 0.6, 0.4, 0.5, 0.6, 0.9, 0.1])  # best at step 2, tied at 3
+    heads = []
+
+    def fixed_accuracy(clf, *a, **k):
+        heads.append(clf.head.weight.detach().clone())
+        return next(accs)
+
+    monkeypatch.setattr(igpt.finetune, "evaluate", fixed_accuracy)
+    x, y = synthetic(32)
+    torch.manual_seed(0)
+    res = finetune(
+        tiny(), x, y, steps=8, batch_size=8, eval_every=1, patience=patience, progress=False
+    )
+    assert res["step"] == steps and len(res["history"]) == len(heads) == steps
+    best_step = 7 if steps == 8 else 2
+    assert res["best_step"] == best_step and res["best_val_acc"] == [0.9, 0.6][steps < 8]
+    torch.testing.assert_close(res["classifier"].head.weight, heads[best_step - 1])
+    assert not torch.equal(heads[best_step - 1], heads[-1]) or best_step == steps
+
+
+# ---------------------------------------------------------------- issue 32 (tests branch): end
