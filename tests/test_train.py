@@ -996,4 +996,95 @@ def test_a_trainer_skips_a_step_whose_loss_is_finite_but_gradient_norm_is_not(
     t.close()
 
 
+def test_the_guard_starts_from_a_resumed_count_with_no_run_in_a_row():
+    from igpt.training import NONFINITE_LIMIT, NonFiniteGuard
+
+    guard = NonFiniteGuard(7)
+    assert (guard.skipped, guard.in_a_row, guard.limit) == (7, 0, NONFINITE_LIMIT)
+    for step in range(NONFINITE_LIMIT - 1):
+        assert not guard.check(step, math.nan, 1.0, 0.1)
+    with pytest.raises(FloatingPointError, match=f"{NONFINITE_LIMIT} steps in a row"):
+        guard.check(99, math.nan, 1.0, 0.1)
+    assert guard.skipped == 7 + NONFINITE_LIMIT
+
+
+def test_resolve_device_picks_the_rank_gpu_only_when_none_is_named(monkeypatch):
+    from igpt.training import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cuda = torch.device
+    assert resolve_device(None) == cuda("cuda") and resolve_device("cuda") == cuda("cuda")
+    assert resolve_device(None, local_rank=1) == cuda("cuda", 1)
+    assert resolve_device("cuda", local_rank=1) == cuda("cuda", 1)
+    assert resolve_device("cuda:0", local_rank=1) == cuda("cuda", 0)  # named: kept
+    assert resolve_device("cuda:1") == cuda("cuda", 1)
+    assert resolve_device("cpu", local_rank=1) == cuda("cpu")
+    with pytest.raises(ValueError, match=r"'cuda:2' but only 2 CUDA GPU\(s\) are visible"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        resolve_device("cuda")
+    for bad in ("meta", "gpu", 3.5):
+        with pytest.raises(ValueError, match="not a device name"):
+            resolve_device(bad)
+
+
+def test_autocast_is_bf16_on_the_device_and_off_when_not_enabled():
+    from igpt.training import autocast
+
+    on = autocast(torch.device("cpu"), True)
+    assert on.device == "cpu" and on.fast_dtype == torch.bfloat16 and on._enabled
+    assert not autocast(torch.device("cpu"), False)._enabled
+    with autocast(torch.device("cpu"), True):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_refuse_resume_names_each_setting_or_the_step_past_the_end():
+    from igpt.training import refuse_resume
+
+    refuse_resume("runs/a", "runs/a/ckpt_00000004.pt", [], 4, 4)  # step == steps: resumable
+    refuse_resume("runs/a", "runs/a/ckpt_00000004.pt", [], 3, 4)
+    with pytest.raises(ValueError) as e:
+        refuse_resume("runs/a", "runs/a/ckpt_00000004.pt", ["lr 0.1 there, 0.2 now", "x"], 4, 9)
+    msg = str(e.value)
+    assert msg.startswith("cannot resume runs/a from ckpt_00000004.pt: it was trained with")
+    assert "(lr 0.1 there, 0.2 now; x)" in msg
+    with pytest.raises(ValueError, match=r"ckpt_00000005.pt is at step 5, past steps=4; "):
+        refuse_resume("runs/a", "runs/a/ckpt_00000005.pt", [], 5, 4)
+
+
+def test_open_resume_checks_what_it_found_and_nothing_else():
+    from igpt.training import open_resume
+
+    class Run:
+        def __init__(self, found):
+            self.found, self.asked = found, []
+
+        def resume_checkpoint(self, resume):
+            self.asked.append(resume)
+            return self.found
+
+    checked = []
+    assert open_resume(Run(None), True, lambda *a: checked.append(a)) is None and not checked
+    run = Run(("ckpt.pt", {"step": 3}))
+    assert open_resume(run, False, lambda *a: checked.append(a)) == ("ckpt.pt", {"step": 3})
+    assert checked == [("ckpt.pt", {"step": 3})] and run.asked == [False]
+
+
+def test_restore_optimizer_settings_puts_back_this_runs_rates_betas_and_decay():
+    from igpt.training import restore_optimizer_settings
+
+    ps = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.AdamW([{"params": ps[:1]}, {"params": ps[1:]}], lr=9.0, betas=(0.1, 0.2))
+    restore_optimizer_settings(opt, lr=[0.5, 2.0], betas=[0.8, 0.9], weight_decay=0.3, factor=0.1)
+    for g, peak in zip(opt.param_groups, (0.5, 2.0), strict=True):
+        assert g["initial_lr"] == peak and g["lr"] == pytest.approx(peak * 0.1)
+        assert g["betas"] == (0.8, 0.9) and g["weight_decay"] == 0.3
+    restore_optimizer_settings(opt, lr=0.25, betas=(0.7, 0.6), weight_decay=0.0)
+    assert [(g["lr"], g["initial_lr"]) for g in opt.param_groups] == [(0.25, 0.25)] * 2
+    with pytest.raises(ValueError, match="lr has 3 rates for 2 parameter groups"):
+        restore_optimizer_settings(opt, lr=(1.0, 2.0, 3.0), betas=(0.9, 0.9), weight_decay=0.0)
+
+
 # ---------------------------------------------------------------- issue 32 (tests branch): end
