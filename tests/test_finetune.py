@@ -494,8 +494,13 @@ def test_stop_early_after_exactly_patience_evaluations_without_a_better_accuracy
     ]
 
 
-@pytest.mark.parametrize("patience, steps", [(None, 8), (1, 3), (2, 4), (3, 5), (5, 8)])
-def test_patience_stops_the_run_and_ties_keep_the_earlier_best(monkeypatch, patience, steps):
+@pytest.mark.parametrize(
+    "patience, steps, run", [(None, 8, 0), (1, 3, 0), (2, 4, 0), (2, 4, 1), (3, 5, 0), (5, 8, 0)]
+)
+def test_patience_stops_the_run_and_ties_keep_the_earlier_best(
+    monkeypatch, tmp_path, patience, steps, run
+):
+    """In memory and (run) from a run directory's best.pt."""
     import igpt.finetune
 
     accs = iter([0.5, 0.6, 0.6, 0.4, 0.5, 0.6, 0.9, 0.1])  # best at step 2, tied at 3
@@ -508,14 +513,18 @@ def test_patience_stops_the_run_and_ties_keep_the_earlier_best(monkeypatch, pati
     monkeypatch.setattr(igpt.finetune, "evaluate", fixed_accuracy)
     x, y = synthetic(32)
     torch.manual_seed(0)
+    out = {"out_dir": str(tmp_path / "run")} if run else {}
     res = finetune(
-        tiny(), x, y, steps=8, batch_size=8, eval_every=1, patience=patience, progress=False
+        tiny(), x, y, steps=8, batch_size=8, eval_every=1, patience=patience, progress=False, **out
     )
     assert res["step"] == steps and len(res["history"]) == len(heads) == steps
     best_step = 7 if steps == 8 else 2
     assert res["best_step"] == best_step and res["best_val_acc"] == [0.9, 0.6][steps < 8]
     torch.testing.assert_close(res["classifier"].head.weight, heads[best_step - 1])
     assert not torch.equal(heads[best_step - 1], heads[-1]) or best_step == steps
+    if run:
+        best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+        assert best["state"]["best_step"] == best_step
 
 
 # ---------------------------------------------------------------- issue 32 (tests branch): end
