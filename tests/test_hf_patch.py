@@ -665,3 +665,42 @@ def test_one_left_pad_token_falls_back_and_matches(calls):
     apply_igpt_kernels_to_imagegpt(model)
     close(model(x, attention_mask=mask).logits, ref)
     assert calls["attention"] == 0
+
+
+def test_fallback_reason_names_each_thing_the_kernel_cannot_do():
+    from types import SimpleNamespace
+
+    def attn(**kw):
+        plain = dict(is_cross_attention=False, reorder_and_upcast_attn=False, training=False)
+        return SimpleNamespace(**{**plain, "attn_dropout": torch.nn.Dropout(0.0), **kw})
+
+    why = hf_patch.fallback_reason
+    assert why(attn()) is None and why(attn(training=True)) is None  # no dropout to draw
+    assert why(attn(attn_dropout=torch.nn.Dropout(0.1))) is None  # eval: dropout is off
+    drop = attn(training=True, attn_dropout=torch.nn.Dropout(0.1))
+    assert why(drop) == "attention dropout 0.1 while training"
+    assert why(attn(), output_attentions=True).startswith("output_attentions=True")
+    assert why(attn(), head_mask=torch.ones(2)) == "a head_mask"
+    assert why(attn(is_cross_attention=True)) == "cross-attention"
+    assert why(attn(), encoder=torch.zeros(1)) == "cross-attention"
+    assert why(attn(reorder_and_upcast_attn=True)) == "reorder_and_upcast_attn=True"
+
+
+@pytest.mark.parametrize("where", ["ln_2", "mlp", "mlp.c_fc", "mlp.c_proj", "mlp.act"])
+@pytest.mark.parametrize("kind", ["hook", "pre-hook"])
+def test_mlp_fallback_reason_names_the_hooked_module(where, kind):
+    block = make().transformer.h[0]
+    module = block.get_submodule(where)
+    if kind == "hook":
+        handle = module.register_forward_hook(lambda m, i, o: None)
+    else:
+        handle = module.register_forward_pre_hook(lambda m, i: None)
+    try:
+        assert mlp_fallback_reason(block) == f"forward hooks on {where}"
+    finally:
+        handle.remove()
+    assert mlp_fallback_reason(block) is None
+    register = torch.nn.modules.module.register_module_forward_pre_hook
+    with register(lambda m, i: None):
+        assert mlp_fallback_reason(block) == "global module forward hooks"
+    assert mlp_fallback_reason(block) is None
