@@ -483,4 +483,59 @@ def test_linear_probe_on_blobs_where_two_Cs_tie_keeps_the_smaller():
     assert r["C"] == min(c for c, a in curve.items() if a == best) and r["val_acc"] == best
 
 
+def test_holdout_is_stratified_with_every_class_on_both_sides_when_it_can():
+    y = np.repeat(np.arange(4), 10)
+    fit, val = probe._holdout(y, 0.1, 0)
+    assert sorted([*fit, *val]) == list(range(40)) and list(val) == sorted(val)
+    assert np.bincount(y[val]).tolist() == [1, 1, 1, 1]  # 4 rows: one per class
+    fit, val = probe._holdout(y, 0.5, 0)
+    assert np.bincount(y[val]).tolist() == [5, 5, 5, 5] and len(fit) == 20
+    y = np.repeat(np.arange(3), 2)
+    fit, val = probe._holdout(y, 0.9, 0)  # at most n - classes held out: one of each left
+    assert sorted(y[val].tolist()) == sorted(y[fit].tolist()) == [0, 1, 2]
+    y = np.array([0, 0, 0, 0, 0, 0, 0, 1])  # a class of one: a plain random split
+    splits = [probe._holdout(y, 0.25, s) for s in range(6)]
+    assert all(len(v) == 2 and sorted([*f, *v]) == list(range(8)) for f, v in splits)
+    assert len({tuple(v) for _, v in splits}) > 1
+    assert np.array_equal(probe._holdout(y, 0.25, 3)[1], splits[3][1])
+    assert len(probe._holdout(y, 0.01, 0)[1]) == 1  # never empty
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="val_frac"):
+            probe._holdout(y, bad, 0)
+
+
+def test_window_is_k_consecutive_layers_centred_and_shifted_to_fit():
+    assert probe._window(5, 3, 10) == [4, 5, 6]
+    assert probe._window(5, 4, 10) == [3, 4, 5, 6]
+    assert probe._window(0, 3, 10) == [0, 1, 2]
+    assert probe._window(9, 3, 10) == [7, 8, 9]
+    assert probe._window(1, 5, 3) == [0, 1, 2]
+
+
+def test_probe_layers_picks_the_best_hold_out_layer_earliest_among_ties(monkeypatch):
+    val_of_layer = [0.5, 0.9, 0.7, 0.9, 0.2]
+    seen = []
+
+    def fake_probe(x, y, xt, yt, **kw):
+        layers = sorted({int(v) for v in x[0]})
+        seen.append(layers)
+        val = val_of_layer[layers[0]] if len(layers) == 1 else 0.95
+        return {"val_acc": val, "test_acc": 1 - val, "C": float(len(layers))}
+
+    monkeypatch.setattr(probe, "linear_probe", fake_probe)
+    x = np.broadcast_to(np.arange(5.0)[None, :, None], (6, 5, 2)).copy()
+    y = [0, 1] * 3
+    r = probe.probe_layers(x, y, x, y, layer_ids=range(10, 15), progress=False, concat=3)
+    assert seen == [[0], [1], [2], [3], [4], [0, 1, 2]]
+    assert r["best_layer"] == 11 and r["best"]["val_acc"] == 0.9 and r["best"]["layer"] == 11
+    assert r["best"]["C"] == 1.0 and r["best"]["test_acc"] == pytest.approx(0.1)
+    assert r["concat"]["layers"] == [10, 11, 12] and r["concat"]["val_acc"] == 0.95
+    assert [row["layer"] for row in r["rows"]] == [10, 11, 12, 13, 14]
+    for concat in (0, 1):
+        r = probe.probe_layers(x, y, x, y, progress=False, concat=concat)
+        assert r["concat"] is None and r["best_layer"] == 1
+    val_of_layer[4] = 0.99
+    assert probe.probe_layers(x, y, x, y, progress=False)["best_layer"] == 4
+
+
 # ---------------------------------------------------------------- issue 32 (tests branch): end
