@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1038,6 +1039,9 @@ def test_autocast_is_bf16_on_the_device_and_off_when_not_enabled():
     assert not autocast(torch.device("cpu"), False)._enabled
     with autocast(torch.device("cpu"), True):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with warnings.catch_warnings():  # without a GPU, torch warns and disables it
+        warnings.simplefilter("ignore")
+        assert autocast(torch.device("cuda"), True).fast_dtype == torch.bfloat16  # not fp16
 
 
 def test_refuse_resume_names_each_setting_or_the_step_past_the_end():

@@ -78,7 +78,11 @@ TARGETS = {
     ),
     "probe": Target(
         "python/igpt/probe.py",
-        ("tests/test_probe.py", "-k", "separable or layers or ties or low_data"),
+        (
+            "tests/test_probe.py",
+            "-k",
+            "separable or layers or ties or low_data or holdout or window",
+        ),
         ("_holdout", "_choose_C", "linear_probe", "probe_layers", "_window"),
     ),
     "finetune": Target(
