@@ -456,21 +456,25 @@ def test_linear_probe_picks_the_best_C_and_ties_go_to_the_strongest_regularisati
             return np.where(np.arange(len(val)) < wrong, y[val] + 1, y[val])
 
     def fake_fit(xf, yf, C, max_iter, warm=None):
-        assert len(xf) == len(yf) == len(y) - len(val)
-        fitted.append(C)
+        assert len(xf) == len(yf) == len(y) - len(val) and max_iter == 1000
+        assert warm is (None if not fitted else fitted[-1])  # warm-started from the last
         clf = Fixed()
         clf.C = C
+        fitted.append(clf)
         return clf
 
     monkeypatch.setattr(probe, "_fit_logreg", fake_fit)
     r = probe.linear_probe(x, y, Cs=[10.0, 0.1, 1.0, 0.01], val_frac=0.25, seed=3)
-    assert fitted == [0.01, 0.1, 1.0, 10.0]  # ascending: warm starts go from strong to weak
-    assert [p["C"] for p in r["val_curve"]] == fitted
+    assert [f.C for f in fitted] == [0.01, 0.1, 1.0, 10.0]  # ascending: strong to weak
+    assert [p["C"] for p in r["val_curve"]] == [0.01, 0.1, 1.0, 10.0]
+    fitted.clear()
     assert [p["val_acc"] for p in r["val_curve"]] == [0.5, 1.0, 1.0, 0.8]
     assert r["C"] == 0.1 and r["val_acc"] == 1.0  # 0.1 and 1.0 tie: the smaller C
     acc_of_C.update({0.01: 1.0})
+    fitted.clear()
     assert probe.linear_probe(x, y, Cs=[10.0, 0.1, 1.0, 0.01], val_frac=0.25, seed=3)["C"] == 0.01
     acc_of_C.update({0.01: 0.5, 0.1: 0.5, 1.0: 0.5, 10.0: 0.8})
+    fitted.clear()
     assert probe.linear_probe(x, y, Cs=[10.0, 0.1, 1.0, 0.01], val_frac=0.25, seed=3)["C"] == 10.0
 
 
@@ -536,6 +540,65 @@ def test_probe_layers_picks_the_best_hold_out_layer_earliest_among_ties(monkeypa
         assert r["concat"] is None and r["best_layer"] == 1
     val_of_layer[4] = 0.99
     assert probe.probe_layers(x, y, x, y, progress=False)["best_layer"] == 4
+
+
+def test_linear_probe_refits_the_chosen_C_standardised_and_checks_its_arguments():
+    x, y = blobs(80, n_classes=2)
+    r = probe.linear_probe(x, y, x[:10], y[:10], Cs=[0.5], val_frac=0, max_iter=77)
+    assert r["C"] == 0.5 and r["val_acc"] is None and r["val_curve"] == []
+    assert r["n_classes"] == 2 and r["train_acc"] == 1.0 and r["test_acc"] == 1.0
+    (scale, scaler), (_, logreg) = r["classifier"].steps
+    assert scale == "standardscaler" and np.allclose(scaler.mean_, x.mean(0), atol=1e-5)
+    assert logreg.C == 0.5 and logreg.max_iter == 77
+    assert (
+        probe.linear_probe(x, y, Cs=[0.5, 2.0])["val_curve"]
+        == probe.linear_probe(x, y, Cs=[0.5, 2.0], seed=0)["val_curve"]
+    )  # seed 0 by default
+    for Cs in ([], [0.0, 1.0], [-1.0]):
+        with pytest.raises(ValueError, match="Cs must be positive numbers"):
+            probe.linear_probe(x, y, Cs=Cs)
+    with pytest.raises(ValueError, match="val_frac=0 leaves no hold-out"):
+        probe.linear_probe(x, y, Cs=[1.0, 2.0], val_frac=0)
+    with pytest.raises(ValueError, match="at least two classes"):
+        probe.linear_probe(x, np.zeros(len(x), dtype=int))
+    with pytest.raises(TypeError, match="train_feats must be"):
+        probe.linear_probe(x.tolist(), y)
+    with pytest.raises(ValueError, match="train_labels"):
+        probe.linear_probe(x, y[:-1])
+
+
+def test_probe_layers_passes_its_settings_on_and_checks_them(monkeypatch):
+    calls = []
+
+    def fake(method):
+        def fit(x, y, xt, yt, **kw):
+            calls.append((method, x.shape[1], xt.shape, kw))
+            return {"val_acc": 0.5, "test_acc": 0.5, "C": 1.0, "weight_decay": 0.1}
+
+        return fit
+
+    monkeypatch.setattr(probe, "linear_probe", fake("lbfgs"))
+    monkeypatch.setattr(probe, "sgd_probe", fake("sgd"))
+    x, y = np.zeros((6, 7, 2), np.float32), [0, 1] * 3
+    r = probe.probe_layers(x, y, x[:4], y[:4], progress=False, val_frac=0.3, seed=2)
+    assert len(calls) == 8 and calls[-1][:3] == ("lbfgs", 10, (4, 10))  # 5 layers by default
+    assert all(kw == {"val_frac": 0.3, "seed": 2} for *_, kw in calls)
+    assert r["concat"]["layers"] == [0, 1, 2, 3, 4] and r["concat"]["test_acc"] == 0.5
+    calls.clear()
+    r = probe.probe_layers(x[:, :1], y, x[:4, :1], y[:4], method="sgd", progress=False)
+    assert [c[0] for c in calls] == ["sgd"] and r["concat"] is None  # one layer: no concat
+    assert r["best"] == {"layer": 0, "val_acc": 0.5, "test_acc": 0.5, "weight_decay": 0.1}
+    for kw, match in [
+        (dict(method="adam"), "method must be one of"),
+        (dict(val_frac=0), "val_frac must be > 0"),
+        (dict(layer_ids=[1, 2]), "layer_ids names 2 layers"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            probe.probe_layers(x, y, x, y, progress=False, **kw)
+    with pytest.raises(ValueError, match="differ in"):
+        probe.probe_layers(x, y, x[:, :3], y, progress=False)
+    with pytest.raises((TypeError, ValueError), match="test_feats"):
+        probe.probe_layers(x, y, x[:, 0], y, progress=False)
 
 
 # ---------------------------------------------------------------- issue 32 (tests branch): end

@@ -81,7 +81,7 @@ TARGETS = {
         (
             "tests/test_probe.py",
             "-k",
-            "separable or layers or ties or low_data or holdout or window",
+            "separable or layers or ties or low_data or holdout or window or refits",
         ),
         ("_holdout", "_choose_C", "linear_probe", "probe_layers", "_window"),
     ),
