@@ -634,7 +634,7 @@ def hf_mask(keep_rows, n_query):
 def test_a_query_with_no_key_falls_back_and_only_it(keep, n_query, falls_back):
     kpm, why = hf_patch._padding_from_mask(hf_mask(keep, n_query), n_query)
     if falls_back:
-        assert kpm is None and "no key" in why
+        assert kpm is None and why == "an attention mask that leaves a query with no key to attend"
     else:
         assert why is None and torch.equal(kpm, torch.tensor(keep, dtype=torch.bool))
     bool_kpm, bool_why = hf_patch._padding_from_mask(hf_mask(keep, n_query) == 0, n_query)
@@ -649,11 +649,17 @@ def test_mask_check_reasons_and_the_all_visible_mask():
     assert "shape" in hf_patch._padding_from_mask(full.expand(-1, 2, -1, -1), 3)[1]
     other = full.clone()
     other[0, 0, 1, 2] = -1.0
-    assert "other than 0" in hf_patch._padding_from_mask(other, 3)[1]
+    assert hf_patch._padding_from_mask(other, 3) == (
+        None,
+        "an attention mask with values other than 0 and the dtype's minimum",
+    )
     causal = torch.zeros(1, 1, 3, 3).masked_fill(
         torch.ones(3, 3, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min
     )
-    assert "differs between queries" in hf_patch._padding_from_mask(causal, 3)[1]
+    assert hf_patch._padding_from_mask(causal, 3) == (
+        None,
+        "an attention mask that differs between queries",
+    )
 
 
 def test_one_left_pad_token_falls_back_and_matches(calls):
@@ -700,6 +706,9 @@ def test_mlp_fallback_reason_names_the_hooked_module(where, kind):
     finally:
         handle.remove()
     assert mlp_fallback_reason(block) is None
+    block.mlp.c_fc.__class__ = type("Quantized", (type(block.mlp.c_fc),), {})
+    assert mlp_fallback_reason(block) == "mlp.c_fc is a Quantized, not transformers' Conv1D"
+    block.mlp.c_fc.__class__ = block.mlp.c_proj.__class__
     register = torch.nn.modules.module.register_module_forward_pre_hook
     with register(lambda m, i: None):
         assert mlp_fallback_reason(block) == "global module forward hooks"
