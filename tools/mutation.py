@@ -188,7 +188,7 @@ def results(d: Path, target: Target, globs: list[str]) -> dict[str, str]:
     }
 
 
-def score(name: str, status: dict[str, str], equivalent: dict[str, str], seconds: float) -> dict:
+def score(name, status: dict[str, str], equivalent: dict[str, str], seconds, commit: str) -> dict:
     killed = [k for k, s in status.items() if s in ("killed", "timeout")]
     survived = [k for k, s in status.items() if s not in ("killed", "timeout", "not checked")]
     equiv = [k for k in survived if k in equivalent]
@@ -204,14 +204,18 @@ def score(name: str, status: dict[str, str], equivalent: dict[str, str], seconds
         "not_checked": len(unchecked),
         "score": None if judged == 0 else 100.0 * len(killed) / judged,
         "seconds": round(seconds),
-        "commit": commit(),
+        "commit": commit,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }
 
 
 def commit() -> str:
+    """HEAD, with "+changes" when the code or tests differ from it (what was staged)."""
     git = ["git", "rev-parse", "--short", "HEAD"]
-    return subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    git = ["git", "status", "--porcelain", "--", "python", "igpt_kernels", "tests"]
+    changed = subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return head + ("+changes" if changed else "")
 
 
 def table(rows: list[dict]) -> str:
@@ -257,12 +261,13 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         target = TARGETS[name]
+        staged = commit()
         d = stage(name, target, args.where)
         globs = mutant_globs(target)
         print(f"{name}: mutating {target.path} for {args.budget:.0f} s (log {d}/mutmut.log)")
         with open(d / "mutmut.log", "w") as log:
             seconds = run_mutmut(d, globs, args.budget, log)
-        rows.append(score(name, results(d, target, globs), equivalent, seconds))
+        rows.append(score(name, results(d, target, globs), equivalent, seconds, staged))
         for k in rows[-1]["survived"]:
             print(f"  survived: {k}   (cd {d} && mutmut show {k})")
     scores = args.where / "scores.json"  # earlier runs of other modules are kept
