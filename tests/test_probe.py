@@ -517,7 +517,7 @@ def test_window_is_k_consecutive_layers_centred_and_shifted_to_fit():
 
 
 def test_probe_layers_picks_the_best_hold_out_layer_earliest_among_ties(monkeypatch):
-    val_of_layer = [0.5, 0.9, 0.7, 0.9, 0.2]
+    val_of_layer = [0.0, 0.9, 0.7, 0.9, 0.2]  # 0.0 is an accuracy, not a missing one
     seen = []
 
     def fake_probe(x, y, xt, yt, **kw):
@@ -563,7 +563,7 @@ def test_linear_probe_refits_the_chosen_C_standardised_and_checks_its_arguments(
         probe.linear_probe(x, np.zeros(len(x), dtype=int))
     with pytest.raises(TypeError, match="train_feats must be"):
         probe.linear_probe(x.tolist(), y)
-    with pytest.raises(ValueError, match="train_labels"):
+    with pytest.raises(ValueError, match=r"^train_labels has 79 labels for 80 feature rows"):
         probe.linear_probe(x, y[:-1])
 
 
@@ -597,8 +597,13 @@ def test_probe_layers_passes_its_settings_on_and_checks_them(monkeypatch):
             probe.probe_layers(x, y, x, y, progress=False, **kw)
     with pytest.raises(ValueError, match="differ in"):
         probe.probe_layers(x, y, x[:, :3], y, progress=False)
-    with pytest.raises((TypeError, ValueError), match="test_feats"):
+    with pytest.raises(ValueError, match=r"^test_feats must be \(N, layers, d\)"):
         probe.probe_layers(x, y, x[:, 0], y, progress=False)
+    with pytest.raises(ValueError, match=r"^train_feats must be \(N, layers, d\)"):
+        probe.probe_layers(x[:, 0], y, x, y, progress=False)
+    calls.clear()
+    r = probe.probe_layers(x[:, :2], y, x[:, :2], y, progress=False, concat=3)  # two layers
+    assert r["concat"]["layers"] == [0, 1] and calls[-1][1:3] == (4, (6, 4))
 
 
 # ---------------------------------------------------------------- issue 32 (tests branch): end
