@@ -252,26 +252,37 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=300, help="seconds per module")
     p.add_argument("--where", type=Path, default=ROOT / "build" / "mutation")
     p.add_argument("--write", type=Path, help="put the score table into this file")
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="run nothing: score the last runs again (after editing the equivalent list)",
+    )
     args = p.parse_args(argv)
     names = args.modules or list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         p.error(f"unknown modules {unknown}; choose among {list(TARGETS)}")
     equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
+    scores = args.where / "scores.json"  # earlier runs of other modules are kept
+    earlier = json.loads(scores.read_text()) if scores.is_file() else []
     rows = []
     for name in names:
-        target = TARGETS[name]
+        target, globs, d = TARGETS[name], mutant_globs(TARGETS[name]), args.where / name
+        if args.rescore:
+            last = next((r for r in earlier if r["module"] == name), None)
+            if last is not None:
+                status = results(d, target, globs)
+                rows.append(score(name, status, equivalent, last["seconds"], last["commit"]))
+                rows[-1]["date"] = last.get("date", "?")  # when it ran
+            continue
         staged = commit()
         d = stage(name, target, args.where)
-        globs = mutant_globs(target)
         print(f"{name}: mutating {target.path} for {args.budget:.0f} s (log {d}/mutmut.log)")
         with open(d / "mutmut.log", "w") as log:
             seconds = run_mutmut(d, globs, args.budget, log)
         rows.append(score(name, results(d, target, globs), equivalent, seconds, staged))
         for k in rows[-1]["survived"]:
             print(f"  survived: {k}   (cd {d} && mutmut show {k})")
-    scores = args.where / "scores.json"  # earlier runs of other modules are kept
-    earlier = json.loads(scores.read_text()) if scores.is_file() else []
     done = {r["module"] for r in rows}
     order = {name: i for i, name in enumerate(TARGETS)}
     rows = sorted(
