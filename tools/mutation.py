@@ -68,7 +68,11 @@ TARGETS = {
     ),
     "generation": Target(
         "python/igpt/generation.py",
-        ("tests/test_sample.py", "-k", "not cli and not grid and not png and not bert"),
+        (
+            "tests/test_sample.py",
+            "-k",
+            "not cli and not grid and not png and not bert and not triton",
+        ),
         (
             *("KVCache.for_model", "KVCache.positions", "KVCache.update"),
             *("FixedShapeKVCache.positions", "FixedShapeKVCache.update"),
