@@ -367,3 +367,22 @@ def test_a_cold_temperature_reaches_the_sampler_through_every_entry_point():
     done = complete(model, images, n_prefix=5, n_samples=2, temperature=1e-4, seed=0)
     expect = model.generate(2, prefix=images[:, :5], temperature=0)
     assert torch.equal(done[:, 0], expect) and torch.equal(done[:, 1], expect)
+
+
+def test_top_k_and_top_p_at_their_edges():
+    """top_k counts colours, not rows (a batch smaller than top_k); a colour is dropped
+    once the likelier ones reach top_p exactly; top_p = 1 keeps all; n must be an int."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+    drawn = {int(next_token(logits, 1.0, 2, None, g)) for _ in range(300)}
+    assert drawn == {0, 1}  # one row, top_k = 2 < 6 colours
+    halves = torch.log(torch.tensor([[4.0, 2.0, 2.0]])).expand(2000, -1)  # 1/2, 1/4, 1/4
+    assert set(next_token(halves, 1.0, None, 0.5, g).tolist()) == {0}
+    assert set(next_token(halves, 1.0, None, 0.51, g).tolist()) == {0, 1}
+    model = tiny()
+    assert torch.equal(model.generate(2, top_p=1.0, seed=3), model.generate(2, seed=3))
+    out = model.generate(2)  # no seed: torch's own generator
+    assert out.shape == (2, T) and int(out.min()) >= 0 and int(out.max()) < K
+    for n in (True, 2.0):
+        with pytest.raises(ValueError, match="n must be a positive int"):
+            model.generate(n)
