@@ -153,9 +153,9 @@ def run_mutmut(d: Path, globs: list[str], budget: float, log) -> float:
     returns the seconds it took."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MUTANT_UNDER_TEST")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    # mutmut puts mutants/src first on its own sys.path; this does it for the processes the
-    # tests start (``python -m igpt ...``), which inherit the mutant's name in the environment
-    env["PYTHONPATH"] = str(d.resolve() / "mutants" / "src")
+    # no PYTHONPATH: mutmut puts mutants/src first on its own sys.path (setting it for the
+    # processes the tests start too made mutmut's stats run see no test reach a mutant), so
+    # a test that runs ``python -m igpt ...`` in a new process exercises the original code
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", "1", *globs]
     start = time.monotonic()
     # a session of its own: mutmut's forked workers are in its process group, which is
