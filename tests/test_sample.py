@@ -386,3 +386,21 @@ def test_top_k_and_top_p_at_their_edges():
     for n in (True, 2.0):
         with pytest.raises(ValueError, match="n must be a positive int"):
             model.generate(n)
+
+
+def test_every_position_after_the_prefill_is_decoded_once_and_the_cache_keeps_the_dtype(
+    monkeypatch,
+):
+    """n_px^2 - p tokens need the prefill and n_px^2 - p - 1 one-token steps: the last
+    token comes from its own logits, not from the step before's."""
+    model = tiny()
+    calls = []
+    real = model.decode
+    monkeypatch.setattr(
+        model, "decode", lambda ids, cache: calls.append(ids.shape) or real(ids, cache)
+    )
+    model.generate(2, prefix=torch.zeros(2, 5, dtype=torch.long), seed=0)
+    assert calls == [(2, 6)] + [(2, 1)] * (T - 6)
+    assert len(model.kv_cache(2)) == model.config.n_layer
+    assert model.kv_cache(2, dtype=torch.bfloat16)[0].kv.dtype == torch.bfloat16
+    assert model.to(torch.bfloat16).kv_cache(2)[0].kv.dtype == torch.bfloat16
