@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-igpt
 
-.PHONY: install test test-fast lint format bench demo gpu-check compile-report clean
+.PHONY: install test test-fast lint format bench demo gpu-check compile-report mutation clean
 
 install: $(STAMP)
 
@@ -42,6 +42,15 @@ bench: install
 
 demo: install
 	$(VENV)/bin/igpt demo --out runs/demo
+
+# Mutation testing (not part of `make test` or CI; a nightly-style job): mutmut over each
+# module with its own tests, BUDGET seconds per module, the scores into TESTING.md.
+# make mutation MODULES="training generation" BUDGET=300  (see TESTING.md, tools/mutation.py)
+MODULES ?=
+BUDGET  ?= 300
+mutation: install
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q "mutmut==3.8.1"
+	$(PY) tools/mutation.py $(MODULES) --budget $(BUDGET) --write TESTING.md
 
 gpu-check:  # on a GPU machine: cuda tests + every benchmark, results under $$OUT (see the script)
 	bash benchmarks/gpu_check.sh

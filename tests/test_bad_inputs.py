@@ -292,11 +292,23 @@ def test_config_type_checks_every_field(change):
 
 
 def test_one_colour_limit_for_palettes_and_models():
-    try:
-        palette = Palette(torch.rand(65536, 3) * 255)
-    except ValueError:
-        return  # the palette refuses what the model would: one limit
-    IGPTConfig(**{**TINY, "n_colors": len(palette)})
+    """Palettes and models share one limit, MAX_COLORS = 65,536 colours: both take it, both
+    refuse one more (the model's start-of-sequence id is never stored in the palette's
+    uint16 token files, so the vocabulary of 65,537 is fine)."""
+    from igpt.config import MAX_COLORS
+    from igpt.palette import fit_palette
+
+    assert MAX_COLORS == 65536
+    palette = Palette(torch.rand(MAX_COLORS, 3) * 255)
+    assert len(palette) == MAX_COLORS
+    config = IGPTConfig(**{**TINY, "n_colors": len(palette)})
+    assert config.n_colors == MAX_COLORS and config.vocab_size == MAX_COLORS + 1
+    with pytest.raises(ValueError, match=f"1 <= K <= {MAX_COLORS}"):
+        Palette(torch.rand(MAX_COLORS + 1, 3) * 255)
+    with pytest.raises(ValueError, match=f"n_colors must be at most {MAX_COLORS}"):
+        IGPTConfig(**{**TINY, "n_colors": MAX_COLORS + 1})
+    with pytest.raises(ValueError, match=rf"k must be an int in \[1, {MAX_COLORS}\]"):
+        fit_palette(np.zeros((4, 8, 8, 3), np.uint8), k=MAX_COLORS + 1)
 
 
 @pytest.fixture(scope="module")

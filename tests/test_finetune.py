@@ -528,3 +528,75 @@ def test_igpt_finetune_augments_lazily_read_images_at_another_side(tmp_path, mon
     assert [len(rows) for rows in reads] == [8, 8]  # one read of a batch's rows per step
     rows = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("images", "ft")]
     assert rows[0] == rows[1]
+
+
+# ---------------------------------------------------------------- issue 32 (tests branch): begin
+# early stopping: patience counts evaluations without a better hold-out accuracy (a tie is
+# not better), and the run ends with the weights of the first best evaluation
+
+
+def test_stop_early_after_exactly_patience_evaluations_without_a_better_accuracy():
+    from igpt.finetune import stop_early
+
+    for since in range(6):
+        assert not stop_early({"step": 7, "evals_since_best": since}, None)
+    assert [stop_early({"step": 7, "evals_since_best": n}, 3) for n in range(6)] == [
+        *(False, False, False, True, True, True)
+    ]
+    assert [stop_early({"step": 7, "evals_since_best": n}, 1) for n in range(3)] == [
+        *(False, True, True)
+    ]
+
+
+def with_fixed_accuracies(monkeypatch, accs, heads, n_val):
+    """Replace the hold-out evaluation by ``accs`` in turn, checking what it is asked."""
+    import igpt.finetune
+    from igpt.objectives import MASK_PROB
+
+    accs = iter(accs)
+
+    def fixed_accuracy(clf, tokens, labels, **kw):
+        assert tokens.shape == (n_val, 16) and len(labels) == n_val
+        assert kw == dict(objective="ar", n_masks=1, mask_prob=MASK_PROB, seed=5, batch_size=64,
+                          device=torch.device("cpu"))  # fmt: skip
+        heads.append(clf.head.weight.detach().clone())
+        return next(accs)
+
+    monkeypatch.setattr(igpt.finetune, "evaluate", fixed_accuracy)
+
+
+@pytest.mark.parametrize(
+    "patience, steps, run", [(None, 8, 0), (1, 3, 0), (2, 4, 0), (2, 4, 1), (3, 5, 0), (5, 8, 0)]
+)
+def test_patience_stops_the_run_and_ties_keep_the_earlier_best(
+    monkeypatch, tmp_path, patience, steps, run
+):
+    """In memory and (run) from a run directory's best.pt."""
+    accs, heads = [0.5, 0.6, 0.6, 0.4, 0.5, 0.6, 0.9, 0.1], []  # best at step 2, tied at 3
+    with_fixed_accuracies(monkeypatch, accs, heads, n_val=3)
+    x, y = synthetic(32)
+    torch.manual_seed(0)
+    out = {"out_dir": str(tmp_path / "run")} if run else {}
+    kw = dict(steps=8, batch_size=8, eval_every=1, patience=patience, seed=5, progress=False)
+    res = finetune(tiny(), x, y, **kw, **out)
+    assert res["step"] == steps and len(heads) == steps
+    assert res["history"] == [{"step": i + 1, "val_acc": a} for i, a in enumerate(accs[:steps])]
+    best_step = 7 if steps == 8 else 2
+    assert res["best_step"] == best_step and res["best_val_acc"] == [0.9, 0.6][steps < 8]
+    torch.testing.assert_close(res["classifier"].head.weight, heads[best_step - 1])
+    assert not torch.equal(heads[best_step - 1], heads[-1]) or best_step == steps
+    if run:
+        best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+        assert best["state"]["best_step"] == best_step and "optimizer" not in best
+
+
+def test_a_better_accuracy_restarts_the_patience_count(monkeypatch):
+    heads = []
+    with_fixed_accuracies(monkeypatch, [0.5, 0.4, 0.6, 0.5, 0.5, 0.5, 0.5], heads, n_val=3)
+    x, y = synthetic(32)
+    kw = dict(steps=7, batch_size=8, eval_every=1, patience=2, seed=5, progress=False)
+    res = finetune(tiny(), x, y, **kw)
+    assert res["step"] == 5 and res["best_step"] == 3 and res["best_val_acc"] == 0.6
+
+
+# ---------------------------------------------------------------- issue 32 (tests branch): end

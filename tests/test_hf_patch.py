@@ -604,3 +604,112 @@ def test_other_dtypes_match(dtype, calls):
     else:
         hf_error = (ref.double() - exact).abs().max()
         assert 0 < (got.double() - exact).abs().max() <= 2 * hf_error
+
+
+# ----------------------------------------------------------------------------- issue 32: the rule
+# of the mask check itself, so that an off-by-one in it cannot hide behind a fallback that
+# still matches (a query that sees no key falls back; every other mask runs the kernel)
+
+
+def hf_mask(keep_rows, n_query):
+    """HF's additive (B, 1, n_query, Nk) mask from per-row key flags (1 = attend)."""
+    keep = torch.tensor(keep_rows, dtype=torch.bool)[:, None, None, :].expand(-1, 1, n_query, -1)
+    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize(
+    "keep, n_query, falls_back",
+    [
+        ([[0, 1, 1, 1, 1]], 5, True),  # one left-pad token: query 0 sees no key
+        ([[0, 0, 1, 1, 1]], 5, True),
+        ([[1, 0, 1, 1, 1]], 5, False),  # a gap after the first key: every query sees key 0
+        ([[1, 1, 1, 1, 0]], 5, False),  # right padding
+        ([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]], 5, True),  # one row is enough
+        ([[0, 0, 0, 0, 1]], 1, False),  # one new query after a padded past sees key 4
+        ([[0, 0, 0, 1, 0]], 1, False),
+        ([[0, 0, 0, 0, 1]], 2, True),  # the first of two new queries sees keys 0..3 only
+        ([[0, 0, 0, 1, 1]], 2, False),
+    ],
+)
+def test_a_query_with_no_key_falls_back_and_only_it(keep, n_query, falls_back):
+    kpm, why = hf_patch._padding_from_mask(hf_mask(keep, n_query), n_query)
+    if falls_back:
+        assert kpm is None and why == "an attention mask that leaves a query with no key to attend"
+    else:
+        assert why is None and torch.equal(kpm, torch.tensor(keep, dtype=torch.bool))
+    bool_kpm, bool_why = hf_patch._padding_from_mask(hf_mask(keep, n_query) == 0, n_query)
+    assert bool_why == why and (bool_kpm is None) == (kpm is None)
+
+
+def test_mask_check_reasons_and_the_all_visible_mask():
+    full = hf_mask([[1, 1, 1]], 3)
+    assert hf_patch._padding_from_mask(None, 3) == (None, None)
+    assert hf_patch._padding_from_mask(full, 3) == (None, None)  # nothing masked: no mask
+    assert "shape" in hf_patch._padding_from_mask(full[:, 0], 3)[1]
+    assert "shape" in hf_patch._padding_from_mask(full.expand(-1, 2, -1, -1), 3)[1]
+    other = full.clone()
+    other[0, 0, 1, 2] = -1.0
+    assert hf_patch._padding_from_mask(other, 3) == (
+        None,
+        "an attention mask with values other than 0 and the dtype's minimum",
+    )
+    causal = torch.zeros(1, 1, 3, 3).masked_fill(
+        torch.ones(3, 3, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min
+    )
+    assert hf_patch._padding_from_mask(causal, 3) == (
+        None,
+        "an attention mask that differs between queries",
+    )
+
+
+def test_one_left_pad_token_falls_back_and_matches(calls):
+    model = make().eval()
+    x = tokens(2, 8)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 0] = 0
+    ref = model(x, attention_mask=mask).logits
+    apply_igpt_kernels_to_imagegpt(model)
+    close(model(x, attention_mask=mask).logits, ref)
+    assert calls["attention"] == 0
+
+
+def test_fallback_reason_names_each_thing_the_kernel_cannot_do():
+    from types import SimpleNamespace
+
+    def attn(**kw):
+        plain = dict(is_cross_attention=False, reorder_and_upcast_attn=False, training=False)
+        return SimpleNamespace(**{**plain, "attn_dropout": torch.nn.Dropout(0.0), **kw})
+
+    why = hf_patch.fallback_reason
+    assert why(attn()) is None and why(attn(training=True)) is None  # no dropout to draw
+    assert why(attn(attn_dropout=torch.nn.Dropout(0.1))) is None  # eval: dropout is off
+    drop = attn(training=True, attn_dropout=torch.nn.Dropout(0.1))
+    assert why(drop) == "attention dropout 0.1 while training"
+    assert why(attn(), output_attentions=True).startswith("output_attentions=True")
+    assert why(attn(), head_mask=torch.ones(2)) == "a head_mask"
+    assert why(attn(is_cross_attention=True)) == "cross-attention"
+    assert why(attn(), encoder=torch.zeros(1)) == "cross-attention"
+    assert why(attn(reorder_and_upcast_attn=True)) == "reorder_and_upcast_attn=True"
+
+
+@pytest.mark.parametrize("where", ["ln_2", "mlp", "mlp.c_fc", "mlp.c_proj", "mlp.act"])
+@pytest.mark.parametrize("kind", ["hook", "pre-hook"])
+def test_mlp_fallback_reason_names_the_hooked_module(where, kind):
+    block = make().transformer.h[0]
+    module = block.get_submodule(where)
+    if kind == "hook":
+        handle = module.register_forward_hook(lambda m, i, o: None)
+    else:
+        handle = module.register_forward_pre_hook(lambda m, i: None)
+    try:
+        assert mlp_fallback_reason(block) == f"forward hooks on {where}"
+    finally:
+        handle.remove()
+    assert mlp_fallback_reason(block) is None
+    block.mlp.c_fc.__class__ = type("Quantized", (type(block.mlp.c_fc),), {})
+    assert mlp_fallback_reason(block) == "mlp.c_fc is a Quantized, not transformers' Conv1D"
+    block.mlp.c_fc.__class__ = block.mlp.c_proj.__class__
+    register = torch.nn.modules.module.register_module_forward_pre_hook
+    with register(lambda m, i: None):
+        assert mlp_fallback_reason(block) == "global module forward hooks"
+    assert mlp_fallback_reason(block) is None

@@ -437,3 +437,173 @@ def test_igpt_probe_after_prepare_reads_no_image(tiny_checkpoint, tmp_path, no_i
     assert report["n_train"] == 70 and report["n_test"] == 70
     assert report["layers"]["rows"] == json.loads(json.dumps(expected["layers"]["rows"]))
     assert sorted((tmp_path / "cache").glob("features_*.pt"))  # features beside the tokens
+
+
+# ---------------------------------------------------------------- issue 32 (tests branch): begin
+# the hold-out choice of C itself: the best accuracy, ties to the strongest regularisation
+
+
+def test_linear_probe_picks_the_best_C_and_ties_go_to_the_strongest_regularisation(monkeypatch):
+    x, y = blobs(120)
+    _, val = probe._holdout(y, 0.25, 3)
+    acc_of_C = {0.01: 0.5, 0.1: 1.0, 1.0: 1.0, 10.0: 0.8}
+    fitted = []
+
+    class Fixed:  # a fit whose hold-out accuracy is acc_of_C[C]
+        def predict(self, xv):
+            assert len(xv) == len(val)
+            wrong = round((1 - acc_of_C[self.C]) * len(val))
+            return np.where(np.arange(len(val)) < wrong, y[val] + 1, y[val])
+
+    def fake_fit(xf, yf, C, max_iter, warm=None):
+        assert len(xf) == len(yf) == len(y) - len(val) and max_iter == 1000
+        assert warm is (None if not fitted else fitted[-1])  # warm-started from the last
+        clf = Fixed()
+        clf.C = C
+        fitted.append(clf)
+        return clf
+
+    monkeypatch.setattr(probe, "_fit_logreg", fake_fit)
+    r = probe.linear_probe(x, y, Cs=[10.0, 0.1, 1.0, 0.01], val_frac=0.25, seed=3)
+    assert [f.C for f in fitted] == [0.01, 0.1, 1.0, 10.0]  # ascending: strong to weak
+    assert [p["C"] for p in r["val_curve"]] == [0.01, 0.1, 1.0, 10.0]
+    fitted.clear()
+    assert [p["val_acc"] for p in r["val_curve"]] == [0.5, 1.0, 1.0, 0.8]
+    assert r["C"] == 0.1 and r["val_acc"] == 1.0  # 0.1 and 1.0 tie: the smaller C
+    acc_of_C.update({0.01: 1.0})
+    fitted.clear()
+    assert probe.linear_probe(x, y, Cs=[10.0, 0.1, 1.0, 0.01], val_frac=0.25, seed=3)["C"] == 0.01
+    acc_of_C.update({0.01: 0.5, 0.1: 0.5, 1.0: 0.5, 10.0: 0.8})
+    fitted.clear()
+    assert probe.linear_probe(x, y, Cs=[10.0, 0.1, 1.0, 0.01], val_frac=0.25, seed=3)["C"] == 10.0
+
+
+def test_linear_probe_on_blobs_where_two_Cs_tie_keeps_the_smaller():
+    x, y = blobs(200)
+    r = probe.linear_probe(x, y, Cs=[100.0, 0.01, 1.0], val_frac=0.2)
+    curve = {p["C"]: p["val_acc"] for p in r["val_curve"]}
+    best = max(curve.values())
+    assert sum(a == best for a in curve.values()) >= 2  # C = 1 and 100 both reach 0.975
+    assert r["C"] == min(c for c, a in curve.items() if a == best) and r["val_acc"] == best
+
+
+def test_holdout_is_stratified_with_every_class_on_both_sides_when_it_can():
+    y = np.repeat(np.arange(4), 10)
+    fit, val = probe._holdout(y, 0.1, 0)
+    assert sorted([*fit, *val]) == list(range(40)) and list(val) == sorted(val)
+    assert np.bincount(y[val]).tolist() == [1, 1, 1, 1]  # 4 rows: one per class
+    fit, val = probe._holdout(y, 0.5, 0)
+    assert np.bincount(y[val]).tolist() == [5, 5, 5, 5] and len(fit) == 20
+    y = np.repeat(np.arange(3), 2)
+    fit, val = probe._holdout(y, 0.9, 0)  # at most n - classes held out: one of each left
+    assert sorted(y[val].tolist()) == sorted(y[fit].tolist()) == [0, 1, 2]
+    y = np.array([0, 0, 0, 0, 0, 0, 0, 1])  # a class of one: a plain random split
+    splits = [probe._holdout(y, 0.25, s) for s in range(6)]
+    assert all(len(v) == 2 and sorted([*f, *v]) == list(range(8)) for f, v in splits)
+    assert len({tuple(v) for _, v in splits}) > 1
+    assert np.array_equal(probe._holdout(y, 0.25, 3)[1], splits[3][1])
+    assert len(probe._holdout(y, 0.01, 0)[1]) == 1  # never empty
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="val_frac"):
+            probe._holdout(y, bad, 0)
+
+
+def test_window_is_k_consecutive_layers_centred_and_shifted_to_fit():
+    assert probe._window(5, 3, 10) == [4, 5, 6]
+    assert probe._window(5, 4, 10) == [3, 4, 5, 6]
+    assert probe._window(0, 3, 10) == [0, 1, 2]
+    assert probe._window(9, 3, 10) == [7, 8, 9]
+    assert probe._window(1, 5, 3) == [0, 1, 2]
+
+
+def test_probe_layers_picks_the_best_hold_out_layer_earliest_among_ties(monkeypatch):
+    val_of_layer = [0.0, 0.9, 0.7, 0.9, 0.2]  # 0.0 is an accuracy, not a missing one
+    seen = []
+
+    def fake_probe(x, y, xt, yt, **kw):
+        layers = sorted({int(v) for v in x[0]})
+        seen.append(layers)
+        val = val_of_layer[layers[0]] if len(layers) == 1 else 0.95
+        return {"val_acc": val, "test_acc": 1 - val, "C": float(len(layers))}
+
+    monkeypatch.setattr(probe, "linear_probe", fake_probe)
+    x = np.broadcast_to(np.arange(5.0)[None, :, None], (6, 5, 2)).copy()
+    y = [0, 1] * 3
+    r = probe.probe_layers(x, y, x, y, layer_ids=range(10, 15), progress=False, concat=3)
+    assert seen == [[0], [1], [2], [3], [4], [0, 1, 2]]
+    assert r["best_layer"] == 11 and r["best"]["val_acc"] == 0.9 and r["best"]["layer"] == 11
+    assert r["best"]["C"] == 1.0 and r["best"]["test_acc"] == pytest.approx(0.1)
+    assert r["concat"]["layers"] == [10, 11, 12] and r["concat"]["val_acc"] == 0.95
+    assert [row["layer"] for row in r["rows"]] == [10, 11, 12, 13, 14]
+    for concat in (0, 1):
+        r = probe.probe_layers(x, y, x, y, progress=False, concat=concat)
+        assert r["concat"] is None and r["best_layer"] == 1
+    val_of_layer[4] = 0.99
+    assert probe.probe_layers(x, y, x, y, progress=False)["best_layer"] == 4
+
+
+def test_linear_probe_refits_the_chosen_C_standardised_and_checks_its_arguments():
+    x, y = blobs(80, n_classes=2)
+    r = probe.linear_probe(x, y, x[:10], y[:10], Cs=[0.5], val_frac=0, max_iter=77)
+    assert r["C"] == 0.5 and r["val_acc"] is None and r["val_curve"] == []
+    assert r["n_classes"] == 2 and r["train_acc"] == 1.0 and r["test_acc"] == 1.0
+    (scale, scaler), (_, logreg) = r["classifier"].steps
+    assert scale == "standardscaler" and np.allclose(scaler.mean_, x.mean(0), atol=1e-5)
+    assert logreg.C == 0.5 and logreg.max_iter == 77
+    assert (
+        probe.linear_probe(x, y, Cs=[0.5, 2.0])["val_curve"]
+        == probe.linear_probe(x, y, Cs=[0.5, 2.0], seed=0)["val_curve"]
+    )  # seed 0 by default
+    for Cs in ([], [0.0, 1.0], [-1.0]):
+        with pytest.raises(ValueError, match="Cs must be positive numbers"):
+            probe.linear_probe(x, y, Cs=Cs)
+    with pytest.raises(ValueError, match="val_frac=0 leaves no hold-out"):
+        probe.linear_probe(x, y, Cs=[1.0, 2.0], val_frac=0)
+    with pytest.raises(ValueError, match="at least two classes"):
+        probe.linear_probe(x, np.zeros(len(x), dtype=int))
+    with pytest.raises(TypeError, match="train_feats must be"):
+        probe.linear_probe(x.tolist(), y)
+    with pytest.raises(ValueError, match=r"^train_labels has 79 labels for 80 feature rows"):
+        probe.linear_probe(x, y[:-1])
+
+
+def test_probe_layers_passes_its_settings_on_and_checks_them(monkeypatch):
+    calls = []
+
+    def fake(method):
+        def fit(x, y, xt, yt, **kw):
+            calls.append((method, x.shape[1], xt.shape, kw))
+            return {"val_acc": 0.5, "test_acc": 0.5, "C": 1.0, "weight_decay": 0.1}
+
+        return fit
+
+    monkeypatch.setattr(probe, "linear_probe", fake("lbfgs"))
+    monkeypatch.setattr(probe, "sgd_probe", fake("sgd"))
+    x, y = np.zeros((6, 7, 2), np.float32), [0, 1] * 3
+    r = probe.probe_layers(x, y, x[:4], y[:4], progress=False, val_frac=0.3, seed=2)
+    assert len(calls) == 8 and calls[-1][:3] == ("lbfgs", 10, (4, 10))  # 5 layers by default
+    assert all(kw == {"val_frac": 0.3, "seed": 2} for *_, kw in calls)
+    assert r["concat"]["layers"] == [0, 1, 2, 3, 4] and r["concat"]["test_acc"] == 0.5
+    calls.clear()
+    r = probe.probe_layers(x[:, :1], y, x[:4, :1], y[:4], method="sgd", progress=False)
+    assert [c[0] for c in calls] == ["sgd"] and r["concat"] is None  # one layer: no concat
+    assert r["best"] == {"layer": 0, "val_acc": 0.5, "test_acc": 0.5, "weight_decay": 0.1}
+    for kw, match in [
+        (dict(method="adam"), "method must be one of"),
+        (dict(val_frac=0), "val_frac must be > 0"),
+        (dict(layer_ids=[1, 2]), "layer_ids names 2 layers"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            probe.probe_layers(x, y, x, y, progress=False, **kw)
+    with pytest.raises(ValueError, match="differ in"):
+        probe.probe_layers(x, y, x[:, :3], y, progress=False)
+    with pytest.raises(ValueError, match=r"^test_feats must be \(N, layers, d\)"):
+        probe.probe_layers(x, y, x[:, 0], y, progress=False)
+    with pytest.raises(ValueError, match=r"^train_feats must be \(N, layers, d\)"):
+        probe.probe_layers(x[:, 0], y, x, y, progress=False)
+    calls.clear()
+    r = probe.probe_layers(x[:, :2], y, x[:, :2], y, progress=False, concat=3)  # two layers
+    assert r["concat"]["layers"] == [0, 1] and calls[-1][1:3] == (4, (6, 4))
+
+
+# ---------------------------------------------------------------- issue 32 (tests branch): end

@@ -327,3 +327,80 @@ def test_cache_decode_through_the_triton_kernel_matches(monkeypatch):
     monkeypatch.setattr(IGPT, "kv_cache", poisoned)
     out = model.generate(2, prefix=prefix, temperature=0)
     torch.testing.assert_close(out, expect, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------- issue 32: temperature
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_divides_the_logits(temperature):
+    """Two colours with logits 0 and ln 3: colour 1 is drawn with probability
+    3^(1/T) / (1 + 3^(1/T)) (0.9, 0.75 and 0.634 here), so ignoring T shows."""
+    n = 20_000
+    logits = torch.tensor([[0.0, math.log(3.0)]]).expand(n, -1)
+    g = torch.Generator().manual_seed(0)
+    drawn = next_token(logits, temperature, None, None, g).float().mean().item()
+    odds = 3.0 ** (1 / temperature)
+    assert abs(drawn - odds / (1 + odds)) < 0.015  # 4.5 standard errors at n = 20,000
+
+
+def test_top_k_and_top_p_act_on_the_tempered_logits():
+    """Logits ln 1, ln 2, ln 3: at T = 1 the probabilities are 1/6, 2/6, 3/6 and top_p = 0.6
+    keeps two colours (3/6 < 0.6); at T = 0.5 they are 1/14, 4/14, 9/14 and it keeps one."""
+    n = 20_000
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0]])).expand(n, -1)
+    g = torch.Generator().manual_seed(1)
+    assert set(next_token(logits, 1.0, None, 0.6, g).tolist()) == {1, 2}
+    assert set(next_token(logits, 0.5, None, 0.6, g).tolist()) == {2}  # 9/14 >= 0.6
+    drawn = next_token(logits, 2.0, 2, None, g)
+    share = (drawn == 2).float().mean().item()  # sqrt 3 / (sqrt 2 + sqrt 3) among the top 2
+    assert set(drawn.tolist()) == {1, 2} and abs(share - 0.5505) < 0.015
+
+
+def test_a_cold_temperature_reaches_the_sampler_through_every_entry_point():
+    """generate, unconditional and complete pass temperature on: near 0 they are greedy."""
+    model = tiny()
+    greedy = model.generate(3, temperature=0)
+    assert torch.equal(model.generate(3, temperature=1e-4, seed=0), greedy)
+    assert torch.equal(unconditional(model, 3, temperature=1e-4, seed=0), greedy)
+    images = model.generate(2, seed=1)
+    done = complete(model, images, n_prefix=5, n_samples=2, temperature=1e-4, seed=0)
+    expect = model.generate(2, prefix=images[:, :5], temperature=0)
+    assert torch.equal(done[:, 0], expect) and torch.equal(done[:, 1], expect)
+
+
+def test_top_k_and_top_p_at_their_edges():
+    """top_k counts colours, not rows (a batch smaller than top_k); a colour is dropped
+    once the likelier ones reach top_p exactly; top_p = 1 keeps all; n must be an int."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+    drawn = {int(next_token(logits, 1.0, 2, None, g)) for _ in range(300)}
+    assert drawn == {0, 1}  # one row, top_k = 2 < 6 colours
+    halves = torch.log(torch.tensor([[4.0, 2.0, 2.0]])).expand(2000, -1)  # 1/2, 1/4, 1/4
+    assert set(next_token(halves, 1.0, None, 0.5, g).tolist()) == {0}
+    assert set(next_token(halves, 1.0, None, 0.51, g).tolist()) == {0, 1}
+    model = tiny()
+    assert torch.equal(model.generate(2, top_p=1.0, seed=3), model.generate(2, seed=3))
+    out = model.generate(2)  # no seed: torch's own generator
+    assert out.shape == (2, T) and int(out.min()) >= 0 and int(out.max()) < K
+    for n in (True, 2.0):
+        with pytest.raises(ValueError, match="n must be a positive int"):
+            model.generate(n)
+
+
+def test_every_position_after_the_prefill_is_decoded_once_and_the_cache_keeps_the_dtype(
+    monkeypatch,
+):
+    """n_px^2 - p tokens need the prefill and n_px^2 - p - 1 one-token steps: the last
+    token comes from its own logits, not from the step before's."""
+    model = tiny()
+    calls = []
+    real = model.decode
+    monkeypatch.setattr(
+        model, "decode", lambda ids, cache: calls.append(ids.shape) or real(ids, cache)
+    )
+    model.generate(2, prefix=torch.zeros(2, 5, dtype=torch.long), seed=0)
+    assert calls == [(2, 6)] + [(2, 1)] * (T - 6)
+    assert len(model.kv_cache(2)) == model.config.n_layer
+    assert model.kv_cache(2, dtype=torch.bfloat16)[0].kv.dtype == torch.bfloat16
+    assert model.to(torch.bfloat16).kv_cache(2)[0].kv.dtype == torch.bfloat16

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1240,3 +1241,146 @@ def test_tracker_scalars_key_probe_rows_by_layer():
     assert scalars(row) == {"probe_acc/layer_2": 0.5, "val_loss": 1.25}
     plain = {"step": 5, "loss": 2.0, "lr": 1e-3, "skipped": True, "nan": float("nan")}
     assert scalars(plain) == {"loss": 2.0, "lr": 1e-3}
+
+
+# ---------------------------------------------------------------- issue 32 (tests branch): begin
+# the non-finite guard's rule itself, without a run around it
+
+
+def test_the_guard_skips_a_non_finite_gradient_norm_with_a_finite_loss(caplog):
+    from igpt.training import NonFiniteGuard
+
+    guard = NonFiniteGuard()
+    assert guard.check(0, 2.5, 1.0, 1e-3) and guard.skipped == 0
+    for bad in (math.inf, -math.inf, math.nan):
+        assert not guard.check(1, 2.5, bad, 1e-3)  # finite loss, broken gradient
+        assert not guard.check(1, bad, 1.0, 1e-3)  # broken loss, finite gradient norm
+    assert guard.skipped == guard.in_a_row == 6
+    assert "step skipped (6 so far)" in caplog.text
+    assert NonFiniteGuard(4).skipped == 4  # a resumed run keeps counting
+
+
+def test_the_guard_gives_up_after_limit_in_a_row_and_a_finite_step_resets_the_run():
+    from igpt.training import NonFiniteGuard
+
+    guard = NonFiniteGuard(limit=3)
+    for _ in range(5):  # 2 bad, 1 good, again and again: never 3 in a row
+        assert not guard.check(0, math.nan, 1.0, 0.1)
+        assert not guard.check(1, 1.0, math.inf, 0.1)
+        assert guard.in_a_row == 2
+        assert guard.check(2, 1.0, 1.0, 0.1) and guard.in_a_row == 0
+    assert guard.skipped == 10
+    guard.check(3, math.nan, 1.0, 0.1)
+    guard.check(4, math.nan, 1.0, 0.1)
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row \(up to step 5\).*now 0.1"):
+        guard.check(5, math.nan, 1.0, 0.1)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+def test_a_trainer_skips_a_step_whose_loss_is_finite_but_gradient_norm_is_not(
+    tmp_path, palette_file, monkeypatch
+):
+    t = Trainer(_cfg(tmp_path, palette=palette_file))
+    before = [p.detach().clone() for p in t.raw_model.parameters()]
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(math.inf))
+    stats = t.train_step(0)
+    assert math.isfinite(stats["loss"]) and stats["skipped_step"] and t.guard.skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, t.raw_model.parameters(), strict=True))
+    t.close()
+
+
+def test_the_guard_starts_from_a_resumed_count_with_no_run_in_a_row():
+    from igpt.training import NONFINITE_LIMIT, NonFiniteGuard
+
+    guard = NonFiniteGuard(7)
+    assert (guard.skipped, guard.in_a_row, guard.limit) == (7, 0, NONFINITE_LIMIT)
+    for step in range(NONFINITE_LIMIT - 1):
+        assert not guard.check(step, math.nan, 1.0, 0.1)
+    with pytest.raises(FloatingPointError, match=f"{NONFINITE_LIMIT} steps in a row"):
+        guard.check(99, math.nan, 1.0, 0.1)
+    assert guard.skipped == 7 + NONFINITE_LIMIT
+
+
+def test_resolve_device_picks_the_rank_gpu_only_when_none_is_named(monkeypatch):
+    from igpt.training import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cuda = torch.device
+    assert resolve_device(None) == cuda("cuda") and resolve_device("cuda") == cuda("cuda")
+    assert resolve_device(None, local_rank=1) == cuda("cuda", 1)
+    assert resolve_device("cuda", local_rank=1) == cuda("cuda", 1)
+    assert resolve_device("cuda:0", local_rank=1) == cuda("cuda", 0)  # named: kept
+    assert resolve_device("cuda:1") == cuda("cuda", 1)
+    assert resolve_device("cpu", local_rank=1) == cuda("cpu")
+    with pytest.raises(ValueError, match=r"'cuda:2' but only 2 CUDA GPU\(s\) are visible"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        resolve_device("cuda")
+    for bad in ("meta", "gpu", 3.5):
+        with pytest.raises(ValueError, match="not a device name"):
+            resolve_device(bad)
+
+
+def test_autocast_is_bf16_on_the_device_and_off_when_not_enabled():
+    from igpt.training import autocast
+
+    on = autocast(torch.device("cpu"), True)
+    assert on.device == "cpu" and on.fast_dtype == torch.bfloat16 and on._enabled
+    assert not autocast(torch.device("cpu"), False)._enabled
+    with autocast(torch.device("cpu"), True):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with warnings.catch_warnings():  # without a GPU, torch warns and disables it
+        warnings.simplefilter("ignore")
+        assert autocast(torch.device("cuda"), True).fast_dtype == torch.bfloat16  # not fp16
+
+
+def test_refuse_resume_names_each_setting_or_the_step_past_the_end():
+    from igpt.training import refuse_resume
+
+    refuse_resume("runs/a", "runs/a/ckpt_00000004.pt", [], 4, 4)  # step == steps: resumable
+    refuse_resume("runs/a", "runs/a/ckpt_00000004.pt", [], 3, 4)
+    with pytest.raises(ValueError) as e:
+        refuse_resume("runs/a", "runs/a/ckpt_00000004.pt", ["lr 0.1 there, 0.2 now", "x"], 4, 9)
+    msg = str(e.value)
+    assert msg.startswith("cannot resume runs/a from ckpt_00000004.pt: it was trained with")
+    assert "(lr 0.1 there, 0.2 now; x)" in msg
+    with pytest.raises(ValueError, match=r"ckpt_00000005.pt is at step 5, past steps=4; "):
+        refuse_resume("runs/a", "runs/a/ckpt_00000005.pt", [], 5, 4)
+
+
+def test_open_resume_checks_what_it_found_and_nothing_else():
+    from igpt.training import open_resume
+
+    class Run:
+        def __init__(self, found):
+            self.found, self.asked = found, []
+
+        def resume_checkpoint(self, resume):
+            self.asked.append(resume)
+            return self.found
+
+    checked = []
+    assert open_resume(Run(None), True, lambda *a: checked.append(a)) is None and not checked
+    run = Run(("ckpt.pt", {"step": 3}))
+    assert open_resume(run, False, lambda *a: checked.append(a)) == ("ckpt.pt", {"step": 3})
+    assert checked == [("ckpt.pt", {"step": 3})] and run.asked == [False]
+
+
+def test_restore_optimizer_settings_puts_back_this_runs_rates_betas_and_decay():
+    from igpt.training import restore_optimizer_settings
+
+    ps = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.AdamW([{"params": ps[:1]}, {"params": ps[1:]}], lr=9.0, betas=(0.1, 0.2))
+    restore_optimizer_settings(opt, lr=[0.5, 2.0], betas=[0.8, 0.9], weight_decay=0.3, factor=0.1)
+    for g, peak in zip(opt.param_groups, (0.5, 2.0), strict=True):
+        assert g["initial_lr"] == peak and g["lr"] == pytest.approx(peak * 0.1)
+        assert g["betas"] == (0.8, 0.9) and g["weight_decay"] == 0.3
+    restore_optimizer_settings(opt, lr=0.25, betas=(0.7, 0.6), weight_decay=0.0)
+    assert [(g["lr"], g["initial_lr"]) for g in opt.param_groups] == [(0.25, 0.25)] * 2
+    with pytest.raises(ValueError, match="lr has 3 rates for 2 parameter groups"):
+        restore_optimizer_settings(opt, lr=(1.0, 2.0, 3.0), betas=(0.9, 0.9), weight_decay=0.0)
+
+
+# ---------------------------------------------------------------- issue 32 (tests branch): end
