@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from igpt import IGPT, IGPTConfig, evaluation, probe
+from igpt.probe_inputs import stratified_holdout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -445,7 +446,7 @@ def test_igpt_probe_after_prepare_reads_no_image(tiny_checkpoint, tmp_path, no_i
 
 def test_linear_probe_picks_the_best_C_and_ties_go_to_the_strongest_regularisation(monkeypatch):
     x, y = blobs(120)
-    _, val = probe._holdout(y, 0.25, 3)
+    _, val = stratified_holdout(y, 0.25, 3)
     acc_of_C = {0.01: 0.5, 0.1: 1.0, 1.0: 1.0, 10.0: 0.8}
     fitted = []
 
@@ -489,23 +490,23 @@ def test_linear_probe_on_blobs_where_two_Cs_tie_keeps_the_smaller():
 
 def test_holdout_is_stratified_with_every_class_on_both_sides_when_it_can():
     y = np.repeat(np.arange(4), 10)
-    fit, val = probe._holdout(y, 0.1, 0)
+    fit, val = stratified_holdout(y, 0.1, 0)
     assert sorted([*fit, *val]) == list(range(40)) and list(val) == sorted(val)
     assert np.bincount(y[val]).tolist() == [1, 1, 1, 1]  # 4 rows: one per class
-    fit, val = probe._holdout(y, 0.5, 0)
+    fit, val = stratified_holdout(y, 0.5, 0)
     assert np.bincount(y[val]).tolist() == [5, 5, 5, 5] and len(fit) == 20
     y = np.repeat(np.arange(3), 2)
-    fit, val = probe._holdout(y, 0.9, 0)  # at most n - classes held out: one of each left
+    fit, val = stratified_holdout(y, 0.9, 0)  # at most n - classes held out: one of each left
     assert sorted(y[val].tolist()) == sorted(y[fit].tolist()) == [0, 1, 2]
     y = np.array([0, 0, 0, 0, 0, 0, 0, 1])  # a class of one: a plain random split
-    splits = [probe._holdout(y, 0.25, s) for s in range(6)]
+    splits = [stratified_holdout(y, 0.25, s) for s in range(6)]
     assert all(len(v) == 2 and sorted([*f, *v]) == list(range(8)) for f, v in splits)
     assert len({tuple(v) for _, v in splits}) > 1
-    assert np.array_equal(probe._holdout(y, 0.25, 3)[1], splits[3][1])
-    assert len(probe._holdout(y, 0.01, 0)[1]) == 1  # never empty
+    assert np.array_equal(stratified_holdout(y, 0.25, 3)[1], splits[3][1])
+    assert len(stratified_holdout(y, 0.01, 0)[1]) == 1  # never empty
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match="val_frac"):
-            probe._holdout(y, bad, 0)
+            stratified_holdout(y, bad, 0)
 
 
 def test_window_is_k_consecutive_layers_centred_and_shifted_to_fit():

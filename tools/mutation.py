@@ -55,9 +55,16 @@ class Target:
 
 
 TARGETS = {
-    "trust": Target("igpt_kernels/trust.py", ("tests/test_selftest.py", "tests/test_dispatch.py")),
-    "dispatch": Target("igpt_kernels/_dispatch.py", ("tests/test_dispatch.py",)),
-    "tokens": Target("python/igpt/tokens.py", ("tests/test_prepare.py",)),
+    "trust": Target(
+        "igpt_kernels/trust.py",
+        ("tests/test_trust.py", "tests/test_selftest.py", "-k", "not random"),
+    ),
+    "dispatch": Target(
+        "igpt_kernels/_dispatch.py", ("tests/test_dispatch.py", "tests/test_dispatch_verdicts.py")
+    ),
+    "tokens": Target(
+        "python/igpt/data/cache.py", ("tests/test_prepare.py", "tests/test_data_cache.py")
+    ),
     "training": Target(
         "python/igpt/training.py",
         (
@@ -87,7 +94,7 @@ TARGETS = {
             "-k",
             "separable or layers or ties or low_data or holdout or window or refits",
         ),
-        ("_holdout", "_choose_C", "linear_probe", "probe_layers", "_window"),
+        ("_choose_C", "linear_probe", "probe_layers", "_window"),
     ),
     "finetune": Target(
         "python/igpt/finetune.py",
