@@ -350,10 +350,10 @@ def rms_check(value, oracle, pytorch, dtype) -> dict | None:
     return {"ok": err <= bound, "err": err, "torch_err": torch_err, "bound": bound}
 
 
-def typical_scale(oracle) -> float:
-    """The median of the largest |oracle| of each row that is not all zeros (0 if none):
-    the tensor's typical size (rows of zeros, padded keys, say, do not set it)."""
-    scales = _row_scales(oracle)
+def typical_scale(scales: torch.Tensor) -> float:
+    """The median of the rows' largest |oracle| (``_row_scales``) over the rows that are
+    not all zeros (0 if none): the tensor's typical size (rows of zeros, padded keys, say,
+    do not set it)."""
     scales = scales[scales > 0]
     return scales.median().item() if scales.numel() else 0.0
 
@@ -370,7 +370,7 @@ def judge_tensor(value, oracle, pytorch, multiple: float, dtype, units=None, lea
         return {"ok": True, "err": 0.0, "torch_err": 0.0, "bound": 0.0, "ratio": 1.0, "row": 0,
                 "rms": None}  # fmt: skip
     scales = _row_scales(oracle)
-    typical = typical_scale(oracle) or least
+    typical = typical_scale(scales) or least
     eps = torch.finfo(dtype).eps * (FLOOR_UNITS.get(dtype, 1.0) if units is None else units)
     bound = multiple * torch_err + eps * torch.clamp(scales, min=max(typical, MIN_SCALE))
     over = torch.where(bound > 0, err / bound, torch.where(err > 0, math.inf, 0.0))
@@ -424,6 +424,7 @@ class Judge:
                 pytorch.append(evaluate(fn, self._yardstick(), part, grad, g))
         self.oracle = self._joined(oracle)
         self.pytorch = self._joined(pytorch)
+        self.out_scale = typical_scale(_row_scales(self.oracle[0]))  # floors of grads that are 0
         self.twin = fp16_twin(self, arg_names) if twin and self.dtype == torch.bfloat16 else None
 
     def _joined(self, parts):
@@ -454,11 +455,10 @@ class Judge:
         except Exception as e:  # noqa: BLE001 - a backend refusing this GPU or shape
             return {"ok": False, "tensors": [], "error": f"{type(e).__name__}: {first_line(e)}"}
         rows, ok = [], True
-        out_scale = typical_scale(self.oracle[0])
         for i, (value, which) in enumerate(zip(got, self.which, strict=True)):
             multiple = OUT_MULTIPLE if i == 0 else GRAD_MULTIPLE
             units = None if i == 0 else GRAD_FLOOR_UNITS.get(self.dtype, 4.0)
-            least = out_scale if i else 0.0
+            least = self.out_scale if i else 0.0
             picked = self.sample.pick(value, which)
             row = judge_tensor(picked, self.oracle[i], self.pytorch[i], multiple, self.dtype,
                                units, least)  # fmt: skip
